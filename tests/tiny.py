@@ -1,0 +1,53 @@
+"""Tiny deterministic models of every supported family, and a character tokenizer, built in-test."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+VOCAB = 128
+_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character; id 0 = <unk>, id 1 = </s>."""
+    vocab = {"<unk>": 0, "</s>": 1} | {chr(c): c for c in range(32, 127)} | {"\n": 10}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, hidden: int = 64,
+                mlp: int = 96, layers: int = 2, tie: bool = False, **extra):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                  max_position_embeddings=512, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=1,
+                  pad_token_id=1)
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(extra)
+    return _CONFIGS[family](**kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, **config_kwargs):
+    """A model whose every parameter (biases and norm gains included) is random, so no slicing error can
+    hide behind a zero or a one."""
+    config = tiny_config(family, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    return model.eval()
