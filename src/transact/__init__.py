@@ -6,12 +6,11 @@ The stages, each a module: ``calibrate`` -> ``score`` (``salience`` holds the pu
 
 __version__ = "0.1.0"
 
-from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter  # noqa: E402
-from transact.calibrate import ActivationStats, calibrate, record_transitional_stats  # noqa: E402
-from transact.errors import TransactError  # noqa: E402
-from transact.evaluate import perplexity  # noqa: E402
-from transact.plan import PrunePlan, make_plan, resolve_targets  # noqa: E402
-from transact.pipeline import (  # noqa: E402
+from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter
+from transact.calibrate import ActivationStats, calibrate, record_transitional_stats
+from transact.errors import TransactError
+from transact.evaluate import perplexity
+from transact.pipeline import (
     ApplyPlanJob,
     EvalText,
     PruneJob,
@@ -21,8 +20,9 @@ from transact.pipeline import (  # noqa: E402
     run_eval,
     run_prune,
 )
-from transact.prune import prune_  # noqa: E402
-from transact.recipe import Calibration, PruneRecipe, Width  # noqa: E402
+from transact.plan import PrunePlan, make_plan, resolve_targets
+from transact.prune import prune_
+from transact.recipe import Calibration, PruneRecipe, Width
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

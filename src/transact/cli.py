@@ -97,13 +97,15 @@ def _fmt_ratio(before: float, after: float) -> str:
 
 def summary_table(before: dict, after: dict) -> str:
     """The before/after table printed at the end of a prune."""
+    def counted(label: str, key: str) -> tuple[str, str, str, str]:
+        return label, _fmt_int(before[key]), _fmt_int(after[key]), _fmt_ratio(before[key], after[key])
+
     rows = [
         ("family", before["model_type"], after["model_type"], ""),
-        ("heads / kv heads", f"{before['heads']} / {before['kv_heads']}", f"{after['heads']} / {after['kv_heads']}", ""),
-        ("mlp channels", str(before["mlp"]), str(after["mlp"]), _fmt_ratio(before["mlp"], after["mlp"])),
-        ("parameters", _fmt_int(before["params"]), _fmt_int(after["params"]), _fmt_ratio(before["params"], after["params"])),
-        ("KV cache bytes/token", _fmt_int(before["kv_cache_bytes_per_token"]), _fmt_int(after["kv_cache_bytes_per_token"]),
-         _fmt_ratio(before["kv_cache_bytes_per_token"], after["kv_cache_bytes_per_token"])),
+        ("heads / kv heads", "{heads} / {kv_heads}".format(**before), "{heads} / {kv_heads}".format(**after), ""),
+        counted("mlp channels", "mlp"),
+        counted("parameters", "params"),
+        counted("KV cache bytes/token", "kv_cache_bytes_per_token"),
     ]
     for ctx in before["flops_per_token"]:
         b, a = before["flops_per_token"][ctx], after["flops_per_token"][ctx]

@@ -141,7 +141,9 @@ def _top_sorted(scores: Sequence[float], k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def select_heads(head_scores: torch.Tensor, num_kv_heads: int, keep_heads: int, keep_kv: int) -> tuple[list[int], list[int]]:
+def select_heads(
+    head_scores: torch.Tensor, num_kv_heads: int, keep_heads: int, keep_kv: int
+) -> tuple[list[int], list[int]]:
     """Pick kept query heads and KV groups of one layer (see the module docstring for the GQA rule).
 
     head_scores: (num_heads,) -> (kept query heads, kept KV groups), both ascending.

