@@ -95,13 +95,14 @@ def _fmt_ratio(before: float, after: float) -> str:
     return f"{after / before:.2f}x" if before else "-"
 
 
-def summary_table(before: dict, after: dict) -> str:
+def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str:
     """The before/after table printed at the end of a prune."""
     def counted(label: str, key: str) -> tuple[str, str, str, str]:
         return label, _fmt_int(before[key]), _fmt_int(after[key]), _fmt_ratio(before[key], after[key])
 
     rows = [
-        ("family", before["model_type"], after["model_type"], ""),
+        ("family", before["model_type"],
+         after["model_type"] + (f" (saved as {saved_as})" if saved_as and saved_as != after["model_type"] else ""), ""),
         ("heads / kv heads", "{heads} / {kv_heads}".format(**before), "{heads} / {kv_heads}".format(**after), ""),
         counted("mlp channels", "mlp"),
         counted("parameters", "params"),
@@ -130,7 +131,7 @@ def _cmd_prune(args) -> int:
                    eval_text=_eval_text(args, args.eval_text), force=args.force, verify=not args.no_verify,
                    progress=not args.quiet)
     result = run_prune(job)
-    print(summary_table(result.report["before"], result.report["after"]))
+    print(summary_table(result.report["before"], result.report["after"], result.report["saved_as"]))
     print(f"\nsaved {result.report['saved_as']} checkpoint, plan.json and report.json to {result.out}")
     return 0
 
@@ -138,7 +139,7 @@ def _cmd_prune(args) -> int:
 def _cmd_apply_plan(args) -> int:
     result = run_apply_plan(ApplyPlanJob(model=args.model, plan=args.plan, out=args.out, device=args.device,
                                          dtype=args.dtype, force=args.force, verify=not args.no_verify))
-    print(summary_table(result.report["before"], result.report["after"]))
+    print(summary_table(result.report["before"], result.report["after"], result.report["saved_as"]))
     print(f"\nsaved to {result.out}")
     return 0
 

@@ -128,7 +128,9 @@ def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[
 
     def check(directory: Path) -> None:
         param = next(reference.parameters())
-        reloaded = AutoModelForCausalLM.from_pretrained(directory).to(param.device, param.dtype).eval()
+        # Load straight into the reference dtype: casting a loaded model with .to(dtype) would also round
+        # its fp32 rotary-frequency buffer, which the reference never had rounded.
+        reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=param.dtype).to(param.device).eval()
         with torch.inference_mode():
             expected = reference(input_ids=tokens.to(param.device)).logits
             got = reloaded(input_ids=tokens.to(param.device)).logits
