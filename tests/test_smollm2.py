@@ -71,3 +71,22 @@ def test_light_pruning_keeps_perplexity_sane(tmp_path, smollm2_dir):
     before = result.report["before"]["perplexity"]["perplexity"]
     after = result.report["after"]["perplexity"]["perplexity"]
     assert before < after < 1.25 * before
+
+
+def test_info_reads_a_gguf_file_directly():
+    info = model_info(str(assets.smollm2_gguf()))
+    assert info["model_type"] == "llama" and info["heads"] == 9 and info["source"].endswith("Q4_1.gguf)")
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, smollm2_dir):
+    """The Python block in README.md is executed as written (in a temporary working directory)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = tmp_path / "runs" / "api-demo"
+    assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 6
+    assert (out / "plan.json").is_file() and (out / "model.safetensors").is_file()

@@ -14,11 +14,13 @@ from transact.pipeline import (
     ApplyPlanJob,
     EvalText,
     PruneJob,
+    load,
     model_info,
     prune,
     run_apply_plan,
     run_eval,
     run_prune,
+    save,
 )
 from transact.plan import PrunePlan, make_plan, resolve_targets
 from transact.prune import prune_
@@ -37,6 +39,7 @@ __all__ = [
     "Width",
     "calibrate",
     "get_adapter",
+    "load",
     "make_plan",
     "model_info",
     "perplexity",
@@ -47,4 +50,5 @@ __all__ = [
     "run_apply_plan",
     "run_eval",
     "run_prune",
+    "save",
 ]

@@ -40,6 +40,24 @@ def library_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------- library API
 
+def load(model: str, *, device: str = "cpu", dtype: str = "auto"):
+    """-> (model, tokenizer) from a directory, hub id, .gguf file or ``builtin:smollm2``."""
+    prep = _prepare(model, device, dtype)
+    return load_model(prep.source, device=prep.device, dtype=prep.dtype)
+
+
+def save(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan, *, report: dict | None = None,
+         force: bool = False, verify: bool = True) -> Path:
+    """Write a pruned model (in its current dtype) as a vanilla checkpoint with plan.json and report.json,
+    after checking that the written files reload with identical logits (unless ``verify`` is False)."""
+    check_output_dir(out, force=force)
+    report = report if report is not None else {"after": evaluate.model_summary(model)}
+    probe = (torch.arange(16) % model.config.vocab_size).unsqueeze(0)
+    check = reload_and_compare(model, probe) if verify else None
+    return write_checkpoint(model, tokenizer, out, plan=plan, report=report,
+                            save_dtype=next(model.parameters()).dtype, force=force, verify=check)
+
+
 def score_model(model: nn.Module, tokenizer, recipe: PruneRecipe, texts: list[str] | None = None,
                 *, progress: bool = True) -> tuple[LayerScores, str | None]:
     """Scores per layer for the recipe's metric, and the hash of the calibration tokens (if any)."""
