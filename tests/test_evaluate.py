@@ -1,0 +1,93 @@
+"""Perplexity, FLOPs, KV cache and parameter counts against hand computation and measured counts."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import FAMILIES, VOCAB, tiny_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from transact import evaluate
+from transact.errors import TransactError
+from transact.plan import ModelShape, Targets, make_plan
+from transact.prune import prune_
+from transact.score import random_layer_scores
+
+
+def _nll_by_hand(model, ids, scored_positions_per_window):
+    """Sum of -log p(token) for the given (begin, end, positions) windows, one position at a time."""
+    total = 0.0
+    with torch.no_grad():
+        for begin, end, positions in scored_positions_per_window:
+            logp = F.log_softmax(model(ids[begin:end].unsqueeze(0)).logits[0].float(), dim=-1)
+            for pos in positions:
+                total -= logp[pos - begin - 1, ids[pos]].item()
+    return total
+
+
+def test_perplexity_disjoint_windows_by_hand():
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (25,), generator=torch.Generator().manual_seed(0))
+    result = evaluate.perplexity(model, ids, window=10, progress=False)
+    # windows [0,10), [10,20), [20,25); each window's first token has no context and is not scored
+    windows = [(0, 10, range(1, 10)), (10, 20, range(11, 20)), (20, 25, range(21, 25))]
+    nll = _nll_by_hand(model, ids, windows)
+    assert result.tokens == 9 + 9 + 4
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll / 22), rel=1e-5)
+
+
+def test_perplexity_strided_windows_score_every_token_once():
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, VOCAB, (25,), generator=torch.Generator().manual_seed(1))
+    result = evaluate.perplexity(model, ids, window=10, stride=5, progress=False)
+    # [0,10) scores 1..9; [5,15) scores 10..14; [10,20) 15..19; [15,25) 20..24
+    windows = [(0, 10, range(1, 10)), (5, 15, range(10, 15)), (10, 20, range(15, 20)), (15, 25, range(20, 25))]
+    assert result.tokens == 24
+    assert result.nll_sum == pytest.approx(_nll_by_hand(model, ids, windows), rel=1e-5)
+
+
+def test_perplexity_bad_arguments():
+    model = tiny_model("llama")
+    with pytest.raises(TransactError, match="at least 2 tokens"):
+        evaluate.perplexity(model, torch.tensor([3]), window=8)
+    with pytest.raises(TransactError, match="stride"):
+        evaluate.perplexity(model, torch.arange(20), window=8, stride=9)
+
+
+def _pruned(family, keep_heads, keep_kv, mlp, **kw):
+    model = tiny_model(family, **kw)
+    shape = ModelShape.of(model.config)
+    scores = random_layer_scores(shape, 0)
+    prune_(model, make_plan(scores.heads, scores.mlp, Targets(keep_heads, keep_kv, mlp), shape))
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pruned", [False, True])
+def test_flops_formula_matches_measured_count(family, pruned):
+    model = _pruned(family, 2, 1, 40) if pruned else tiny_model(family)
+    seq = 32
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, seq)))
+    # One forward over `seq` tokens computes full seq x seq attention scores (masked, not skipped), so it
+    # costs exactly seq x (flops of one token attending to `seq` tokens).
+    assert counter.get_total_flops() == seq * evaluate.flops_per_token(model.config, seq)
+
+
+def test_kv_cache_bytes_match_the_cache_tensors():
+    model = _pruned("llama", 2, 1, 40, heads=4, kv_heads=2)
+    with torch.no_grad():
+        out = model(torch.randint(0, VOCAB, (1, 7)), use_cache=True)
+    cache = out.past_key_values
+    cached = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                 for layer in cache.layers)
+    assert cached == 7 * evaluate.kv_cache_bytes_per_token(model.config, torch.float32) == 7 * 2 * 2 * 1 * 16 * 4
+
+
+def test_parameter_count_counts_tied_embeddings_once():
+    tied, untied = tiny_model("qwen3", tie=True), tiny_model("qwen3", tie=False)
+    assert evaluate.count_parameters(untied) - evaluate.count_parameters(tied) == VOCAB * 64
+    summary = evaluate.model_summary(_pruned("mistral", 2, 1, 40))
+    assert (summary["heads"], summary["kv_heads"], summary["mlp"], summary["head_dim"]) == (2, 1, 40, 16)
