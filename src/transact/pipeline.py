@@ -15,9 +15,10 @@ from torch import nn
 
 import transact
 from transact import evaluate
+from transact.arch import get_adapter
 from transact.calibrate import calibrate, read_texts, sample_windows, token_stream, windows_hash
 from transact.errors import TransactError
-from transact.export import check_output_dir, portable_model, reload_and_compare, write_checkpoint
+from transact.export import check_output_dir, reload_and_compare, write_checkpoint
 from transact.models import (
     ModelSource,
     checkpoint_dtype,
@@ -31,6 +32,11 @@ from transact.plan import ModelShape, PrunePlan, make_plan, resolve_targets, val
 from transact.prune import prune_
 from transact.recipe import PruneRecipe
 from transact.score import LayerScores, magnitude_scores, random_layer_scores, transact_scores
+
+
+def saved_model_type(model: nn.Module) -> str:
+    """The ``model_type`` the checkpoint will carry (see ``transact.arch.llama``)."""
+    return get_adapter(model).portable_config(model.config).model_type
 
 
 def library_versions() -> dict[str, str]:
@@ -52,10 +58,7 @@ def save(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan, *, repor
     after checking that the written files reload with identical logits (unless ``verify`` is False)."""
     check_output_dir(out, force=force)
     report = report if report is not None else {"after": evaluate.model_summary(model)}
-    probe = (torch.arange(16) % model.config.vocab_size).unsqueeze(0)
-    check = reload_and_compare(model, probe) if verify else None
-    return write_checkpoint(model, tokenizer, out, plan=plan, report=report,
-                            save_dtype=next(model.parameters()).dtype, force=force, verify=check)
+    return _write(model, tokenizer, out, plan, report, next(model.parameters()).dtype, force, verify, None)
 
 
 def score_model(model: nn.Module, tokenizer, recipe: PruneRecipe, texts: list[str] | None = None,
@@ -172,17 +175,19 @@ def run_prune(job: PruneJob) -> PruneResult:
     report["after"] = evaluate.model_summary(model)
     if eval_ids is not None:
         report["after"]["perplexity"] = _ppl(model, eval_ids, job.eval_text, job.progress)
-    report["saved_as"] = portable_model(model).config.model_type
+    report["saved_as"] = saved_model_type(model)
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     report["versions"] = library_versions()
-    out = _write(model, tokenizer, job.out, plan, report, prep, job.force, job.verify, eval_ids)
+    out = _write(model, tokenizer, job.out, plan, report, prep.save_dtype, job.force, job.verify, eval_ids)
     return PruneResult(out, plan, report)
 
 
-def _write(model, tokenizer, out, plan, report, prep: _Prepared, force: bool, verify: bool, ids) -> Path:
+def _write(model, tokenizer, out, plan, report, save_dtype: torch.dtype, force: bool, verify: bool,
+           ids: torch.Tensor | None) -> Path:
+    """write_checkpoint with the reload check on a probe: held-out tokens when there are some."""
     probe = (ids[:64] if ids is not None else torch.arange(16) % model.config.vocab_size).unsqueeze(0)
     check = reload_and_compare(model, probe) if verify else None
-    return write_checkpoint(model, tokenizer, out, plan=plan, report=report, save_dtype=prep.save_dtype,
+    return write_checkpoint(model, tokenizer, out, plan=plan, report=report, save_dtype=save_dtype,
                             force=force, verify=check)
 
 
@@ -207,9 +212,9 @@ def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
     report: dict = {"model": job.model, "plan": str(job.plan), "before": evaluate.model_summary(model)}
     prune_(model, plan)
     report["after"] = evaluate.model_summary(model)
-    report["saved_as"] = portable_model(model).config.model_type
+    report["saved_as"] = saved_model_type(model)
     report["versions"] = library_versions()
-    out = _write(model, tokenizer, job.out, plan, report, prep, job.force, job.verify, None)
+    out = _write(model, tokenizer, job.out, plan, report, prep.save_dtype, job.force, job.verify, None)
     return PruneResult(out, plan, report)
 
 
