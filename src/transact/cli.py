@@ -177,6 +177,11 @@ COMMANDS = {"prune": _cmd_prune, "apply-plan": _cmd_apply_plan, "eval": _cmd_eva
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers draws a bar for every weight load and shard write; transact's own bars say what the
+    # long steps are, so the command line turns the library's off (the Python API leaves them alone).
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except TransactError as e:
