@@ -154,3 +154,15 @@ def test_bf16_compute_on_fp32_checkpoint_saves_bf16_and_reapplies_exactly(tmp_pa
     assert main(["apply-plan", str(base), str(out / "plan.json"), "--out", str(again), "--dtype", "bfloat16"]) == 0
     a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_without_tokenizer(tmp_path, calib_file, capsys):
+    """Plans and weight-magnitude pruning need no tokenizer; calibration does, and says so up front."""
+    bare = tmp_path / "bare"
+    tiny_model("qwen2", heads=4, kv_heads=2).save_pretrained(bare)
+    assert main(["prune", str(bare), "--out", str(tmp_path / "mag"), "--heads", "2", "--metric", "magnitude",
+                 "--quiet"]) == 0
+    assert main(["apply-plan", str(bare), str(tmp_path / "mag" / "plan.json"), "--out", str(tmp_path / "again")]) == 0
+    assert not (tmp_path / "again" / "tokenizer.json").exists()
+    _assert_error(capsys, _prune_args(bare, tmp_path / "cal", calib_file), "has no tokenizer files")
+    assert not (tmp_path / "cal").exists()

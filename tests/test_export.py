@@ -116,3 +116,21 @@ def test_bf16_save_dtype(tmp_path):
     out = write_checkpoint(model, None, tmp_path / "o", plan=plan, report={}, save_dtype=torch.bfloat16)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+def test_llama3_rope_scaling_survives_the_mistral_rehoming(tmp_path):
+    """Llama-3's rope_parameters (type llama3) must carry over when 3 heads of 64 force a Mistral config."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = tiny_model("llama", heads=4, kv_heads=4, rope_parameters=rope, max_position_embeddings=512)
+    shape = ModelShape.of(model.config)
+    scores = random_layer_scores(shape, 2)
+    plan = make_plan(scores.heads, scores.mlp, Targets(3, 3, 40), shape)
+    prune_(model, plan)
+    x = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(3))  # past the original 64
+    expected = model(x).logits
+    out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["rope_parameters"]["rope_type"] == "llama3"
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert torch.equal(reloaded(x).logits, expected)

@@ -103,13 +103,38 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, or None when it ships none (pruning by plan or by weights needs none).
+
+    transformers 5 builds an *empty* tokenizer for some families (Qwen2: a vocabulary of 1 that turns
+    every text into no tokens) when a directory has no tokenizer files, so a local directory must hold
+    one of ``TOKENIZER_FILES`` and the result must have a real vocabulary.
+    """
+    if source.is_local and not source.gguf_file and not any((Path(source.path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError):
+        return None
+    return tokenizer if len(tokenizer) > 1 else None
+
+
+def require_tokenizer(source: ModelSource, purpose: str) -> None:
+    """Fail before the weights are read when text must be tokenized and the model has no tokenizer."""
+    if load_tokenizer(source) is None:
+        raise TransactError(f"{source.spec!r} has no tokenizer files, which {purpose} needs")
+
+
 def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype):
-    """-> (model in eval mode on ``device`` in ``dtype``, tokenizer)."""
+    """-> (model in eval mode on ``device`` in ``dtype``, tokenizer or None)."""
     try:
         if source.gguf_file:
             model, tokenizer = load_gguf(Path(source.path) / source.gguf_file, dtype)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
+            tokenizer = load_tokenizer(source)
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     except OSError as e:
         raise TransactError(f"could not load {source.spec!r}: {_first_line(e)}") from None

@@ -24,6 +24,7 @@ from transact.models import (
     checkpoint_dtype,
     load_config,
     load_model,
+    require_tokenizer,
     resolve_device,
     resolve_dtype,
     resolve_source,
@@ -160,6 +161,8 @@ def run_prune(job: PruneJob) -> PruneResult:
     eval_texts = read_texts(job.eval_text.source, builtin="heldout") if job.eval_text else None
     prep = _prepare(job.model, job.device, job.dtype)
     resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
+    if calib_texts is not None or eval_texts is not None:
+        require_tokenizer(prep.source, "calibration and perplexity")
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype)
@@ -222,6 +225,7 @@ def run_eval(model_spec: str, text: EvalText, *, device: str = "cpu", dtype: str
              progress: bool = True) -> dict:
     texts = read_texts(text.source, builtin="heldout")
     prep = _prepare(model_spec, device, dtype)
+    require_tokenizer(prep.source, "perplexity")
     model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype)
     ids = _heldout_ids(tokenizer, text, texts)
     result = evaluate.model_summary(model)
