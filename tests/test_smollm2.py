@@ -90,3 +90,14 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, smollm2_dir):
     out = tmp_path / "runs" / "api-demo"
     assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 6
     assert (out / "plan.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_prune_a_gguf_file_directly(tmp_path):
+    """MODEL may be a .gguf file: dequantized on load, pruned, saved as a vanilla fp32 checkpoint."""
+    job = PruneJob(model=str(assets.smollm2_gguf()), out=str(tmp_path / "g"), progress=False,
+                   recipe=PruneRecipe(heads=3, kv_heads=1, mlp=0.5, metric="magnitude"))
+    result = run_prune(job)
+    config = json.loads((result.out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (3, 1, 768)
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert (result.out / "tokenizer.json").is_file()

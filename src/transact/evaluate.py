@@ -13,8 +13,6 @@ from tqdm.auto import tqdm
 from transact.arch import head_layout
 from transact.errors import TransactError
 
-DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
-
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -81,7 +79,7 @@ def count_parameters(model: nn.Module) -> int:
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Keys and values of every layer for one token: 2 * layers * kv_heads * head_dim * bytes."""
     _, kv_heads, head_dim = head_layout(config)
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
 
 
 def flops_per_token(config, context: int) -> int:

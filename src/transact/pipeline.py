@@ -71,6 +71,8 @@ def score_model(model: nn.Module, tokenizer, recipe: PruneRecipe, texts: list[st
     if recipe.metric == "magnitude":
         return magnitude_scores(model, shape), None
     cal = recipe.calibration
+    if tokenizer is None:
+        raise TransactError(f"metric {recipe.metric!r} calibrates on text, which needs the model's tokenizer")
     texts = texts if texts is not None else read_texts(cal.text)
     windows = sample_windows(tokenizer, texts, cal.samples, cal.seq_len, recipe.seed)
     stats = calibrate(model, windows, batch_size=cal.batch_size, progress=progress)
