@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _olmo_requests(task_path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _unique(texts: list[str]) -> list[str]:
+def _unique(texts: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 

@@ -20,8 +20,6 @@ from transact.arch import get_adapter
 from transact.errors import TransactError
 from transact.plan import PrunePlan
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
 
 def check_output_dir(out: str | Path, *, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
     """Refuse an output that would clobber work or an input, before any computation starts."""
