@@ -13,7 +13,7 @@ import json
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -117,21 +117,35 @@ def windows_hash(windows: torch.Tensor) -> str:
 
 # ---------------------------------------------------------------- statistics
 
+# Statistics a hook can collect, per transitional channel. "sum_sq" is always collected (TransAct's own
+# salience); the others are asked for by the comparison metrics that need them.
+EXTRA_STATISTICS = ("sum", "abs_mean_sq")
+
+
 @dataclass
 class ActivationStats:
-    """Per-layer fp32 sums of squares of the transitional channels, and the token count behind them.
+    """Per-layer fp32 statistics of the transitional channels, and the tokens and samples behind them.
 
-    attn_sum_sq[l]: (num_heads * head_dim,); mlp_sum_sq[l]: (intermediate_size,).
+    Each list has one tensor per layer, (num_heads * head_dim,) for attention, (intermediate_size,) for MLP:
+    ``*_sum_sq``: sum over tokens of x^2; ``*_sum``: sum over tokens of x (None unless asked for);
+    ``*_abs_mean_sq``: sum over samples of (mean over the sample's tokens of |x|)^2 (None unless asked for).
     """
 
     attn_sum_sq: list[torch.Tensor]
     mlp_sum_sq: list[torch.Tensor]
     tokens: int = 0
+    samples: int = 0
+    attn_sum: list[torch.Tensor] | None = None
+    mlp_sum: list[torch.Tensor] | None = None
+    attn_abs_mean_sq: list[torch.Tensor] | None = None
+    mlp_abs_mean_sq: list[torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> ActivationStats:
-        return ActivationStats(
-            [t.to(device) for t in self.attn_sum_sq], [t.to(device) for t in self.mlp_sum_sq], self.tokens
-        )
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, list):
+                moved[name] = [t.to(device) for t in value]
+        return ActivationStats(**moved)
 
 
 def _input_accumulator(linear: nn.Linear) -> torch.Tensor:
@@ -155,29 +169,48 @@ def channel_sum_sq(x: torch.Tensor) -> torch.Tensor:
     return flat.square().sum(dim=0)
 
 
-def _accumulate_sum_sq(acc: torch.Tensor, module: nn.Module, args: tuple) -> None:
-    acc.add_(channel_sum_sq(args[0]))
+def channel_sum(x: torch.Tensor) -> torch.Tensor:
+    """fp32 sum of each channel over all tokens. x: (..., C) -> (C,)."""
+    return x.reshape(-1, x.shape[-1]).sum(dim=0, dtype=torch.float32)
+
+
+def sample_abs_mean_sq(x: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of the squared per-sample mean |x|. x: (batch, seq, C) -> (C,)."""
+    return x.abs().mean(dim=1, dtype=torch.float32).square().sum(dim=0)
+
+
+_REDUCERS = {"sum_sq": channel_sum_sq, "sum": channel_sum, "abs_mean_sq": sample_abs_mean_sq}
+
+
+def _accumulate(accumulators: dict[str, torch.Tensor], module: nn.Module, args: tuple) -> None:
+    for kind, acc in accumulators.items():
+        acc.add_(_REDUCERS[kind](args[0]))
 
 
 @contextmanager
-def record_transitional_stats(model: nn.Module) -> Iterator[ActivationStats]:
-    """Within the block, every forward pass adds into the yielded ActivationStats (token count excluded:
-    the caller knows how many tokens it fed). The hooks are removed on exit, also on error."""
+def record_transitional_stats(model: nn.Module, extra: tuple[str, ...] = ()) -> Iterator[ActivationStats]:
+    """Within the block, every forward pass adds into the yielded ActivationStats (token and sample counts
+    excluded: the caller knows what it fed). ``extra`` names statistics beyond the sum of squares (see
+    EXTRA_STATISTICS). The hooks are removed on exit, also on error."""
+    unknown = set(extra) - set(EXTRA_STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {EXTRA_STATISTICS}")
     adapter = get_adapter(model)
     config = model.config
     layers = adapter.layers(model)
-    attn_parts = [adapter.attention(layer, config) for layer in layers]
-    mlp_parts = [adapter.mlp(layer, config) for layer in layers]
-    stats = ActivationStats(
-        attn_sum_sq=[_input_accumulator(p.o) for p in attn_parts],
-        mlp_sum_sq=[_input_accumulator(p.down) for p in mlp_parts],
-    )
+    inputs = {"attn": [adapter.attention(layer, config).o for layer in layers],
+              "mlp": [adapter.mlp(layer, config).down for layer in layers]}
+    kinds = ("sum_sq", *extra)
+    stats = ActivationStats(attn_sum_sq=[], mlp_sum_sq=[])
+    for module_kind, linears in inputs.items():
+        for kind in kinds:
+            setattr(stats, f"{module_kind}_{kind}", [_input_accumulator(linear) for linear in linears])
     handles = []
     try:
-        for parts, acc in zip(attn_parts, stats.attn_sum_sq, strict=True):
-            handles.append(parts.o.register_forward_pre_hook(partial(_accumulate_sum_sq, acc)))
-        for parts, acc in zip(mlp_parts, stats.mlp_sum_sq, strict=True):
-            handles.append(parts.down.register_forward_pre_hook(partial(_accumulate_sum_sq, acc)))
+        for module_kind, linears in inputs.items():
+            for i, linear in enumerate(linears):
+                accs = {kind: getattr(stats, f"{module_kind}_{kind}")[i] for kind in kinds}
+                handles.append(linear.register_forward_pre_hook(partial(_accumulate, accs)))
         yield stats
     finally:
         for handle in handles:
@@ -191,15 +224,62 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 
 
 def calibrate(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> ActivationStats:
     """Run ``windows`` (n, seq_len) through the model in batches and return the statistics (on CPU)."""
     device = next(model.parameters()).device
     body = decoder_stack(model)
-    with record_transitional_stats(model) as stats, torch.inference_mode():
+    with record_transitional_stats(model, extra) as stats, torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc="calibrating", unit="batch",
                           total=-(-len(windows) // batch_size), disable=not progress):
             batch = windows[start : start + batch_size].to(device)
             body(input_ids=batch, use_cache=False)
             stats.tokens += batch.numel()
+            stats.samples += batch.shape[0]
     return stats.to("cpu")
+
+
+def _prunable_linears(model: nn.Module) -> list[nn.Linear]:
+    adapter = get_adapter(model)
+    linears = []
+    for layer in adapter.layers(model):
+        attn, mlp = adapter.attention(layer, model.config), adapter.mlp(layer, model.config)
+        linears += [attn.q, attn.k, attn.v, attn.o, mlp.up, mlp.down] + ([mlp.gate] if mlp.gate else [])
+    return linears
+
+
+@contextmanager
+def gradients_of_prunable_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block only the prunable projections' weights require grad (embeddings, norms and the
+    LM head keep none, which saves their gradient memory); every flag and .grad is restored on exit."""
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for linear in _prunable_linears(model):
+            linear.weight.requires_grad_(True)
+        yield
+    finally:
+        for p, flag, grad in zip(params, saved_flags, saved_grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+def taylor_saliences(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
+                     progress: bool = True) -> dict[nn.Linear, torch.Tensor]:
+    """|w * dL/dw| for every prunable projection, with the language-modelling loss averaged over the
+    calibration batches (forward and backward passes; weights are not changed). -> {linear: (out, in)}."""
+    device = next(model.parameters()).device
+    n_batches = -(-len(windows) // batch_size)
+    with gradients_of_prunable_weights(model), torch.enable_grad():
+        for start in tqdm(range(0, len(windows), batch_size), desc="gradients", unit="batch",
+                          total=n_batches, disable=not progress):
+            batch = windows[start : start + batch_size].to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss / n_batches
+            loss.backward()
+        return {linear: (linear.weight.detach().float() * linear.weight.grad.float()).abs().cpu()
+                for linear in _prunable_linears(model)}

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_width, help="query heads kept per layer: a count or a fraction in (0,1)")
     p.add_argument("--kv-heads", type=_width, help="KV heads (groups) kept per layer (default: keep the group size)")
     p.add_argument("--mlp", type=_width, help="MLP channels kept per layer: a count or a fraction in (0,1)")
-    p.add_argument("--metric", choices=METRICS, default="transact")
+    p.add_argument("--metric", choices=METRICS, default="transact",
+                   help="unit importance: transact (paper eq. 5, default), flap, minitron, taylor (LLM-Pruner), "
+                        "or the data-free controls random and magnitude")
     p.add_argument("--alpha", type=float, default=None, help="outlier weight in eq. 5 (default 10/head_dim)")
     p.add_argument("--calib", default="builtin", metavar="PATH",
                    help="calibration text: .txt/.jsonl file, directory, or 'builtin' (default)")

@@ -16,7 +16,14 @@ from torch import nn
 import transact
 from transact import evaluate
 from transact.arch import get_adapter
-from transact.calibrate import calibrate, read_texts, sample_windows, token_stream, windows_hash
+from transact.calibrate import (
+    calibrate,
+    read_texts,
+    sample_windows,
+    taylor_saliences,
+    token_stream,
+    windows_hash,
+)
 from transact.errors import TransactError
 from transact.export import check_output_dir, reload_and_compare, write_checkpoint
 from transact.models import (
@@ -32,7 +39,18 @@ from transact.models import (
 from transact.plan import ModelShape, PrunePlan, make_plan, resolve_targets, valid_head_pairs
 from transact.prune import prune_
 from transact.recipe import PruneRecipe
-from transact.score import LayerScores, magnitude_scores, random_layer_scores, transact_scores
+from transact.score import (
+    LayerScores,
+    flap_scores,
+    magnitude_scores,
+    minitron_scores,
+    random_layer_scores,
+    taylor_scores,
+    transact_scores,
+)
+
+# Statistics each activation metric needs beyond the sum of squares (one calibration pass serves it).
+CALIBRATION_EXTRAS: dict[str, tuple[str, ...]] = {"transact": (), "flap": ("sum",), "minitron": ("abs_mean_sq",)}
 
 
 def saved_model_type(model: nn.Module) -> str:
@@ -66,17 +84,27 @@ def score_model(model: nn.Module, tokenizer, recipe: PruneRecipe, texts: list[st
                 *, progress: bool = True) -> tuple[LayerScores, str | None]:
     """Scores per layer for the recipe's metric, and the hash of the calibration tokens (if any)."""
     shape = ModelShape.of(model.config)
-    if recipe.metric == "random":
+    metric = recipe.metric
+    if metric == "random":
         return random_layer_scores(shape, recipe.seed), None
-    if recipe.metric == "magnitude":
+    if metric == "magnitude":
         return magnitude_scores(model, shape), None
     cal = recipe.calibration
     if tokenizer is None:
-        raise TransactError(f"metric {recipe.metric!r} calibrates on text, which needs the model's tokenizer")
+        raise TransactError(f"metric {metric!r} calibrates on text, which needs the model's tokenizer")
     texts = texts if texts is not None else read_texts(cal.text)
     windows = sample_windows(tokenizer, texts, cal.samples, cal.seq_len, recipe.seed)
-    stats = calibrate(model, windows, batch_size=cal.batch_size, progress=progress)
-    return transact_scores(stats, shape, recipe.alpha), windows_hash(windows)
+    if metric == "taylor":
+        saliences = taylor_saliences(model, windows, batch_size=cal.batch_size, progress=progress)
+        return taylor_scores(model, saliences, shape), windows_hash(windows)
+    stats = calibrate(model, windows, batch_size=cal.batch_size, progress=progress, extra=CALIBRATION_EXTRAS[metric])
+    if metric == "flap":
+        scores = flap_scores(model, stats, shape)
+    elif metric == "minitron":
+        scores = minitron_scores(stats, shape)
+    else:
+        scores = transact_scores(stats, shape, recipe.alpha)
+    return scores, windows_hash(windows)
 
 
 def prune(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list[str] | None = None,

@@ -8,7 +8,10 @@ from typing import Any
 
 from transact.errors import TransactError
 
-METRICS = ("transact", "random", "magnitude")
+# transact: paper eq. 5. flap, minitron, taylor: other tools' importance metrics, on the same plan
+# structure. random, magnitude: data-free controls.
+METRICS = ("transact", "flap", "minitron", "taylor", "random", "magnitude")
+DATA_FREE_METRICS = ("random", "magnitude")
 BUILTIN = "builtin"
 
 
@@ -107,12 +110,14 @@ class PruneRecipe:
             raise TransactError(f"metric {self.metric!r} is unknown; choose one of {', '.join(METRICS)}")
         if self.alpha is not None and (not math.isfinite(self.alpha) or self.alpha < 0):
             raise TransactError(f"alpha must be a finite number >= 0, got {self.alpha}")
+        if self.alpha is not None and self.metric != "transact":
+            raise TransactError(f"alpha weights eq. 5 of the transact metric; metric {self.metric!r} has none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TransactError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.metric == "transact"
+        return self.metric not in DATA_FREE_METRICS
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

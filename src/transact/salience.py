@@ -64,3 +64,59 @@ def magnitude_mlp_scores(
 def random_scores(count: int, generator: torch.Generator) -> torch.Tensor:
     """Seeded random control: i.i.d. uniform scores. -> (count,)."""
     return torch.rand(count, generator=generator)
+
+
+# ---------------------------------------------------------------- comparison metrics
+# Each produces scores of the same shapes as TransAct's, so selection and surgery are shared.
+
+
+def channel_variance(sum_: torch.Tensor, sum_sq: torch.Tensor, count: int) -> torch.Tensor:
+    """Population variance of each channel over ``count`` tokens, from streamed sums (in fp64, so the
+    difference of two large sums keeps its precision). (C,), (C,) -> (C,)."""
+    mean = sum_.double() / count
+    return (sum_sq.double() / count - mean.square()).clamp_min(0)
+
+
+def flap_channel_scores(variance: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """FLAP's fluctuation metric (WIFV): input-channel variance x squared norm of the weight column that
+    consumes the channel. variance: (C,); weight: (H, C) of o_proj/down_proj -> (C,)."""
+    return variance * weight.double().square().sum(dim=0)
+
+
+def sum_per_head(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(heads * head_dim,) -> (heads,): a head's score is the sum of its channels' (FLAP)."""
+    return channel_scores.view(-1, head_dim).sum(dim=1)
+
+
+def minitron_channel_scores(abs_mean_sq: torch.Tensor) -> torch.Tensor:
+    """Minitron activation importance of each channel: per sample the mean |activation| over the
+    sequence, then the L2 norm over samples. abs_mean_sq (sum over samples of squared means): (C,) -> (C,)."""
+    return abs_mean_sq.clamp_min(0).sqrt()
+
+
+def minitron_head_scores(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Minitron head importance: L2 norm over the head's channels. (heads * head_dim,) -> (heads,)."""
+    return channel_scores.view(-1, head_dim).norm(dim=1)
+
+
+def taylor_head_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       head_dim: int, num_kv_heads: int) -> torch.Tensor:
+    """LLM-Pruner's first-order Taylor importance, sum of |w * dL/dw| over the weights a head removes.
+
+    Arguments are the element-wise |w * grad| of the projections: q (A, H), k and v (Akv, H), o (H, A).
+    A query head owns its q rows and o columns; the k/v rows of its KV group are shared by the group's
+    g heads and split equally between them, so that a group's kept heads add up to the group's whole
+    k/v cost when the plan scores groups. -> (heads,).
+    """
+    own = q.double().sum(dim=1) + o.double().sum(dim=0)  # (A,)
+    per_head = own.view(-1, head_dim).sum(dim=1)  # (heads,)
+    shared = (k.double().sum(dim=1) + v.double().sum(dim=1)).view(num_kv_heads, head_dim).sum(dim=1)  # (kv,)
+    group_size = per_head.numel() // num_kv_heads
+    return per_head + (shared / group_size).repeat_interleave(group_size)
+
+
+def taylor_channel_scores(gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Sum of |w * dL/dw| over one MLP channel's gate row, up row and down column. (P, H), (P, H),
+    (H, P) -> (P,)."""
+    scores = up.double().sum(dim=1) + down.double().sum(dim=0)
+    return scores if gate is None else scores + gate.double().sum(dim=1)

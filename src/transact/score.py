@@ -48,3 +48,42 @@ def random_layer_scores(shape: ModelShape, seed: int) -> LayerScores:
     heads = [salience.random_scores(shape.num_heads, generator) for _ in range(shape.num_layers)]
     mlp = [salience.random_scores(shape.intermediate_size, generator) for _ in range(shape.num_layers)]
     return LayerScores(heads, mlp)
+
+
+def flap_scores(model: nn.Module, stats: ActivationStats, shape: ModelShape) -> LayerScores:
+    """FLAP's fluctuation metric (without its bias compensation): heads sum their channels' scores."""
+    if stats.attn_sum is None or stats.mlp_sum is None:
+        raise TransactError("the flap metric needs channel sums; calibrate with extra=('sum',)")
+    adapter = get_adapter(model)
+    heads, mlp = [], []
+    for i, layer in enumerate(adapter.layers(model)):
+        o = adapter.attention(layer, model.config).o.weight.detach().cpu()
+        down = adapter.mlp(layer, model.config).down.weight.detach().cpu()
+        attn_var = salience.channel_variance(stats.attn_sum[i], stats.attn_sum_sq[i], stats.tokens)
+        mlp_var = salience.channel_variance(stats.mlp_sum[i], stats.mlp_sum_sq[i], stats.tokens)
+        heads.append(salience.sum_per_head(salience.flap_channel_scores(attn_var, o), shape.head_dim))
+        mlp.append(salience.flap_channel_scores(mlp_var, down))
+    return LayerScores(heads, mlp)
+
+
+def minitron_scores(stats: ActivationStats, shape: ModelShape) -> LayerScores:
+    """Minitron's activation importance: mean |x| per sample, L2 over samples; heads: L2 over channels."""
+    if stats.attn_abs_mean_sq is None or stats.mlp_abs_mean_sq is None:
+        raise TransactError("the minitron metric needs per-sample means; calibrate with extra=('abs_mean_sq',)")
+    heads = [salience.minitron_head_scores(salience.minitron_channel_scores(s), shape.head_dim)
+             for s in stats.attn_abs_mean_sq]
+    mlp = [salience.minitron_channel_scores(s) for s in stats.mlp_abs_mean_sq]
+    return LayerScores(heads, mlp)
+
+
+def taylor_scores(model: nn.Module, saliences: dict[nn.Linear, torch.Tensor], shape: ModelShape) -> LayerScores:
+    """LLM-Pruner's first-order Taylor importance from |w * dL/dw| of every prunable projection."""
+    adapter = get_adapter(model)
+    heads, mlp = [], []
+    for layer in adapter.layers(model):
+        a, m = adapter.attention(layer, model.config), adapter.mlp(layer, model.config)
+        heads.append(salience.taylor_head_scores(saliences[a.q], saliences[a.k], saliences[a.v], saliences[a.o],
+                                                 shape.head_dim, shape.num_kv_heads))
+        gate = saliences[m.gate] if m.gate is not None else None
+        mlp.append(salience.taylor_channel_scores(gate, saliences[m.up], saliences[m.down]))
+    return LayerScores(heads, mlp)

@@ -1,8 +1,10 @@
-"""Held-out perplexity, parameters and KV cache of SmolLM2-135M pruned by transact / random / magnitude
-at several widths. One calibration pass serves every transact width; every variant starts from a fresh
-copy of the dense model and is scored on the same held-out tokens.
+"""Held-out perplexity, parameters and KV cache of a model pruned one-shot by several salience metrics
+at several widths, and the time each metric's scoring pass takes. Each metric scores the dense model once
+(timed) and serves every width; every variant starts from a fresh copy of the dense model and is scored
+on the same held-out tokens.
 
-    python benchmarks/smollm2_widths.py --out docs/bench/smollm2_widths
+    python benchmarks/compare_metrics.py --metrics transact random magnitude --out docs/bench/smollm2_widths
+    python benchmarks/compare_metrics.py --out docs/bench/metrics     # all six metrics
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result
 
 from transact import assets, evaluate
-from transact.calibrate import calibrate, read_texts, sample_windows, token_stream
+from transact.calibrate import read_texts, token_stream
 from transact.models import load_model, resolve_source
+from transact.pipeline import score_model
 from transact.plan import ModelShape, make_plan, resolve_targets
 from transact.prune import prune_
-from transact.recipe import PruneRecipe
-from transact.score import magnitude_scores, random_layer_scores, transact_scores
+from transact.recipe import METRICS, Calibration, PruneRecipe
 
 
 def parse_width(text: str) -> tuple[int, int, int]:
@@ -36,52 +38,56 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", nargs="+", default=[(6, 2, 1024), (4, 2, 768), (3, 1, 512)], type=parse_width,
                     help="heads/kv_heads/mlp per layer")
+    ap.add_argument("--model", default=assets.SMOLLM2)
+    ap.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="docs/bench/smollm2_widths")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out", default="docs/bench/metrics")
     args = ap.parse_args()
 
-    dense, tok = load_model(resolve_source(assets.SMOLLM2), device=torch.device("cpu"), dtype=torch.float32)
+    dense, tok = load_model(resolve_source(args.model), device=torch.device("cpu"), dtype=torch.float32)
     shape = ModelShape.of(dense.config)
     eval_ids = token_stream(tok, read_texts("builtin", builtin="heldout"), limit=args.eval_tokens)
+    calib_texts = read_texts("builtin")
+    calibration = Calibration(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
 
     def ppl(model) -> float:
         return evaluate.perplexity(model, eval_ids, window=args.window, progress=False).perplexity
 
     rows = [{"variant": "dense", **evaluate.model_summary(dense), "perplexity": ppl(dense)}]
-    t = time.perf_counter()
-    windows = sample_windows(tok, read_texts("builtin"), args.samples, args.seq_len, args.seed)
-    stats = calibrate(dense, windows, batch_size=4, progress=False)
-    calib_s = time.perf_counter() - t
-    scorers = {
-        "transact": lambda m: transact_scores(stats, shape),
-        "random": lambda m: random_layer_scores(shape, args.seed),
-        "magnitude": lambda m: magnitude_scores(m, shape),
-    }
+    seconds = {}
+    scores = {}
+    for metric in args.metrics:
+        recipe = PruneRecipe(heads=shape.num_heads, metric=metric, seed=args.seed, calibration=calibration)
+        t = time.perf_counter()
+        scores[metric], _ = score_model(copy.deepcopy(dense), tok, recipe, calib_texts, progress=False)
+        seconds[metric] = time.perf_counter() - t
+        print(f"{metric}: scored in {seconds[metric]:.1f} s", flush=True)
     for heads, kv, mlp in args.widths:
         targets = resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp), shape)
-        for metric, scorer in scorers.items():
+        for metric in args.metrics:
             model = copy.deepcopy(dense)
-            scores = scorer(model)
-            prune_(model, make_plan(scores.heads, scores.mlp, targets, shape))
+            prune_(model, make_plan(scores[metric].heads, scores[metric].mlp, targets, shape))
             row = {"variant": f"{metric} {heads}/{kv}/{mlp}", "metric": metric, **evaluate.model_summary(model),
                    "perplexity": ppl(model)}
             rows.append(row)
             print(f"{row['variant']}: ppl {row['perplexity']:.2f}", flush=True)
 
     d = rows[0]
+    timing = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
     lines = [f"Held-out: {eval_ids.numel()} tokens of LAMBADA passages, window {args.window}. "
-             f"Calibration: {args.samples} x {args.seq_len} tokens (seed {args.seed}), {calib_s:.0f} s.", "",
+             f"Calibration: {args.samples} x {args.seq_len} tokens (seed {args.seed}). Scoring time: {timing}.", "",
              "| variant (heads/kv/mlp) | params | params vs dense | KV bytes/token | perplexity |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['params'] / 1e6:.1f} M | {r['params'] / d['params']:.2f} | "
                      f"{r['kv_cache_bytes_per_token']:,} | {r['perplexity']:.2f} |")
     write_result(args.out, {"machine": machine(), "args": vars(args) | {"widths": args.widths},
-                            "calibration_seconds": calib_s, "rows": rows}, "\n".join(lines))
+                            "scoring_seconds": seconds, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

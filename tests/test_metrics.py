@@ -1,0 +1,104 @@
+"""The comparison metrics (FLAP, Minitron, LLM-Pruner's Taylor) on hand-computed toy statistics, their
+statistics against a slow capture, and each metric end to end on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from tiny import VOCAB, char_tokenizer, tiny_model
+from transformers import AutoModelForCausalLM
+
+from transact import salience
+from transact.arch import get_adapter
+from transact.calibrate import calibrate, taylor_saliences
+from transact.cli import main
+from transact.errors import TransactError
+from transact.recipe import PruneRecipe
+
+
+def test_channel_variance_by_hand():
+    # channel 0 saw (1, 3): mean 2, variance 1; channel 1 saw (2, 2): variance 0.
+    var = salience.channel_variance(torch.tensor([4.0, 4.0]), torch.tensor([10.0, 8.0]), count=2)
+    assert var.tolist() == [1.0, 0.0]
+
+
+def test_flap_by_hand():
+    var = torch.tensor([1.0, 4.0, 0.5, 2.0])
+    weight = torch.tensor([[1.0, 0.0, 2.0, 1.0], [1.0, 1.0, 0.0, 1.0]])  # column norms^2: 2, 1, 4, 2
+    ch = salience.flap_channel_scores(var, weight)
+    assert ch.tolist() == [2.0, 4.0, 2.0, 4.0]
+    assert salience.sum_per_head(ch, head_dim=2).tolist() == [6.0, 6.0]
+
+
+def test_minitron_by_hand():
+    # two samples with per-sample mean |x| of (3, 0) and (4, 1) for channels 0 and 1
+    abs_mean_sq = torch.tensor([9.0 + 16.0, 0.0 + 1.0])
+    ch = salience.minitron_channel_scores(abs_mean_sq)
+    assert ch.tolist() == [5.0, 1.0]
+    assert salience.minitron_head_scores(torch.tensor([3.0, 4.0, 1.0, 0.0]), 2).tolist() == [5.0, 1.0]
+
+
+def test_taylor_by_hand():
+    # 2 query heads of head_dim 1 sharing 1 KV head; hidden 2. Entries are |w * grad|.
+    q = torch.tensor([[1.0, 1.0], [0.0, 3.0]])  # head 0 rows sum 2, head 1: 3
+    o = torch.tensor([[1.0, 0.0], [1.0, 2.0]])  # columns: head 0: 2, head 1: 2
+    k = torch.tensor([[1.0, 1.0]])  # shared: 2
+    v = torch.tensor([[0.5, 1.5]])  # shared: 2 -> 4 split over 2 heads = 2 each
+    assert salience.taylor_head_scores(q, k, v, o, head_dim=1, num_kv_heads=1).tolist() == [6.0, 7.0]
+    gate = torch.tensor([[1.0], [2.0]])
+    up = torch.tensor([[0.0], [1.0]])
+    down = torch.tensor([[3.0, 0.0]])
+    assert salience.taylor_channel_scores(gate, up, down).tolist() == [4.0, 3.0]
+
+
+def test_extra_statistics_match_a_slow_capture():
+    model = tiny_model("qwen2")
+    windows = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(0))
+    down = get_adapter(model).mlp(get_adapter(model).layers(model)[1], model.config).down
+    seen = []
+    handle = down.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    stats = calibrate(model, windows, batch_size=2, progress=False, extra=("sum", "abs_mean_sq"))
+    handle.remove()
+    x = torch.cat(seen)  # (5, 12, 96)
+    assert stats.samples == 5 and stats.tokens == 60
+    torch.testing.assert_close(stats.mlp_sum[1], x.sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.mlp_abs_mean_sq[1], x.abs().mean(dim=1).square().sum(0), rtol=1e-5, atol=1e-6)
+    plain = calibrate(model, windows, progress=False)
+    assert plain.mlp_sum is None and plain.attn_abs_mean_sq is None
+
+
+def test_taylor_saliences_equal_autograd_by_hand_and_restore_the_model():
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    windows = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
+    sal = taylor_saliences(model, windows, batch_size=2, progress=False)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    reference = tiny_model("llama")
+    loss = sum(reference(input_ids=windows[i:i + 2], labels=windows[i:i + 2]).loss for i in (0, 2)) / 2
+    loss.backward()
+    q_ref = reference.model.layers[1].self_attn.q_proj
+    q = model.model.layers[1].self_attn.q_proj
+    torch.testing.assert_close(sal[q], (q_ref.weight * q_ref.weight.grad).abs().detach(), rtol=1e-4, atol=1e-7)
+
+
+def test_alpha_belongs_to_transact_only():
+    with pytest.raises(TransactError, match="alpha"):
+        PruneRecipe(heads=2, metric="flap", alpha=0.5)
+
+
+@pytest.mark.parametrize("metric", ["flap", "minitron", "taylor"])
+def test_each_metric_end_to_end(tmp_path, corpus, metric):
+    base = tmp_path / "base"
+    tiny_model("qwen3", heads=4, kv_heads=2).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    out = tmp_path / "out"
+    assert main(["prune", str(base), "--out", str(out), "--heads", "2", "--mlp", "48", "--metric", metric,
+                 "--calib", str(calib), "--samples", "6", "--seq-len", "48", "--quiet"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["recipe"]["metric"] == metric and plan["calibration_hash"].startswith("sha256:")
+    assert plan["targets"] == {"heads": 2, "kv_heads": 1, "mlp": 48}
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 48
