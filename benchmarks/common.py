@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,3 +30,47 @@ def write_result(path: str | Path, result: dict, table: str) -> None:
     path.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     path.with_suffix(".md").write_text(table + "\n")
     print(table)
+
+
+def parse_width(text: str) -> tuple[int, int, int]:
+    """'6/2/1024' -> (heads, kv_heads, mlp)."""
+    heads, kv, mlp = (int(v) for v in text.split("/"))
+    return heads, kv, mlp
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every one-shot quality benchmark shares: model, calibration, held-out evaluation."""
+    from transact import assets
+
+    ap.add_argument("--model", default=assets.SMOLLM2)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+@dataclass
+class DenseRun:
+    """The dense model in fp32 on CPU, its tokenizer and shape, and the held-out tokens to score on."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    shape: object
+    eval_ids: torch.Tensor
+    window: int
+
+    def perplexity(self, model: torch.nn.Module) -> float:
+        from transact import evaluate
+
+        return evaluate.perplexity(model, self.eval_ids, window=self.window, progress=False).perplexity
+
+
+def load_dense_run(args: argparse.Namespace) -> DenseRun:
+    from transact.calibrate import read_texts, token_stream
+    from transact.models import load_model, resolve_source
+    from transact.plan import ModelShape
+
+    model, tok = load_model(resolve_source(args.model), device=torch.device("cpu"), dtype=torch.float32)
+    eval_ids = token_stream(tok, read_texts("builtin", builtin="heldout"), limit=args.eval_tokens)
+    return DenseRun(model, tok, ModelShape.of(model.config), eval_ids, args.window)

@@ -15,48 +15,31 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_result
+from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
-from transact import assets, evaluate
-from transact.calibrate import read_texts, token_stream
-from transact.models import load_model, resolve_source
+from transact import evaluate
+from transact.calibrate import read_texts
 from transact.pipeline import score_model
-from transact.plan import ModelShape, make_plan, resolve_targets
+from transact.plan import make_plan, resolve_targets
 from transact.prune import prune_
 from transact.recipe import METRICS, Calibration, PruneRecipe
-
-
-def parse_width(text: str) -> tuple[int, int, int]:
-    heads, kv, mlp = (int(v) for v in text.split("/"))
-    return heads, kv, mlp
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", nargs="+", default=[(6, 2, 1024), (4, 2, 768), (3, 1, 512)], type=parse_width,
                     help="heads/kv_heads/mlp per layer")
-    ap.add_argument("--model", default=assets.SMOLLM2)
     ap.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--seed", type=int, default=0)
+    add_run_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default="docs/bench/metrics")
     args = ap.parse_args()
 
-    dense, tok = load_model(resolve_source(args.model), device=torch.device("cpu"), dtype=torch.float32)
-    shape = ModelShape.of(dense.config)
-    eval_ids = token_stream(tok, read_texts("builtin", builtin="heldout"), limit=args.eval_tokens)
+    run = load_dense_run(args)
+    dense, tok, shape, eval_ids, ppl = run.model, run.tokenizer, run.shape, run.eval_ids, run.perplexity
     calib_texts = read_texts("builtin")
     calibration = Calibration(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
-
-    def ppl(model) -> float:
-        return evaluate.perplexity(model, eval_ids, window=args.window, progress=False).perplexity
 
     rows = [{"variant": "dense", **evaluate.model_summary(dense), "perplexity": ppl(dense)}]
     seconds = {}

@@ -93,9 +93,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, smollm2_dir):
 
 
 def test_prune_a_gguf_file_directly(tmp_path):
-    """MODEL may be a .gguf file: dequantized on load, pruned, saved as a vanilla fp32 checkpoint."""
+    """MODEL may be a .gguf file: its tokenizer read once up front for calibration, weights dequantized on
+    load, pruned, saved as a vanilla fp32 checkpoint."""
     job = PruneJob(model=str(assets.smollm2_gguf()), out=str(tmp_path / "g"), progress=False,
-                   recipe=PruneRecipe(heads=3, kv_heads=1, mlp=0.5, metric="magnitude"))
+                   recipe=PruneRecipe(heads=3, kv_heads=1, mlp=0.5, calibration=Calibration(samples=4, seq_len=64)))
     result = run_prune(job)
     config = json.loads((result.out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (3, 1, 768)

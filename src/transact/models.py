@@ -92,15 +92,19 @@ def resolve_dtype(name: str, default: torch.dtype) -> torch.dtype:
         raise TransactError(f"unknown dtype {name!r}; use auto, {', '.join(sorted(DTYPES))}") from None
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    """Dequantize a GGUF file into a plain transformers model (no quantizer attached)."""
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+def load_gguf_weights(path: Path, dtype: torch.dtype = torch.float32):
+    """Dequantize a GGUF file's weights into a plain transformers model (no quantizer attached)."""
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     # Weights are already dequantized; the quantizer marker only blocks save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return model, tokenizer
+    return model
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """-> (dequantized model, tokenizer) from a GGUF file."""
+    return load_gguf_weights(path, dtype), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -122,19 +126,24 @@ def load_tokenizer(source: ModelSource):
     return tokenizer if len(tokenizer) > 1 else None
 
 
-def require_tokenizer(source: ModelSource, purpose: str) -> None:
-    """Fail before the weights are read when text must be tokenized and the model has no tokenizer."""
-    if load_tokenizer(source) is None:
+def require_tokenizer(source: ModelSource, purpose: str):
+    """The tokenizer, loaded before the weights so that a missing one fails early (hand it to load_model)."""
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
         raise TransactError(f"{source.spec!r} has no tokenizer files, which {purpose} needs")
+    return tokenizer
 
 
-def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype):
-    """-> (model in eval mode on ``device`` in ``dtype``, tokenizer or None)."""
+def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype, tokenizer=None):
+    """-> (model in eval mode on ``device`` in ``dtype``, tokenizer or None); a ``tokenizer`` already
+    loaded (by require_tokenizer) is reused rather than read again."""
     try:
-        if source.gguf_file:
+        if source.gguf_file and tokenizer is None:
             model, tokenizer = load_gguf(Path(source.path) / source.gguf_file, dtype)
+        elif source.gguf_file:
+            model = load_gguf_weights(Path(source.path) / source.gguf_file, dtype)
         else:
-            tokenizer = load_tokenizer(source)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     except OSError as e:
         raise TransactError(f"could not load {source.spec!r}: {_first_line(e)}") from None

@@ -191,11 +191,12 @@ def run_prune(job: PruneJob) -> PruneResult:
     eval_texts = read_texts(job.eval_text.source, builtin="heldout") if job.eval_text else None
     prep = _prepare(job.model, job.device, job.dtype)
     resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
+    tokenizer = None
     if calib_texts is not None or eval_texts is not None:
-        require_tokenizer(prep.source, "calibration and perplexity")
+        tokenizer = require_tokenizer(prep.source, "calibration and perplexity")
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype)
+    model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype, tokenizer=tokenizer)
     report: dict = {"model": job.model, "device": str(prep.device), "compute_dtype": str(prep.dtype)[6:],
                     "saved_dtype": str(prep.save_dtype)[6:], "before": evaluate.model_summary(model)}
     eval_ids = _heldout_ids(tokenizer, job.eval_text, eval_texts) if eval_texts else None
@@ -255,8 +256,8 @@ def run_eval(model_spec: str, text: EvalText, *, device: str = "cpu", dtype: str
              progress: bool = True) -> dict:
     texts = read_texts(text.source, builtin="heldout")
     prep = _prepare(model_spec, device, dtype)
-    require_tokenizer(prep.source, "perplexity")
-    model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype)
+    tokenizer = require_tokenizer(prep.source, "perplexity")
+    model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype, tokenizer=tokenizer)
     ids = _heldout_ids(tokenizer, text, texts)
     result = evaluate.model_summary(model)
     result["perplexity"] = _ppl(model, ids, text, progress)
