@@ -79,10 +79,14 @@ def test_random_and_magnitude_metrics_need_no_calibration_text(tmp_path, model_d
 
 def test_eval_and_info(tmp_path, model_dir, calib_file, capsys):
     out_json = tmp_path / "eval.json"
-    assert main(["eval", str(model_dir), "--text", str(calib_file), "--eval-tokens", "300", "--window", "100",
+    assert main(["eval", str(model_dir), "--text", str(calib_file), "--eval-tokens", "300", "--windows", "100,1000",
                  "--json", str(out_json), "--quiet"]) == 0
     result = json.loads(out_json.read_text())
-    assert result["perplexity"]["tokens"] == 297 and result["perplexity"]["perplexity"] > 1
+    short, long = (result["perplexity"][f"{calib_file}@{w}"] for w in (100, 1000))
+    assert short["tokens"] == 297 and short["perplexity"] > 1
+    # 1000 is clipped to the model's 512 positions: windows of 512 over 300 tokens score 299 of them
+    assert long["window"] == 512 and long["requested_window"] == 1000 and long["tokens"] == 299
+    assert result["params"] == sum(p.numel() for p in tiny_model("llama").parameters())
     assert main(["info", str(model_dir)]) == 0
     printed = capsys.readouterr().out
     assert "4 heads / 2 KV heads x head_dim 16" in printed and "llama" in printed

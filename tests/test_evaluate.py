@@ -74,6 +74,7 @@ def test_flops_formula_matches_measured_count(family, pruned):
     # One forward over `seq` tokens computes full seq x seq attention scores (masked, not skipped), so it
     # costs exactly seq x (flops of one token attending to `seq` tokens).
     assert counter.get_total_flops() == seq * evaluate.flops_per_token(model.config, seq)
+    assert evaluate.forward_flops(model.config, seq) == counter.get_total_flops()
 
 
 def test_kv_cache_bytes_match_the_cache_tensors():

@@ -102,3 +102,27 @@ def test_prune_a_gguf_file_directly(tmp_path):
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (3, 1, 768)
     assert "quantization_config" not in config and config["dtype"] == "float32"
     assert (result.out / "tokenizer.json").is_file()
+
+
+def test_eval_cli_with_tasks_on_the_real_model(tmp_path, pruned_runs, capsys):
+    """`transact eval` end to end: perplexity plus lm-eval tasks with --limit, dense and pruned."""
+    from transact.cli import main
+
+    results = {}
+    for name, model in (("dense", assets.SMOLLM2), ("pruned", str(pruned_runs["transact"].out))):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", model, "--tasks", "piqa,lambada", "--limit", "8", "--eval-tokens", "1024",
+                     "--windows", "512", "--json", str(out), "--quiet"]) == 0
+        results[name] = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "piqa" in printed and "lambada_openai" in printed and "% of the raw forward" in printed
+    dense, pruned = results["dense"], results["pruned"]
+    for r in (dense, pruned):
+        assert [r["tasks"][t]["items"] for t in ("piqa", "lambada_openai")] == [8, 8]
+        assert 0 <= r["tasks"]["piqa"]["score"] <= 1 and r["tasks"]["piqa"]["stderr"] is not None
+        assert r["throughput"]["raw_forward_tokens_per_s"] > 0
+    assert dense["params"] == 134_515_008 and pruned["params"] < dense["params"]
+    # LAMBADA's per-item perplexity from lm-eval: the pruned model (no recovery training) is worse
+    assert pruned["tasks"]["lambada_openai"]["metrics"]["perplexity"] > dense["tasks"]["lambada_openai"]["metrics"][
+        "perplexity"]
+    assert pruned["perplexity"]["builtin@512"]["perplexity"] > dense["perplexity"]["builtin@512"]["perplexity"]

@@ -1,7 +1,9 @@
 """transact: structured pruning of decoder LLMs by transitional activations (TransAct).
 
 The stages, each a module: ``calibrate`` -> ``score`` (``salience`` holds the pure math) -> ``plan`` ->
-``prune`` -> ``evaluate`` -> ``export``. ``pipeline`` joins them; ``cli`` is a thin layer over it.
+``prune`` -> ``evaluate`` (with ``tasks`` for lm-eval accuracy and ``bench`` for measured speed) ->
+``export``. ``pipeline`` joins the pruning stages and ``measure`` the measuring ones (``report`` writes
+their tables and plots); ``cli`` is a thin layer over both.
 """
 
 __version__ = "0.1.0"
@@ -10,6 +12,7 @@ from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter
 from transact.calibrate import ActivationStats, calibrate, record_transitional_stats
 from transact.errors import TransactError
 from transact.evaluate import perplexity
+from transact.measure import BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
 from transact.pipeline import (
     ApplyPlanJob,
     EvalText,
@@ -18,7 +21,6 @@ from transact.pipeline import (
     model_info,
     prune,
     run_apply_plan,
-    run_eval,
     run_prune,
     save,
 )
@@ -30,7 +32,10 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ActivationStats",
     "ApplyPlanJob",
+    "BenchJob",
     "Calibration",
+    "CompareJob",
+    "EvalJob",
     "EvalText",
     "PruneJob",
     "PrunePlan",
@@ -48,6 +53,8 @@ __all__ = [
     "record_transitional_stats",
     "resolve_targets",
     "run_apply_plan",
+    "run_bench",
+    "run_compare",
     "run_eval",
     "run_prune",
     "save",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from transact.bench import BenchGrid, parse_int_list
 from transact.errors import TransactError
-from transact.pipeline import ApplyPlanJob, EvalText, PruneJob, model_info, run_apply_plan, run_eval, run_prune
+from transact.measure import BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
+from transact.pipeline import ApplyPlanJob, EvalText, PruneJob, model_info, run_apply_plan, run_prune
 from transact.recipe import METRICS, Calibration, PruneRecipe, Width
+from transact.tasks import TASKS
 
 MODEL_HELP = "a Hugging Face model directory, a hub id, a .gguf file, or builtin:smollm2"
 
@@ -35,6 +37,31 @@ def _add_eval_text(p: argparse.ArgumentParser, flag: str, default: str | None) -
                    help="use at most this many tokens of the held-out text (0 = all; default 16384)")
     p.add_argument("--window", type=int, default=1024, help="perplexity window in tokens (default 1024)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: the window, i.e. disjoint)")
+
+
+def _add_quality(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", action="append", metavar="PATH",
+                   help="held-out text for perplexity (repeatable): .txt/.jsonl file, directory, or 'builtin' "
+                   "(LAMBADA passages; the default); 'none' for no perplexity")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="use at most this many tokens of each text (0 = all; default 16384)")
+    p.add_argument("--windows", default="1024", help="perplexity window lengths, e.g. 1024,2048,4096 (clipped "
+                   "to the model's context; default 1024)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: the window, i.e. disjoint)")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated: " + ", ".join(TASKS)
+                   + "; 'default' = all but triviaqa, 'all'")
+    p.add_argument("--shots", default="0", help="few-shot examples per task: a number, or 'paper' for the "
+                   "paper's Table 5 counts (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass in tasks (default 8)")
+
+
+def _add_grid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
+    p.add_argument("--context", default="256,1024", help="prompt lengths in tokens (default 256,1024)")
+    p.add_argument("--gen", type=int, default=32, help="decode steps after each prompt (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per point; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per point first (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true")
     _add_runtime(p)
 
-    p = sub.add_parser("eval", help="perplexity on held-out text")
+    p = sub.add_parser("eval", help="perplexity on held-out text and downstream task accuracy (lm-eval)")
     p.add_argument("model", help=MODEL_HELP)
-    _add_eval_text(p, "--text", "builtin")
-    p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
+    _add_quality(p)
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON (after every finished part)")
+    p.add_argument("--resume", action="store_true", help="continue from the finished parts already in --json OUT")
+    p.add_argument("--force", action="store_true", help="replace an existing --json OUT")
+    _add_runtime(p)
+
+    p = sub.add_parser("bench", help="parameters, KV cache, FLOPs and measured speed/memory, models interleaved")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP + " (the first is the reference)")
+    _add_grid(p)
+    p.add_argument("--out", help="directory for bench.json and plots")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    _add_runtime(p)
+
+    p = sub.add_parser("compare", help="eval + bench of a dense model and pruned variants: report.md and plots")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="the dense (reference) model, then pruned ones")
+    p.add_argument("--out", required=True, help="report directory (must be empty or absent, unless --force)")
+    _add_quality(p)
+    _add_grid(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     _add_runtime(p)
 
     p = sub.add_parser("info", help="family, widths, parameters, KV cache and what can be pruned")
@@ -146,14 +191,55 @@ def _cmd_apply_plan(args) -> int:
     return 0
 
 
+def _eval_job(args, model: str, out: str | None, resume: bool = False) -> EvalJob:
+    texts = args.text or ["builtin"]
+    texts = [] if [t.lower() for t in texts] == ["none"] else texts
+    return EvalJob(model=model, texts=tuple(texts), windows=parse_int_list(args.windows, "--windows"),
+                   max_tokens=args.eval_tokens, stride=args.stride,
+                   tasks=tuple(args.tasks.split(",")) if args.tasks else (), shots=args.shots, limit=args.limit,
+                   batch_size=args.batch_size, out=out, resume=resume,
+                   force=args.force and out is not None, device=args.device, dtype=args.dtype, progress=not args.quiet)
+
+
+def _grid(args) -> BenchGrid:
+    return BenchGrid(batches=parse_int_list(args.batch, "--batch"), contexts=parse_int_list(args.context, "--context"),
+                     gen=args.gen, repeats=args.repeats, warmup=args.warmup)
+
+
 def _cmd_eval(args) -> int:
-    result = run_eval(args.model, _eval_text(args, args.text), device=args.device, dtype=args.dtype,
-                      progress=not args.quiet)
-    ppl = result["perplexity"]
-    print(f"perplexity {ppl['perplexity']:.3f} over {ppl['tokens']} tokens "
-          f"(window {ppl['window']}, stride {ppl['stride']}, text: {result['text']})")
+    result = run_eval(_eval_job(args, args.model, args.json, args.resume))
+    for ppl in result["perplexity"].values():
+        print(f"perplexity {ppl['perplexity']:.3f} over {ppl['tokens']} tokens "
+              f"(window {ppl['window']}, stride {ppl['stride']}, text: {ppl['text']})")
+    for name, r in result["tasks"].items():
+        score = "-" if r["score"] is None else f"{r['score']:.4f} ± {r['stderr'] or 0:.4f}"
+        print(f"{name:<15} {r['metric']:<12} {score}  ({r['items']} items, {r['shots']}-shot, "
+              f"{r['tokens_per_second'] or 0:.0f} tokens/s)")
+    if "throughput" in result:
+        t = result["throughput"]
+        print(f"evaluation {t['eval_tokens_per_s']:.0f} tokens/s = {t['ratio']:.0%} of the raw forward "
+              f"{t['raw_forward_tokens_per_s']:.0f} tokens/s (batch x length {t['raw_shape']})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    result = run_bench(BenchJob(models=tuple(args.models), grid=_grid(args), out=args.out, force=args.force,
+                                device=args.device, dtype=args.dtype, progress=not args.quiet))
+    from transact.report import _speed_table
+
+    print(_speed_table(result))
+    if args.out:
+        print(f"\nwrote bench.json and plots to {args.out}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    job = CompareJob(models=tuple(args.models), out=args.out, eval=_eval_job(args, args.models[0], None),
+                     grid=_grid(args), resume=args.resume, force=args.force)
+    path = run_compare(job)
+    print(f"wrote {path} and plots")
     return 0
 
 
@@ -174,7 +260,8 @@ def _cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": _cmd_prune, "apply-plan": _cmd_apply_plan, "eval": _cmd_eval, "info": _cmd_info}
+COMMANDS = {"prune": _cmd_prune, "apply-plan": _cmd_apply_plan, "eval": _cmd_eval, "bench": _cmd_bench,
+            "compare": _cmd_compare, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

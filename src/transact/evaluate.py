@@ -97,6 +97,18 @@ def flops_per_token(config, context: int) -> int:
     return config.num_hidden_layers * per_layer + 2 * h * config.vocab_size
 
 
+def forward_flops(config, seq_len: int) -> int:
+    """FLOPs of one forward pass over ``seq_len`` tokens (a prefill), as the kernels compute it: every
+    token's matmuls plus full ``seq_len`` x ``seq_len`` attention scores (the causal mask hides half of
+    them but dense kernels still compute them)."""
+    return seq_len * flops_per_token(config, seq_len)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters (what a decode step reads at least once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def model_summary(model: nn.Module) -> dict:
     """Widths and costs of a model as it is now (used before and after pruning)."""
     config = model.config

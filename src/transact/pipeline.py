@@ -1,5 +1,5 @@
 """The stages joined up: in-memory ``prune`` for library users, and ``run_prune``/``run_apply_plan``/
-``run_eval``/``model_info`` behind the CLI. Every check of the user's input happens before the model's
+``model_info`` behind the CLI. Every check of the user's input happens before the model's
 weights are loaded."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def library_versions() -> dict[str, str]:
 
 def load(model: str, *, device: str = "cpu", dtype: str = "auto"):
     """-> (model, tokenizer) from a directory, hub id, .gguf file or ``builtin:smollm2``."""
-    prep = _prepare(model, device, dtype)
+    prep = prepare(model, device, dtype)
     return load_model(prep.source, device=prep.device, dtype=prep.dtype)
 
 
@@ -164,7 +164,8 @@ class _Prepared:
     save_dtype: torch.dtype
 
 
-def _prepare(model_spec: str, device: str, dtype: str) -> _Prepared:
+def prepare(model_spec: str, device: str, dtype: str) -> _Prepared:
+    """Resolve a model's source, shape, device and dtypes from its config alone (no weights read)."""
     source = resolve_source(model_spec)
     config = load_config(source)
     stored = checkpoint_dtype(config, source)
@@ -189,7 +190,7 @@ def run_prune(job: PruneJob) -> PruneResult:
     check_output_dir(job.out, force=job.force, inputs=(job.model,))
     calib_texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
     eval_texts = read_texts(job.eval_text.source, builtin="heldout") if job.eval_text else None
-    prep = _prepare(job.model, job.device, job.dtype)
+    prep = prepare(job.model, job.device, job.dtype)
     resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
     tokenizer = None
     if calib_texts is not None or eval_texts is not None:
@@ -240,7 +241,7 @@ def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
     """Recreate a pruned checkpoint from its base model and plan.json, without calibration."""
     check_output_dir(job.out, force=job.force, inputs=(job.model,))
     plan = PrunePlan.load(job.plan)
-    prep = _prepare(job.model, job.device, job.dtype)
+    prep = prepare(job.model, job.device, job.dtype)
     plan.check_applies_to(prep.shape)
     model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype)
     report: dict = {"model": job.model, "plan": str(job.plan), "before": evaluate.model_summary(model)}
@@ -250,19 +251,6 @@ def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
     report["versions"] = library_versions()
     out = _write(model, tokenizer, job.out, plan, report, prep.save_dtype, job.force, job.verify, None)
     return PruneResult(out, plan, report)
-
-
-def run_eval(model_spec: str, text: EvalText, *, device: str = "cpu", dtype: str = "auto",
-             progress: bool = True) -> dict:
-    texts = read_texts(text.source, builtin="heldout")
-    prep = _prepare(model_spec, device, dtype)
-    tokenizer = require_tokenizer(prep.source, "perplexity")
-    model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype, tokenizer=tokenizer)
-    ids = _heldout_ids(tokenizer, text, texts)
-    result = evaluate.model_summary(model)
-    result["perplexity"] = _ppl(model, ids, text, progress)
-    result["text"] = text.source
-    return result
 
 
 def model_info(model_spec: str) -> dict:

@@ -1,0 +1,218 @@
+"""Measured speed and memory of one or more models over a batch × context grid.
+
+Every grid point runs all models back to back (their order rotated on each repeat), so that slow drifts
+of the machine (thermal state, other processes) hit every model alike and the ratios stay fair. Each
+measurement is a prefill of ``batch × context`` random tokens followed by ``gen`` greedy decode steps
+with the KV cache, timed separately; end-to-end latency is their sum. Times are medians over repeats.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on Linux CPUs the process's peak resident set
+(``VmHWM``, reset through ``/proc/self/clear_refs``) above what it held before the measurement.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from transact import evaluate
+from transact.errors import TransactError
+
+FLOP_CONTEXTS = (256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class BenchGrid:
+    batches: tuple[int, ...] = (1, 4)
+    contexts: tuple[int, ...] = (256, 1024)
+    gen: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.batches or not self.contexts or min(self.batches) < 1 or min(self.contexts) < 1:
+            raise TransactError("bench: batch sizes and context lengths must be positive integers")
+        if self.gen < 1 or self.repeats < 1 or self.warmup < 0:
+            raise TransactError("bench: --gen and --repeats must be >= 1, --warmup >= 0")
+
+
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise TransactError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise TransactError(f"{what}: expected positive integers, got {text!r}")
+    return values
+
+
+class _PeakMemory:
+    """Peak memory above the starting point while the block runs (bytes), or None where unknown."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(field)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self._start = self._status_kb("VmRSS")
+            except OSError:
+                self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self.peak = self._status_kb("VmHWM") - self._start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_once(model: nn.Module, ids: torch.Tensor, gen: int) -> dict:
+    """Prefill ``ids`` (B, T), then ``gen`` greedy decode steps with the KV cache; returns the times, the
+    peak memory and the ``gen + 1`` greedy tokens (B, gen + 1)."""
+    from transformers import DynamicCache
+
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    with _PeakMemory(device) as mem:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(gen):
+            out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        _sync(device)
+        t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "peak_bytes": mem.peak, "tokens": torch.cat(tokens, 1)}
+
+
+def analytic(model: nn.Module, batch: int, context: int, gen: int) -> dict:
+    """Costs a measurement should track: prefill FLOPs, and bytes a decode step must read (every weight
+    once, and each sequence's KV cache at its mean length during the decode)."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    kv = evaluate.kv_cache_bytes_per_token(config, dtype)
+    return {
+        "prefill_flops": evaluate.forward_flops(config, context),
+        "decode_bytes_per_step": evaluate.weight_bytes(model) + batch * kv * (context + gen // 2),
+    }
+
+
+def run_grid(models: dict[str, nn.Module], grid: BenchGrid, *, progress: bool = True) -> list[dict]:
+    """One row per (model, batch, context): medians of prefill/decode throughput, latency and peak memory."""
+    names = list(models)
+    points = [(b, c) for b in grid.batches for c in grid.contexts]
+    rows = []
+    bar = tqdm(total=len(points) * (grid.warmup + grid.repeats) * len(names), desc="bench", unit="run",
+               disable=not progress)
+    for batch, context in points:
+        samples: dict[str, list[dict]] = {n: [] for n in names}
+        for rep in range(grid.warmup + grid.repeats):
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                model = models[name]
+                device = next(model.parameters()).device
+                gen = torch.Generator().manual_seed(grid.seed + rep)
+                ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+                result = measure_once(model, ids, grid.gen)
+                if rep >= grid.warmup:
+                    samples[name].append(result)
+                bar.update()
+        for name in names:
+            rows.append(_row(name, models[name], batch, context, grid.gen, samples[name]))
+    bar.close()
+    return rows
+
+
+def _row(name: str, model: nn.Module, batch: int, context: int, gen: int, samples: list[dict]) -> dict:
+    prefill = statistics.median(s["prefill_s"] for s in samples)
+    decode = statistics.median(s["decode_s"] for s in samples)
+    latency = statistics.median(s["prefill_s"] + s["decode_s"] for s in samples)
+    peaks = [s["peak_bytes"] for s in samples if s["peak_bytes"] is not None]
+    return {
+        "model": name,
+        "batch": batch,
+        "context": context,
+        "gen": gen,
+        "prefill_tokens_per_s": batch * context / prefill,
+        "decode_tokens_per_s": batch * gen / decode,
+        "latency_s": latency,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "repeats": len(samples),
+        **analytic(model, batch, context, gen),
+    }
+
+
+def add_ratios(rows: list[dict], reference: str) -> list[dict]:
+    """Speedups of every row against the ``reference`` model's row at the same grid point, next to the
+    analytic ratios (FLOPs for prefill, bytes read per step for decode)."""
+    ref = {(r["batch"], r["context"]): r for r in rows if r["model"] == reference}
+    for r in rows:
+        base = ref[(r["batch"], r["context"])]
+        r["prefill_speedup"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
+        r["decode_speedup"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        r["latency_speedup"] = base["latency_s"] / r["latency_s"]
+        r["prefill_speedup_analytic"] = base["prefill_flops"] / r["prefill_flops"]
+        r["decode_speedup_analytic"] = base["decode_bytes_per_step"] / r["decode_bytes_per_step"]
+    return rows
+
+
+def static_costs(model: nn.Module, contexts: tuple[int, ...] = FLOP_CONTEXTS) -> dict:
+    """Parameters, weight bytes, KV cache per token and forward FLOPs per context length."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    return {
+        "params": evaluate.count_parameters(model),
+        "weight_bytes": evaluate.weight_bytes(model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_bytes_per_token": evaluate.kv_cache_bytes_per_token(config, dtype),
+        "forward_flops": {str(c): evaluate.forward_flops(config, c) for c in contexts},
+    }
+
+
+@torch.inference_mode()
+def forward_throughput(model: nn.Module, batch: int, seq_len: int, repeats: int = 3) -> float:
+    """Raw forward tokens/s (no cache, full logits) at one shape: the ceiling an evaluation can reach."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    times = []
+    for rep in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        _sync(device)
+        if rep:
+            times.append(time.perf_counter() - t0)
+    return batch * seq_len / statistics.median(times)

@@ -1,0 +1,341 @@
+"""The jobs behind ``transact eval``, ``bench`` and ``compare``: what a model lost (perplexity, task
+accuracy) and what it gained (parameters, KV cache, FLOPs, measured speed and memory).
+
+Every check of the user's input (model paths, task names, texts, output paths) happens before any
+weights are loaded. Evaluation results are written after every finished unit (one perplexity setting,
+one task), atomically, so an interrupted run resumes from them with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transact import bench, evaluate, tasks
+from transact.calibrate import read_texts, token_stream
+from transact.errors import TransactError
+from transact.models import ModelSource, load_model, require_tokenizer
+from transact.pipeline import library_versions, prepare
+
+RESULT_FORMAT = 1
+
+
+def machine() -> dict:
+    device = {"device": "cpu"}
+    if torch.cuda.is_available():
+        device = {"device": "cuda", "gpu": torch.cuda.get_device_name()}
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), **device}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: a reader (or a rerun after a
+    crash) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def fingerprint(source: ModelSource) -> str:
+    """Identifies a model's files (config and weight file names and sizes) without hashing gigabytes."""
+    h = hashlib.sha256(source.spec.encode())
+    folder = Path(source.path)
+    names = [source.gguf_file] if source.gguf_file else ["config.json"]
+    names += sorted(p.name for p in folder.glob("*.safetensors")) if not source.gguf_file else []
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            h.update(name.encode())
+            h.update(str(path.stat().st_size).encode())
+            if name == "config.json":
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_label(spec: str, taken: set[str]) -> str:
+    """A short unique name for a model in tables and plots: the directory or file name."""
+    label = spec.split(":", 1)[1] if spec.startswith("builtin:") else Path(spec.rstrip("/")).name or spec
+    base, n = label, 2
+    while label in taken:
+        label, n = f"{base}-{n}", n + 1
+    taken.add(label)
+    return label
+
+
+# ---------------------------------------------------------------- eval
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Perplexity on held-out texts at one or more window lengths, and lm-eval tasks."""
+
+    model: str
+    texts: tuple[str, ...] = ("builtin",)  # empty: no perplexity
+    windows: tuple[int, ...] = (1024,)
+    max_tokens: int = 16384
+    stride: int | None = None
+    tasks: tuple[str, ...] = ()
+    shots: str | int = 0
+    limit: int | None = None
+    batch_size: int = 8
+    out: str | None = None  # JSON result, written after every finished unit
+    resume: bool = False
+    force: bool = False
+    device: str = "cpu"
+    dtype: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.texts and not self.tasks:
+            raise TransactError("nothing to evaluate: give held-out text for perplexity and/or --tasks")
+        if not self.windows or min(self.windows) < 2:
+            raise TransactError(f"perplexity windows must be integers >= 2, got {self.windows}")
+        if self.max_tokens < 0 or (self.stride is not None and self.stride < 1):
+            raise TransactError("--eval-tokens must be >= 0 and --stride >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise TransactError(f"--limit must be a positive number of items, got {self.limit}")
+        if self.batch_size < 1:
+            raise TransactError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.resume and self.force:
+            raise TransactError("--resume continues an existing result and --force replaces it; give one")
+        if self.resume and not self.out:
+            raise TransactError("--resume needs --json OUT: the partial result it continues from")
+
+    def settings(self) -> dict:
+        return {"max_tokens": self.max_tokens, "stride": self.stride, "limit": self.limit, "dtype": self.dtype}
+
+
+def _ppl_key(text: str, window: int) -> str:
+    return f"{text}@{window}"
+
+
+def _load_previous(job: EvalJob, fp: str) -> dict:
+    """The partial result to continue from, or {} for a fresh run; refuses to mix different runs."""
+    if not job.out:
+        return {}
+    path = Path(job.out)
+    if path.is_dir():
+        raise TransactError(f"--json {path} is a directory; give a file name")
+    if not path.exists():
+        return {}
+    if not job.resume and not job.force:
+        raise TransactError(f"{path} exists; pass --resume to continue from its finished parts, or --force to "
+                            "replace it")
+    if job.force:
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TransactError(f"cannot resume from {path}: {e}") from None
+    if previous.get("fingerprint") != fp or previous.get("settings") != job.settings():
+        raise TransactError(f"{path} holds results of another model or other settings; use --force to replace it")
+    return previous
+
+
+def _check_writable(out: str | None) -> None:
+    if out is None:
+        return
+    parent = Path(out).expanduser().resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise TransactError(f"cannot write {out}: {parent} is not writable")
+
+
+def _perplexities(model, tokenizer, job: EvalJob, texts: dict[str, list[str]], result: dict, save) -> None:
+    context = getattr(model.config, "max_position_embeddings", None) or max(job.windows)
+    for text, docs in texts.items():
+        ids = None
+        for window in job.windows:
+            effective = min(window, context)  # clipped to what the model was trained for
+            key = _ppl_key(text, window)
+            if key in result["perplexity"]:
+                continue
+            if ids is None:
+                ids = token_stream(tokenizer, docs, limit=job.max_tokens or None)
+            stride = min(job.stride, effective) if job.stride else None
+            ppl = evaluate.perplexity(model, ids, window=effective, stride=stride, progress=job.progress)
+            result["perplexity"][key] = {"text": text, "requested_window": window, **ppl.to_json()}
+            save()
+
+
+def _eval_throughput(model: nn.Module, result: dict, batch_size: int) -> None:
+    """Evaluation tokens/s against the model's raw forward tokens/s at the evaluation's mean batch shape."""
+    done = [t for t in result["tasks"].values() if t.get("tokens")]
+    if not done:
+        return
+    tokens = sum(t["tokens"] for t in done)
+    seconds = sum(t["seconds"] for t in done)
+    padded = sum(t["padded_tokens"] for t in done)
+    calls_len = max(8, round(padded / max(1, sum(t["rows"] for t in done))))
+    raw = bench.forward_throughput(model, batch_size, calls_len)
+    result["throughput"] = {
+        "eval_tokens_per_s": tokens / seconds,
+        "raw_forward_tokens_per_s": raw,
+        "raw_shape": [batch_size, calls_len],
+        "ratio": tokens / seconds / raw,
+        "padding_fraction": 1 - tokens / padded,
+    }
+
+
+def run_eval(job: EvalJob) -> dict:
+    """Perplexity and task accuracy of one model; returns (and writes to ``job.out``) the result."""
+    task_names = tasks.parse_tasks(list(job.tasks)) if job.tasks else []
+    shots = tasks.resolve_shots(task_names, job.shots) if task_names else {}
+    texts = {t: read_texts(t, builtin="heldout") for t in job.texts}
+    _check_writable(job.out)
+    prep = prepare(job.model, job.device, job.dtype)
+    fp = fingerprint(prep.source)
+    previous = _load_previous(job, fp)
+    tokenizer = require_tokenizer(prep.source, "perplexity and tasks")
+
+    model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype, tokenizer=tokenizer)
+    result = {
+        "format": RESULT_FORMAT, "model": job.model, "fingerprint": fp, "settings": job.settings(),
+        **bench.static_costs(model), "summary": evaluate.model_summary(model),
+        "perplexity": previous.get("perplexity", {}), "tasks": previous.get("tasks", {}),
+        "machine": machine(), "versions": library_versions(),
+    }
+    resumed = {t: r for t, r in result["tasks"].items() if r.get("shots") == shots.get(t)}
+
+    def save() -> None:
+        if job.out:
+            write_json_atomic(Path(job.out), result)
+
+    _perplexities(model, tokenizer, job, texts, result, save)
+    if task_names:
+        def on_result(name: str, task_result: dict) -> None:
+            result["tasks"][name] = task_result
+            save()
+
+        result["tasks"] = tasks.run_tasks(model, tokenizer, task_names, shots=shots, limit=job.limit,
+                                          batch_size=job.batch_size, done=resumed, on_result=on_result,
+                                          progress=job.progress)
+        _eval_throughput(model, result, job.batch_size)
+    save()
+    return result
+
+
+# ---------------------------------------------------------------- bench
+
+@dataclass(frozen=True)
+class BenchJob:
+    models: tuple[str, ...]
+    grid: bench.BenchGrid = field(default_factory=bench.BenchGrid)
+    out: str | None = None  # directory for bench.json (and plots)
+    force: bool = False
+    device: str = "cpu"
+    dtype: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise TransactError("bench needs at least one model")
+
+
+def check_out_dir(out: str | None, force: bool) -> None:
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise TransactError(f"--out {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise TransactError(f"--out {path} is not empty; pass --force to write into it")
+    _check_writable(str(path / "x"))
+
+
+def load_models(specs: tuple[str, ...], device: str, dtype: str) -> dict[str, tuple[nn.Module, object, str]]:
+    """{label: (model, tokenizer or None, spec)}; every source is resolved before any weights load."""
+    preps = [prepare(spec, device, dtype) for spec in specs]
+    taken: set[str] = set()
+    labels = [model_label(spec, taken) for spec in specs]
+    loaded = {}
+    for label, spec, prep in zip(labels, specs, preps, strict=True):
+        model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype)
+        loaded[label] = (model, tokenizer, spec)
+    return loaded
+
+
+def bench_models(models: dict[str, nn.Module], grid: bench.BenchGrid, progress: bool) -> dict:
+    names = list(models)
+    rows = bench.add_ratios(bench.run_grid(models, grid, progress=progress), reference=names[0])
+    return {"format": RESULT_FORMAT, "reference": names[0], "grid": asdict(grid),
+            "models": {n: bench.static_costs(m) for n, m in models.items()}, "rows": rows,
+            "machine": machine(), "versions": library_versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run_bench(job: BenchJob) -> dict:
+    check_out_dir(job.out, job.force)
+    loaded = load_models(job.models, job.device, job.dtype)
+    result = bench_models({label: m for label, (m, _, _) in loaded.items()}, job.grid, job.progress)
+    result["sources"] = {label: spec for label, (_, _, spec) in loaded.items()}
+    if job.out:
+        from transact import report
+
+        write_json_atomic(Path(job.out) / "bench.json", result)
+        report.plot_speed(result, Path(job.out) / "speed.png")
+        report.plot_flops(result, Path(job.out) / "flops_vs_context.png")
+    return result
+
+
+# ---------------------------------------------------------------- compare
+
+@dataclass(frozen=True)
+class CompareJob:
+    """Evaluate and benchmark a dense model and its pruned variants; one report for all of them.
+
+    ``eval`` is a template: its ``model`` and ``out`` are replaced for each model.
+    """
+
+    models: tuple[str, ...]  # the first is the reference (the dense model)
+    out: str
+    eval: EvalJob
+    grid: bench.BenchGrid = field(default_factory=bench.BenchGrid)
+    resume: bool = False
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.models) < 2:
+            raise TransactError("compare needs a reference model and at least one other")
+        if self.resume and self.force:
+            raise TransactError("--resume continues an existing report and --force replaces it; give one")
+
+
+def run_compare(job: CompareJob) -> Path:
+    """Eval every model (results in OUT/eval/<label>.json, resumable), bench them together (OUT/bench.json),
+    then write OUT/report.md and the plots. Returns the report's path."""
+    from transact import report
+
+    out = Path(job.out)
+    if not job.resume:
+        check_out_dir(job.out, job.force)
+    taken: set[str] = set()
+    labels = [model_label(spec, taken) for spec in job.models]
+    for spec in job.models:  # every model path is checked before the first long step
+        prepare(spec, job.eval.device, job.eval.dtype)
+    evals = {}
+    for label, spec in zip(labels, job.models, strict=True):
+        target = out / "eval" / f"{label}.json"
+        resume = job.resume and target.exists()
+        evals[label] = run_eval(replace(job.eval, model=spec, out=str(target), resume=resume, force=not resume))
+    bench_path = out / "bench.json"
+    if job.resume and bench_path.exists():
+        bench_result = json.loads(bench_path.read_text())
+    else:
+        bench_job = BenchJob(models=job.models, grid=job.grid, device=job.eval.device, dtype=job.eval.dtype,
+                             progress=job.eval.progress)
+        bench_result = run_bench(bench_job)
+        write_json_atomic(bench_path, bench_result)
+    sources = dict(zip(labels, job.models, strict=True))
+    return report.write_report(out, bench_result, evals, sources)
