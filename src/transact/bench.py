@@ -6,7 +6,9 @@ measurement is a prefill of ``batch × context`` random tokens followed by ``gen
 with the KV cache, timed separately; end-to-end latency is their sum. Times are medians over repeats.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on Linux CPUs the process's peak resident set
-(``VmHWM``, reset through ``/proc/self/clear_refs``) above what it held before the measurement.
+(``VmHWM``, reset through ``/proc/self/clear_refs``) above what it held before the measurement. On CPU
+that is only what the allocator had to add: memory it kept from earlier runs is reused without showing,
+so later or smaller runs often read 0. CUDA figures are exact allocations.
 """
 
 from __future__ import annotations

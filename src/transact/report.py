@@ -152,7 +152,7 @@ def _speed_table(bench: dict) -> str:
                      f"{r['decode_speedup']:.2f}x / {r['decode_speedup_analytic']:.2f}x",
                      f"{r['latency_s']:.3f}", f"{r['latency_speedup']:.2f}x", _mib(r["peak_memory_bytes"])])
     return _table(["model", "batch", "context", "prefill tok/s", "speedup measured / FLOPs", "decode tok/s",
-                   "speedup measured / bytes", "latency s", "speedup", "peak MiB"], rows)
+                   "speedup measured / bytes", "latency s", "speedup", "peak extra MiB"], rows)
 
 
 def write_report(out: Path, bench: dict, evals: dict[str, dict], sources: dict[str, str]) -> Path:
