@@ -1,6 +1,8 @@
 """Checkpoints on disk: vanilla AutoModelForCausalLM reloads them with identical logits; writes are atomic."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from tiny import FAMILIES, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.errors import TransactError
-from transact.export import check_output_dir, reload_and_compare, write_checkpoint
+from transact.export import check_output_dir, reload_and_compare, write_checkpoint, write_json_atomic
 from transact.plan import ModelShape, Targets, make_plan
 from transact.prune import prune_
 from transact.score import random_layer_scores
@@ -134,3 +136,17 @@ def test_llama3_rope_scaling_survives_the_mistral_rehoming(tmp_path):
     assert config["model_type"] == "mistral" and config["rope_parameters"]["rope_type"] == "llama3"
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     assert torch.equal(reloaded(x).logits, expected)
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Staged in mkdtemp/mkstemp (owner-only), outputs still end with the mode the umask gives new files."""
+    umask = os.umask(0o022)
+    try:
+        model, plan = _pruned("llama", 64, 4, 2, 2, 1)
+        out = write_checkpoint(model, None, tmp_path / "ckpt", plan=plan, report={}, save_dtype=torch.float32)
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}

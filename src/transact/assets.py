@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -53,11 +52,11 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "smollm2-135m-instruct-fp32"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    from transact.export import staging_dir
     from transact.models import load_gguf
 
     model, tokenizer = load_gguf(smollm2_gguf())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = staging_dir(target)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

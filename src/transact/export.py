@@ -7,6 +7,7 @@ never leaves a half-written output; an existing non-empty directory is only repl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,6 +20,32 @@ from transformers import AutoModelForCausalLM
 from transact.arch import get_adapter
 from transact.errors import TransactError
 from transact.plan import PrunePlan
+
+
+def _usual_mode(path: Path) -> None:
+    """mkdtemp/mkstemp make owner-only entries; give ``path`` the mode a plain mkdir/open would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def staging_dir(target: Path) -> Path:
+    """A hidden empty sibling of ``target`` to assemble it in, renamed into place when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _usual_mode(tmp)
+    return tmp
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: a reader (or a rerun after a
+    crash) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+    _usual_mode(Path(tmp))
+    os.replace(tmp, path)
 
 
 def check_output_dir(out: str | Path, *, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
@@ -84,8 +111,7 @@ def write_checkpoint(
     there leaves no output behind.
     """
     out = check_output_dir(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         to_save = portable_model(model)
         original_dtype = next(to_save.parameters()).dtype

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from transact import bench, evaluate, tasks
 from transact.calibrate import read_texts, token_stream
 from transact.errors import TransactError
+from transact.export import write_json_atomic
 from transact.models import ModelSource, load_model, require_tokenizer
 from transact.pipeline import library_versions, prepare
 
@@ -35,16 +35,6 @@ def machine() -> dict:
         device = {"device": "cuda", "gpu": torch.cuda.get_device_name()}
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), **device}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename: a reader (or a rerun after a
-    crash) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def fingerprint(source: ModelSource) -> str:
