@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
+
+from transact import measure
+from transact.pipeline import library_versions
 
 
 def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+    """The machine (as ``transact`` reports it) and the library versions."""
+    return {**measure.machine(), **library_versions()}
 
 
 def write_result(path: str | Path, result: dict, table: str) -> None:

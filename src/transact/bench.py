@@ -192,14 +192,13 @@ def add_ratios(rows: list[dict], reference: str) -> list[dict]:
 
 def static_costs(model: nn.Module, contexts: tuple[int, ...] = FLOP_CONTEXTS) -> dict:
     """Parameters, weight bytes, KV cache per token and forward FLOPs per context length."""
-    config = model.config
-    dtype = next(model.parameters()).dtype
+    summary = evaluate.model_summary(model)
     return {
-        "params": evaluate.count_parameters(model),
+        "params": summary["params"],
         "weight_bytes": evaluate.weight_bytes(model),
-        "dtype": str(dtype).removeprefix("torch."),
-        "kv_cache_bytes_per_token": evaluate.kv_cache_bytes_per_token(config, dtype),
-        "forward_flops": {str(c): evaluate.forward_flops(config, c) for c in contexts},
+        "dtype": summary["dtype"],
+        "kv_cache_bytes_per_token": summary["kv_cache_bytes_per_token"],
+        "forward_flops": {str(c): evaluate.forward_flops(model.config, c) for c in contexts},
     }
 
 

@@ -227,9 +227,9 @@ def _cmd_eval(args) -> int:
 def _cmd_bench(args) -> int:
     result = run_bench(BenchJob(models=tuple(args.models), grid=_grid(args), out=args.out, force=args.force,
                                 device=args.device, dtype=args.dtype, progress=not args.quiet))
-    from transact.report import _speed_table
+    from transact.report import speed_table
 
-    print(_speed_table(result))
+    print(speed_table(result))
     if args.out:
         print(f"\nwrote bench.json and plots to {args.out}")
     return 0

@@ -71,9 +71,14 @@ def perplexity(
     return Perplexity(perplexity=ppl, nll_sum=nll_sum, tokens=scored, window=window, stride=stride)
 
 
+def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Each parameter once (tied embeddings are one tensor)."""
+    return list({id(p): p for p in model.parameters()}.values())
+
+
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in _unique_parameters(model))
 
 
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -106,7 +111,7 @@ def forward_flops(config, seq_len: int) -> int:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the unique parameters (what a decode step reads at least once)."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() * p.element_size() for p in _unique_parameters(model))
 
 
 def model_summary(model: nn.Module) -> dict:

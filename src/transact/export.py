@@ -59,12 +59,17 @@ def check_output_dir(out: str | Path, *, force: bool, inputs: tuple[str | Path, 
         raise TransactError(f"the output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise TransactError(f"the output directory {out} is not empty (use --force to replace it)")
-    parent = out.parent
+    check_writable(out)
+    return out
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse ``path`` when its nearest existing ancestor directory cannot be written."""
+    parent = Path(path).expanduser().resolve().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not _writable(parent):
         raise TransactError(f"cannot write under {parent}")
-    return out
 
 
 def _writable(path: Path) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 from transact import bench, evaluate, tasks
 from transact.calibrate import read_texts, token_stream
 from transact.errors import TransactError
-from transact.export import write_json_atomic
+from transact.export import check_output_dir, check_writable, write_json_atomic
 from transact.models import ModelSource, load_model, require_tokenizer
 from transact.pipeline import library_versions, prepare
 
@@ -41,8 +41,10 @@ def fingerprint(source: ModelSource) -> str:
     """Identifies a model's files (config and weight file names and sizes) without hashing gigabytes."""
     h = hashlib.sha256(source.spec.encode())
     folder = Path(source.path)
-    names = [source.gguf_file] if source.gguf_file else ["config.json"]
-    names += sorted(p.name for p in folder.glob("*.safetensors")) if not source.gguf_file else []
+    if source.gguf_file:
+        names = [source.gguf_file]
+    else:
+        names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]
     for name in names:
         path = folder / name
         if path.is_file():
@@ -132,16 +134,6 @@ def _load_previous(job: EvalJob, fp: str) -> dict:
     return previous
 
 
-def _check_writable(out: str | None) -> None:
-    if out is None:
-        return
-    parent = Path(out).expanduser().resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise TransactError(f"cannot write {out}: {parent} is not writable")
-
-
 def _perplexities(model, tokenizer, job: EvalJob, texts: dict[str, list[str]], result: dict, save) -> None:
     context = getattr(model.config, "max_position_embeddings", None) or max(job.windows)
     for text, docs in texts.items():
@@ -183,7 +175,8 @@ def run_eval(job: EvalJob) -> dict:
     task_names = tasks.parse_tasks(list(job.tasks)) if job.tasks else []
     shots = tasks.resolve_shots(task_names, job.shots) if task_names else {}
     texts = {t: read_texts(t, builtin="heldout") for t in job.texts}
-    _check_writable(job.out)
+    if job.out:
+        check_writable(job.out)
     prep = prepare(job.model, job.device, job.dtype)
     fp = fingerprint(prep.source)
     previous = _load_previous(job, fp)
@@ -233,17 +226,6 @@ class BenchJob:
             raise TransactError("bench needs at least one model")
 
 
-def check_out_dir(out: str | None, force: bool) -> None:
-    if out is None:
-        return
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise TransactError(f"--out {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise TransactError(f"--out {path} is not empty; pass --force to write into it")
-    _check_writable(str(path / "x"))
-
-
 def load_models(specs: tuple[str, ...], device: str, dtype: str) -> dict[str, tuple[nn.Module, object, str]]:
     """{label: (model, tokenizer or None, spec)}; every source is resolved before any weights load."""
     preps = [prepare(spec, device, dtype) for spec in specs]
@@ -266,7 +248,8 @@ def bench_models(models: dict[str, nn.Module], grid: bench.BenchGrid, progress: 
 
 
 def run_bench(job: BenchJob) -> dict:
-    check_out_dir(job.out, job.force)
+    if job.out:
+        check_output_dir(job.out, force=job.force)
     loaded = load_models(job.models, job.device, job.dtype)
     result = bench_models({label: m for label, (m, _, _) in loaded.items()}, job.grid, job.progress)
     result["sources"] = {label: spec for label, (_, _, spec) in loaded.items()}
@@ -309,7 +292,7 @@ def run_compare(job: CompareJob) -> Path:
 
     out = Path(job.out)
     if not job.resume:
-        check_out_dir(job.out, job.force)
+        check_output_dir(job.out, force=job.force)
     taken: set[str] = set()
     labels = [model_label(spec, taken) for spec in job.models]
     for spec in job.models:  # every model path is checked before the first long step

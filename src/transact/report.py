@@ -143,7 +143,7 @@ def _items_line(evals: dict[str, dict]) -> str:
     return "; ".join(parts)
 
 
-def _speed_table(bench: dict) -> str:
+def speed_table(bench: dict) -> str:
     rows = []
     for r in bench["rows"]:
         rows.append([r["model"], str(r["batch"]), str(r["context"]), f"{r['prefill_tokens_per_s']:,.0f}",
@@ -193,7 +193,7 @@ def write_report(out: Path, bench: dict, evals: dict[str, dict], sources: dict[s
         f"against `{bench['reference']}`, measured next to the analytic ratio (FLOPs for prefill, bytes read "
         "per step for decode).",
         "",
-        _speed_table(bench),
+        speed_table(bench),
         "",
         "![speed](speed.png)",
         "",

