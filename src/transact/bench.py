@@ -158,6 +158,10 @@ def run_grid(models: dict[str, nn.Module], grid: BenchGrid, *, progress: bool = 
 
 
 def _row(name: str, model: nn.Module, batch: int, context: int, gen: int, samples: list[dict]) -> dict:
+    return _timing_row(name, batch, context, gen, samples) | analytic(model, batch, context, gen)
+
+
+def _timing_row(name: str, batch: int, context: int, gen: int, samples: list[dict]) -> dict:
     prefill = statistics.median(s["prefill_s"] for s in samples)
     decode = statistics.median(s["decode_s"] for s in samples)
     latency = statistics.median(s["prefill_s"] + s["decode_s"] for s in samples)
@@ -172,16 +176,17 @@ def _row(name: str, model: nn.Module, batch: int, context: int, gen: int, sample
         "latency_s": latency,
         "peak_memory_bytes": max(peaks) if peaks else None,
         "repeats": len(samples),
-        **analytic(model, batch, context, gen),
     }
 
 
-def add_ratios(rows: list[dict], reference: str) -> list[dict]:
-    """Speedups of every row against the ``reference`` model's row at the same grid point, next to the
-    analytic ratios (FLOPs for prefill, bytes read per step for decode)."""
-    ref = {(r["batch"], r["context"]): r for r in rows if r["model"] == reference}
+def add_ratios(rows: list[dict], reference: str | set[str]) -> list[dict]:
+    """Speedups of every row against the reference model's row at the same grid point (and the same
+    file format, for llama.cpp rows), next to the analytic ratios (FLOPs for prefill, bytes read per
+    step for decode). ``reference`` names the reference model, or one per format."""
+    refs = {reference} if isinstance(reference, str) else set(reference)
+    ref = {(r.get("format"), r["batch"], r["context"]): r for r in rows if r["model"] in refs}
     for r in rows:
-        base = ref[(r["batch"], r["context"])]
+        base = ref[(r.get("format"), r["batch"], r["context"])]
         r["prefill_speedup"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         r["decode_speedup"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["latency_speedup"] = base["latency_s"] / r["latency_s"]
@@ -217,3 +222,79 @@ def forward_throughput(model: nn.Module, batch: int, seq_len: int, repeats: int 
         if rep:
             times.append(time.perf_counter() - t0)
     return batch * seq_len / statistics.median(times)
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    """One GGUF file in a llama.cpp bench: its row name, format, and the HF config it was made from."""
+
+    name: str
+    path: Path
+    format: str
+    config: object  # transformers PretrainedConfig (for FLOPs and the KV cache)
+
+
+def gguf_analytic(model: GgufModel, summary: dict, batch: int, context: int, gen: int) -> dict:
+    """As ``analytic``, for llama.cpp: the weights as the file stores them (quantized bytes), and an f16
+    KV cache (llama.cpp's default)."""
+    kv = evaluate.kv_cache_bytes_per_token(model.config, torch.float16)
+    return {
+        "prefill_flops": evaluate.forward_flops(model.config, context),
+        "decode_bytes_per_step": summary["bytes_per_decode_step"] + batch * kv * (context + gen // 2),
+    }
+
+
+def run_llamacpp_grid(models: list[GgufModel], grid: BenchGrid, *, threads: int | None = None,
+                      progress: bool = True) -> list[dict]:
+    """``run_grid`` in llama.cpp: each model loaded once with a slot per sequence of the largest batch;
+    a batch is that many requests sent together (the server batches them). Times are llama.cpp's own
+    (prompt and generation), the slowest sequence of a batch; latency is the wall time of the batch."""
+    from transact import llamacpp
+
+    summaries = {m.name: llamacpp.gguf_summary(m.path) for m in models}
+    points = [(b, c) for b in grid.batches for c in grid.contexts]
+    context = max(grid.contexts) + grid.gen + 8
+    rows = []
+    bar = tqdm(total=len(points) * (grid.warmup + grid.repeats) * len(models), desc="bench llama.cpp", unit="run",
+               disable=not progress)
+    with llamacpp.runtimes({m.name: m.path for m in models}, context=context, slots=max(grid.batches),
+                           threads=threads) as loaded:
+        for batch, ctx in points:
+            samples: dict[str, list[dict]] = {m.name: [] for m in models}
+            for rep in range(grid.warmup + grid.repeats):
+                shift = rep % len(models)
+                for m in models[shift:] + models[:shift]:
+                    gen = torch.Generator().manual_seed(grid.seed + rep)
+                    prompts = torch.randint(0, m.config.vocab_size, (batch, ctx), generator=gen).tolist()
+                    result = _llamacpp_once(loaded[m.name], prompts, grid.gen)
+                    if rep >= grid.warmup:
+                        samples[m.name].append(result)
+                    bar.update()
+            for m in models:
+                row = _timing_row(m.name, batch, ctx, grid.gen, samples[m.name])
+                rows.append(row | {"format": m.format, "latency_s": statistics.median(s["wall_s"] for s in
+                                                                                       samples[m.name])}
+                            | gguf_analytic(m, summaries[m.name], batch, ctx, grid.gen))
+    bar.close()
+    return rows
+
+
+def _llamacpp_once(runtime, prompts: list[list[int]], gen: int) -> dict:
+    """One measurement. A single sequence is timed by llama.cpp itself (prompt and generation phases).
+    For a batch, llama.cpp reports one sequence's phases only, which overlap the others' work, so the
+    batch is timed from outside: one request for the prompts plus one token (prefill), another for the
+    prompts plus ``gen + 1`` tokens; decode is the difference."""
+    if len(prompts) == 1:
+        t0 = time.perf_counter()
+        timings = runtime.complete(prompts[0], gen)["timings"]
+        wall = time.perf_counter() - t0
+        if timings["prompt_n"] != len(prompts[0]) or timings["predicted_n"] != gen:
+            raise TransactError("llama.cpp did not process the whole prompt or stopped early")
+        return {"prefill_s": timings["prompt_ms"] / 1e3, "decode_s": timings["predicted_ms"] / 1e3,
+                "peak_bytes": None, "wall_s": wall}
+    prefill = runtime.complete_batch(prompts, 1)
+    total = runtime.complete_batch(prompts, gen + 1)
+    return {"prefill_s": prefill, "decode_s": max(total - prefill, 1e-9), "peak_bytes": None, "wall_s": total}

@@ -7,8 +7,10 @@ import json
 import sys
 
 from transact.bench import BenchGrid, parse_int_list
+from transact.deploy import GgufExportJob, run_gguf_export
 from transact.errors import TransactError
-from transact.measure import BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
+from transact.llamacpp import OUTTYPES
+from transact.measure import ENGINES, BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
 from transact.pipeline import ApplyPlanJob, EvalText, PruneJob, model_info, run_apply_plan, run_prune
 from transact.recipe import METRICS, Calibration, PruneRecipe, Width
 from transact.tasks import TASKS
@@ -109,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="parameters, KV cache, FLOPs and measured speed/memory, models interleaved")
     p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP + " (the first is the reference)")
     _add_grid(p)
-    p.add_argument("--out", help="directory for bench.json and plots")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch (transformers, the default) or llama.cpp (GGUF through xllamacpp)")
+    p.add_argument("--outtype", default="f16,q8_0",
+                   help="llama.cpp: GGUF types each Hugging Face model is converted to (default f16,q8_0); "
+                   "a .gguf model runs as it is")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores)")
+    p.add_argument("--out", help="directory for bench.json and plots (and, for llama.cpp, the GGUF files)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     _add_runtime(p)
 
@@ -121,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     _add_runtime(p)
+
+    p = sub.add_parser("export", help="write a GGUF file for llama.cpp, checked against transformers")
+    p.add_argument("model", help="a Hugging Face model directory (e.g. one 'transact prune' wrote) or builtin:smollm2")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--outtype", default="f16", choices=OUTTYPES,
+                   help="tensor type of the weight matrices (llama.cpp's converter; default f16)")
+    p.add_argument("--verify-tokens", type=int, default=16,
+                   help="greedy tokens per prompt compared between llama.cpp and transformers (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT.gguf")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the file in llama.cpp to compare")
+    p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("info", help="family, widths, parameters, KV cache and what can be pruned")
     p.add_argument("model", help=MODEL_HELP)
@@ -226,7 +246,8 @@ def _cmd_eval(args) -> int:
 
 def _cmd_bench(args) -> int:
     result = run_bench(BenchJob(models=tuple(args.models), grid=_grid(args), out=args.out, force=args.force,
-                                device=args.device, dtype=args.dtype, progress=not args.quiet))
+                                device=args.device, dtype=args.dtype, progress=not args.quiet, engine=args.engine,
+                                outtypes=tuple(t for t in args.outtype.split(",") if t), threads=args.threads))
     from transact.report import speed_table
 
     print(speed_table(result))
@@ -240,6 +261,23 @@ def _cmd_compare(args) -> int:
                      grid=_grid(args), resume=args.resume, force=args.force)
     path = run_compare(job)
     print(f"wrote {path} and plots")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    job = GgufExportJob(model=args.model, out=args.gguf, outtype=args.outtype, verify=not args.no_verify,
+                        force=args.force, new_tokens=args.verify_tokens, threads=args.threads,
+                        progress=not args.quiet)
+    result = run_gguf_export(job)
+    summary = result["summary"]
+    print(f"wrote {result['out']}: llama.cpp architecture {summary['architecture']}, {summary['head_count']} heads / "
+          f"{summary['head_count_kv']} KV heads x {summary['key_length']}, {summary['file_bytes'] / 2**20:,.1f} MiB "
+          f"({args.outtype})")
+    if "verification" in result:
+        v = result["verification"]
+        print(f"llama.cpp vs transformers: {v['agree']}/{v['steps']} greedy tokens identical on "
+              f"{len(v['prompts'])} prompts; worst margin {v['max_margin']:.3f} nats, worst log-prob difference "
+              f"{v['max_logprob_diff']:.3f} nats (tolerance {v['tolerance']}); tokenizers agree")
     return 0
 
 
@@ -261,7 +299,7 @@ def _cmd_info(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "apply-plan": _cmd_apply_plan, "eval": _cmd_eval, "bench": _cmd_bench,
-            "compare": _cmd_compare, "info": _cmd_info}
+            "compare": _cmd_compare, "export": _cmd_export, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from transact import bench, evaluate, tasks
 from transact.calibrate import read_texts, token_stream
 from transact.errors import TransactError
 from transact.export import check_output_dir, check_writable, write_json_atomic
-from transact.models import ModelSource, load_model, require_tokenizer
+from transact.models import ModelSource, load_config, load_model, require_tokenizer, resolve_source
 from transact.pipeline import library_versions, prepare
 
 RESULT_FORMAT = 1
@@ -220,10 +220,22 @@ class BenchJob:
     device: str = "cpu"
     dtype: str = "auto"
     progress: bool = True
+    engine: str = "torch"  # or "llama.cpp"
+    outtypes: tuple[str, ...] = ("f16", "q8_0")  # GGUF types a Hugging Face model is converted to (llama.cpp)
+    threads: int | None = None  # llama.cpp threads (default: all usable cores)
 
     def __post_init__(self) -> None:
         if not self.models:
             raise TransactError("bench needs at least one model")
+        if self.engine not in ENGINES:
+            raise TransactError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        from transact.llamacpp import OUTTYPES
+
+        if self.engine == "llama.cpp" and (not self.outtypes or set(self.outtypes) - set(OUTTYPES)):
+            raise TransactError(f"--outtype {','.join(self.outtypes)}: choose from {', '.join(OUTTYPES)}")
+
+
+ENGINES = ("torch", "llama.cpp")
 
 
 def load_models(specs: tuple[str, ...], device: str, dtype: str) -> dict[str, tuple[nn.Module, object, str]]:
@@ -250,16 +262,67 @@ def bench_models(models: dict[str, nn.Module], grid: bench.BenchGrid, progress: 
 def run_bench(job: BenchJob) -> dict:
     if job.out:
         check_output_dir(job.out, force=job.force)
-    loaded = load_models(job.models, job.device, job.dtype)
-    result = bench_models({label: m for label, (m, _, _) in loaded.items()}, job.grid, job.progress)
-    result["sources"] = {label: spec for label, (_, _, spec) in loaded.items()}
+    if job.engine == "llama.cpp":
+        result = bench_llamacpp(job)
+    else:
+        loaded = load_models(job.models, job.device, job.dtype)
+        result = bench_models({label: m for label, (m, _, _) in loaded.items()}, job.grid, job.progress)
+        result["sources"] = {label: spec for label, (_, _, spec) in loaded.items()}
     if job.out:
         from transact import report
 
         write_json_atomic(Path(job.out) / "bench.json", result)
         report.plot_speed(result, Path(job.out) / "speed.png")
+        report.plot_speedups(result, Path(job.out) / "speedup.png")
         report.plot_flops(result, Path(job.out) / "flops_vs_context.png")
     return result
+
+
+def bench_llamacpp(job: BenchJob) -> dict:
+    """Every model in llama.cpp: a .gguf file as it is, a Hugging Face model converted to each of
+    ``job.outtypes`` (into OUT/gguf/, or a temporary directory without --out). Rows are compared with
+    the first model in the same format."""
+    import tempfile
+
+    from transact import llamacpp
+
+    sources = [resolve_source(spec) for spec in job.models]
+    configs = [load_config(s) for s in sources]
+    for source, config in zip(sources, configs, strict=True):
+        if not source.gguf_file:
+            llamacpp.gguf_architecture(config)  # a model llama.cpp cannot take fails before any conversion
+    llamacpp.runtime_version()
+    taken: set[str] = set()
+    labels = [model_label(spec, taken) for spec in job.models]
+    with tempfile.TemporaryDirectory(prefix="transact-bench-") as tmp:
+        folder = Path(job.out) / "gguf" if job.out else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        models = []
+        for label, source, config in zip(labels, sources, configs, strict=True):
+            if source.gguf_file:
+                models.append(bench.GgufModel(label, Path(source.path) / source.gguf_file, "gguf", config))
+                continue
+            for outtype in job.outtypes:
+                path = folder / f"{label}.{outtype}.gguf"
+                if job.progress:
+                    print(f"converting {label} to {outtype} GGUF ...")
+                llamacpp.convert(Path(source.path), path, outtype, progress=job.progress)
+                models.append(bench.GgufModel(f"{label} {outtype}", path, outtype, config))
+        rows = bench.run_llamacpp_grid(models, job.grid, threads=job.threads, progress=job.progress)
+        summaries = {m.name: llamacpp.gguf_summary(m.path) for m in models}
+    references = {next(m.name for m in models if m.format == f) for f in {m.format for m in models}}
+    rows = bench.add_ratios(rows, reference=references)
+    costs = {m.name: {"format": m.format, "file_bytes": summaries[m.name]["file_bytes"],
+                      "bytes_per_decode_step": summaries[m.name]["bytes_per_decode_step"],
+                      "architecture": summaries[m.name]["architecture"],
+                      "kv_cache_bytes_per_token": evaluate.kv_cache_bytes_per_token(m.config, torch.float16),
+                      "forward_flops": {str(c): evaluate.forward_flops(m.config, c) for c in bench.FLOP_CONTEXTS}}
+             for m in models}
+    return {"format": RESULT_FORMAT, "engine": "llama.cpp", "reference": sorted(references), "grid": asdict(job.grid),
+            "models": costs, "rows": rows, "machine": machine() | {"llama_cpp_threads": job.threads or
+                                                                    llamacpp.default_threads()},
+            "versions": library_versions() | {"xllamacpp": llamacpp.runtime_version()},
+            "sources": dict(zip(labels, job.models, strict=True)), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 # ---------------------------------------------------------------- compare

@@ -62,10 +62,39 @@ def plot_speed(bench: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
     machine = bench["machine"]
-    fig.suptitle(f"Measured speed ({machine.get('gpu', machine['device'])}, {machine['torch_threads']} threads)")
+    threads = machine.get("llama_cpp_threads", machine["torch_threads"])
+    fig.suptitle(f"Measured speed, {bench.get('engine', 'torch')} ({machine.get('gpu', machine['device'])}, "
+                 f"{threads} threads)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_speedups(bench: dict, path: Path) -> bool:
+    """Measured speedup of every non-reference model next to its analytic ratio (FLOPs for prefill, bytes
+    read per step for decode), per grid point; False when there is nothing to compare."""
+    refs = set([bench["reference"]] if isinstance(bench["reference"], str) else bench["reference"])
+    rows = [r for r in bench["rows"] if r["model"] not in refs]
+    if not rows:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(rows) + 4), 4.5))
+    x = range(len(rows))
+    for ax, phase, basis in zip(axes, ("prefill", "decode"), ("FLOPs", "bytes read"), strict=True):
+        ax.bar([i - 0.2 for i in x], [r[f"{phase}_speedup"] for r in rows], 0.4, label="measured")
+        ax.bar([i + 0.2 for i in x], [r[f"{phase}_speedup_analytic"] for r in rows], 0.4, label=f"analytic ({basis})")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([f"{r['model']}\nb{r['batch']} ctx{r['context']}" for r in rows], fontsize=7, rotation=30,
+                           ha="right")
+        ax.set_title(f"{phase} speedup vs the dense model")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{bench.get('engine', 'torch')}: measured vs analytic speedup")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_tasks(evals: dict[str, dict], path: Path) -> bool:

@@ -1,0 +1,178 @@
+"""GGUF export and llama.cpp: every family with pruned heads converts, loads and predicts like transformers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_config, tiny_model
+from transformers import AutoTokenizer
+
+from transact import deploy, llamacpp
+from transact.bench import BenchGrid
+from transact.cli import main
+from transact.deploy import GgufExportJob, compare_predictions, run_gguf_export
+from transact.errors import TransactError
+from transact.export import write_checkpoint
+from transact.measure import BenchJob, run_bench
+from transact.plan import ModelShape, Targets, make_plan
+from transact.prune import prune_
+from transact.score import random_layer_scores
+
+# llama.cpp's converter recognises a vocabulary by hashing how its tokenizer splits a probe text, so the
+# tiny models borrow a real tokenizer (SmolLM2's) and its vocabulary size.
+VOCAB = 49152
+STRUCTURES = {"mha": (4, 4, 3, 3), "gqa": (4, 2, 2, 1)}  # heads, kv heads -> kept heads, kept kv heads
+EXPECTED_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3"}
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def _pruned_checkpoint(path: Path, family: str, structure: str, tokenizer, seed: int = 0, tie: bool = False):
+    heads, kv, keep_heads, keep_kv = STRUCTURES[structure]
+    model = tiny_model(family, seed=seed, heads=heads, kv_heads=kv, hidden=64, mlp=96, vocab_size=VOCAB, tie=tie)
+    shape = ModelShape.of(model.config)
+    scores = random_layer_scores(shape, seed)
+    plan = make_plan(scores.heads, scores.mlp, Targets(keep_heads, keep_kv, 64), shape)
+    prune_(model, plan)
+    write_checkpoint(model, tokenizer, path, plan=plan, report={}, save_dtype=torch.float32)
+    return model
+
+
+@pytest.mark.parametrize("structure", sorted(STRUCTURES))
+@pytest.mark.parametrize("family", sorted(EXPECTED_ARCH))
+def test_pruned_heads_export_loads_and_agrees(tmp_path, gguf_tokenizer, family, structure):
+    tie = family == "qwen3"
+    _pruned_checkpoint(tmp_path / "model", family, structure, gguf_tokenizer, tie=tie)
+    result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
+                                           progress=False))
+
+    check = result["verification"]
+    assert check["ok"] and check["agree"] == check["steps"] > 0  # f32: the same greedy tokens
+    assert check["max_logprob_diff"] < 0.01
+    assert all(p["tokenizer_agrees"] for p in check["prompts"])
+    summary = result["summary"]
+    _, _, keep_heads, keep_kv = STRUCTURES[structure]
+    assert summary["architecture"] == EXPECTED_ARCH[family]
+    assert (summary["head_count"], summary["head_count_kv"], summary["key_length"]) == (keep_heads, keep_kv, 16)
+    # Tied embeddings: the table is the output matrix too, read whole each step; untied: one row of it.
+    embedding = 4 * VOCAB * 64
+    expected_step = summary["tensor_bytes"] - (0 if tie else embedding)
+    assert summary["bytes_per_decode_step"] == expected_step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "model"]  # no temporary left behind
+
+
+def test_architecture_mapping():
+    assert llamacpp.gguf_architecture(tiny_config("qwen2", heads=4, kv_heads=2, head_dim=16)) == "qwen2"
+    assert llamacpp.gguf_architecture(tiny_config("qwen2", heads=3, kv_heads=1, head_dim=16)) == "llama"
+    assert llamacpp.gguf_architecture(tiny_config("mistral")) == "llama"
+    assert llamacpp.gguf_architecture(tiny_config("qwen3", heads=3, kv_heads=1)) == "qwen3"
+    with pytest.raises(TransactError, match="sliding-window"):
+        llamacpp.gguf_architecture(tiny_config("qwen2", heads=3, kv_heads=1, use_sliding_window=True))
+
+
+def test_verification_catches_a_different_model(tmp_path, gguf_tokenizer):
+    _pruned_checkpoint(tmp_path / "a", "llama", "gqa", gguf_tokenizer, seed=0)
+    other = _pruned_checkpoint(tmp_path / "b", "llama", "gqa", gguf_tokenizer, seed=1)
+    llamacpp.convert(tmp_path / "a", tmp_path / "a.gguf", "f32", progress=False)
+    check = compare_predictions(tmp_path / "a.gguf", other, gguf_tokenizer, "f32", new_tokens=8)
+    assert not check["ok"]
+    assert check["max_logprob_diff"] > 0.5
+
+
+def test_failed_verification_writes_nothing(tmp_path, gguf_tokenizer, monkeypatch):
+    _pruned_checkpoint(tmp_path / "model", "qwen2", "gqa", gguf_tokenizer)
+    failing = {"ok": False, "tolerance": 0.05, "prompts": [
+        {"ok": False, "prompt": "x", "agree": 0, "steps": 8, "max_margin": 3.0, "max_logprob_diff": 2.0,
+         "tokenizer_agrees": True}]}
+    monkeypatch.setattr(deploy, "compare_predictions", lambda *a, **k: failing)
+    with pytest.raises(TransactError, match="disagree with transformers"):
+        run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "out" / "m.gguf"), progress=False))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_bad_inputs_fail_before_conversion(tmp_path, gguf_tokenizer, capsys):
+    model_dir = tmp_path / "model"
+    _pruned_checkpoint(model_dir, "llama", "mha", gguf_tokenizer)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "taken.gguf").write_text("keep me")
+    cases = [
+        (["export", str(tmp_path / "empty"), "--gguf", str(tmp_path / "x.gguf")], "not a Hugging Face model"),
+        (["export", str(tmp_path / "nowhere"), "--gguf", str(tmp_path / "x.gguf")], "does not exist"),
+        (["export", str(model_dir), "--gguf", str(tmp_path / "x.bin")], "must be a .gguf"),
+        (["export", str(model_dir), "--gguf", "/proc/x.gguf"], "cannot write"),
+        (["export", str(model_dir), "--gguf", str(tmp_path / "taken.gguf")], "exists"),
+        (["export", str(model_dir), "--gguf", str(tmp_path)], "is a directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse refuses an unknown --outtype
+        main(["export", str(model_dir), "--gguf", str(tmp_path / "x.gguf"), "--outtype", "q4_k_m"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(TransactError, match="unknown --outtype"):
+        GgufExportJob(str(model_dir), str(tmp_path / "x.gguf"), outtype="q3")
+    no_tokenizer = tmp_path / "bare"
+    shutil.copytree(model_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert main(["export", str(no_tokenizer), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert (tmp_path / "taken.gguf").read_text() == "keep me"
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_converter_download_is_checked(tmp_path, monkeypatch):
+    class FakeResponse:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return b"not the release"
+
+    monkeypatch.setattr(llamacpp.urllib.request, "urlopen", lambda *a, **k: FakeResponse())
+    with pytest.raises(TransactError, match="SHA-256"):
+        llamacpp._fetch_converter(tmp_path / "converter")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_llamacpp_interleaves_and_compares(tmp_path, gguf_tokenizer):
+    dense = tmp_path / "dense"
+    model = tiny_model("llama", heads=4, kv_heads=2, hidden=64, mlp=96, vocab_size=VOCAB)
+    model.save_pretrained(dense)
+    gguf_tokenizer.save_pretrained(dense)
+    _pruned_checkpoint(tmp_path / "pruned", "llama", "gqa", gguf_tokenizer)
+    grid = BenchGrid(batches=(1, 2), contexts=(16,), gen=4, repeats=1, warmup=0)
+    result = run_bench(BenchJob(models=(str(dense), str(tmp_path / "pruned")), grid=grid, out=str(tmp_path / "b"),
+                                engine="llama.cpp", outtypes=("f32", "f16"), progress=False))
+
+    assert result["engine"] == "llama.cpp" and result["reference"] == ["dense f16", "dense f32"]
+    assert sorted(result["models"]) == ["dense f16", "dense f32", "pruned f16", "pruned f32"]
+    assert len(result["rows"]) == 4 * 2
+    for row in result["rows"]:
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["latency_s"] > 0
+        ref = next(r for r in result["rows"] if r["model"] == f"dense {row['format']}" and r["batch"] == row["batch"])
+        assert row["decode_speedup_analytic"] == pytest.approx(ref["decode_bytes_per_step"]
+                                                               / row["decode_bytes_per_step"])
+        if row["model"].startswith("dense"):
+            assert row["prefill_speedup"] == row["decode_speedup"] == 1.0
+    pruned_f16 = result["models"]["pruned f16"]
+    assert pruned_f16["file_bytes"] < result["models"]["dense f16"]["file_bytes"]
+    assert pruned_f16["kv_cache_bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # layers * (k, v) * kv heads * dim * f16
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (tmp_path / "b" / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "b" / "gguf").iterdir()) == [
+        "dense.f16.gguf", "dense.f32.gguf", "pruned.f16.gguf", "pruned.f32.gguf"]
+
+
+def test_bench_llamacpp_bad_inputs(tmp_path):
+    with pytest.raises(TransactError, match="unknown engine"):
+        BenchJob(models=("x",), engine="vllm")
+    with pytest.raises(TransactError, match="--outtype"):
+        BenchJob(models=("x",), engine="llama.cpp", outtypes=("q4_k_m",))
