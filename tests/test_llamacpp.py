@@ -52,8 +52,9 @@ def test_pruned_heads_export_loads_and_agrees(tmp_path, gguf_tokenizer, family, 
                                            progress=False))
 
     check = result["verification"]
-    assert check["ok"] and check["agree"] == check["steps"] > 0  # f32: the same greedy tokens
-    assert check["max_logprob_diff"] < 0.01
+    # f32: the same greedy tokens, except where transformers itself sees a near-tie (random tiny weights)
+    assert check["ok"] and check["steps"] == 32 and check["agree"] >= 31
+    assert check["max_margin"] < 0.005 and check["max_logprob_diff"] < 0.01
     assert all(p["tokenizer_agrees"] for p in check["prompts"])
     summary = result["summary"]
     _, _, keep_heads, keep_kv = STRUCTURES[structure]
@@ -99,6 +100,7 @@ def test_bad_inputs_fail_before_conversion(tmp_path, gguf_tokenizer, capsys):
     model_dir = tmp_path / "model"
     _pruned_checkpoint(model_dir, "llama", "mha", gguf_tokenizer)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "dir.gguf").mkdir()
     (tmp_path / "taken.gguf").write_text("keep me")
     cases = [
         (["export", str(tmp_path / "empty"), "--gguf", str(tmp_path / "x.gguf")], "not a Hugging Face model"),
@@ -106,7 +108,7 @@ def test_bad_inputs_fail_before_conversion(tmp_path, gguf_tokenizer, capsys):
         (["export", str(model_dir), "--gguf", str(tmp_path / "x.bin")], "must be a .gguf"),
         (["export", str(model_dir), "--gguf", "/proc/x.gguf"], "cannot write"),
         (["export", str(model_dir), "--gguf", str(tmp_path / "taken.gguf")], "exists"),
-        (["export", str(model_dir), "--gguf", str(tmp_path)], "is a directory"),
+        (["export", str(model_dir), "--gguf", str(tmp_path / "dir.gguf")], "is a directory"),
     ]
     for argv, message in cases:
         assert main(argv) == 2

@@ -126,3 +126,19 @@ def test_eval_cli_with_tasks_on_the_real_model(tmp_path, pruned_runs, capsys):
     assert pruned["tasks"]["lambada_openai"]["metrics"]["perplexity"] > dense["tasks"]["lambada_openai"]["metrics"][
         "perplexity"]
     assert pruned["perplexity"]["builtin@512"]["perplexity"] > dense["perplexity"]["builtin@512"]["perplexity"]
+
+
+def test_export_pruned_smollm2_to_gguf_and_run_it_in_llamacpp(tmp_path, pruned_runs, capsys):
+    from transact import llamacpp
+    from transact.cli import main
+
+    out = tmp_path / "pruned.f16.gguf"
+    assert main(["export", str(pruned_runs["transact"].out), "--gguf", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "llama.cpp architecture llama, 6 heads / 2 KV heads x 64" in printed
+    assert "tokenizers agree" in printed
+    summary = llamacpp.gguf_summary(out)
+    assert "F16" in summary["matrix_types"] and summary["file_bytes"] < 0.75 * 270_885_856  # dense f16 file
+    with llamacpp.Runtime(out, context=64) as runtime:
+        timings = runtime.complete([1, 2, 3, 4], 4)["timings"]
+    assert timings["predicted_n"] == 4

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor type of the weight matrices (llama.cpp's converter; default f16)")
     p.add_argument("--verify-tokens", type=int, default=16,
                    help="greedy tokens per prompt compared between llama.cpp and transformers (default 16)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="NATS",
+                   help="allowed log-probability distance (default by --outtype: f32 0.02, f16 0.05, bf16 0.15, "
+                   "q8_0 0.75)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT.gguf")
     p.add_argument("--no-verify", action="store_true", help="skip loading the file in llama.cpp to compare")
@@ -266,7 +269,8 @@ def _cmd_compare(args) -> int:
 
 def _cmd_export(args) -> int:
     job = GgufExportJob(model=args.model, out=args.gguf, outtype=args.outtype, verify=not args.no_verify,
-                        force=args.force, new_tokens=args.verify_tokens, threads=args.threads,
+                        force=args.force, new_tokens=args.verify_tokens, tolerance=args.tolerance,
+                        threads=args.threads,
                         progress=not args.quiet)
     result = run_gguf_export(job)
     summary = result["summary"]

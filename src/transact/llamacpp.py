@@ -210,17 +210,34 @@ class Runtime:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def complete(self, tokens: list[int], n: int, *, top: int = 0, stop_at_eos: bool = False) -> dict:
-        """Greedy continuation of ``tokens`` by ``n`` tokens: the server's response, whose ``timings`` hold
-        prompt_ms and predicted_ms and, with ``top``, whose ``logprobs`` hold each chosen token's
-        log-probability and the ``top`` best alternatives. End-of-generation tokens are masked out (so
-        timings always cover ``n`` tokens) unless ``stop_at_eos``, where the continuation may end early."""
-        request = {"prompt": list(map(int, tokens)), "max_tokens": n, "temperature": 0.0,
-                   "ignore_eos": not stop_at_eos, "cache_prompt": False, "n_probs": top}
+    def complete(self, tokens: list[int], n: int) -> dict:
+        """Greedy continuation of ``tokens`` by exactly ``n`` tokens (end-of-generation tokens masked out):
+        the server's response, whose ``timings`` hold prompt_ms and predicted_ms."""
+        request = {"prompt": list(map(int, tokens)), "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+                   "cache_prompt": False}
         response = self._server.handle_completions(request)
         if "choices" not in response:
             raise TransactError(f"llama.cpp refused a request on {self.path.name}: {response.get('message', response)}")
         return response
+
+    def greedy(self, tokens: list[int], n: int) -> tuple[list[int], list[float | None]]:
+        """Up to ``n`` greedy tokens after ``tokens`` (ending early at end-of-generation), with llama.cpp's
+        log-probability of each (None where the server reports none).
+
+        The server leaves out the probability entry of a token that completes a multi-byte UTF-8
+        character, so its entries are matched to the generated tokens in order."""
+        response = self._post("/completion", {"prompt": list(map(int, tokens)), "n_predict": n, "temperature": 0.0,
+                                              "n_probs": 1, "return_tokens": True, "cache_prompt": False})
+        generated = list(response["tokens"])
+        logprobs: list[float | None] = [None] * len(generated)
+        position = 0
+        for entry in response.get("completion_probabilities", []):
+            while position < len(generated) and generated[position] != entry["id"]:
+                position += 1
+            if position < len(generated):
+                logprobs[position] = entry["logprob"]
+                position += 1
+        return generated, logprobs
 
     def complete_batch(self, prompts: list[list[int]], n: int) -> float:
         """Greedy continuations of all ``prompts`` by ``n`` tokens each, sent as one request (the server
@@ -238,11 +255,17 @@ class Runtime:
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's own tokenization of ``text`` (special tokens as the GGUF says)."""
-        body = json.dumps({"content": text, "add_special": True}).encode()
-        request = urllib.request.Request(self._server.listening_address + "/tokenize", data=body,
+        return self._post("/tokenize", {"content": text, "add_special": True})["tokens"]
+
+    def _post(self, path: str, body: dict) -> dict:
+        """A request to the server's native HTTP API (it listens on a local port while loaded)."""
+        request = urllib.request.Request(self._server.listening_address + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())["tokens"]
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return json.loads(response.read())
+        except OSError as e:
+            raise TransactError(f"llama.cpp's server refused {path} on {self.path.name}: {e}") from None
 
 
 @contextlib.contextmanager
