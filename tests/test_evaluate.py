@@ -5,14 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FAMILIES, VOCAB, tiny_model
+from tiny import FAMILIES, VOCAB, random_plan, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from transact import evaluate
 from transact.errors import TransactError
-from transact.plan import ModelShape, Targets, make_plan
 from transact.prune import prune_
-from transact.score import random_layer_scores
 
 
 def _nll_by_hand(model, ids, scored_positions_per_window):
@@ -58,9 +56,7 @@ def test_perplexity_bad_arguments():
 
 def _pruned(family, keep_heads, keep_kv, mlp, **kw):
     model = tiny_model(family, **kw)
-    shape = ModelShape.of(model.config)
-    scores = random_layer_scores(shape, 0)
-    prune_(model, make_plan(scores.heads, scores.mlp, Targets(keep_heads, keep_kv, mlp), shape))
+    prune_(model, random_plan(model, keep_heads, keep_kv, mlp))
     return model
 
 

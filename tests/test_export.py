@@ -6,7 +6,7 @@ import stat
 
 import pytest
 import torch
-from tiny import FAMILIES, VOCAB, tiny_model
+from tiny import FAMILIES, VOCAB, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.errors import TransactError
@@ -26,9 +26,7 @@ CASES = [  # hidden, heads, kv, kept heads, kept kv
 
 def _pruned(family, hidden, heads, kv, keep_heads, keep_kv, tie=False):
     model = tiny_model(family, heads=heads, kv_heads=kv, hidden=hidden, tie=tie)
-    shape = ModelShape.of(model.config)
-    scores = random_layer_scores(shape, 1)
-    plan = make_plan(scores.heads, scores.mlp, Targets(keep_heads, keep_kv, 40), shape)
+    plan = random_plan(model, keep_heads, keep_kv, 40, seed=1)
     prune_(model, plan)
     return model, plan
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_config, tiny_model
+from tiny import random_plan, tiny_config, tiny_model
 from transformers import AutoTokenizer
 
 from transact import deploy, llamacpp
@@ -16,9 +16,7 @@ from transact.deploy import GgufExportJob, compare_predictions, run_gguf_export
 from transact.errors import TransactError
 from transact.export import write_checkpoint
 from transact.measure import BenchJob, run_bench
-from transact.plan import ModelShape, Targets, make_plan
 from transact.prune import prune_
-from transact.score import random_layer_scores
 
 # llama.cpp's converter recognises a vocabulary by hashing how its tokenizer splits a probe text, so the
 # tiny models borrow a real tokenizer (SmolLM2's) and its vocabulary size.
@@ -35,9 +33,7 @@ def gguf_tokenizer(smollm2_dir):
 def _pruned_checkpoint(path: Path, family: str, structure: str, tokenizer, seed: int = 0, tie: bool = False):
     heads, kv, keep_heads, keep_kv = STRUCTURES[structure]
     model = tiny_model(family, seed=seed, heads=heads, kv_heads=kv, hidden=64, mlp=96, vocab_size=VOCAB, tie=tie)
-    shape = ModelShape.of(model.config)
-    scores = random_layer_scores(shape, seed)
-    plan = make_plan(scores.heads, scores.mlp, Targets(keep_heads, keep_kv, 64), shape)
+    plan = random_plan(model, keep_heads, keep_kv, 64, seed=seed)
     prune_(model, plan)
     write_checkpoint(model, tokenizer, path, plan=plan, report={}, save_dtype=torch.float32)
     return model

@@ -4,16 +4,14 @@ import json
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from tiny import char_tokenizer, random_plan, tiny_model
 
 import transact.measure
 from transact import bench, evaluate
 from transact.cli import main
 from transact.errors import TransactError
 from transact.measure import EvalJob, run_eval
-from transact.plan import ModelShape, Targets, make_plan
 from transact.prune import prune_
-from transact.score import random_layer_scores
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,9 +27,7 @@ def dense_and_pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     model = tiny_model("llama", heads=4, kv_heads=2, hidden=64, mlp=96)
     dense = _save(model, root / "dense")
-    shape = ModelShape.of(model.config)
-    scores = random_layer_scores(shape, seed=0)
-    prune_(model, make_plan(scores.heads, scores.mlp, Targets(2, 1, 48), shape))
+    prune_(model, random_plan(model, 2, 1, 48))
     return dense, _save(model, root / "pruned")
 
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, VOCAB, tiny_model
+from tiny import FAMILIES, VOCAB, random_plan, tiny_model
 
 from transact.arch import get_adapter
 from transact.errors import TransactError
-from transact.plan import ModelShape, PrunePlan, Targets, make_plan
+from transact.plan import PrunePlan
 from transact.prune import prune_
-from transact.score import random_layer_scores
 
 # hidden size, (heads, kv_heads) of the tiny model, kept (heads, kv_heads): MHA and GQA, kept head counts
 # that do and do not divide the hidden size (LlamaConfig only accepts dividing ones; see arch/llama.py).
@@ -20,12 +19,6 @@ LAYOUTS = [
     pytest.param(90, 6, 2, 3, 1, id="gqa-6/2to3/1"),
     pytest.param(90, 6, 3, 4, 2, id="gqa-6/3to4/2"),
 ]
-
-
-def _plan_for(model, heads, kv, mlp, seed=0):
-    shape = ModelShape.of(model.config)
-    scores = random_layer_scores(shape, seed)
-    return make_plan(scores.heads, scores.mlp, Targets(heads, kv, mlp), shape)
 
 
 def _zero_pruned_units(model, plan):
@@ -48,7 +41,7 @@ def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads
     model = tiny_model(family, heads=heads, kv_heads=kv, hidden=hidden, head_dim=16)
     x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     dense = model(x).logits
-    plan = _plan_for(model, keep_heads, keep_kv, 40)
+    plan = random_plan(model, keep_heads, keep_kv, 40)
     _zero_pruned_units(model, plan)
     zeroed = model(x).logits
     assert not torch.allclose(dense, zeroed, atol=1e-3)  # the units mattered, so the check below has teeth
@@ -69,7 +62,7 @@ def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_model_generates_with_kv_cache(family):
     model = tiny_model(family, heads=6, kv_heads=2, hidden=96)
-    prune_(model, _plan_for(model, 4, 2, 50))
+    prune_(model, random_plan(model, 4, 2, 50))
     x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
     cached = model.generate(x, max_new_tokens=8, do_sample=False, use_cache=True)
     uncached = model.generate(x, max_new_tokens=8, do_sample=False, use_cache=False)
@@ -79,7 +72,7 @@ def test_pruned_model_generates_with_kv_cache(family):
 def test_norms_embeddings_and_hidden_size_untouched():
     model = tiny_model("qwen3", tie=True)
     before = {n: p.clone() for n, p in model.named_parameters() if "norm" in n or "embed" in n}
-    prune_(model, _plan_for(model, 2, 1, 30))
+    prune_(model, random_plan(model, 2, 1, 30))
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in before.items())
     assert model.config.hidden_size == 64 and model.lm_head.weight is model.model.embed_tokens.weight
@@ -87,7 +80,7 @@ def test_norms_embeddings_and_hidden_size_untouched():
 
 def test_plan_json_roundtrip_and_validation(tmp_path):
     model = tiny_model("llama", heads=6, kv_heads=3, hidden=96)
-    plan = _plan_for(model, 4, 2, 33)
+    plan = random_plan(model, 4, 2, 33)
     plan.save(tmp_path / "plan.json")
     again = PrunePlan.load(tmp_path / "plan.json")
     assert again == plan
@@ -101,7 +94,7 @@ def test_plan_json_roundtrip_and_validation(tmp_path):
 
 
 def test_same_plan_same_base_gives_identical_weights():
-    plan = _plan_for(tiny_model("qwen2"), 2, 1, 48, seed=5)
+    plan = random_plan(tiny_model("qwen2"), 2, 1, 48, seed=5)
     a, b = tiny_model("qwen2"), tiny_model("qwen2")
     prune_(a, plan)
     prune_(b, plan)

@@ -38,6 +38,16 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
     return _CONFIGS[family](**kwargs)
 
 
+def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0):
+    """A plan keeping ``heads``/``kv_heads``/``mlp`` per layer, chosen by seeded random scores."""
+    from transact.plan import ModelShape, Targets, make_plan
+    from transact.score import random_layer_scores
+
+    shape = ModelShape.of(model.config)
+    scores = random_layer_scores(shape, seed)
+    return make_plan(scores.heads, scores.mlp, Targets(heads, kv_heads, mlp), shape)
+
+
 def tiny_model(family: str, seed: int = 0, **config_kwargs):
     """A model whose every parameter (biases and norm gains included) is random, so no slicing error can
     hide behind a zero or a one."""

@@ -227,34 +227,50 @@ def forward_throughput(model: nn.Module, batch: int, seq_len: int, repeats: int 
 # ---------------------------------------------------------------- llama.cpp
 
 
+# llama.cpp keeps its KV cache in f16 unless told otherwise.
+LLAMACPP_KV_DTYPE = torch.float16
+
+
 @dataclass(frozen=True)
 class GgufModel:
-    """One GGUF file in a llama.cpp bench: its row name, format, and the HF config it was made from."""
+    """One GGUF file in a llama.cpp bench: its row name, format, the HF config it was made from (for FLOPs
+    and the KV cache) and ``llamacpp.gguf_summary`` of the file."""
 
     name: str
     path: Path
     format: str
-    config: object  # transformers PretrainedConfig (for FLOPs and the KV cache)
+    config: object  # transformers PretrainedConfig
+    summary: dict
 
 
-def gguf_analytic(model: GgufModel, summary: dict, batch: int, context: int, gen: int) -> dict:
-    """As ``analytic``, for llama.cpp: the weights as the file stores them (quantized bytes), and an f16
-    KV cache (llama.cpp's default)."""
-    kv = evaluate.kv_cache_bytes_per_token(model.config, torch.float16)
+def gguf_analytic(model: GgufModel, batch: int, context: int, gen: int) -> dict:
+    """As ``analytic``, for llama.cpp: the weights as the file stores them (quantized bytes), and the
+    KV cache in llama.cpp's dtype."""
+    kv = evaluate.kv_cache_bytes_per_token(model.config, LLAMACPP_KV_DTYPE)
     return {
         "prefill_flops": evaluate.forward_flops(model.config, context),
-        "decode_bytes_per_step": summary["bytes_per_decode_step"] + batch * kv * (context + gen // 2),
+        "decode_bytes_per_step": model.summary["bytes_per_decode_step"] + batch * kv * (context + gen // 2),
+    }
+
+
+def gguf_static_costs(model: GgufModel, contexts: tuple[int, ...] = FLOP_CONTEXTS) -> dict:
+    """As ``static_costs``, for a GGUF file."""
+    return {
+        "format": model.format,
+        "architecture": model.summary["architecture"],
+        "file_bytes": model.summary["file_bytes"],
+        "bytes_per_decode_step": model.summary["bytes_per_decode_step"],
+        "kv_cache_bytes_per_token": evaluate.kv_cache_bytes_per_token(model.config, LLAMACPP_KV_DTYPE),
+        "forward_flops": {str(c): evaluate.forward_flops(model.config, c) for c in contexts},
     }
 
 
 def run_llamacpp_grid(models: list[GgufModel], grid: BenchGrid, *, threads: int | None = None,
                       progress: bool = True) -> list[dict]:
-    """``run_grid`` in llama.cpp: each model loaded once with a slot per sequence of the largest batch;
-    a batch is that many requests sent together (the server batches them). Times are llama.cpp's own
-    (prompt and generation), the slowest sequence of a batch; latency is the wall time of the batch."""
+    """``run_grid`` in llama.cpp: all models loaded at once, each with a slot per sequence of the largest
+    batch, run interleaved; see ``_llamacpp_once`` for how a run is timed. Latency is the wall time."""
     from transact import llamacpp
 
-    summaries = {m.name: llamacpp.gguf_summary(m.path) for m in models}
     points = [(b, c) for b in grid.batches for c in grid.contexts]
     context = max(grid.contexts) + grid.gen + 8
     rows = []
@@ -277,7 +293,7 @@ def run_llamacpp_grid(models: list[GgufModel], grid: BenchGrid, *, threads: int 
                 row = _timing_row(m.name, batch, ctx, grid.gen, samples[m.name])
                 rows.append(row | {"format": m.format, "latency_s": statistics.median(s["wall_s"] for s in
                                                                                        samples[m.name])}
-                            | gguf_analytic(m, summaries[m.name], batch, ctx, grid.gen))
+                            | gguf_analytic(m, batch, ctx, grid.gen))
     bar.close()
     return rows
 

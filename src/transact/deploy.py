@@ -11,8 +11,6 @@ can move, measured on SmolLM2, see docs/deployment.md).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from torch import nn
 
 from transact import llamacpp
 from transact.errors import TransactError
-from transact.export import _usual_mode, check_writable
+from transact.export import check_writable, move_into_place, staging_file
 from transact.models import load_config, load_model, require_tokenizer, resolve_source
 
 VERIFY_PROMPTS = (
@@ -48,8 +46,7 @@ class GgufExportJob:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.outtype not in llamacpp.OUTTYPES:
-            raise TransactError(f"unknown --outtype {self.outtype!r}; choose one of {', '.join(llamacpp.OUTTYPES)}")
+        llamacpp.check_outtypes([self.outtype])
         if not str(self.out).endswith(".gguf"):
             raise TransactError(f"the output {self.out} must be a .gguf file name")
         if self.new_tokens < 1:
@@ -81,10 +78,7 @@ def run_gguf_export(job: GgufExportJob) -> dict:
     llamacpp.converter_dir(progress=job.progress)
 
     t0 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = staging_file(out)
     try:
         if job.progress:
             print(f"converting {job.model} to {job.outtype} GGUF (llama.cpp architecture {arch}) ...")
@@ -100,8 +94,7 @@ def run_gguf_export(job: GgufExportJob) -> dict:
             result["verification"] = check
             if not check["ok"]:
                 raise TransactError(_failure_message(check, job.outtype))
-        _usual_mode(tmp)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     result["summary"] = llamacpp.gguf_summary(out)

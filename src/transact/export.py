@@ -37,15 +37,29 @@ def staging_dir(target: Path) -> Path:
     return tmp
 
 
+def staging_file(target: Path) -> Path:
+    """A hidden empty sibling file of ``target`` to write into; ``move_into_place`` publishes it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename a finished staging file onto ``target`` (atomic on one filesystem), with the usual mode."""
+    _usual_mode(tmp)
+    os.replace(tmp, target)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` to ``path`` through a temporary sibling and a rename: a reader (or a rerun after a
     crash) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-    _usual_mode(Path(tmp))
-    os.replace(tmp, path)
+    tmp = staging_file(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        move_into_place(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_output_dir(out: str | Path, *, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:

@@ -46,6 +46,16 @@ CONVERTER_ENV = "TRANSACT_LLAMACPP_CONVERTER"
 
 # The converter's own output types (llama.cpp's quantize tool is not part of the Python wheel).
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def check_outtypes(outtypes: tuple[str, ...] | list[str]) -> None:
+    """Refuse an empty list or a type the converter does not write (before any work starts)."""
+    unknown = [t for t in outtypes if t not in OUTTYPES]
+    if unknown or not outtypes:
+        raise TransactError(f"unknown --outtype {','.join(unknown) or '(none)'}; llama.cpp's converter writes: "
+                            f"{', '.join(OUTTYPES)}")
+
+
 # llama.cpp architectures whose loader takes the query width from heads × key_length.
 _HEAD_COUNT_SAFE = {"llama", "mistral", "qwen3"}
 
@@ -134,7 +144,7 @@ def _conversion_input(model_dir: Path, work: Path) -> Path:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    if gguf_architecture(config) != "llama" or config.model_type != "qwen2":
+    if not (config.model_type == "qwen2" and gguf_architecture(config) == "llama"):
         return model_dir
     stage = work / "model"
     stage.mkdir()
@@ -152,8 +162,7 @@ def _conversion_input(model_dir: Path, work: Path) -> Path:
 
 def convert(model_dir: Path, out_file: Path, outtype: str, *, progress: bool = True) -> None:
     """Run llama.cpp's converter on a Hugging Face directory; writes ``out_file``."""
-    if outtype not in OUTTYPES:
-        raise TransactError(f"unknown --outtype {outtype!r}; llama.cpp's converter writes: {', '.join(OUTTYPES)}")
+    check_outtypes([outtype])
     script = converter_dir(progress=progress) / "convert_hf_to_gguf.py"
     with tempfile.TemporaryDirectory(prefix="transact-gguf-") as work:
         source = _conversion_input(model_dir, Path(work))
@@ -213,12 +222,7 @@ class Runtime:
     def complete(self, tokens: list[int], n: int) -> dict:
         """Greedy continuation of ``tokens`` by exactly ``n`` tokens (end-of-generation tokens masked out):
         the server's response, whose ``timings`` hold prompt_ms and predicted_ms."""
-        request = {"prompt": list(map(int, tokens)), "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
-                   "cache_prompt": False}
-        response = self._server.handle_completions(request)
-        if "choices" not in response:
-            raise TransactError(f"llama.cpp refused a request on {self.path.name}: {response.get('message', response)}")
-        return response
+        return self._completions(list(map(int, tokens)), n, expected=1)
 
     def greedy(self, tokens: list[int], n: int) -> tuple[list[int], list[float | None]]:
         """Up to ``n`` greedy tokens after ``tokens`` (ending early at end-of-generation), with llama.cpp's
@@ -244,14 +248,17 @@ class Runtime:
         queues them together and batches them across its slots); returns the wall time in seconds."""
         if len(prompts) > self.slots:
             raise TransactError(f"{len(prompts)} sequences need {len(prompts)} slots; this runtime has {self.slots}")
-        request = {"prompt": [list(map(int, p)) for p in prompts], "max_tokens": n, "temperature": 0.0,
-                   "ignore_eos": True, "cache_prompt": False}
         t0 = time.perf_counter()
+        self._completions([list(map(int, p)) for p in prompts], n, expected=len(prompts))
+        return time.perf_counter() - t0
+
+    def _completions(self, prompt: list, n: int, *, expected: int) -> dict:
+        """One greedy completion request with end-of-generation masked (``n`` tokens per prompt)."""
+        request = {"prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True, "cache_prompt": False}
         response = self._server.handle_completions(request)
-        wall = time.perf_counter() - t0
-        if len(response.get("choices", ())) != len(prompts):
+        if len(response.get("choices", ())) != expected:
             raise TransactError(f"llama.cpp refused a request on {self.path.name}: {response.get('message', response)}")
-        return wall
+        return response
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's own tokenization of ``text`` (special tokens as the GGUF says)."""
@@ -312,7 +319,4 @@ def gguf_summary(path: str | Path) -> dict:
 
 def _field(reader, key: str):
     field = reader.get_field(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value
+    return None if field is None else field.contents()

@@ -211,6 +211,9 @@ def run_eval(job: EvalJob) -> dict:
 
 # ---------------------------------------------------------------- bench
 
+ENGINES = ("torch", "llama.cpp")
+
+
 @dataclass(frozen=True)
 class BenchJob:
     models: tuple[str, ...]
@@ -229,13 +232,10 @@ class BenchJob:
             raise TransactError("bench needs at least one model")
         if self.engine not in ENGINES:
             raise TransactError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        from transact.llamacpp import OUTTYPES
+        if self.engine == "llama.cpp":
+            from transact.llamacpp import check_outtypes
 
-        if self.engine == "llama.cpp" and (not self.outtypes or set(self.outtypes) - set(OUTTYPES)):
-            raise TransactError(f"--outtype {','.join(self.outtypes)}: choose from {', '.join(OUTTYPES)}")
-
-
-ENGINES = ("torch", "llama.cpp")
+            check_outtypes(self.outtypes)
 
 
 def load_models(specs: tuple[str, ...], device: str, dtype: str) -> dict[str, tuple[nn.Module, object, str]]:
@@ -300,27 +300,22 @@ def bench_llamacpp(job: BenchJob) -> dict:
         models = []
         for label, source, config in zip(labels, sources, configs, strict=True):
             if source.gguf_file:
-                models.append(bench.GgufModel(label, Path(source.path) / source.gguf_file, "gguf", config))
+                path = Path(source.path) / source.gguf_file
+                models.append(bench.GgufModel(label, path, "gguf", config, llamacpp.gguf_summary(path)))
                 continue
             for outtype in job.outtypes:
                 path = folder / f"{label}.{outtype}.gguf"
                 if job.progress:
                     print(f"converting {label} to {outtype} GGUF ...")
                 llamacpp.convert(Path(source.path), path, outtype, progress=job.progress)
-                models.append(bench.GgufModel(f"{label} {outtype}", path, outtype, config))
+                models.append(bench.GgufModel(f"{label} {outtype}", path, outtype, config,
+                                              llamacpp.gguf_summary(path)))
         rows = bench.run_llamacpp_grid(models, job.grid, threads=job.threads, progress=job.progress)
-        summaries = {m.name: llamacpp.gguf_summary(m.path) for m in models}
     references = {next(m.name for m in models if m.format == f) for f in {m.format for m in models}}
     rows = bench.add_ratios(rows, reference=references)
-    costs = {m.name: {"format": m.format, "file_bytes": summaries[m.name]["file_bytes"],
-                      "bytes_per_decode_step": summaries[m.name]["bytes_per_decode_step"],
-                      "architecture": summaries[m.name]["architecture"],
-                      "kv_cache_bytes_per_token": evaluate.kv_cache_bytes_per_token(m.config, torch.float16),
-                      "forward_flops": {str(c): evaluate.forward_flops(m.config, c) for c in bench.FLOP_CONTEXTS}}
-             for m in models}
     return {"format": RESULT_FORMAT, "engine": "llama.cpp", "reference": sorted(references), "grid": asdict(job.grid),
-            "models": costs, "rows": rows, "machine": machine() | {"llama_cpp_threads": job.threads or
-                                                                    llamacpp.default_threads()},
+            "models": {m.name: bench.gguf_static_costs(m) for m in models}, "rows": rows,
+            "machine": machine() | {"llama_cpp_threads": job.threads or llamacpp.default_threads()},
             "versions": library_versions() | {"xllamacpp": llamacpp.runtime_version()},
             "sources": dict(zip(labels, job.models, strict=True)), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
