@@ -27,9 +27,12 @@ def _mib(n: int | None) -> str:
 def plot_flops(bench: dict, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    # One line per distinct curve: the same network in several file formats has the same FLOPs.
+    curves: dict[tuple, list[str]] = {}
     for name, costs in bench["models"].items():
-        ctx = [int(c) for c in costs["forward_flops"]]
-        ax.plot(ctx, [costs["forward_flops"][str(c)] / 1e12 for c in ctx], marker="o", label=name)
+        curves.setdefault(tuple(sorted(costs["forward_flops"].items(), key=lambda kv: int(kv[0]))), []).append(name)
+    for points, names in curves.items():
+        ax.plot([int(c) for c, _ in points], [f / 1e12 for _, f in points], marker="o", label=" / ".join(names))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("TFLOPs per forward pass")
@@ -60,12 +63,14 @@ def plot_speed(bench: dict, path: Path) -> None:
         ax.set_xticklabels([f"b{b}\nctx{c}" for b, c in points])
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
     machine = bench["machine"]
     threads = machine.get("llama_cpp_threads", machine["torch_threads"])
     fig.suptitle(f"Measured speed, {bench.get('engine', 'torch')} ({machine.get('gpu', machine['device'])}, "
                  f"{threads} threads)")
-    fig.tight_layout()
+    # Below the panels, so that no bar hides behind it.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(names), 4), fontsize=9)
+    rows_of_legend = -(-len(names) // 4)
+    fig.tight_layout(rect=(0, 0.07 * rows_of_legend, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
