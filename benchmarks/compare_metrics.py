@@ -5,6 +5,7 @@ on the same held-out tokens.
 
     python benchmarks/compare_metrics.py --metrics transact random magnitude --out docs/bench/smollm2_widths
     python benchmarks/compare_metrics.py --out docs/bench/metrics     # all six metrics
+    python benchmarks/compare_metrics.py --metrics transact random --random-seeds 0 1 2 3 4 --out ...
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--widths", nargs="+", default=[(6, 2, 1024), (4, 2, 768), (3, 1, 512)], type=parse_width,
                     help="heads/kv_heads/mlp per layer")
     ap.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
+    ap.add_argument("--random-seeds", nargs="+", type=int, default=None,
+                    help="run the random metric once per seed (rows 'random#SEED'); default: --seed only")
     add_run_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default="docs/bench/metrics")
@@ -44,18 +47,20 @@ def main() -> None:
     rows = [{"variant": "dense", **evaluate.model_summary(dense), "perplexity": ppl(dense)}]
     seconds = {}
     scores = {}
-    for metric in args.metrics:
-        recipe = PruneRecipe(heads=shape.num_heads, metric=metric, seed=args.seed, calibration=calibration)
+    runs = [(f"random#{s}", "random", s) for s in args.random_seeds] if args.random_seeds is not None else []
+    runs = [(m, m, args.seed) for m in args.metrics if not (m == "random" and runs)] + runs
+    for label, metric, seed in runs:
+        recipe = PruneRecipe(heads=shape.num_heads, metric=metric, seed=seed, calibration=calibration)
         t = time.perf_counter()
-        scores[metric], _ = score_model(copy.deepcopy(dense), tok, recipe, calib_texts, progress=False)
-        seconds[metric] = time.perf_counter() - t
-        print(f"{metric}: scored in {seconds[metric]:.1f} s", flush=True)
+        scores[label], _ = score_model(copy.deepcopy(dense), tok, recipe, calib_texts, progress=False)
+        seconds[label] = time.perf_counter() - t
+        print(f"{label}: scored in {seconds[label]:.1f} s", flush=True)
     for heads, kv, mlp in args.widths:
         targets = resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp), shape)
-        for metric in args.metrics:
+        for label, _, _ in runs:
             model = copy.deepcopy(dense)
-            prune_(model, make_plan(scores[metric].heads, scores[metric].mlp, targets, shape))
-            row = {"variant": f"{metric} {heads}/{kv}/{mlp}", "metric": metric, **evaluate.model_summary(model),
+            prune_(model, make_plan(scores[label].heads, scores[label].mlp, targets, shape))
+            row = {"variant": f"{label} {heads}/{kv}/{mlp}", "metric": label, **evaluate.model_summary(model),
                    "perplexity": ppl(model)}
             rows.append(row)
             print(f"{row['variant']}: ppl {row['perplexity']:.2f}", flush=True)

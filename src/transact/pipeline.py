@@ -77,7 +77,7 @@ def save(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan, *, repor
     after checking that the written files reload with identical logits (unless ``verify`` is False)."""
     check_output_dir(out, force=force)
     report = report if report is not None else {"after": evaluate.model_summary(model)}
-    return _write(model, tokenizer, out, plan, report, next(model.parameters()).dtype, force, verify, None)
+    return write_verified(model, tokenizer, out, plan, report, next(model.parameters()).dtype, force, verify, None)
 
 
 def score_model(model: nn.Module, tokenizer, recipe: PruneRecipe, texts: list[str] | None = None,
@@ -213,12 +213,12 @@ def run_prune(job: PruneJob) -> PruneResult:
     report["saved_as"] = saved_model_type(model)
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     report["versions"] = library_versions()
-    out = _write(model, tokenizer, job.out, plan, report, prep.save_dtype, job.force, job.verify, eval_ids)
+    out = write_verified(model, tokenizer, job.out, plan, report, prep.save_dtype, job.force, job.verify, eval_ids)
     return PruneResult(out, plan, report)
 
 
-def _write(model, tokenizer, out, plan, report, save_dtype: torch.dtype, force: bool, verify: bool,
-           ids: torch.Tensor | None) -> Path:
+def write_verified(model, tokenizer, out, plan, report, save_dtype: torch.dtype, force: bool, verify: bool,
+                   ids: torch.Tensor | None) -> Path:
     """write_checkpoint with the reload check on a probe: held-out tokens when there are some."""
     probe = (ids[:64] if ids is not None else torch.arange(16) % model.config.vocab_size).unsqueeze(0)
     check = reload_and_compare(model, probe) if verify else None
@@ -249,7 +249,7 @@ def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
     report["after"] = evaluate.model_summary(model)
     report["saved_as"] = saved_model_type(model)
     report["versions"] = library_versions()
-    out = _write(model, tokenizer, job.out, plan, report, prep.save_dtype, job.force, job.verify, None)
+    out = write_verified(model, tokenizer, job.out, plan, report, prep.save_dtype, job.force, job.verify, None)
     return PruneResult(out, plan, report)
 
 

@@ -267,3 +267,66 @@ def make_plan(
     plan = PrunePlan(source=shape, targets=targets, layers=layers, **provenance)
     plan.validate()
     return plan
+
+
+# ---------------------------------------------------------------- iterative schedules
+
+def can_follow(current: Targets, nxt: Targets) -> bool:
+    """Whether one pruning step can take a model of widths ``current`` to ``nxt``: nothing grows, and each
+    kept KV group keeps at most the query heads it has now."""
+    return (nxt.kv_heads <= current.kv_heads and nxt.heads <= current.heads and nxt.mlp <= current.mlp
+            and nxt.heads // nxt.kv_heads <= current.heads // current.kv_heads)
+
+
+def linear_schedule(shape: ModelShape, target: Targets, shots: int) -> list[Targets]:
+    """Widths after each of ``shots`` steps from the dense model to ``target``, shrinking linearly.
+
+    MLP channels interpolate directly. Attention interpolates its size, which is proportional to
+    heads + kv_heads (a query head owns q and o slices, a KV head k and v slices of the same size), and each
+    shot takes the valid (heads, kv_heads) pair nearest to it (ties to the larger) that the previous shot
+    can reach and from which the target stays reachable. The last shot is exactly ``target``.
+    """
+    check_targets(target, shape)
+    dense = Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
+    pairs = [(kv * per, kv) for kv in range(1, shape.num_kv_heads + 1) for per in range(1, shape.group_size + 1)]
+    steps, current = [], dense
+    for i in range(1, shots + 1):
+        if i == shots:
+            steps.append(target)
+            break
+        f = i / shots
+        mlp = round(dense.mlp + (target.mlp - dense.mlp) * f)
+        size = (dense.heads + dense.kv_heads) + ((target.heads + target.kv_heads) - (dense.heads + dense.kv_heads)) * f
+        options = [Targets(h, k, mlp) for h, k in pairs
+                   if can_follow(current, Targets(h, k, mlp)) and can_follow(Targets(h, k, mlp), target)]
+        current = min(options, key=lambda t: (abs(t.heads + t.kv_heads - size), -(t.heads + t.kv_heads)))
+        steps.append(current)
+    return steps
+
+
+def check_schedule(shape: ModelShape, steps: Sequence[Targets]) -> None:
+    """Every step valid and reachable from the one before (starting from the dense model)."""
+    current = Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
+    for i, step in enumerate(steps):
+        try:
+            check_targets(step, shape)
+        except TransactError as e:
+            raise TransactError(f"schedule shot {i + 1}: {e}") from None
+        if not can_follow(current, step):
+            raise TransactError(
+                f"schedule shot {i + 1}: {step.heads}/{step.kv_heads}/{step.mlp} cannot follow "
+                f"{current.heads}/{current.kv_heads}/{current.mlp} (widths may only shrink, and a KV group "
+                f"cannot gain query heads)")
+        current = step
+
+
+def compose_plans(first: PrunePlan, then: PrunePlan, **provenance: Any) -> PrunePlan:
+    """The plan from ``first``'s source model straight to the widths ``then`` reaches, in the source's
+    indices (``then`` indexes the units ``first`` kept)."""
+    if then.source.num_layers != first.source.num_layers:
+        raise TransactError("plans cover different numbers of layers")
+    layers = [LayerPlan(heads=[a.heads[j] for j in b.heads], kv_heads=[a.kv_heads[j] for j in b.kv_heads],
+                        mlp=[a.mlp[j] for j in b.mlp]) for a, b in zip(first.layers, then.layers, strict=True)]
+    plan = PrunePlan(source=first.source, targets=then.targets, layers=layers, **provenance)
+    plan.validate()
+    return plan

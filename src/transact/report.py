@@ -235,3 +235,40 @@ def write_report(out: Path, bench: dict, evals: dict[str, dict], sources: dict[s
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def plot_training(losses: list[dict], phases: list[dict], dense_ppl: float | None, path: Path) -> None:
+    """Training loss against tokens (shot boundaries marked) over held-out perplexity after each phase."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), gridspec_kw={"height_ratios": [3, 2]})
+    if losses:
+        top.plot([r["tokens"] for r in losses], [r["loss"] for r in losses], lw=0.8, color="tab:blue")
+    seen = 0
+    for p in phases:
+        top.axvline(seen, color="grey", ls=":", lw=0.8)
+        label = f"shot {p['phase']}" if "widths" in p else "final"
+        top.annotate(label, (seen, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="top", rotation=90)
+        seen += p.get("train_tokens", 0)
+    top.set_xlabel("training tokens")
+    top.set_ylabel("training loss")
+    top.set_title("Recovery training", fontsize=10)
+    names, pruned, trained = [], [], []
+    for p in phases:
+        names.append(f"shot {p['phase']}" if "widths" in p else "final")
+        pruned.append(p.get("perplexity_pruned"))
+        trained.append(p.get("perplexity"))
+    x = list(range(len(names)))
+    if any(v is not None for v in trained):
+        bottom.plot([i for i, v in zip(x, pruned, strict=True) if v is not None],
+                    [v for v in pruned if v is not None], "v", color="tab:red", label="after pruning")
+        bottom.plot([i for i, v in zip(x, trained, strict=True) if v is not None],
+                    [v for v in trained if v is not None], "o-", color="tab:green", label="after training")
+        if dense_ppl is not None:
+            bottom.axhline(dense_ppl, color="black", ls="--", lw=0.8, label="dense")
+        bottom.set_yscale("log")
+        bottom.legend(fontsize=8)
+    bottom.set_xticks(x, names)
+    bottom.set_ylabel("held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""How many calibration samples are enough (paper section 4.2.3): held-out perplexity after one-shot
+pruning with the statistics of the first N calibration windows, N = 8 ... 256, for several seeds.
+
+The windows of one seed are nested (``sample_windows`` extends a smaller set with the same seed), so one
+calibration pass per seed serves every N: statistics are sums over windows, accumulated chunk by chunk
+and read off after 8, 16, 32, ... windows.
+
+    python benchmarks/ablation_calibration.py --out docs/bench/ablation_calibration
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
+
+from transact.calibrate import ActivationStats, calibrate, read_texts, sample_windows
+from transact.plan import make_plan, resolve_targets
+from transact.prune import prune_
+from transact.recipe import PruneRecipe
+from transact.score import transact_scores
+
+
+def add_stats(a: ActivationStats | None, b: ActivationStats) -> ActivationStats:
+    """The statistics of two disjoint sets of windows together (sums of squares add)."""
+    if a is None:
+        return b
+    return ActivationStats(attn_sum_sq=[x + y for x, y in zip(a.attn_sum_sq, b.attn_sum_sq, strict=True)],
+                           mlp_sum_sq=[x + y for x, y in zip(a.mlp_sum_sq, b.mlp_sum_sq, strict=True)],
+                           tokens=a.tokens + b.tokens, samples=a.samples + b.samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--widths", nargs="+", type=parse_width, default=[(6, 2, 1024), (3, 1, 512)])
+    add_run_arguments(ap)
+    ap.add_argument("--out", default="docs/bench/ablation_calibration")
+    args = ap.parse_args()
+    counts = sorted(args.counts)
+
+    run = load_dense_run(args)
+    dense, shape = run.model, run.shape
+    texts = read_texts("builtin")
+    dense_ppl = run.perplexity(dense)
+    targets = {w: resolve_targets(PruneRecipe(heads=w[0], kv_heads=w[1], mlp=w[2]), shape) for w in args.widths}
+
+    results: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for seed in args.seeds:
+        windows = sample_windows(run.tokenizer, texts, counts[-1], args.seq_len, seed)
+        stats, done, elapsed = None, 0, 0.0
+        for n in counts:
+            t = time.perf_counter()
+            stats = add_stats(stats, calibrate(dense, windows[done:n], progress=False))
+            elapsed += time.perf_counter() - t
+            done = n
+            seconds[f"{n}@{seed}"] = elapsed
+            scores = transact_scores(stats, shape)
+            for w, tg in targets.items():
+                model = copy.deepcopy(dense)
+                prune_(model, make_plan(scores.heads, scores.mlp, tg, shape))
+                key = f"{w[0]}/{w[1]}/{w[2]}@{n}@{seed}"
+                results[key] = run.perplexity(model)
+                print(f"seed {seed} samples {n} ({elapsed:.0f} s) {key}: ppl {results[key]:.2f}", flush=True)
+
+    header = f"| samples (x {args.seq_len} tokens) | calibration s | " + " | ".join(
+        f"{h}/{k}/{m}: median [min, max]" for h, k, m in args.widths) + " |"
+    lines = [f"Dense perplexity {dense_ppl:.2f} on {run.eval_ids.numel()} held-out tokens; seeds "
+             f"{', '.join(map(str, args.seeds))}; one shot, no training.", "", header,
+             "|---:|---:|" + "---:|" * len(args.widths)]
+    for n in counts:
+        secs = statistics.median(seconds[f"{n}@{s}"] for s in args.seeds)
+        cells = []
+        for h, k, m in args.widths:
+            vals = [results[f"{h}/{k}/{m}@{n}@{s}"] for s in args.seeds]
+            cells.append(f"{statistics.median(vals):,.1f} [{min(vals):,.1f}, {max(vals):,.1f}]")
+        lines.append(f"| {n} | {secs:.0f} | " + " | ".join(cells) + " |")
+    write_result(args.out, {"machine": machine(), "args": vars(args), "dense_perplexity": dense_ppl,
+                            "calibration_seconds": seconds, "perplexity": results}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Module redundancy (the paper's Figure 8): held-out perplexity after one-shot pruning over a grid of
+attention widths x MLP widths, from one calibration pass, as a table and a heatmap.
+
+Cells whose parameter counts lie within ``--param-tol`` of each other (as fractions of the dense model)
+form an equal-parameter group: the heatmap labels each such group with one letter and frames its best cell, so
+the question "at this size, prune attention or MLP?" can be read off directly.
+
+    python benchmarks/module_grid.py --out docs/bench/module_grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import string
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import add_run_arguments, load_dense_run, machine, write_result
+
+from transact import evaluate
+from transact.calibrate import calibrate, read_texts, sample_windows
+from transact.plan import make_plan, resolve_targets
+from transact.prune import prune_
+from transact.recipe import PruneRecipe
+from transact.score import transact_scores
+
+
+def parse_attention(text: str) -> tuple[int, int]:
+    """'6/2' -> (heads, kv_heads)."""
+    heads, kv = (int(v) for v in text.split("/"))
+    return heads, kv
+
+
+def equal_param_groups(fractions: dict[tuple, float], tol: float) -> dict[tuple, str]:
+    """Cells -> group letter. Going from the largest model down, a group takes every following cell whose
+    parameter fraction is within ``tol`` of the group's first; groups of one cell get no letter."""
+    groups: list[list[tuple]] = []
+    for cell in sorted(fractions, key=fractions.get, reverse=True):
+        if groups and fractions[groups[-1][0]] - fractions[cell] <= tol:
+            groups[-1].append(cell)
+        else:
+            groups.append([cell])
+    shared = [g for g in groups if len(g) > 1]
+    return {cell: string.ascii_uppercase[i % 26] for i, g in enumerate(shared) for cell in g}
+
+
+def plot_heatmap(attn: list, mlp: list, ppl: dict, fractions: dict, groups: dict, dense_ppl: float,
+                 path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    grid = [[math.log10(ppl[(a, m)]) for m in mlp] for a in attn]
+    fig, ax = plt.subplots(figsize=(1.3 * len(mlp) + 2.5, 0.9 * len(attn) + 2))
+    im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    fig.colorbar(im, ax=ax, label="log10 held-out perplexity")
+    best = {}
+    for cell, letter in groups.items():
+        if letter not in best or ppl[cell] < ppl[best[letter]]:
+            best[letter] = cell
+    for i, a in enumerate(attn):
+        for j, m in enumerate(mlp):
+            cell = (a, m)
+            label = f"{ppl[cell]:,.0f}\n{fractions[cell]:.2f}x" + (f"  {groups[cell]}" if cell in groups else "")
+            dark = grid[i][j] > (min(map(min, grid)) + max(map(max, grid))) / 2
+            ax.text(j, i, label, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            if cell in best.values():
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    ax.set_xticks(range(len(mlp)), [str(m) for m in mlp])
+    ax.set_yticks(range(len(attn)), [f"{h}/{k}" for h, k in attn])
+    ax.set_xlabel("MLP channels per layer")
+    ax.set_ylabel("query heads / KV heads per layer")
+    ax.set_title(f"One-shot pruning: perplexity (dense {dense_ppl:.1f}) and params vs dense\n"
+                 "letters: equal-parameter groups; red frame: best of its group", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attention", nargs="+", type=parse_attention,
+                    default=[(9, 3), (6, 3), (6, 2), (3, 3), (3, 1)], help="heads/kv_heads per layer")
+    ap.add_argument("--mlp", nargs="+", type=int, default=[1536, 1280, 1024, 768, 512, 256])
+    ap.add_argument("--param-tol", type=float, default=0.02,
+                    help="cells whose params/dense differ by at most this form an equal-parameter group")
+    add_run_arguments(ap)
+    ap.add_argument("--out", default="docs/bench/module_grid")
+    args = ap.parse_args()
+
+    run = load_dense_run(args)
+    dense, shape = run.model, run.shape
+    windows = sample_windows(run.tokenizer, read_texts("builtin"), args.samples, args.seq_len, args.seed)
+    scores = transact_scores(calibrate(dense, windows, progress=False), shape)
+    dense_params = evaluate.count_parameters(dense)
+
+    ppl, fractions = {}, {}
+    for heads, kv in args.attention:
+        for m in args.mlp:
+            model = copy.deepcopy(dense)
+            targets = resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=m), shape)
+            prune_(model, make_plan(scores.heads, scores.mlp, targets, shape))
+            cell = ((heads, kv), m)
+            fractions[cell] = evaluate.count_parameters(model) / dense_params
+            ppl[cell] = run.perplexity(model)
+            print(f"{heads}/{kv}/{m}: params {fractions[cell]:.3f}x ppl {ppl[cell]:.2f}", flush=True)
+    dense_ppl = ppl.get(((shape.num_heads, shape.num_kv_heads), shape.intermediate_size)) or run.perplexity(dense)
+    groups = equal_param_groups(fractions, args.param_tol)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_heatmap(args.attention, args.mlp, ppl, fractions, groups, dense_ppl, out.with_suffix(".png"))
+
+    lines = [f"Dense perplexity {dense_ppl:.2f} on {run.eval_ids.numel()} held-out tokens; calibration "
+             f"{args.samples} x {args.seq_len} tokens (seed {args.seed}); one shot, no training. "
+             "Cells: perplexity (params vs dense).", "",
+             "| heads/kv \\ MLP | " + " | ".join(map(str, args.mlp)) + " |", "|---|" + "---:|" * len(args.mlp)]
+    for a in args.attention:
+        lines.append(f"| {a[0]}/{a[1]} | " + " | ".join(
+            f"{ppl[(a, m)]:,.1f} ({fractions[(a, m)]:.2f})" for m in args.mlp) + " |")
+    lines += ["", f"Equal-parameter groups (params within {args.param_tol} of dense of each other), best first:", ""]
+    for letter in sorted(set(groups.values())):
+        cells = sorted((c for c in groups if groups[c] == letter), key=ppl.get)
+        lines.append(f"- {letter}: " + ", ".join(
+            f"{a[0]}/{a[1]}/{m} {ppl[(a, m)]:,.1f} ({fractions[(a, m)]:.3f})" for a, m in cells))
+    write_result(out, {"machine": machine(), "args": vars(args), "dense_perplexity": dense_ppl,
+                       "cells": [{"heads": a[0], "kv_heads": a[1], "mlp": m, "params_fraction": fractions[(a, m)],
+                                  "perplexity": ppl[(a, m)], "group": groups.get((a, m))} for a, m in ppl]},
+                 "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Iterative pruning with recovery training (``transact run``): recipe contract, schedules, data stream,
+training math, end-to-end runs on tiny models, resume after a kill, two-process training, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tiny import char_tokenizer, random_plan, tiny_model
+from transformers import AutoModelForCausalLM
+
+from transact import iterative, train
+from transact.data import BlockStream, packed_blocks
+from transact.errors import TransactError
+from transact.plan import ModelShape, Targets, check_schedule, compose_plans, linear_schedule
+from transact.prune import prune_
+from transact.recipe import RunRecipe, Training, apply_overrides, load_run_recipe
+
+BIN = Path(sys.executable).parent
+WORDS = "the cat sat on a mat and then it ran to the dog who was very happy about it".split()
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny Llama (4 heads in 2 KV groups, MLP 96) with a character tokenizer, and a training text."""
+    root = tmp_path_factory.mktemp("iterative")
+    model = tiny_model("llama", heads=4, kv_heads=2, mlp=96)
+    model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    import random
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(30)) + "." for _ in range(400)]
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def recipe_dict(root: Path, out: str, **training) -> dict:
+    return {
+        "model": str(root / "model"), "out": str(root / out), "device": "cpu",
+        "target": {"heads": 2, "kv_heads": 1, "mlp": 48}, "shots": 2,
+        "calibration": {"text": str(root / "train.txt"), "samples": 8, "seq_len": 64, "seed": 0},
+        "training": {"data": str(root / "train.txt"), "tokens_per_shot": 4096, "final_tokens": 2048,
+                     "seq_len": 64, "batch_size": 4, "lr": 1e-3, "save_every": 5, **training},
+        "heldout": {"text": str(root / "train.txt"), "tokens": 2048, "window": 256},
+    }
+
+
+def write_recipe(root: Path, name: str, data: dict) -> Path:
+    import yaml
+
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "transact"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- recipe contract
+
+CONTRACT = """
+model: some/model
+out: runs/x
+target: {heads: 4, kv_heads: 2, mlp: 768}
+shots: 2
+calibration: {text: builtin, samples: 32, seq_len: 256, seed: 0}
+training: {data: builtin, method: full, tokens_per_shot: 200000, final_tokens: 0, seq_len: 256, batch_size: 4, lr: 5.0e-5, seed: 0}
+"""
+
+
+def test_the_contract_example_parses_with_the_papers_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(CONTRACT)
+    r = load_run_recipe(path)
+    assert (r.target.heads.value, r.target.kv_heads.value, r.target.mlp.value) == (4, 2, 768)
+    assert r.num_shots == 2 and r.calibration.samples == 32 and r.calibration_seed == 0
+    t = r.training
+    assert (t.method, t.tokens_per_shot, t.seq_len, t.lr) == ("full", 200000, 256, 5e-5)
+    assert t.betas == (0.9, 0.95) and t.warmup == 0.03  # the paper's Table 4
+    assert RunRecipe.from_dict(r.to_json()) == r  # what recipe.json stores reads back the same
+
+
+@pytest.mark.parametrize("override, key", [
+    ("colour=red", "recipe.colour"),
+    ("training.optimiser=sgd", "training.optimiser"),
+    ("training.lora.rank=4", "training.lora.rank"),
+    ("calibration.sample=3", "calibration.sample"),
+    ("target.layers=3", "target.layers"),
+])
+def test_unknown_keys_are_errors_that_name_them(tmp_path, override, key):
+    path = tmp_path / "r.yaml"
+    path.write_text(CONTRACT)
+    with pytest.raises(TransactError, match=f"'{key}'"):
+        load_run_recipe(path, [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("shots=0", "shots"), ("training.lr=-1", "training.lr"), ("training.method=dpo", "training.method"),
+    ("training.seq_len=1", "training.seq_len"), ("training.betas=[0.9]", "training.betas"),
+    ("training.warmup=0.9", "training.warmup"), ("training.kd.temperature=0", "training.kd.temperature"),
+    ("training.lora.r=0", "training.lora.r"), ("target.heads=0", "target.heads"),
+    ("training.precision=fp8", "training.precision"), ("calibration.samples=0", "calibration"),
+    ("heldout.window=1", "heldout.window"), ("training.tokens_per_shot=1.5", "training.tokens_per_shot"),
+])
+def test_impossible_values_are_errors_that_name_the_key(tmp_path, override, key):
+    path = tmp_path / "r.yaml"
+    path.write_text(CONTRACT)
+    with pytest.raises(TransactError, match=f"'{key}"):
+        load_run_recipe(path, [override])
+
+
+def test_overrides_read_values_as_yaml_and_exponents_without_a_dot():
+    data = apply_overrides({"training": {"lr": 1}}, ["training.lr=1e-4", "shots=4", "training.betas=[0.8, 0.9]"])
+    assert data == {"training": {"lr": "1e-4", "betas": [0.8, 0.9]}, "shots": 4}
+    assert Training(lr=data["training"]["lr"]).lr == 1e-4
+    with pytest.raises(TransactError, match="key=value"):
+        apply_overrides({}, ["training.lr"])
+
+
+def test_target_impossible_for_the_model_fails_before_weights_load(workdir, monkeypatch):
+    data = recipe_dict(workdir, "never") | {"target": {"heads": 3, "kv_heads": 2}}
+    monkeypatch.setattr(iterative, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(TransactError, match="recipe key 'target'.*not a multiple"):
+        iterative.run(RunRecipe.from_dict(data), progress=False)
+    assert not (workdir / "never").exists()
+
+
+def test_missing_training_data_fails_before_weights_load(workdir, monkeypatch):
+    data = recipe_dict(workdir, "never", data=str(workdir / "nope.txt"))
+    monkeypatch.setattr(iterative, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(TransactError, match="training data .*nope.txt does not exist"):
+        iterative.run(RunRecipe.from_dict(data), progress=False)
+    assert not (workdir / "never").exists()
+
+
+# ---------------------------------------------------------------- schedules and plans
+
+SMOLLM2 = ModelShape("llama", 30, 576, 9, 3, 64, 1536)
+
+
+def widths(steps):
+    return [(t.heads, t.kv_heads, t.mlp) for t in steps]
+
+
+def test_linear_schedule_interpolates_attention_size_and_mlp():
+    target = Targets(4, 2, 768)
+    assert widths(linear_schedule(SMOLLM2, target, 1)) == [(4, 2, 768)]
+    assert widths(linear_schedule(SMOLLM2, target, 2)) == [(6, 3, 1152), (4, 2, 768)]
+    # heads + kv_heads: 12 -> 10.5 (tie 12 vs 9: the larger), 9, 7.5 (tie 9 vs 6), 6
+    assert widths(linear_schedule(SMOLLM2, target, 4)) == [(9, 3, 1344), (6, 3, 1152), (6, 3, 960), (4, 2, 768)]
+    for n in (2, 3, 4, 8, 16):
+        check_schedule(SMOLLM2, linear_schedule(SMOLLM2, target, n))  # every step reachable
+
+
+def test_a_schedule_where_a_group_gains_heads_is_refused():
+    # 6/3 keeps 2 heads per group; 6/2 needs 3 per group: heads pruned earlier cannot come back.
+    with pytest.raises(TransactError, match="shot 2: 6/2/1024 cannot follow 6/3/1152"):
+        check_schedule(SMOLLM2, [Targets(6, 3, 1152), Targets(6, 2, 1024)])
+
+
+def test_composed_plan_gives_the_same_model_as_the_shots_one_after_another():
+    dense = tiny_model("qwen2", heads=4, kv_heads=2, mlp=96)
+    first = random_plan(dense, 4, 2, 72, seed=1)
+    stepwise = tiny_model("qwen2", heads=4, kv_heads=2, mlp=96)
+    prune_(stepwise, first)
+    then = random_plan(stepwise, 2, 1, 40, seed=2)
+    prune_(stepwise, then)
+    composed = compose_plans(first, then)
+    prune_(dense, composed)
+    assert dense.state_dict().keys() == stepwise.state_dict().keys()
+    for k, v in dense.state_dict().items():
+        assert torch.equal(v, stepwise.state_dict()[k]), k
+
+
+# ---------------------------------------------------------------- data stream
+
+def test_every_source_format_gives_the_same_blocks(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"document {i}: " + " ".join(WORDS[: 5 + i % 7]) for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "1.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:30]))
+    pq.write_table(pa.table({"text": docs[30:]}), tmp_path / "dir" / "2.parquet")
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    tok = char_tokenizer()
+
+    def first(source, n=20):
+        stream = packed_blocks(tok, str(source), 32, seed=0, shuffle_buffer=1)
+        return torch.stack([next(stream) for _ in range(n)])
+
+    reference = first(tmp_path / "a.jsonl")
+    expected = tok("\n\n".join(docs) + "\n\n", add_special_tokens=False)["input_ids"][: 20 * 32]
+    assert reference.flatten().tolist() == expected  # documents joined by a blank line, cut in order
+    for source in ("a.parquet", "dir", "saved"):
+        assert torch.equal(first(tmp_path / source), reference), source
+
+
+def test_block_stream_resumes_at_its_position_and_splits_across_processes(tmp_path):
+    tok = char_tokenizer()
+    (tmp_path / "t.txt").write_text(" ".join(WORDS * 200))
+    src = str(tmp_path / "t.txt")
+    single = BlockStream(tok, src, 16, seed=3, shuffle_buffer=8)
+    a, b = single.take(4), single.take(4)
+    resumed = BlockStream(tok, src, 16, seed=3, shuffle_buffer=8, position=single.position - 4)
+    assert torch.equal(resumed.take(4), b)
+    ranks = [BlockStream(tok, src, 16, seed=3, shuffle_buffer=8, rank=r, world=2) for r in range(2)]
+    shares = [s.take(2) for s in ranks]
+    assert torch.equal(torch.stack([shares[0][0], shares[1][0], shares[0][1], shares[1][1]]), a)
+    assert ranks[0].position == 4
+
+
+def test_the_stream_cycles_with_a_new_order_when_the_corpus_ends(tmp_path):
+    tok = char_tokenizer()
+    (tmp_path / "t.txt").write_text("abcdefgh" * 8)  # 64 chars + separator: 4 blocks of 16
+    stream = packed_blocks(tok, str(tmp_path / "t.txt"), 16, seed=0, shuffle_buffer=4)
+    epoch1 = [next(stream).tolist() for _ in range(4)]
+    epoch2 = [next(stream).tolist() for _ in range(4)]
+    assert sorted(epoch1) == sorted(epoch2)
+
+
+# ---------------------------------------------------------------- training math
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    total = 100  # warmup ceil(3) = 3 steps
+    got = [train.lr_factor(s, total, 0.03) for s in (0, 1, 2, 3, 99)]
+    assert got[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert got[3] == pytest.approx(1.0) and got[4] == pytest.approx(0.0, abs=1e-12)
+    mid = 3 + (total - 3 - 1) / 2
+    assert train.lr_factor(int(mid), total, 0.03) == pytest.approx(0.5, abs=0.02)
+    assert train.lr_factor(99, total, 0.03, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_losses_match_hand_computation():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.randint(2, 120, (2, 12))
+    logits = model(input_ids=ids).logits
+    assert train.lm_loss(logits, ids).item() == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-6)
+    assert train.distill_loss(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn_like(logits)
+    t = 2.0
+    p_t = F.softmax(other / t, -1)
+    manual = (p_t * (F.log_softmax(other / t, -1) - F.log_softmax(logits / t, -1))).sum(-1).mean() * t * t
+    assert train.distill_loss(logits, other, t).item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_full_run_writes_a_vanilla_checkpoint_with_history(workdir):
+    result = iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), progress=False)
+    out = result.out
+    model = AutoModelForCausalLM.from_pretrained(out)  # vanilla transformers, no custom code
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size) \
+        == (2, 1, 48)
+    assert model.config.model_type == "llama"
+    plans = json.loads((out / "plans.json").read_text())["shots"]
+    assert [p["targets"] for p in plans] == [{"heads": 4, "kv_heads": 2, "mlp": 72},
+                                            {"heads": 2, "kv_heads": 1, "mlp": 48}]
+    final_plan = json.loads((out / "plan.json").read_text())
+    assert final_plan["source"]["intermediate_size"] == 96 and final_plan["targets"]["mlp"] == 48
+    report = json.loads((out / "report.json").read_text())
+    phases = report["phases"]
+    assert [p["phase"] for p in phases] == [1, 2, 3] and [p["train_steps"] for p in phases] == [16, 16, 8]
+    for shot in phases[:2]:
+        assert shot["perplexity"] < shot["perplexity_pruned"]  # training recovered something
+    assert phases[-1]["perplexity"] < report["dense"]["perplexity"]  # it even learned the toy text
+    losses = json.loads((out / "losses.json").read_text())
+    assert len(losses) == 40 and losses[-1]["tokens"] == (16 + 16 + 8) * 256
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "state" / "progress.json").read_text())["done"]
+    assert not (out / "state" / "model.safetensors").exists()  # the big state files are gone at the end
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    with pytest.raises(TransactError, match="already finished"):
+        iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), resume=True, progress=False)
+    with pytest.raises(TransactError, match="not empty.*--resume"):
+        iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), progress=False)
+
+
+def test_one_shot_without_training_is_plain_pruning(workdir):
+    data = recipe_dict(workdir, "oneshot", tokens_per_shot=0, final_tokens=0) | {"shots": 1}
+    result = iterative.run(RunRecipe.from_dict(data), progress=False)
+    report = result.report
+    assert len(report["phases"]) == 1 and report["phases"][0]["train_steps"] == 0
+    assert report["phases"][0]["perplexity"] == report["phases"][0]["perplexity_pruned"]
+    assert not (result.out / "losses.json").read_text().strip("[]\n")
+
+
+@pytest.mark.parametrize("method", ["lora", "kd"])
+def test_lora_and_distillation_end_as_plain_checkpoints(workdir, method):
+    data = recipe_dict(workdir, method, method=method, final_tokens=0, lr=3e-3)
+    result = iterative.run(RunRecipe.from_dict(data), progress=False)
+    weights = load_file(result.out / "model.safetensors")
+    assert not [k for k in weights if "lora" in k]
+    model = AutoModelForCausalLM.from_pretrained(result.out)
+    assert model.config.intermediate_size == 48
+    for shot in result.report["phases"]:
+        assert shot["perplexity"] < shot["perplexity_pruned"], method
+
+
+def test_resume_after_a_kill_ends_bit_identical(workdir):
+    """Kill a real run (SIGKILL) in the middle of shot 2's training, resume, compare with a run that was
+    never interrupted: same weights, same loss at every step."""
+    extra = {"tokens_per_shot": 16384}
+    path_a = write_recipe(workdir, "a", recipe_dict(workdir, "uninterrupted", **extra))
+    path_b = write_recipe(workdir, "b", recipe_dict(workdir, "killed", **extra))
+    assert cli("run", str(path_a), "--quiet").returncode == 0
+
+    proc = subprocess.Popen([str(BIN / "transact"), "run", str(path_b), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = workdir / "killed" / "state" / "progress.json"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            p = json.loads(progress.read_text())
+            if (p["phase"], p["step"]) >= (2, 10):
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = json.loads(progress.read_text())
+    assert (saved["phase"], saved["step"]) >= (2, 10) and not saved["done"]
+
+    resumed = cli("run", str(path_b), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(workdir / "uninterrupted" / "model.safetensors")
+    b = load_file(workdir / "killed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = json.loads((workdir / "uninterrupted" / "losses.json").read_text())
+    lb = json.loads((workdir / "killed" / "losses.json").read_text())
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_resume_refuses_a_changed_recipe(workdir):
+    data = recipe_dict(workdir, "changed", tokens_per_shot=0, final_tokens=0)
+    iterative.run(RunRecipe.from_dict(data), progress=False)
+    (workdir / "changed" / "state" / "progress.json").unlink()
+    changed = data | {"shots": 1}
+    with pytest.raises(TransactError, match="differs .* in shots"):
+        iterative.run(RunRecipe.from_dict(changed), resume=True, progress=False)
+
+
+def test_diverging_loss_stops_with_the_last_good_state_intact(workdir, monkeypatch):
+    calls = {"n": 0}
+    real = train.lm_loss
+
+    def poisoned(logits, ids):
+        calls["n"] += 1
+        loss = real(logits, ids)
+        return loss * float("nan") if calls["n"] > 16 + 8 else loss  # shot 2, step 9
+
+    monkeypatch.setattr(train, "lm_loss", poisoned)
+    data = recipe_dict(workdir, "nan")
+    with pytest.raises(train.TrainingDiverged, match=r"phase 2, step 9 of 16: loss nan"):
+        iterative.run(RunRecipe.from_dict(data), progress=False)
+    state = workdir / "nan" / "state"
+    progress = json.loads((state / "progress.json").read_text())
+    assert (progress["phase"], progress["step"]) == (2, 5)  # the save before the failure
+    weights = load_file(state / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (workdir / "nan" / "model.safetensors").exists()
+
+    monkeypatch.setattr(train, "lm_loss", real)
+    result = iterative.run(RunRecipe.from_dict(data), resume=True, progress=False)  # and it can go on
+    assert math.isfinite(result.report["phases"][-1]["perplexity"])
+
+
+def test_exploding_loss_is_caught():
+    spec = train.PhaseSpec(phase=1, total_steps=100)
+    ema = None
+    for step, loss in enumerate([3.0, 2.9, 2.8, 2.8, 2.7, 2.7]):
+        ema = train._check_health(loss, 1.0, ema, step, 4.0, spec, step)
+    with pytest.raises(train.TrainingDiverged, match="exploded above 4 x"):
+        train._check_health(12.0, 1.0, ema, 6, 4.0, spec, 6)
+
+
+def test_two_processes_with_gloo_end_with_identical_weights(workdir):
+    path = write_recipe(workdir, "ddp", recipe_dict(workdir, "ddp"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
+                           "-m", "transact.cli", "run", str(path), "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((workdir / "ddp" / "report.json").read_text())
+    assert report["processes"] == 2
+    digests = report["weights_sha256_per_process"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert digests[0] == iterative.weights_digest(AutoModelForCausalLM.from_pretrained(workdir / "ddp"))
+    # two processes share each global batch: half the steps of the single-process run
+    assert [p["train_steps"] for p in report["phases"]] == [8, 8, 4]
+    assert proc.stdout.count("saved the final checkpoint") == 1  # only the main process prints
+
+
+def test_cli_reports_recipe_errors_with_exit_2(workdir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONTRACT + "colour: red\n")
+    proc = cli("run", str(bad))
+    assert proc.returncode == 2 and "recipe key 'recipe.colour': unknown key" in proc.stderr
+    proc = cli("run", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
