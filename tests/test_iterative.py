@@ -442,3 +442,15 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_gradients(tmp_pat
     for other in grads[1:]:
         for name, g in grads[0].items():
             torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-7)
+
+
+def test_a_bf16_checkpoint_is_trained_in_fp32_and_saved_in_bf16(workdir, tmp_path):
+    model = tiny_model("llama", heads=4, kv_heads=2, mlp=96).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    char_tokenizer().save_pretrained(tmp_path / "bf16")
+    data = recipe_dict(workdir, "bf16-out", tokens_per_shot=1024, final_tokens=0) | {"model": str(tmp_path / "bf16")}
+    result = iterative.run(RunRecipe.from_dict(data), progress=False)  # the reload check passes
+    saved = AutoModelForCausalLM.from_pretrained(result.out)
+    assert saved.dtype == torch.bfloat16
+    final = result.report["final"]
+    assert final["saved_dtype"] == "bfloat16" and final["perplexity_as_saved"] > 0

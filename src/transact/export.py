@@ -133,14 +133,10 @@ def write_checkpoint(
     tmp = staging_dir(out)
     try:
         to_save = portable_model(model)
-        original_dtype = next(to_save.parameters()).dtype
-        if save_dtype != original_dtype:
-            to_save = to_save.to(save_dtype)
-        try:
+        if save_dtype == next(to_save.parameters()).dtype:
             to_save.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            if save_dtype != original_dtype:
-                to_save.to(original_dtype)
+        else:
+            _save_cast(to_save, tmp, save_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / "plan.json")
@@ -151,6 +147,24 @@ def write_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _save_cast(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
+    """save_pretrained with the floating-point tensors cast to ``dtype``, leaving the model untouched.
+
+    Casting the model itself and back would round its fp32 buffers (the rotary frequencies) for good.
+    Tensors that share storage (tied embeddings) stay shared, so the tie is still recognised.
+    """
+    cast: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            t = cast.setdefault(t.data_ptr(), t.to(dtype))
+        state[name] = t
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(new: Path, out: Path) -> None:

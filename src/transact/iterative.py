@@ -380,11 +380,20 @@ def _finish(r: _Run, model: nn.Module, progress: dict, seconds: float) -> dict:
               "processes": r.accelerator.num_processes, "device": str(r.accelerator.device),
               "mixed_precision": r.mixed, "weights_sha256_per_process": digests,
               "seconds_this_process": round(seconds, 1), "versions": library_versions()}
+    save_dtype = r.prep.save_dtype
+    if save_dtype != torch.float32:
+        # Training left fp32 values the checkpoint's dtype cannot hold: round them in memory first, so the
+        # reload check compares like with like, and measure what is actually saved.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(save_dtype).to(p.dtype))
+        report["final"]["perplexity_as_saved"] = r.heldout_ppl(model)
+        report["final"]["saved_dtype"] = str(save_dtype).removeprefix("torch.")
     if r.main:
         staged = r.out / ".final"
         shutil.rmtree(staged, ignore_errors=True)
         model.eval()
-        write_verified(model, r.tokenizer, staged, composed, report, r.prep.save_dtype, True, True, r.heldout_ids)
+        write_verified(model, r.tokenizer, staged, composed, report, save_dtype, True, True, r.heldout_ids)
         (staged / "plans.json").write_text(json.dumps({"shots": progress["plans"]}, indent=1) + "\n")
         (staged / "losses.json").write_text(json.dumps(progress["losses"]) + "\n")
         (staged / "report.md").write_text(report_markdown(report) + "\n")
