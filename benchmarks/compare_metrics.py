@@ -6,6 +6,7 @@ on the same held-out tokens.
     python benchmarks/compare_metrics.py --metrics transact random magnitude --out docs/bench/smollm2_widths
     python benchmarks/compare_metrics.py --out docs/bench/metrics     # all six metrics
     python benchmarks/compare_metrics.py --metrics transact random --random-seeds 0 1 2 3 4 --out ...
+    python benchmarks/compare_metrics.py --metrics transact flap --flap-bias --out docs/bench/flap_bias
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transact import evaluate
 from transact.calibrate import read_texts
 from transact.pipeline import score_model
 from transact.plan import make_plan, resolve_targets
-from transact.prune import prune_
+from transact.prune import add_compensation_biases_, prune_
 from transact.recipe import METRICS, Calibration, PruneRecipe
 
 
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     ap.add_argument("--random-seeds", nargs="+", type=int, default=None,
                     help="run the random metric once per seed (rows 'random#SEED'); default: --seed only")
+    ap.add_argument("--flap-bias", action="store_true",
+                    help="also FLAP with its bias compensation (rows 'flap+bias'; needs flap among --metrics)")
     add_run_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default="docs/bench/metrics")
@@ -62,6 +65,15 @@ def main() -> None:
             prune_(model, make_plan(scores[label].heads, scores[label].mlp, targets, shape))
             row = {"variant": f"{label} {heads}/{kv}/{mlp}", "metric": label, **evaluate.model_summary(model),
                    "perplexity": ppl(model)}
+            rows.append(row)
+            print(f"{row['variant']}: ppl {row['perplexity']:.2f}", flush=True)
+        if args.flap_bias and "flap" in scores:
+            model = copy.deepcopy(dense)
+            plan = make_plan(scores["flap"].heads, scores["flap"].mlp, targets, shape)
+            add_compensation_biases_(model, plan, scores["flap"].attn_mean, scores["flap"].mlp_mean)
+            prune_(model, plan)
+            row = {"variant": f"flap+bias {heads}/{kv}/{mlp}", "metric": "flap+bias",
+                   **evaluate.model_summary(model), "perplexity": ppl(model)}
             rows.append(row)
             print(f"{row['variant']}: ppl {row['perplexity']:.2f}", flush=True)
 

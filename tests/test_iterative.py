@@ -78,7 +78,8 @@ out: runs/x
 target: {heads: 4, kv_heads: 2, mlp: 768}
 shots: 2
 calibration: {text: builtin, samples: 32, seq_len: 256, seed: 0}
-training: {data: builtin, method: full, tokens_per_shot: 200000, final_tokens: 0, seq_len: 256, batch_size: 4, lr: 5.0e-5, seed: 0}
+training: {data: builtin, method: full, tokens_per_shot: 200000, final_tokens: 0, seq_len: 256, batch_size: 4,
+           lr: 5.0e-5, seed: 0}
 """
 
 
@@ -134,7 +135,7 @@ def test_overrides_read_values_as_yaml_and_exponents_without_a_dot():
 def test_target_impossible_for_the_model_fails_before_weights_load(workdir, monkeypatch):
     data = recipe_dict(workdir, "never") | {"target": {"heads": 3, "kv_heads": 2}}
     monkeypatch.setattr(iterative, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
-    with pytest.raises(TransactError, match="recipe key 'target'.*not a multiple"):
+    with pytest.raises(TransactError, match=r"recipe key 'target'.*not a multiple"):
         iterative.run(RunRecipe.from_dict(data), progress=False)
     assert not (workdir / "never").exists()
 
@@ -142,7 +143,7 @@ def test_target_impossible_for_the_model_fails_before_weights_load(workdir, monk
 def test_missing_training_data_fails_before_weights_load(workdir, monkeypatch):
     data = recipe_dict(workdir, "never", data=str(workdir / "nope.txt"))
     monkeypatch.setattr(iterative, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
-    with pytest.raises(TransactError, match="training data .*nope.txt does not exist"):
+    with pytest.raises(TransactError, match=r"training data .*nope.txt does not exist"):
         iterative.run(RunRecipe.from_dict(data), progress=False)
     assert not (workdir / "never").exists()
 
@@ -290,7 +291,7 @@ def test_full_run_writes_a_vanilla_checkpoint_with_history(workdir):
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     with pytest.raises(TransactError, match="already finished"):
         iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), resume=True, progress=False)
-    with pytest.raises(TransactError, match="not empty.*--resume"):
+    with pytest.raises(TransactError, match=r"not empty.*--resume"):
         iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), progress=False)
 
 
@@ -357,7 +358,7 @@ def test_resume_refuses_a_changed_recipe(workdir):
     iterative.run(RunRecipe.from_dict(data), progress=False)
     (workdir / "changed" / "state" / "progress.json").unlink()
     changed = data | {"shots": 1}
-    with pytest.raises(TransactError, match="differs .* in shots"):
+    with pytest.raises(TransactError, match=r"differs .* in shots"):
         iterative.run(RunRecipe.from_dict(changed), resume=True, progress=False)
 
 

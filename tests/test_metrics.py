@@ -13,7 +13,7 @@ from transact.arch import get_adapter
 from transact.calibrate import calibrate, taylor_saliences
 from transact.cli import main
 from transact.errors import TransactError
-from transact.recipe import PruneRecipe
+from transact.recipe import Calibration, PruneRecipe
 
 
 def test_channel_variance_by_hand():
@@ -102,3 +102,84 @@ def test_each_metric_end_to_end(tmp_path, corpus, metric):
     assert plan["recipe"]["metric"] == metric and plan["calibration_hash"].startswith("sha256:")
     assert plan["targets"] == {"heads": 2, "kv_heads": 1, "mlp": 48}
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 48
+
+
+# ---------------------------------------------------------------- FLAP's bias compensation
+
+def test_compensation_bias_by_hand():
+    weight = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, -1.0]])
+    mean = torch.tensor([0.5, 2.0, 1.0])
+    # keep channel 1: removed 0 and 2 contribute [1*0.5 + 3*1, 0*0.5 - 1*1] = [3.5, -1]
+    assert salience.compensation_bias(weight, mean, torch.tensor([1])).tolist() == [3.5, -1.0]
+    assert salience.compensation_bias(weight, mean, torch.tensor([0, 1, 2])).tolist() == [0.0, 0.0]
+
+
+def test_compensation_keeps_the_mean_output_of_o_proj(corpus):
+    """Layer 0 sees the same input before and after pruning, so the mean over the calibration tokens of
+    its o_proj output must be unchanged once the removed heads' mean contribution is added back."""
+    from transact.calibrate import sample_windows
+    from transact.pipeline import prune
+
+    tok = char_tokenizer()
+    windows = sample_windows(tok, corpus, 6, 48, 0)
+    model = tiny_model("llama", heads=4, kv_heads=2)
+
+    def mean_o_output(m):
+        outputs = []
+        o = get_adapter(m).attention(get_adapter(m).layers(m)[0], m.config).o
+        handle = o.register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))
+        with torch.no_grad():
+            m(input_ids=windows)
+        handle.remove()
+        return outputs[0].double().mean(dim=(0, 1))
+
+    before = mean_o_output(model)
+    cal = Calibration(samples=6, seq_len=48)
+    recipe = PruneRecipe(heads=2, kv_heads=1, mlp=48, metric="flap", bias_compensation=True, calibration=cal)
+    prune(model, tok, recipe, texts=corpus, progress=False)
+    after = mean_o_output(model)
+    assert model.config.attention_bias and model.config.mlp_bias
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    without = tiny_model("llama", heads=4, kv_heads=2)
+    prune(without, tok, PruneRecipe(heads=2, kv_heads=1, mlp=48, metric="flap", calibration=cal), texts=corpus,
+          progress=False)
+    assert (mean_o_output(without) - before).abs().max() > 1e-2  # the test would notice a missing bias
+
+
+def test_flap_bias_checkpoint_round_trips_and_apply_plan_refuses_it(tmp_path, corpus):
+    base = tmp_path / "base"
+    tiny_model("llama", heads=4, kv_heads=2).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    out = tmp_path / "out"
+    args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", "flap", "--flap-bias",
+            "--calib", str(calib), "--samples", "6", "--seq-len", "48", "--quiet"]
+    assert main(["prune", str(base), "--out", str(out), *args]) == 0  # includes the vanilla reload check
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    layer = reloaded.model.layers[0]
+    assert reloaded.config.attention_bias and reloaded.config.mlp_bias
+    assert layer.self_attn.o_proj.bias.abs().sum() > 0 and layer.mlp.down_proj.bias.abs().sum() > 0
+    assert layer.self_attn.q_proj.bias.abs().sum() == 0  # zero: only implied by the config flag
+    assert main(["apply-plan", str(base), str(out / "plan.json"), "--out", str(tmp_path / "again")]) == 2
+
+
+@pytest.mark.parametrize("family, heads, kv, message", [
+    ("qwen2", 2, 1, "vanilla 'qwen2' checkpoint cannot carry"),
+    ("mistral", 2, 1, "vanilla 'mistral' checkpoint cannot carry"),
+    ("qwen3", 2, 1, "vanilla 'qwen3' checkpoint cannot carry"),
+    ("llama", 3, 3, "3 heads do not divide hidden_size 64"),
+])
+def test_flap_bias_is_refused_before_loading_where_a_checkpoint_cannot_hold_it(tmp_path, corpus, capsys,
+                                                                               family, heads, kv, message):
+    base = tmp_path / "base"
+    extra = {"kv_heads": 4} if kv == 3 else {}
+    tiny_model(family, heads=4, **({"kv_heads": 2} | extra)).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    out = tmp_path / "out"
+    assert main(["prune", str(base), "--out", str(out), "--heads", str(heads), "--kv-heads", str(kv),
+                 "--metric", "flap", "--flap-bias", "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(TransactError, match="needs metric 'flap'"):
+        PruneRecipe(heads=2, bias_compensation=True)

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unit importance: transact (paper eq. 5, default), flap, minitron, taylor (LLM-Pruner), "
                         "or the data-free controls random and magnitude")
     p.add_argument("--alpha", type=float, default=None, help="outlier weight in eq. 5 (default 10/head_dim)")
+    p.add_argument("--flap-bias", action="store_true",
+                   help="with --metric flap: FLAP's bias compensation (removed channels' mean output added back as "
+                   "o_proj/down_proj biases; Llama only, saved with attention_bias/mlp_bias)")
     p.add_argument("--calib", default="builtin", metavar="PATH",
                    help="calibration text: .txt/.jsonl file, directory, or 'builtin' (default)")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
@@ -201,7 +204,7 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
 def _cmd_prune(args) -> int:
     recipe = PruneRecipe(
         heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, metric=args.metric, alpha=args.alpha,
-        seed=args.seed,
+        seed=args.seed, bias_compensation=args.flap_bias,
         calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                 batch_size=args.batch_size),
     )

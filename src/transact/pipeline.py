@@ -37,7 +37,7 @@ from transact.models import (
     resolve_source,
 )
 from transact.plan import ModelShape, PrunePlan, make_plan, resolve_targets, valid_head_pairs
-from transact.prune import prune_
+from transact.prune import add_compensation_biases_, check_bias_compensation, prune_
 from transact.recipe import PruneRecipe
 from transact.score import (
     LayerScores,
@@ -115,6 +115,8 @@ def prune(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list[str] 
     scores, data_hash = score_model(model, tokenizer, recipe, texts, progress=progress)
     plan = make_plan(scores.heads, scores.mlp, targets, shape, recipe=recipe.to_json(),
                      calibration_hash=data_hash, versions=library_versions())
+    if recipe.bias_compensation:
+        add_compensation_biases_(model, plan, scores.attn_mean, scores.mlp_mean)
     prune_(model, plan)
     return plan
 
@@ -191,7 +193,9 @@ def run_prune(job: PruneJob) -> PruneResult:
     calib_texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
     eval_texts = read_texts(job.eval_text.source, builtin="heldout") if job.eval_text else None
     prep = prepare(job.model, job.device, job.dtype)
-    resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
+    targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
+    if recipe.bias_compensation:
+        check_bias_compensation(load_config(prep.source), targets)
     tokenizer = None
     if calib_texts is not None or eval_texts is not None:
         tokenizer = require_tokenizer(prep.source, "calibration and perplexity")
@@ -241,6 +245,9 @@ def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
     """Recreate a pruned checkpoint from its base model and plan.json, without calibration."""
     check_output_dir(job.out, force=job.force, inputs=(job.model,))
     plan = PrunePlan.load(job.plan)
+    if plan.recipe.get("bias_compensation"):
+        raise TransactError("this plan's checkpoint carries FLAP compensation biases, which come from calibration "
+                            "statistics that plan.json does not hold; run transact prune again to recreate it")
     prep = prepare(job.model, job.device, job.dtype)
     plan.check_applies_to(prep.shape)
     model, tokenizer = load_model(prep.source, device=prep.device, dtype=prep.dtype)

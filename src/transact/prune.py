@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from transact import salience
 from transact.arch import get_adapter
+from transact.errors import TransactError
 from transact.plan import ModelShape, PrunePlan
 
 
@@ -63,3 +65,51 @@ def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     for layer in adapter.layers(model):
         adapter.sync_modules(layer, config)
     return model
+
+
+# ---------------------------------------------------------------- FLAP's bias compensation
+
+def check_bias_compensation(config, targets) -> None:
+    """Refuse bias compensation, before any work, where a vanilla checkpoint could not carry the biases."""
+    adapter = get_adapter(config)
+    if not adapter.output_bias_flags:
+        raise TransactError(
+            f"bias compensation needs o_proj and down_proj biases, which a vanilla {config.model_type!r} "
+            "checkpoint cannot carry (its config has no such option); only llama (attention_bias + mlp_bias) can")
+    if config.hidden_size % targets.heads:
+        raise TransactError(
+            f"bias compensation needs LlamaConfig's attention_bias/mlp_bias, but {targets.heads} heads do not "
+            f"divide hidden_size {config.hidden_size}, so the checkpoint would have to be saved as Mistral, "
+            "which has no biases; choose a head count that divides it")
+
+
+def _zero_bias(linear: nn.Linear) -> None:
+    if linear.bias is None:
+        w = linear.weight
+        linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                   requires_grad=w.requires_grad)
+
+
+@torch.no_grad()
+def add_compensation_biases_(model: nn.Module, plan: PrunePlan, attn_mean: list[torch.Tensor],
+                             mlp_mean: list[torch.Tensor]) -> None:
+    """Before ``prune_(model, plan)``: give o_proj/down_proj the mean output of the channels the plan
+    removes (FLAP), and every other projection the zero bias the config flags imply.
+
+    attn_mean[l]: (num_heads * head_dim,), mlp_mean[l]: (intermediate_size,) channel means over calibration.
+    """
+    adapter = get_adapter(model)
+    check_bias_compensation(model.config, plan.targets)
+    head_dim = plan.source.head_dim
+    for layer, kept, a_mean, m_mean in zip(adapter.layers(model), plan.layers, attn_mean, mlp_mean, strict=True):
+        attn, mlp = adapter.attention(layer, model.config), adapter.mlp(layer, model.config)
+        for linear in (attn.q, attn.k, attn.v, attn.o, mlp.gate, mlp.up, mlp.down):
+            if linear is not None:
+                _zero_bias(linear)
+        q_rows = _unit_rows(kept.heads, head_dim, torch.device("cpu"))
+        channels = torch.tensor(kept.mlp, dtype=torch.long)
+        for linear, mean, cols in ((attn.o, a_mean, q_rows), (mlp.down, m_mean, channels)):
+            shift = salience.compensation_bias(linear.weight, mean, cols)
+            linear.bias += shift.to(linear.bias.dtype).to(linear.bias.device)
+    for flag in adapter.output_bias_flags:
+        setattr(model.config, flag, True)

@@ -100,6 +100,7 @@ class PruneRecipe:
     alpha: float | None = None
     seed: int = 0
     calibration: Calibration = field(default_factory=Calibration)
+    bias_compensation: bool = False  # FLAP's: add the removed channels' mean output back as biases
 
     def __post_init__(self) -> None:
         for name in ("heads", "kv_heads", "mlp"):
@@ -116,6 +117,8 @@ class PruneRecipe:
             raise TransactError(f"alpha weights eq. 5 of the transact metric; metric {self.metric!r} has none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TransactError(f"seed must be an integer, got {self.seed!r}")
+        if self.bias_compensation and self.metric != "flap":
+            raise TransactError(f"bias compensation is FLAP's; it needs metric 'flap', not {self.metric!r}")
 
     @property
     def needs_calibration(self) -> bool:

@@ -83,6 +83,15 @@ def flap_channel_scores(variance: torch.Tensor, weight: torch.Tensor) -> torch.T
     return variance * weight.double().square().sum(dim=0)
 
 
+def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation: the mean contribution of the removed input channels, which the pruned
+    layer adds back as a bias. weight: (H, C) of o_proj/down_proj; mean: (C,) channel means over the
+    calibration tokens; kept: indices of kept channels -> (H,) = weight[:, removed] @ mean[removed]."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[kept.cpu()] = False
+    return weight.detach().cpu().double()[:, removed] @ mean.double()[removed]
+
+
 def sum_per_head(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(heads * head_dim,) -> (heads,): a head's score is the sum of its channels' (FLAP)."""
     return channel_scores.view(-1, head_dim).sum(dim=1)

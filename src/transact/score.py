@@ -18,6 +18,9 @@ from transact.plan import ModelShape
 class LayerScores:
     heads: list[torch.Tensor]  # per layer (num_heads,)
     mlp: list[torch.Tensor]  # per layer (intermediate_size,)
+    # Channel means of the transitional activations (flap only; its bias compensation needs them).
+    attn_mean: list[torch.Tensor] | None = None  # per layer (num_heads * head_dim,)
+    mlp_mean: list[torch.Tensor] | None = None  # per layer (intermediate_size,)
 
 
 def transact_scores(stats: ActivationStats, shape: ModelShape, alpha: float | None = None) -> LayerScores:
@@ -51,7 +54,8 @@ def random_layer_scores(shape: ModelShape, seed: int) -> LayerScores:
 
 
 def flap_scores(model: nn.Module, stats: ActivationStats, shape: ModelShape) -> LayerScores:
-    """FLAP's fluctuation metric (without its bias compensation): heads sum their channels' scores."""
+    """FLAP's fluctuation metric: heads sum their channels' scores. The channel means ride along for the
+    optional bias compensation (``prune.add_compensation_biases_``)."""
     if stats.attn_sum is None or stats.mlp_sum is None:
         raise TransactError("the flap metric needs channel sums; calibrate with extra=('sum',)")
     adapter = get_adapter(model)
@@ -63,7 +67,8 @@ def flap_scores(model: nn.Module, stats: ActivationStats, shape: ModelShape) -> 
         mlp_var = salience.channel_variance(stats.mlp_sum[i], stats.mlp_sum_sq[i], stats.tokens)
         heads.append(salience.sum_per_head(salience.flap_channel_scores(attn_var, o), shape.head_dim))
         mlp.append(salience.flap_channel_scores(mlp_var, down))
-    return LayerScores(heads, mlp)
+    return LayerScores(heads, mlp, attn_mean=[t / stats.tokens for t in stats.attn_sum],
+                       mlp_mean=[t / stats.tokens for t in stats.mlp_sum])
 
 
 def minitron_scores(stats: ActivationStats, shape: ModelShape) -> LayerScores:

@@ -68,6 +68,9 @@ class FamilyAdapter:
     up_name: str = "up_proj"
     down_name: str = "down_proj"
     portable_config: ConfigTranslator = field(default=_unchanged)
+    # Config flags that give o_proj and down_proj a bias in a vanilla checkpoint (they also give q/k/v and
+    # gate/up one); empty where the family's config cannot express such biases.
+    output_bias_flags: tuple[str, ...] = ()
 
     def layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.get_submodule(self.layers_path)
@@ -146,7 +149,8 @@ def _registry() -> dict[str, FamilyAdapter]:
     from transact.arch.llama import llama_portable_config
 
     adapters = [
-        FamilyAdapter("llama", portable_config=llama_portable_config),
+        FamilyAdapter("llama", portable_config=llama_portable_config,
+                      output_bias_flags=("attention_bias", "mlp_bias")),
         FamilyAdapter("mistral"),
         FamilyAdapter("qwen2"),
         FamilyAdapter("qwen3"),
