@@ -85,10 +85,10 @@ def _state_dir(out: Path) -> Path | None:
 def _check_out(recipe: RunRecipe, resume: bool) -> Path:
     out = Path(recipe.out).expanduser().resolve()
     if not resume:
-        try:
-            check_output_dir(out, force=False, inputs=(recipe.model,))
-        except TransactError as e:
-            raise TransactError(f"{e}; to continue a run there, add --resume") from None
+        if out.is_dir() and any(out.iterdir()):
+            raise TransactError(f"the output directory {out} is not empty; to continue the run there add --resume, "
+                                "or choose another out")
+        check_output_dir(out, force=False, inputs=(recipe.model,))
         return out
     if not (out / "recipe.json").is_file():
         raise TransactError(f"--resume: {out} holds no transact run (recipe.json is missing)")
