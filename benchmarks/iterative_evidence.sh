@@ -16,7 +16,7 @@ run 2shot-full shots=2 training.tokens_per_shot=$((B / 2))
 run 4shot-full shots=4 training.tokens_per_shot=$((B / 4))
 run 2shot-lora shots=2 training.tokens_per_shot=$((B / 2)) training.method=lora training.lr=1e-3
 run 2shot-kd shots=2 training.tokens_per_shot=$((B / 2)) training.method=kd
-ev() { [ -f "$2" ] || $T eval "$1" --tasks piqa,arc_easy,lambada --limit 200 --json "$2" --quiet; }
+ev() { [ -f "$2" ] || $T eval "$1" --tasks piqa,lambada --limit 200 --json "$2" --quiet; }
 ev builtin:smollm2 "$ROOT/dense-eval.json"
 names="1shot-none 1shot-full 2shot-full 4shot-full 2shot-lora 2shot-kd"
 for name in $names; do ev "$ROOT/$name" "$ROOT/$name/eval.json"; done

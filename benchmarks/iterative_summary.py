@@ -36,7 +36,9 @@ def summarise(run_dir: Path, eval_name: str) -> dict:
            "train_seconds": round(sum(p["train_seconds"] for p in phases), 1),
            "run_seconds": report["seconds_this_process"],
            "phase_perplexity": [[p.get("perplexity_pruned"), p.get("perplexity")] for p in phases],
-           "params": report["final"]["params"]}
+           "params": report["final"]["params"], "dense_run_perplexity": report["dense"].get("perplexity")}
+    if not row["train_tokens"]:
+        row["method"] = "none"
     row["train_tokens_per_s"] = round(row["train_tokens"] / row["train_seconds"], 1) if row["train_seconds"] else None
     eval_path = run_dir / eval_name
     if eval_path.is_file():
@@ -59,7 +61,7 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
             ys += [pruned, trained] if pruned is not None else [trained]
         ax.plot([x / len(row["phase_perplexity"]) for x in xs], ys, marker=".", label=row["run"])
     if dense_ppl:
-        ax.axhline(dense_ppl, color="black", ls="--", lw=0.8, label="dense")
+        ax.axhline(dense_ppl, color="black", ls="--", lw=0.8, label="dense (same held-out tokens)")
     ax.set_yscale("log")
     ax.set_xlabel("fraction of the run (each shot: pruned, then trained)")
     ax.set_ylabel("held-out perplexity (run's own held-out set)")
@@ -89,13 +91,13 @@ def main() -> None:
     for r in rows:
         per_shot = " → ".join(f"{a:,.0f}/{b:,.1f}" if a is not None else f"{b:,.1f}" for a, b in r["phase_perplexity"])
         tps = f"{r['train_tokens_per_s']:,.0f}" if r["train_tokens_per_s"] else ""
-        ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else ""
+        ppl = f"{r['perplexity']:,.2f}" if r.get("perplexity") else ""
         lines.append(f"| {r['run']} | {r['method']} | {' → '.join(r['schedule'])} | {r['train_tokens']:,} | "
                      f"{r['train_seconds']:.0f} | {tps} | {per_shot} | {ppl} |"
                      + "".join(f" {r.get('tasks', {}).get(t, float('nan')):.3f} |" for t in tasks))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, final_perplexity(dense) if dense else None, out.with_suffix(".png"))
+    plot(rows, rows[0]["dense_run_perplexity"] if rows else None, out.with_suffix(".png"))
     dense_row = {"perplexity": final_perplexity(dense), "tasks": task_scores(dense)} if dense else None
     write_result(out, {"machine": machine(), "args": vars(args), "rows": rows, "dense": dense_row},
                  "\n".join(lines))
