@@ -348,7 +348,6 @@ class RunRecipe:
     training: Training = field(default_factory=Training)
     heldout: Heldout = field(default_factory=Heldout)
     device: str = "auto"
-    save_shots: bool = False
 
     def __post_init__(self) -> None:
         _str("model", self.model)
@@ -366,8 +365,6 @@ class RunRecipe:
             object.__setattr__(self, "alpha", _float("alpha", self.alpha, 0.0))
         _int("calibration.seed", self.calibration_seed, 0)
         _str("device", self.device)
-        if not isinstance(self.save_shots, bool):
-            raise _fail("save_shots", f"must be true or false, got {self.save_shots!r}")
 
     @property
     def num_shots(self) -> int:
@@ -408,8 +405,7 @@ class RunRecipe:
                "shots": self.shots, "schedule": [w.to_json() for w in self.schedule] if self.schedule else None,
                "metric": self.metric, "alpha": self.alpha,
                "calibration": {**asdict(self.calibration), "seed": self.calibration_seed},
-               "training": asdict(self.training), "heldout": asdict(self.heldout), "device": self.device,
-               "save_shots": self.save_shots}
+               "training": asdict(self.training), "heldout": asdict(self.heldout), "device": self.device}
         out["training"]["betas"] = list(self.training.betas)
         return out
 
