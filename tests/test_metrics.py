@@ -88,13 +88,19 @@ def test_alpha_belongs_to_transact_only():
         PruneRecipe(heads=2, metric="flap", alpha=0.5)
 
 
-@pytest.mark.parametrize("metric", ["flap", "minitron", "taylor"])
-def test_each_metric_end_to_end(tmp_path, corpus, metric):
+def saved_model_and_text(tmp_path, family: str, corpus: list[str]):
+    """A tiny model of ``family`` (4 heads in 2 KV groups) saved with its tokenizer, and a calibration file."""
     base = tmp_path / "base"
-    tiny_model("qwen3", heads=4, kv_heads=2).save_pretrained(base)
+    tiny_model(family, heads=4, kv_heads=2).save_pretrained(base)
     char_tokenizer().save_pretrained(base)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(corpus))
+    return base, calib
+
+
+@pytest.mark.parametrize("metric", ["flap", "minitron", "taylor"])
+def test_each_metric_end_to_end(tmp_path, corpus, metric):
+    base, calib = saved_model_and_text(tmp_path, "qwen3", corpus)
     out = tmp_path / "out"
     assert main(["prune", str(base), "--out", str(out), "--heads", "2", "--mlp", "48", "--metric", metric,
                  "--calib", str(calib), "--samples", "6", "--seq-len", "48", "--quiet"]) == 0
@@ -147,11 +153,7 @@ def test_compensation_keeps_the_mean_output_of_o_proj(corpus):
 
 
 def test_flap_bias_checkpoint_round_trips_and_apply_plan_refuses_it(tmp_path, corpus):
-    base = tmp_path / "base"
-    tiny_model("llama", heads=4, kv_heads=2).save_pretrained(base)
-    char_tokenizer().save_pretrained(base)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(corpus))
+    base, calib = saved_model_and_text(tmp_path, "llama", corpus)
     out = tmp_path / "out"
     args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", "flap", "--flap-bias",
             "--calib", str(calib), "--samples", "6", "--seq-len", "48", "--quiet"]

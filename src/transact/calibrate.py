@@ -7,9 +7,7 @@ accumulators; the activations themselves are never kept.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transact.arch import get_adapter
+from transact.data import jsonl_texts
 from transact.errors import TransactError
 from transact.recipe import BUILTIN
 
@@ -56,20 +55,7 @@ def read_texts(source: str | Path, *, builtin: str = "calibration") -> list[str]
 def _read_file(path: Path) -> list[str]:
     name = path.name
     if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        docs = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TransactError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise TransactError(f"{path}:{lineno}: each line needs a string field 'text'")
-                docs.append(row["text"])
-        return docs
+        return list(jsonl_texts(path))
     if name.endswith(".json"):
         raise TransactError(f"{path}: use .jsonl (one JSON object with a 'text' field per line)")
     try:

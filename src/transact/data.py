@@ -73,18 +73,7 @@ def _file_texts(path: Path) -> Iterator[str]:
     if name.endswith(".parquet"):
         yield from _parquet_texts(path)
     elif name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TransactError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise TransactError(f"{path}:{lineno}: each line needs a string field 'text'")
-                yield row["text"]
+        yield from jsonl_texts(path)
     else:
         try:
             with open(path, encoding="utf-8") as f:
@@ -100,6 +89,22 @@ def _file_texts(path: Path) -> Iterator[str]:
                     yield "".join(piece)
         except UnicodeDecodeError:
             raise TransactError(f"{path} is not UTF-8 text") from None
+
+
+def jsonl_texts(path: Path) -> Iterator[str]:
+    """The string field ``text`` of every non-empty line of a .jsonl or .jsonl.gz file, streamed."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TransactError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise TransactError(f"{path}:{lineno}: each line needs a string field 'text'")
+            yield row["text"]
 
 
 def _parquet_texts(path: Path) -> Iterator[str]:

@@ -143,7 +143,7 @@ def write_checkpoint(
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         if verify is not None:
             verify(tmp)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -167,11 +167,17 @@ def _save_cast(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is removed only once ``new`` is in place."""
+def old_dir(out: Path) -> Path:
+    """Where ``replace_dir`` parks the previous ``out`` until the new one is in place."""
+    return out.with_name(f".{out.name}.old")
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is removed only once ``new`` is in place (until then it
+    lies at ``old_dir(out)``)."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old")
+        old = old_dir(out)
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     new.rename(out)

@@ -29,9 +29,17 @@ from transact import evaluate
 from transact.calibrate import read_texts, token_stream
 from transact.data import BlockStream, check_source
 from transact.errors import TransactError
-from transact.export import check_output_dir, check_writable, move_into_place, staging_dir, write_json_atomic
+from transact.export import (
+    check_output_dir,
+    check_writable,
+    move_into_place,
+    old_dir,
+    replace_dir,
+    staging_dir,
+    write_json_atomic,
+)
 from transact.models import load_model as load_pretrained
-from transact.models import require_tokenizer
+from transact.models import require_tokenizer, resolve_device
 from transact.pipeline import library_versions, prepare, score_model, write_verified
 from transact.plan import ModelShape, PrunePlan, Targets, check_schedule, compose_plans, linear_schedule, make_plan
 from transact.plan import resolve_targets as resolve_widths
@@ -40,7 +48,7 @@ from transact.recipe import DATA_FREE_METRICS, RunRecipe
 from transact.train import PhaseSpec, lora_merge, lora_wrap, steps_for, train_phase
 
 STATE_FORMAT = 1
-STATE, OLD_STATE = "state", "state.old"
+STATE = "state"
 
 
 @dataclass
@@ -75,10 +83,11 @@ def schedule_of(recipe: RunRecipe, shape: ModelShape) -> list[Targets]:
 
 
 def _state_dir(out: Path) -> Path | None:
-    """The last complete state: ``state/``, or ``state.old/`` if a run died between the two renames."""
-    for name in (STATE, OLD_STATE):
-        if (out / name / "progress.json").is_file():
-            return out / name
+    """The last complete state: ``state/``, or the parked previous one if a run died between the two
+    renames of ``replace_dir``."""
+    for state in (out / STATE, old_dir(out / STATE)):
+        if (state / "progress.json").is_file():
+            return state
     return None
 
 
@@ -117,12 +126,9 @@ def _teacher_device(recipe: RunRecipe, device: torch.device) -> torch.device:
     if name == "same":
         return device
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TransactError(f"recipe key 'training.kd.teacher_device': unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TransactError("recipe key 'training.kd.teacher_device': CUDA is not available")
-    return dev
+        return resolve_device(name)
+    except TransactError as e:
+        raise TransactError(f"recipe key 'training.kd.teacher_device': {e}") from None
 
 
 # ---------------------------------------------------------------- state on disk
@@ -149,12 +155,7 @@ def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
         (tmp / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
-        current, old = out / STATE, out / OLD_STATE
-        if current.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            current.rename(old)
-        tmp.rename(current)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out / STATE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -330,8 +331,7 @@ class _Run:
         return model
 
     def end_phase(self, model: nn.Module, progress: dict) -> None:
-        current = progress.pop("current", None) or {"phase": progress["phase"], "train_seconds": 0.0,
-                                                    "params": evaluate.count_parameters(model)}
+        current = progress.pop("current")  # train() always leaves it
         current["perplexity"] = self.heldout_ppl(model)
         current["train_seconds"] = round(current["train_seconds"], 2)
         steps = current.get("train_steps", 0)
@@ -403,7 +403,7 @@ def _finish(r: _Run, model: nn.Module, progress: dict, seconds: float) -> dict:
         shutil.rmtree(staged, ignore_errors=True)
         progress["done"] = True
         shutil.rmtree(r.out / STATE, ignore_errors=True)
-        shutil.rmtree(r.out / OLD_STATE, ignore_errors=True)
+        shutil.rmtree(old_dir(r.out / STATE), ignore_errors=True)
         (r.out / STATE).mkdir()
         write_json_atomic(r.out / STATE / "progress.json", progress)
     r.accelerator.wait_for_everyone()
