@@ -36,6 +36,29 @@ def add_stats(a: ActivationStats | None, b: ActivationStats) -> ActivationStats:
                            tokens=a.tokens + b.tokens, samples=a.samples + b.samples)
 
 
+def plot(counts: list[int], seeds: list[int], widths: list[tuple], results: dict[str, float], dense_ppl: float,
+         path: Path) -> None:
+    """Perplexity vs calibration samples: the median over seeds per width, the seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for h, k, m in widths:
+        runs = [[results[f"{h}/{k}/{m}@{n}@{s}"] for s in seeds] for n in counts]
+        line, = ax.plot(counts, [statistics.median(v) for v in runs], marker="o", label=f"{h}/{k}/{m}")
+        ax.fill_between(counts, [min(v) for v in runs], [max(v) for v in runs], color=line.get_color(), alpha=0.2)
+    ax.axhline(dense_ppl, color="grey", linestyle="--", label="dense")
+    ax.set(xscale="log", yscale="log", xlabel="calibration samples (windows)", ylabel="held-out perplexity",
+           title=f"One-shot pruning vs calibration size (median, range over {len(seeds)} seeds)")
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256])
@@ -85,6 +108,7 @@ def main() -> None:
         lines.append(f"| {n} | {secs:.0f} | " + " | ".join(cells) + " |")
     write_result(args.out, {"machine": machine(), "args": vars(args), "dense_perplexity": dense_ppl,
                             "calibration_seconds": seconds, "perplexity": results}, "\n".join(lines))
+    plot(counts, args.seeds, args.widths, results, dense_ppl, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

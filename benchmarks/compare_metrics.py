@@ -7,6 +7,10 @@ on the same held-out tokens.
     python benchmarks/compare_metrics.py --out docs/bench/metrics     # all six metrics
     python benchmarks/compare_metrics.py --metrics transact random --random-seeds 0 1 2 3 4 --out ...
     python benchmarks/compare_metrics.py --metrics transact flap --flap-bias --out docs/bench/flap_bias
+    python benchmarks/compare_metrics.py --flap-bias --tasks piqa,lambada --task-limit 200 --out ...
+
+With ``--tasks``, every variant (the dense model included) is also scored zero-shot on those lm-eval tasks,
+in memory, on the first ``--task-limit`` items of each.
 """
 
 from __future__ import annotations
@@ -20,12 +24,44 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
-from transact import evaluate
+from transact import evaluate, tasks
 from transact.calibrate import read_texts
 from transact.pipeline import score_model
 from transact.plan import make_plan, resolve_targets
 from transact.prune import add_compensation_biases_, prune_
 from transact.recipe import METRICS, Calibration, PruneRecipe
+
+
+def score_text(task: dict) -> str:
+    """0.655 ± 0.034 (or the score alone where lm-eval gave no standard error)."""
+    stderr = f" ± {task['stderr']:.3f}" if task["stderr"] is not None else ""
+    return f"{task['score']:.3f}{stderr}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Held-out perplexity per metric (bars, log scale), grouped by widths; the dense model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pruned = [r for r in rows if r.get("metric")]
+    widths = list(dict.fromkeys(r["variant"].split(" ", 1)[1] for r in pruned))
+    metrics = list(dict.fromkeys(r["metric"] for r in pruned))
+    ppl = {(r["metric"], r["variant"].split(" ", 1)[1]): r["perplexity"] for r in pruned}
+    bar = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(metrics) * len(widths), 4))
+    for i, metric in enumerate(metrics):
+        xs = [j + i * bar for j, w in enumerate(widths) if (metric, w) in ppl]
+        ax.bar(xs, [ppl[metric, w] for w in widths if (metric, w) in ppl], width=bar, label=metric)
+    ax.axhline(rows[0]["perplexity"], color="grey", linestyle="--", label="dense")
+    ax.set_xticks([j + 0.4 - bar / 2 for j in range(len(widths))], widths)
+    ax.set(yscale="log", xlabel="widths per layer (heads/kv_heads/mlp)", ylabel="held-out perplexity",
+           title="One-shot pruning by salience metric")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -39,15 +75,29 @@ def main() -> None:
                     help="also FLAP with its bias compensation (rows 'flap+bias'; needs flap among --metrics)")
     add_run_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--tasks", default=None, help="lm-eval tasks to score every variant on, e.g. piqa,lambada")
+    ap.add_argument("--task-limit", type=int, default=200, help="items per task (default 200)")
     ap.add_argument("--out", default="docs/bench/metrics")
     args = ap.parse_args()
+    task_names = tasks.parse_tasks(args.tasks) if args.tasks else []
 
     run = load_dense_run(args)
     dense, tok, shape, eval_ids, ppl = run.model, run.tokenizer, run.shape, run.eval_ids, run.perplexity
     calib_texts = read_texts("builtin")
     calibration = Calibration(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
 
-    rows = [{"variant": "dense", **evaluate.model_summary(dense), "perplexity": ppl(dense)}]
+    def measured(variant: str, metric: str | None, model) -> dict:
+        row = {"variant": variant, "metric": metric, **evaluate.model_summary(model), "perplexity": ppl(model)}
+        if task_names:
+            found = tasks.run_tasks(model, tok, task_names, shots=dict.fromkeys(task_names, 0),
+                                    limit=args.task_limit, progress=False)
+            row["tasks"] = {name: {"score": r["score"], "stderr": r["stderr"], "metric": r["metric"]}
+                            for name, r in found.items()}
+        scores_text = "".join(f", {n} {t['score']:.3f}" for n, t in row.get("tasks", {}).items())
+        print(f"{variant}: ppl {row['perplexity']:.2f}{scores_text}", flush=True)
+        return row
+
+    rows = [measured("dense", None, dense)]
     seconds = {}
     scores = {}
     runs = [(f"random#{s}", "random", s) for s in args.random_seeds] if args.random_seeds is not None else []
@@ -63,31 +113,30 @@ def main() -> None:
         for label, _, _ in runs:
             model = copy.deepcopy(dense)
             prune_(model, make_plan(scores[label].heads, scores[label].mlp, targets, shape))
-            row = {"variant": f"{label} {heads}/{kv}/{mlp}", "metric": label, **evaluate.model_summary(model),
-                   "perplexity": ppl(model)}
-            rows.append(row)
-            print(f"{row['variant']}: ppl {row['perplexity']:.2f}", flush=True)
+            rows.append(measured(f"{label} {heads}/{kv}/{mlp}", label, model))
         if args.flap_bias and "flap" in scores:
             model = copy.deepcopy(dense)
             plan = make_plan(scores["flap"].heads, scores["flap"].mlp, targets, shape)
             add_compensation_biases_(model, plan, scores["flap"].attn_mean, scores["flap"].mlp_mean)
             prune_(model, plan)
-            row = {"variant": f"flap+bias {heads}/{kv}/{mlp}", "metric": "flap+bias",
-                   **evaluate.model_summary(model), "perplexity": ppl(model)}
-            rows.append(row)
-            print(f"{row['variant']}: ppl {row['perplexity']:.2f}", flush=True)
+            rows.append(measured(f"flap+bias {heads}/{kv}/{mlp}", "flap+bias", model))
 
     d = rows[0]
     timing = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
     lines = [f"Held-out: {eval_ids.numel()} tokens of LAMBADA passages, window {args.window}. "
              f"Calibration: {args.samples} x {args.seq_len} tokens (seed {args.seed}). Scoring time: {timing}.", "",
-             "| variant (heads/kv/mlp) | params | params vs dense | KV bytes/token | perplexity |",
-             "|---|---:|---:|---:|---:|"]
+             "| variant (heads/kv/mlp) | params | params vs dense | KV bytes/token | perplexity |"
+             + "".join(f" {n} |" for n in task_names),
+             "|---|---:|---:|---:|---:|" + "---:|" * len(task_names)]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['params'] / 1e6:.1f} M | {r['params'] / d['params']:.2f} | "
-                     f"{r['kv_cache_bytes_per_token']:,} | {r['perplexity']:.2f} |")
+                     f"{r['kv_cache_bytes_per_token']:,} | {r['perplexity']:.2f} |"
+                     + "".join(f" {score_text(t)} |" for t in r.get("tasks", {}).values()))
+    if task_names:
+        lines += ["", f"Tasks: zero-shot, first {args.task_limit} items each; score ± its standard error."]
     write_result(args.out, {"machine": machine(), "args": vars(args) | {"widths": args.widths},
                             "scoring_seconds": seconds, "rows": rows}, "\n".join(lines))
+    plot(rows, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":
