@@ -21,6 +21,26 @@ from transact.recipe import PruneRecipe
 from transact.score import transact_scores
 
 
+def plot(alphas: list[float], widths: list, results: dict[str, float], dense_ppl: float, path: Path) -> None:
+    """Perplexity against α, one line per width; α values evenly spaced (α = 0 has no log position)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = range(len(alphas))
+    for heads, kv, mlp in widths:
+        ax.plot(xs, [results[f"{heads}/{kv}/{mlp}@{a:g}"] for a in alphas], marker="o", label=f"{heads}/{kv}/{mlp}")
+    ax.axhline(dense_ppl, color="grey", linestyle="--", label="dense")
+    ax.set_xticks(xs, [f"{a:g}" for a in alphas])
+    ax.set(yscale="log", xlabel="α in eq. 5", ylabel="held-out perplexity", title="One-shot pruning vs α")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alphas", nargs="+", type=float, default=[0.0, 10 / 64, 1.0, 10.0])
@@ -55,6 +75,7 @@ def main() -> None:
         lines.append(f"| {heads}/{kv}/{mlp} | {cells} |")
     write_result(args.out, {"machine": machine(), "args": vars(args), "dense_perplexity": dense_ppl,
                             "perplexity": results}, "\n".join(lines))
+    plot(args.alphas, args.widths, results, dense_ppl, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":
