@@ -168,6 +168,8 @@ def main() -> None:
         cells = sorted((c for c in groups if groups[c] == letter), key=ppl.get)
         lines.append(f"- {letter}: " + ", ".join(
             f"{a[0]}/{a[1]}/{m} {ppl[(a, m)]:,.1f} ({fractions[(a, m)]:.3f})" for a, m in cells))
+    if not groups:
+        lines.append("- none: no two cells are that close in size")
     lines += ["", "Pareto frontier (no cell has both fewer parameters and a lower perplexity), largest first: "
               + ", ".join(f"{a[0]}/{a[1]}/{m} ({fractions[(a, m)]:.2f}, {ppl[(a, m)]:,.1f})" for a, m in front)]
     write_result(out, {"machine": computed_on, "args": run_args, "dense_perplexity": dense_ppl,
