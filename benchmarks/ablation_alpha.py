@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
+from transact import report
 from transact.calibrate import calibrate, read_texts, sample_windows
 from transact.plan import make_plan, resolve_targets
 from transact.prune import prune_
@@ -23,10 +24,7 @@ from transact.score import transact_scores
 
 def plot(alphas: list[float], widths: list, results: dict[str, float], dense_ppl: float, path: Path) -> None:
     """Perplexity against α, one line per width; α values evenly spaced (α = 0 has no log position)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = range(len(alphas))
@@ -36,9 +34,7 @@ def plot(alphas: list[float], widths: list, results: dict[str, float], dense_ppl
     ax.set_xticks(xs, [f"{a:g}" for a in alphas])
     ax.set(yscale="log", xlabel="α in eq. 5", ylabel="held-out perplexity", title="One-shot pruning vs α")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
+from transact import report
 from transact.calibrate import ActivationStats, calibrate, read_texts, sample_windows
 from transact.plan import make_plan, resolve_targets
 from transact.prune import prune_
@@ -39,10 +40,7 @@ def add_stats(a: ActivationStats | None, b: ActivationStats) -> ActivationStats:
 def plot(counts: list[int], seeds: list[int], widths: list[tuple], results: dict[str, float], dense_ppl: float,
          path: Path) -> None:
     """Perplexity vs calibration samples: the median over seeds per width, the seeds' range shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for h, k, m in widths:
@@ -54,9 +52,7 @@ def plot(counts: list[int], seeds: list[int], widths: list[tuple], results: dict
            title=f"One-shot pruning vs calibration size (median, range over {len(seeds)} seeds)")
     ax.set_xticks(counts, [str(n) for n in counts])
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main() -> None:

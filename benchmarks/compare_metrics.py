@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
-from transact import evaluate, tasks
+from transact import evaluate, report, tasks
 from transact.calibrate import read_texts
 from transact.pipeline import score_model
 from transact.plan import make_plan, resolve_targets
@@ -40,10 +40,7 @@ def score_text(task: dict) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Held-out perplexity per metric (bars, log scale), grouped by widths; the dense model as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     pruned = [r for r in rows if r.get("metric")]
     widths = list(dict.fromkeys(r["variant"].split(" ", 1)[1] for r in pruned))
@@ -59,9 +56,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set(yscale="log", xlabel="widths per layer (heads/kv_heads/mlp)", ylabel="held-out perplexity",
            title="One-shot pruning by salience metric")
     ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result
 
+from transact import report
+
 
 def task_scores(eval_json: dict) -> dict[str, float]:
     return {name: t["score"] for name, t in eval_json.get("tasks", {}).items()}
@@ -48,10 +50,7 @@ def summarise(run_dir: Path, eval_name: str) -> dict:
 
 
 def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in rows:
@@ -66,9 +65,7 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
     ax.set_xlabel("fraction of the run (each shot: pruned, then trained)")
     ax.set_ylabel("held-out perplexity (run's own held-out set)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, write_result
 
-from transact import evaluate
+from transact import evaluate, report
 from transact.calibrate import calibrate, read_texts, sample_windows
 from transact.plan import make_plan, resolve_targets
 from transact.prune import prune_
@@ -61,19 +61,15 @@ def pareto_cells(fractions: dict[tuple, float], ppl: dict[tuple, float]) -> list
     return front[::-1]
 
 
-def plot_heatmap(attn: list, mlp: list, ppl: dict, fractions: dict, groups: dict, dense_ppl: float,
+def plot_heatmap(attn: list, mlp: list, ppl: dict, fractions: dict, groups: dict, front: list, dense_ppl: float,
                  path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
     from matplotlib.patches import Rectangle
 
     grid = [[math.log10(ppl[(a, m)]) for m in mlp] for a in attn]
     fig, ax = plt.subplots(figsize=(1.3 * len(mlp) + 2.5, 0.9 * len(attn) + 2))
     im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     fig.colorbar(im, ax=ax, label="log10 held-out perplexity")
-    front = set(pareto_cells(fractions, ppl))
     best = {}
     for cell, letter in groups.items():
         if letter not in best or ppl[cell] < ppl[best[letter]]:
@@ -94,9 +90,7 @@ def plot_heatmap(attn: list, mlp: list, ppl: dict, fractions: dict, groups: dict
     ax.set_title(f"One-shot pruning: perplexity (dense {dense_ppl:.1f}) and params vs dense\n"
                  "letters: equal-parameter groups; red frame: best of its group; "
                  "★: Pareto frontier (params vs perplexity)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def measure_grid(args: argparse.Namespace) -> tuple[dict, dict, float, int]:
@@ -154,7 +148,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_heatmap(args.attention, args.mlp, ppl, fractions, groups, dense_ppl, out.with_suffix(".png"))
+    plot_heatmap(args.attention, args.mlp, ppl, fractions, groups, front, dense_ppl, out.with_suffix(".png"))
 
     lines = [f"Dense perplexity {dense_ppl:.2f} on {eval_tokens} held-out tokens; calibration "
              f"{args.samples} x {args.seq_len} tokens (seed {args.seed}); one shot, no training. "

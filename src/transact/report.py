@@ -11,13 +11,21 @@ from pathlib import Path
 from transact.tasks import TASKS
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (plots never need a display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; never needs a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, rect: tuple[float, float, float, float] | None = None) -> None:
+    """Lay out ``fig`` (inside ``rect``, figure coordinates, if given), write it as a PNG and free it."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
 
 
 def _mib(n: int | None) -> str:
@@ -25,7 +33,7 @@ def _mib(n: int | None) -> str:
 
 
 def plot_flops(bench: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     # One line per distinct curve: the same network in several file formats has the same FLOPs.
     curves: dict[tuple, list[str]] = {}
@@ -39,14 +47,12 @@ def plot_flops(bench: dict, path: Path) -> None:
     ax.set_title("Forward FLOPs vs context length")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_speed(bench: dict, path: Path) -> None:
     """Grouped bars: prefill tokens/s, decode tokens/s and latency per grid point, one bar per model."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = bench["rows"]
     names = list(bench["models"])
     points = sorted({(r["batch"], r["context"]) for r in rows})
@@ -70,9 +76,7 @@ def plot_speed(bench: dict, path: Path) -> None:
     # Below the panels, so that no bar hides behind it.
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(names), 4), fontsize=9)
     rows_of_legend = -(-len(names) // 4)
-    fig.tight_layout(rect=(0, 0.07 * rows_of_legend, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0.07 * rows_of_legend, 1, 1))
 
 
 def plot_speedups(bench: dict, path: Path) -> bool:
@@ -82,7 +86,7 @@ def plot_speedups(bench: dict, path: Path) -> bool:
     rows = [r for r in bench["rows"] if r["model"] not in refs]
     if not rows:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(rows) + 4), 4.5))
     x = range(len(rows))
     for ax, phase, basis in zip(axes, ("prefill", "decode"), ("FLOPs", "bytes read"), strict=True):
@@ -96,9 +100,7 @@ def plot_speedups(bench: dict, path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"{bench.get('engine', 'torch')}: measured vs analytic speedup")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -108,7 +110,7 @@ def plot_tasks(evals: dict[str, dict], path: Path) -> bool:
     task_names = [t for t in TASKS if any(t in e.get("tasks", {}) for e in evals.values())]
     if not task_names:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(task_names) * len(names) / 2), 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -123,9 +125,7 @@ def plot_tasks(evals: dict[str, dict], path: Path) -> bool:
     ax.set_title("Task accuracy (lm-eval)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -239,7 +239,7 @@ def write_report(out: Path, bench: dict, evals: dict[str, dict], sources: dict[s
 
 def plot_training(losses: list[dict], phases: list[dict], dense_ppl: float | None, path: Path) -> None:
     """Training loss against tokens (shot boundaries marked) over held-out perplexity after each phase."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), gridspec_kw={"height_ratios": [3, 2]})
     if losses:
         top.plot([r["tokens"] for r in losses], [r["loss"] for r in losses], lw=0.8, color="tab:blue")
@@ -269,6 +269,4 @@ def plot_training(losses: list[dict], phases: list[dict], dense_ppl: float | Non
         bottom.legend(fontsize=8)
     bottom.set_xticks(x, names)
     bottom.set_ylabel("held-out perplexity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
