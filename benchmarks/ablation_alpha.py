@@ -14,12 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
-from transact import report
-from transact.calibrate import calibrate, read_texts, sample_windows
-from transact.plan import make_plan, resolve_targets
-from transact.prune import prune_
-from transact.recipe import PruneRecipe
-from transact.score import transact_scores
+from transact.core.step import gather_statistics, prune_step
+from transact.measure import report
+from transact.recipes import Calibration, PruneRecipe
 
 
 def plot(alphas: list[float], widths: list, results: dict[str, float], dense_ppl: float, path: Path) -> None:
@@ -46,18 +43,17 @@ def main() -> None:
     args = ap.parse_args()
 
     run = load_dense_run(args)
-    dense, shape, eval_ids = run.model, run.shape, run.eval_ids
-    windows = sample_windows(run.tokenizer, read_texts("builtin"), args.samples, args.seq_len, args.seed)
-    stats = calibrate(dense, windows, progress=False)
+    dense, eval_ids = run.model, run.eval_ids
+    calibration = Calibration(samples=args.samples, seq_len=args.seq_len)
+    calibrate_only = PruneRecipe(heads=run.shape.num_heads, seed=args.seed, calibration=calibration)
+    stats = gather_statistics(dense, run.tokenizer, calibrate_only, progress=False)
     dense_ppl = run.perplexity(dense)
 
     results = {}
     for heads, kv, mlp in args.widths:
-        targets = resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp), shape)
         for alpha in args.alphas:
-            scores = transact_scores(stats, shape, alpha)
             model = copy.deepcopy(dense)
-            prune_(model, make_plan(scores.heads, scores.mlp, targets, shape))
+            prune_step(model, None, PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp, alpha=alpha), statistics=stats)
             ppl = run.perplexity(model)
             results[f"{heads}/{kv}/{mlp}@{alpha:g}"] = ppl
             print(f"{heads}/{kv}/{mlp} alpha {alpha:g}: ppl {ppl:.2f}", flush=True)

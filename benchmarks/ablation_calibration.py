@@ -20,21 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
-from transact import report
-from transact.calibrate import ActivationStats, calibrate, read_texts, sample_windows
-from transact.plan import make_plan, resolve_targets
-from transact.prune import prune_
-from transact.recipe import PruneRecipe
-from transact.score import transact_scores
-
-
-def add_stats(a: ActivationStats | None, b: ActivationStats) -> ActivationStats:
-    """The statistics of two disjoint sets of windows together (sums of squares add)."""
-    if a is None:
-        return b
-    return ActivationStats(attn_sum_sq=[x + y for x, y in zip(a.attn_sum_sq, b.attn_sum_sq, strict=True)],
-                           mlp_sum_sq=[x + y for x, y in zip(a.mlp_sum_sq, b.mlp_sum_sq, strict=True)],
-                           tokens=a.tokens + b.tokens, samples=a.samples + b.samples)
+from transact.core.calibrate import Statistics, calibrate, sample_windows
+from transact.core.step import prune_step
+from transact.io.text import read_texts
+from transact.measure import report
+from transact.recipes import PruneRecipe
 
 
 def plot(counts: list[int], seeds: list[int], widths: list[tuple], results: dict[str, float], dense_ppl: float,
@@ -66,10 +56,10 @@ def main() -> None:
     counts = sorted(args.counts)
 
     run = load_dense_run(args)
-    dense, shape = run.model, run.shape
+    dense = run.model
     texts = read_texts("builtin")
     dense_ppl = run.perplexity(dense)
-    targets = {w: resolve_targets(PruneRecipe(heads=w[0], kv_heads=w[1], mlp=w[2]), shape) for w in args.widths}
+    recipes = {w: PruneRecipe(heads=w[0], kv_heads=w[1], mlp=w[2]) for w in args.widths}
 
     results: dict[str, float] = {}
     seconds: dict[str, float] = {}
@@ -78,14 +68,14 @@ def main() -> None:
         stats, done, elapsed = None, 0, 0.0
         for n in counts:
             t = time.perf_counter()
-            stats = add_stats(stats, calibrate(dense, windows[done:n], progress=False))
+            more = calibrate(dense, windows[done:n], progress=False)  # the windows after the first ``done``
+            stats = more if stats is None else stats.merged(more)
             elapsed += time.perf_counter() - t
             done = n
             seconds[f"{n}@{seed}"] = elapsed
-            scores = transact_scores(stats, shape)
-            for w, tg in targets.items():
+            for w, recipe in recipes.items():
                 model = copy.deepcopy(dense)
-                prune_(model, make_plan(scores.heads, scores.mlp, tg, shape))
+                prune_step(model, None, recipe, statistics=Statistics(activations=stats))
                 key = f"{w[0]}/{w[1]}/{w[2]}@{n}@{seed}"
                 results[key] = run.perplexity(model)
                 print(f"seed {seed} samples {n} ({elapsed:.0f} s) {key}: ppl {results[key]:.2f}", flush=True)

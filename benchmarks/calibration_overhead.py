@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result
 
-from transact import assets
-from transact.calibrate import calibrate, decoder_stack, read_texts, sample_windows
-from transact.models import load_model, resolve_source
+from transact.core.calibrate import calibrate, decoder_stack, sample_windows
+from transact.io import assets
+from transact.io.models import load_model, prepare_model, smollm2_dir
+from transact.io.text import read_texts
 
 
 def random_llama_1b(device: str):
@@ -45,7 +46,7 @@ def child(mode: str, samples: int, seq_len: int, batch_size: int, device: str, r
         model = random_llama_1b(device)
         windows = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     else:
-        model, tok = load_model(resolve_source(assets.SMOLLM2), device=torch.device(device), dtype=torch.float32)
+        model, tok = load_model(prepare_model(assets.SMOLLM2, device, "float32"))
         windows = sample_windows(tok, read_texts("builtin"), samples, seq_len, seed=0)
     body = decoder_stack(model)
     with torch.inference_mode():  # warm-up, identical for both modes
@@ -85,7 +86,7 @@ def main() -> None:
         return
 
     if not args.random_llama_1b:
-        assets.smollm2_dir()  # convert once, outside the timed children
+        smollm2_dir()  # convert once, outside the timed children
     runs: dict[str, list[dict]] = {"plain": [], "hooks": []}
     for r in range(args.rounds):
         for mode in (("plain", "hooks") if r % 2 == 0 else ("hooks", "plain")):

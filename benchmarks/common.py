@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from transact import measure
-from transact.pipeline import library_versions
+from transact.measure import jobs
+from transact.version import library_versions
 
 
 def machine() -> dict:
     """The machine (as ``transact`` reports it) and the library versions."""
-    return {**measure.machine(), **library_versions()}
+    return {**jobs.machine(), **library_versions()}
 
 
 def write_result(path: str | Path, result: dict, table: str) -> None:
@@ -34,7 +34,7 @@ def parse_width(text: str) -> tuple[int, int, int]:
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every one-shot quality benchmark shares: model, calibration, held-out evaluation."""
-    from transact import assets
+    from transact.io import assets
 
     ap.add_argument("--model", default=assets.SMOLLM2)
     ap.add_argument("--samples", type=int, default=128)
@@ -55,16 +55,16 @@ class DenseRun:
     window: int
 
     def perplexity(self, model: torch.nn.Module) -> float:
-        from transact import evaluate
+        from transact.measure.perplexity import perplexity
 
-        return evaluate.perplexity(model, self.eval_ids, window=self.window, progress=False).perplexity
+        return perplexity(model, self.eval_ids, window=self.window, progress=False).perplexity
 
 
 def load_dense_run(args: argparse.Namespace) -> DenseRun:
-    from transact.calibrate import read_texts, token_stream
-    from transact.models import load_model, resolve_source
-    from transact.plan import ModelShape
+    from transact.arch import shape_of
+    from transact.io.models import load_model, prepare_model
+    from transact.io.text import read_texts, token_stream
 
-    model, tok = load_model(resolve_source(args.model), device=torch.device("cpu"), dtype=torch.float32)
+    model, tok = load_model(prepare_model(args.model, "cpu", "float32"))
     eval_ids = token_stream(tok, read_texts("builtin", builtin="heldout"), limit=args.eval_tokens)
-    return DenseRun(model, tok, ModelShape.of(model.config), eval_ids, args.window)
+    return DenseRun(model, tok, shape_of(model), eval_ids, args.window)

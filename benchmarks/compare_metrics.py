@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,12 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
-from transact import evaluate, report, tasks
-from transact.calibrate import read_texts
-from transact.pipeline import score_model
-from transact.plan import make_plan, resolve_targets
-from transact.prune import add_compensation_biases_, prune_
-from transact.recipe import METRICS, Calibration, PruneRecipe
+from transact.core.metrics import metric_names
+from transact.core.step import plan_step, prune_step
+from transact.io.text import read_texts
+from transact.measure import report, tasks
+from transact.measure.costs import model_summary
+from transact.recipes import Calibration, PruneRecipe
+
+# The order of the rows in docs/bench/metrics.*: TransAct, the other tools' metrics, the data-free controls.
+DEFAULT_METRICS = ("transact", "flap", "minitron", "taylor", "random", "magnitude")
 
 
 def score_text(task: dict) -> str:
@@ -63,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", nargs="+", default=[(6, 2, 1024), (4, 2, 768), (3, 1, 512)], type=parse_width,
                     help="heads/kv_heads/mlp per layer")
-    ap.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
+    ap.add_argument("--metrics", nargs="+", choices=metric_names(), default=list(DEFAULT_METRICS))
     ap.add_argument("--random-seeds", nargs="+", type=int, default=None,
                     help="run the random metric once per seed (rows 'random#SEED'); default: --seed only")
     ap.add_argument("--flap-bias", action="store_true",
@@ -82,7 +86,7 @@ def main() -> None:
     calibration = Calibration(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
 
     def measured(variant: str, metric: str | None, model) -> dict:
-        row = {"variant": variant, "metric": metric, **evaluate.model_summary(model), "perplexity": ppl(model)}
+        row = {"variant": variant, "metric": metric, **model_summary(model), "perplexity": ppl(model)}
         if task_names:
             found = tasks.run_tasks(model, tok, task_names, shots=dict.fromkeys(task_names, 0),
                                     limit=args.task_limit, progress=False)
@@ -93,28 +97,24 @@ def main() -> None:
         return row
 
     rows = [measured("dense", None, dense)]
-    seconds = {}
-    scores = {}
+    seconds, stats, recipes = {}, {}, {}
     runs = [(f"random#{s}", "random", s) for s in args.random_seeds] if args.random_seeds is not None else []
     runs = [(m, m, args.seed) for m in args.metrics if not (m == "random" and runs)] + runs
     for label, metric, seed in runs:
-        recipe = PruneRecipe(heads=shape.num_heads, metric=metric, seed=seed, calibration=calibration)
-        t = time.perf_counter()
-        scores[label], _ = score_model(copy.deepcopy(dense), tok, recipe, calib_texts, progress=False)
+        recipes[label] = PruneRecipe(heads=shape.num_heads, metric=metric, seed=seed, calibration=calibration)
+        t = time.perf_counter()  # calibration and scoring: a step's plan, made once per metric
+        _, stats[label] = plan_step(copy.deepcopy(dense), tok, recipes[label], texts=calib_texts, progress=False)
         seconds[label] = time.perf_counter() - t
         print(f"{label}: scored in {seconds[label]:.1f} s", flush=True)
+    variants = [(label, label, ()) for label, _, _ in runs]
+    if args.flap_bias and "flap" in stats:
+        variants.append(("flap+bias", "flap", ("flap_bias",)))
     for heads, kv, mlp in args.widths:
-        targets = resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp), shape)
-        for label, _, _ in runs:
+        for label, source, correctors in variants:
+            recipe = dataclasses.replace(recipes[source], heads=heads, kv_heads=kv, mlp=mlp, correctors=correctors)
             model = copy.deepcopy(dense)
-            prune_(model, make_plan(scores[label].heads, scores[label].mlp, targets, shape))
+            prune_step(model, tok, recipe, statistics=stats[source])
             rows.append(measured(f"{label} {heads}/{kv}/{mlp}", label, model))
-        if args.flap_bias and "flap" in scores:
-            model = copy.deepcopy(dense)
-            plan = make_plan(scores["flap"].heads, scores["flap"].mlp, targets, shape)
-            add_compensation_biases_(model, plan, scores["flap"].attn_mean, scores["flap"].mlp_mean)
-            prune_(model, plan)
-            rows.append(measured(f"flap+bias {heads}/{kv}/{mlp}", "flap+bias", model))
 
     d = rows[0]
     timing = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())

@@ -14,12 +14,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 from common import machine, write_result
 
-from transact import llamacpp
-from transact.deploy import TOLERANCE, compare_predictions
-from transact.models import load_model, resolve_source
+from transact.deploy import llamacpp
+from transact.deploy.gguf import TOLERANCE, compare_predictions
+from transact.io.models import load_model, prepare_model
 
 
 def main() -> None:
@@ -33,8 +32,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
-            source = resolve_source(spec)
-            model, tokenizer = load_model(source, device=torch.device("cpu"), dtype=torch.float32)
+            prep = prepare_model(spec, "cpu", "float32")
+            source = prep.source
+            model, tokenizer = load_model(prep)
             for outtype in args.outtypes.split(","):
                 path = Path(tmp) / f"model.{outtype}.gguf"
                 llamacpp.convert(Path(source.path), path, outtype, progress=False)

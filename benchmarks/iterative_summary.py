@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result
 
-from transact import report
+from transact.measure import report
 
 
 def task_scores(eval_json: dict) -> dict[str, float]:

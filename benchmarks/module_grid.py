@@ -23,12 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, write_result
 
-from transact import evaluate, report
-from transact.calibrate import calibrate, read_texts, sample_windows
-from transact.plan import make_plan, resolve_targets
-from transact.prune import prune_
-from transact.recipe import PruneRecipe
-from transact.score import transact_scores
+from transact.core.step import gather_statistics, prune_step
+from transact.measure import report
+from transact.measure.costs import count_parameters
+from transact.recipes import Calibration, PruneRecipe
 
 
 def parse_attention(text: str) -> tuple[int, int]:
@@ -98,18 +96,18 @@ def measure_grid(args: argparse.Namespace) -> tuple[dict, dict, float, int]:
     perplexity, held-out tokens)."""
     run = load_dense_run(args)
     dense, shape = run.model, run.shape
-    windows = sample_windows(run.tokenizer, read_texts("builtin"), args.samples, args.seq_len, args.seed)
-    scores = transact_scores(calibrate(dense, windows, progress=False), shape)
-    dense_params = evaluate.count_parameters(dense)
+    calibrate_only = PruneRecipe(heads=shape.num_heads, seed=args.seed,
+                                 calibration=Calibration(samples=args.samples, seq_len=args.seq_len))
+    stats = gather_statistics(dense, run.tokenizer, calibrate_only, progress=False)
+    dense_params = count_parameters(dense)
 
     ppl, fractions = {}, {}
     for heads, kv in args.attention:
         for m in args.mlp:
             model = copy.deepcopy(dense)
-            targets = resolve_targets(PruneRecipe(heads=heads, kv_heads=kv, mlp=m), shape)
-            prune_(model, make_plan(scores.heads, scores.mlp, targets, shape))
+            prune_step(model, None, PruneRecipe(heads=heads, kv_heads=kv, mlp=m), statistics=stats)
             cell = ((heads, kv), m)
-            fractions[cell] = evaluate.count_parameters(model) / dense_params
+            fractions[cell] = count_parameters(model) / dense_params
             ppl[cell] = run.perplexity(model)
             print(f"{heads}/{kv}/{m}: params {fractions[cell]:.3f}x ppl {ppl[cell]:.2f}", flush=True)
     dense_ppl = ppl.get(((shape.num_heads, shape.num_kv_heads), shape.intermediate_size)) or run.perplexity(dense)

@@ -16,8 +16,8 @@ import copy
 import torch
 from common import machine, write_result
 
-from transact.deploy import VERIFY_PROMPTS
-from transact.models import load_model, resolve_source
+from transact.deploy.gguf import VERIFY_PROMPTS
+from transact.io.models import load_model, prepare_model
 
 
 @torch.inference_mode()
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for spec in args.models:
-        model, tokenizer = load_model(resolve_source(spec), device=torch.device("cpu"), dtype=torch.float32)
+        model, tokenizer = load_model(prepare_model(spec, "cpu", "float32"))
         for name, dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
             margin, diff = sensitivity(model, tokenizer, dtype, args.tokens)
             rows.append({"model": spec, "rounded_to": name, "max_margin": margin, "max_logprob_diff": diff})

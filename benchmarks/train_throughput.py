@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from common import machine, write_result
 
-from transact.data import BlockStream
-from transact.models import load_model, resolve_source
-from transact.recipe import Training
-from transact.train import PhaseSpec, lm_loss, train_phase
+from transact.io.models import load_model, prepare_model
+from transact.recipes import Training
+from transact.recovery.data import BlockStream
+from transact.recovery.train import PhaseSpec, lm_loss, train_phase
 
 
 def raw_step(model: torch.nn.Module, ids: torch.Tensor) -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/bench/train_throughput")
     args = ap.parse_args()
 
-    model, tok = load_model(resolve_source(args.model), device=torch.device("cpu"), dtype=torch.float32)
+    model, tok = load_model(prepare_model(args.model, "cpu", "float32"))
     training = Training(seq_len=args.seq_len, batch_size=args.batch_size, lr=1e-5, log_every=1000, save_every=0)
     accelerator = Accelerator(cpu=True)
     tokens = args.steps * training.tokens_per_step

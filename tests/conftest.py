@@ -23,6 +23,6 @@ def corpus():
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from transact import assets
+    from transact.io.models import smollm2_dir
 
-    return assets.smollm2_dir()
+    return smollm2_dir()

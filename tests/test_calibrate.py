@@ -8,14 +8,9 @@ import torch
 from tiny import VOCAB, tiny_model
 
 from transact.arch import get_adapter
-from transact.calibrate import (
-    calibrate,
-    read_texts,
-    record_transitional_stats,
-    sample_windows,
-    windows_hash,
-)
+from transact.core.calibrate import calibrate, record_transitional_stats, sample_windows, windows_hash
 from transact.errors import TransactError
+from transact.io.text import read_texts
 
 
 def _captured_inputs(model):
@@ -44,15 +39,15 @@ def test_stats_equal_sum_of_squares_of_transitional_activations(family):
         attn = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[("attn", i)]])
         mlp = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[("mlp", i)]])
         assert attn.shape == (60, 64) and mlp.shape == (60, 96)
-        torch.testing.assert_close(stats.attn_sum_sq[i], attn.square().sum(0), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(stats.mlp_sum_sq[i], mlp.square().sum(0), rtol=1e-6, atol=1e-6)
-        assert stats.attn_sum_sq[i].dtype == torch.float32
+        torch.testing.assert_close(stats.attn["sum_sq"][i], attn.square().sum(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stats.mlp["sum_sq"][i], mlp.square().sum(0), rtol=1e-6, atol=1e-6)
+        assert stats.attn["sum_sq"][i].dtype == torch.float32
 
 
 def test_stats_are_fp32_for_bf16_models():
     model = tiny_model("llama").to(torch.bfloat16)
     stats = calibrate(model, torch.randint(0, VOCAB, (2, 8)), progress=False)
-    assert all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in stats.attn_sum_sq + stats.mlp_sum_sq)
+    assert all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in stats.attn["sum_sq"] + stats.mlp["sum_sq"])
 
 
 def _hook_count(model):

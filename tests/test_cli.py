@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from tiny import VOCAB, char_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-import transact.pipeline
+import transact.api
 from transact.cli import main
 
 
@@ -32,7 +32,7 @@ def no_model_loading(monkeypatch):
     """Bad input must be rejected before any weights are loaded."""
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was validated")
-    monkeypatch.setattr(transact.pipeline, "load_model", refuse)
+    monkeypatch.setattr(transact.api, "load_model", refuse)
 
 
 def _prune_args(model_dir, out, calib_file, *extra):

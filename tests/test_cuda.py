@@ -11,8 +11,8 @@ import torch
 from tiny import VOCAB, char_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
-from transact.calibrate import calibrate
 from transact.cli import main
+from transact.core.calibrate import calibrate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI machines have none")
 
@@ -23,8 +23,8 @@ def test_cuda_statistics_match_cpu(family):
     cpu = calibrate(tiny_model(family), windows, progress=False)
     gpu_model = tiny_model(family).to("cuda")
     gpu = calibrate(gpu_model, windows, progress=False)
-    assert all(t.device.type == "cpu" for t in gpu.attn_sum_sq)
-    for a, b in zip(cpu.attn_sum_sq + cpu.mlp_sum_sq, gpu.attn_sum_sq + gpu.mlp_sum_sq, strict=True):
+    assert all(t.device.type == "cpu" for t in gpu.attn["sum_sq"])
+    for a, b in zip(cpu.attn["sum_sq"] + cpu.mlp["sum_sq"], gpu.attn["sum_sq"] + gpu.mlp["sum_sq"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # TF32/reduction order differ across devices
 
 

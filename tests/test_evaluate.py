@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from tiny import FAMILIES, VOCAB, random_plan, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from transact import evaluate
+from transact.arch import shape_of
+from transact.core.surgery import prune_
 from transact.errors import TransactError
-from transact.prune import prune_
+from transact.measure import costs, perplexity
 
 
 def _nll_by_hand(model, ids, scored_positions_per_window):
@@ -27,7 +28,7 @@ def _nll_by_hand(model, ids, scored_positions_per_window):
 def test_perplexity_disjoint_windows_by_hand():
     model = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (25,), generator=torch.Generator().manual_seed(0))
-    result = evaluate.perplexity(model, ids, window=10, progress=False)
+    result = perplexity.perplexity(model, ids, window=10, progress=False)
     # windows [0,10), [10,20), [20,25); each window's first token has no context and is not scored
     windows = [(0, 10, range(1, 10)), (10, 20, range(11, 20)), (20, 25, range(21, 25))]
     nll = _nll_by_hand(model, ids, windows)
@@ -39,7 +40,7 @@ def test_perplexity_disjoint_windows_by_hand():
 def test_perplexity_strided_windows_score_every_token_once():
     model = tiny_model("qwen2")
     ids = torch.randint(0, VOCAB, (25,), generator=torch.Generator().manual_seed(1))
-    result = evaluate.perplexity(model, ids, window=10, stride=5, progress=False)
+    result = perplexity.perplexity(model, ids, window=10, stride=5, progress=False)
     # [0,10) scores 1..9; [5,15) scores 10..14; [10,20) 15..19; [15,25) 20..24
     windows = [(0, 10, range(1, 10)), (5, 15, range(10, 15)), (10, 20, range(15, 20)), (15, 25, range(20, 25))]
     assert result.tokens == 24
@@ -49,9 +50,9 @@ def test_perplexity_strided_windows_score_every_token_once():
 def test_perplexity_bad_arguments():
     model = tiny_model("llama")
     with pytest.raises(TransactError, match="at least 2 tokens"):
-        evaluate.perplexity(model, torch.tensor([3]), window=8)
+        perplexity.perplexity(model, torch.tensor([3]), window=8)
     with pytest.raises(TransactError, match="stride"):
-        evaluate.perplexity(model, torch.arange(20), window=8, stride=9)
+        perplexity.perplexity(model, torch.arange(20), window=8, stride=9)
 
 
 def _pruned(family, keep_heads, keep_kv, mlp, **kw):
@@ -69,8 +70,8 @@ def test_flops_formula_matches_measured_count(family, pruned):
         model(torch.randint(0, VOCAB, (1, seq)))
     # One forward over `seq` tokens computes full seq x seq attention scores (masked, not skipped), so it
     # costs exactly seq x (flops of one token attending to `seq` tokens).
-    assert counter.get_total_flops() == seq * evaluate.flops_per_token(model.config, seq)
-    assert evaluate.forward_flops(model.config, seq) == counter.get_total_flops()
+    assert counter.get_total_flops() == seq * costs.flops_per_token(shape_of(model), seq)
+    assert costs.forward_flops(shape_of(model), seq) == counter.get_total_flops()
 
 
 def test_kv_cache_bytes_match_the_cache_tensors():
@@ -80,11 +81,11 @@ def test_kv_cache_bytes_match_the_cache_tensors():
     cache = out.past_key_values
     cached = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                  for layer in cache.layers)
-    assert cached == 7 * evaluate.kv_cache_bytes_per_token(model.config, torch.float32) == 7 * 2 * 2 * 1 * 16 * 4
+    assert cached == 7 * costs.kv_cache_bytes_per_token(shape_of(model), torch.float32) == 7 * 2 * 2 * 1 * 16 * 4
 
 
 def test_parameter_count_counts_tied_embeddings_once():
     tied, untied = tiny_model("qwen3", tie=True), tiny_model("qwen3", tie=False)
-    assert evaluate.count_parameters(untied) - evaluate.count_parameters(tied) == VOCAB * 64
-    summary = evaluate.model_summary(_pruned("mistral", 2, 1, 40))
+    assert costs.count_parameters(untied) - costs.count_parameters(tied) == VOCAB * 64
+    summary = costs.model_summary(_pruned("mistral", 2, 1, 40))
     assert (summary["heads"], summary["kv_heads"], summary["mlp"], summary["head_dim"]) == (2, 1, 40, 16)

@@ -9,11 +9,13 @@ import torch
 from tiny import FAMILIES, VOCAB, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
+from transact.arch import shape_of
+from transact.core.metrics.random_choice import random_layer_scores
+from transact.core.plan import Targets, make_plan
+from transact.core.surgery import prune_
 from transact.errors import TransactError
-from transact.export import check_output_dir, reload_and_compare, write_checkpoint, write_json_atomic
-from transact.plan import ModelShape, Targets, make_plan
-from transact.prune import prune_
-from transact.score import random_layer_scores
+from transact.io.checkpoint import reload_and_compare, write_checkpoint
+from transact.io.files import check_output_dir, write_json_atomic
 
 CASES = [  # hidden, heads, kv, kept heads, kept kv
     pytest.param(64, 4, 4, 3, 3, id="mha-3of4-indivisible"),
@@ -55,7 +57,7 @@ def test_roundtrip_vanilla_reload_identical_logits(tmp_path, family, hidden, hea
 
 def test_llama_indivisible_heads_with_bias_is_refused(tmp_path):
     model = tiny_model("llama", heads=4, kv_heads=4, attention_bias=True)
-    shape = ModelShape.of(model.config)
+    shape = shape_of(model.config)
     scores = random_layer_scores(shape, 0)
     plan = make_plan(scores.heads, scores.mlp, Targets(3, 3, 40), shape)
     prune_(model, plan)
@@ -123,7 +125,7 @@ def test_llama3_rope_scaling_survives_the_mistral_rehoming(tmp_path):
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     model = tiny_model("llama", heads=4, kv_heads=4, rope_parameters=rope, max_position_embeddings=512)
-    shape = ModelShape.of(model.config)
+    shape = shape_of(model.config)
     scores = random_layer_scores(shape, 2)
     plan = make_plan(scores.heads, scores.mlp, Targets(3, 3, 40), shape)
     prune_(model, plan)

@@ -19,12 +19,14 @@ from safetensors.torch import load_file
 from tiny import char_tokenizer, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
-from transact import iterative, train
-from transact.data import BlockStream, packed_blocks
+from transact.arch import ModelShape
+from transact.core.plan import Targets, check_schedule, compose_plans, linear_schedule
+from transact.core.surgery import prune_
 from transact.errors import TransactError
-from transact.plan import ModelShape, Targets, check_schedule, compose_plans, linear_schedule
-from transact.prune import prune_
-from transact.recipe import RunRecipe, Training, apply_overrides, load_run_recipe
+from transact.recipes import RunRecipe, Training, apply_overrides, load_run_recipe
+from transact.recovery import distributed, loop, train
+from transact.recovery.data import BlockStream, packed_blocks
+from transact.recovery.state import PhaseRecord, RunState
 
 BIN = Path(sys.executable).parent
 WORDS = "the cat sat on a mat and then it ran to the dog who was very happy about it".split()
@@ -134,17 +136,17 @@ def test_overrides_read_values_as_yaml_and_exponents_without_a_dot():
 
 def test_target_impossible_for_the_model_fails_before_weights_load(workdir, monkeypatch):
     data = recipe_dict(workdir, "never") | {"target": {"heads": 3, "kv_heads": 2}}
-    monkeypatch.setattr(iterative, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(TransactError, match=r"recipe key 'target'.*not a multiple"):
-        iterative.run(RunRecipe.from_dict(data), progress=False)
+        loop.run(RunRecipe.from_dict(data), progress=False)
     assert not (workdir / "never").exists()
 
 
 def test_missing_training_data_fails_before_weights_load(workdir, monkeypatch):
     data = recipe_dict(workdir, "never", data=str(workdir / "nope.txt"))
-    monkeypatch.setattr(iterative, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(TransactError, match=r"training data .*nope.txt does not exist"):
-        iterative.run(RunRecipe.from_dict(data), progress=False)
+        loop.run(RunRecipe.from_dict(data), progress=False)
     assert not (workdir / "never").exists()
 
 
@@ -266,7 +268,7 @@ def test_losses_match_hand_computation():
 # ---------------------------------------------------------------- end to end
 
 def test_full_run_writes_a_vanilla_checkpoint_with_history(workdir):
-    result = iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), progress=False)
+    result = loop.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), progress=False)
     out = result.out
     model = AutoModelForCausalLM.from_pretrained(out)  # vanilla transformers, no custom code
     assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size) \
@@ -290,14 +292,14 @@ def test_full_run_writes_a_vanilla_checkpoint_with_history(workdir):
     assert not (out / "state" / "model.safetensors").exists()  # the big state files are gone at the end
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     with pytest.raises(TransactError, match="already finished"):
-        iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), resume=True, progress=False)
+        loop.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), resume=True, progress=False)
     with pytest.raises(TransactError, match=r"not empty.*--resume"):
-        iterative.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), progress=False)
+        loop.run(RunRecipe.from_dict(recipe_dict(workdir, "full")), progress=False)
 
 
 def test_one_shot_without_training_is_plain_pruning(workdir):
     data = recipe_dict(workdir, "oneshot", tokens_per_shot=0, final_tokens=0) | {"shots": 1}
-    result = iterative.run(RunRecipe.from_dict(data), progress=False)
+    result = loop.run(RunRecipe.from_dict(data), progress=False)
     report = result.report
     assert len(report["phases"]) == 1 and report["phases"][0]["train_steps"] == 0
     assert report["phases"][0]["perplexity"] == report["phases"][0]["perplexity_pruned"]
@@ -307,7 +309,7 @@ def test_one_shot_without_training_is_plain_pruning(workdir):
 @pytest.mark.parametrize("method", ["lora", "kd"])
 def test_lora_and_distillation_end_as_plain_checkpoints(workdir, method):
     data = recipe_dict(workdir, method, method=method, final_tokens=0, lr=3e-3)
-    result = iterative.run(RunRecipe.from_dict(data), progress=False)
+    result = loop.run(RunRecipe.from_dict(data), progress=False)
     weights = load_file(result.out / "model.safetensors")
     assert not [k for k in weights if "lora" in k]
     model = AutoModelForCausalLM.from_pretrained(result.out)
@@ -353,13 +355,36 @@ def test_resume_after_a_kill_ends_bit_identical(workdir):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def test_run_state_round_trips_and_reads_the_earlier_layout(tmp_path):
+    """progress.json is a typed RunState: its JSON reads back equal, a final phase carries no shot-only keys,
+    and a state written before the type existed (same keys) still resumes."""
+    shot = PhaseRecord(phase=1, params=1000, widths=[4, 2, 72], prune_seconds=0.5, perplexity_pruned=9.5,
+                       train_seconds=1.25, train_steps=16, train_tokens=4096, perplexity=7.0,
+                       train_tokens_per_second=3276.8)
+    final = PhaseRecord(phase=2, params=900, train_steps=8, train_tokens=2048, perplexity=None)
+    state = RunState(phase=2, pruned=False, step=3, data_position=70, plans=[{"any": "plan"}], shots=[shot],
+                     losses=[{"loss": 1.5}], dense={"params": 1200, "perplexity": 6.0}, current=final)
+    data = json.loads(json.dumps(state.to_json()))
+    assert RunState.from_json(data) == state and state.tokens_trained == 4096
+    assert "widths" not in data["current"] and data["current"]["perplexity"] is None
+    earlier = {"format": 1, "phase": 1, "pruned": True, "step": 5, "data_position": 20, "plans": [], "shots": [],
+               "losses": [], "done": False, "dense": {"perplexity": None},
+               "current": {"phase": 1, "widths": [4, 2, 72], "prune_seconds": 0.1, "params": 10,
+                           "perplexity_pruned": None, "train_seconds": 0.0}}
+    assert RunState.from_json(earlier).current.widths == [4, 2, 72]
+    with pytest.raises(TransactError, match="another version"):
+        RunState.from_json(earlier | {"format": 2})
+    with pytest.raises(TransactError, match="not a transact run state"):
+        RunState.from_json(earlier | {"colour": "red"})
+
+
 def test_resume_refuses_a_changed_recipe(workdir):
     data = recipe_dict(workdir, "changed", tokens_per_shot=0, final_tokens=0)
-    iterative.run(RunRecipe.from_dict(data), progress=False)
+    loop.run(RunRecipe.from_dict(data), progress=False)
     (workdir / "changed" / "state" / "progress.json").unlink()
     changed = data | {"shots": 1}
     with pytest.raises(TransactError, match=r"differs .* in shots"):
-        iterative.run(RunRecipe.from_dict(changed), resume=True, progress=False)
+        loop.run(RunRecipe.from_dict(changed), resume=True, progress=False)
 
 
 def test_diverging_loss_stops_with_the_last_good_state_intact(workdir, monkeypatch):
@@ -374,7 +399,7 @@ def test_diverging_loss_stops_with_the_last_good_state_intact(workdir, monkeypat
     monkeypatch.setattr(train, "lm_loss", poisoned)
     data = recipe_dict(workdir, "nan")
     with pytest.raises(train.TrainingDiverged, match=r"phase 2, step 9 of 16: loss nan"):
-        iterative.run(RunRecipe.from_dict(data), progress=False)
+        loop.run(RunRecipe.from_dict(data), progress=False)
     state = workdir / "nan" / "state"
     progress = json.loads((state / "progress.json").read_text())
     assert (progress["phase"], progress["step"]) == (2, 5)  # the save before the failure
@@ -383,7 +408,7 @@ def test_diverging_loss_stops_with_the_last_good_state_intact(workdir, monkeypat
     assert not (workdir / "nan" / "model.safetensors").exists()
 
     monkeypatch.setattr(train, "lm_loss", real)
-    result = iterative.run(RunRecipe.from_dict(data), resume=True, progress=False)  # and it can go on
+    result = loop.run(RunRecipe.from_dict(data), resume=True, progress=False)  # and it can go on
     assert math.isfinite(result.report["phases"][-1]["perplexity"])
 
 
@@ -407,7 +432,7 @@ def test_two_processes_with_gloo_end_with_identical_weights(workdir):
     assert report["processes"] == 2
     digests = report["weights_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    assert digests[0] == iterative.weights_digest(AutoModelForCausalLM.from_pretrained(workdir / "ddp"))
+    assert digests[0] == distributed.weights_digest(AutoModelForCausalLM.from_pretrained(workdir / "ddp"))
     # two processes share each global batch: half the steps of the single-process run
     assert [p["train_steps"] for p in report["phases"]] == [8, 8, 4]
     assert proc.stdout.count("saved the final checkpoint") == 1  # only the main process prints
@@ -450,7 +475,7 @@ def test_a_bf16_checkpoint_is_trained_in_fp32_and_saved_in_bf16(workdir, tmp_pat
     model.save_pretrained(tmp_path / "bf16")
     char_tokenizer().save_pretrained(tmp_path / "bf16")
     data = recipe_dict(workdir, "bf16-out", tokens_per_shot=1024, final_tokens=0) | {"model": str(tmp_path / "bf16")}
-    result = iterative.run(RunRecipe.from_dict(data), progress=False)  # the reload check passes
+    result = loop.run(RunRecipe.from_dict(data), progress=False)  # the reload check passes
     saved = AutoModelForCausalLM.from_pretrained(result.out)
     assert saved.dtype == torch.bfloat16
     final = result.report["final"]

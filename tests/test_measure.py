@@ -6,12 +6,15 @@ import pytest
 import torch
 from tiny import char_tokenizer, random_plan, tiny_model
 
-import transact.measure
-from transact import bench, evaluate
+import transact.measure.jobs
+import transact.measure.tasks
+from transact.arch import shape_of
 from transact.cli import main
+from transact.core.surgery import prune_
 from transact.errors import TransactError
-from transact.measure import EvalJob, run_eval
-from transact.prune import prune_
+from transact.io.models import load_model, prepare_model
+from transact.measure import bench, costs
+from transact.measure.jobs import EvalJob, run_eval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +44,7 @@ def text_file(tmp_path, corpus):
 def test_eval_resumes_from_finished_parts(tmp_path, dense_and_pruned, text_file, monkeypatch):
     dense, _ = dense_and_pruned
     out = tmp_path / "eval.json"
-    job = EvalJob(model=str(dense), texts=(str(text_file),), windows=(64,), max_tokens=500, tasks=("piqa", "boolq"),
+    job = EvalJob(model=str(dense), texts=(str(text_file),), windows=(64,), tokens=500, tasks=("piqa", "boolq"),
                   limit=2, out=str(out), progress=False)
     first = run_eval(job)
     assert set(first["tasks"]) == {"piqa", "boolq"} and first["throughput"]["ratio"] > 0
@@ -52,13 +55,13 @@ def test_eval_resumes_from_finished_parts(tmp_path, dense_and_pruned, text_file,
     partial["tasks"]["piqa"]["score"] = 0.123  # marker: must survive the resume untouched
     out.write_text(json.dumps(partial))
     ran = []
-    real = transact.tasks.run_tasks
+    real = transact.measure.tasks.run_tasks
 
     def spy(model, tokenizer, names, **kwargs):
         ran.extend(n for n in names if n not in kwargs["done"])
         return real(model, tokenizer, names, **kwargs)
 
-    monkeypatch.setattr(transact.tasks, "run_tasks", spy)
+    monkeypatch.setattr(transact.measure.tasks, "run_tasks", spy)
     with pytest.raises(TransactError, match="exists; pass --resume"):
         run_eval(job)
     resumed = run_eval(EvalJob(**{**job.__dict__, "resume": True}))
@@ -76,7 +79,7 @@ def test_eval_bad_input_fails_before_loading_and_writes_nothing(tmp_path, dense_
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was validated")
 
-    monkeypatch.setattr(transact.measure, "load_model", refuse)
+    monkeypatch.setattr(transact.measure.jobs, "load_model", refuse)
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     out = tmp_path / "r.json"
@@ -100,9 +103,7 @@ def test_eval_bad_input_fails_before_loading_and_writes_nothing(tmp_path, dense_
 
 
 def test_bench_rows_ratios_and_analytic_costs(dense_and_pruned):
-    dense, pruned = (transact.measure.load_model(transact.measure.prepare(str(p), "cpu", "auto").source,
-                                                 device=torch.device("cpu"), dtype=torch.float32)[0]
-                     for p in dense_and_pruned)
+    dense, pruned = (load_model(prepare_model(str(p), "cpu", "float32"))[0] for p in dense_and_pruned)
     grid = bench.BenchGrid(batches=(1, 2), contexts=(16,), gen=3, repeats=2, warmup=0)
     rows = bench.add_ratios(bench.run_grid({"dense": dense, "pruned": pruned}, grid, progress=False), "dense")
     assert [(r["model"], r["batch"]) for r in rows] == [("dense", 1), ("pruned", 1), ("dense", 2), ("pruned", 2)]
@@ -111,11 +112,11 @@ def test_bench_rows_ratios_and_analytic_costs(dense_and_pruned):
         if r["model"] == "dense":
             assert r["prefill_speedup"] == r["decode_speedup"] == r["prefill_speedup_analytic"] == 1.0
     pruned_row = rows[3]
-    assert pruned_row["prefill_flops"] == evaluate.forward_flops(pruned.config, 16)
-    kv = evaluate.kv_cache_bytes_per_token(pruned.config, torch.float32)
+    assert pruned_row["prefill_flops"] == costs.forward_flops(shape_of(pruned), 16)
+    kv = costs.kv_cache_bytes_per_token(shape_of(pruned), torch.float32)
     weights = sum(p.numel() * 4 for p in pruned.parameters())
     assert pruned_row["decode_bytes_per_step"] == weights + 2 * kv * (16 + 1)
-    assert pruned_row["prefill_speedup_analytic"] == evaluate.forward_flops(dense.config, 16) / pruned_row[
+    assert pruned_row["prefill_speedup_analytic"] == costs.forward_flops(shape_of(dense), 16) / pruned_row[
         "prefill_flops"] > 1
 
 

@@ -8,12 +8,12 @@ import torch
 from tiny import VOCAB, char_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
-from transact import salience
 from transact.arch import get_adapter
-from transact.calibrate import calibrate, taylor_saliences
 from transact.cli import main
+from transact.core import salience
+from transact.core.calibrate import calibrate, weight_x_grad
 from transact.errors import TransactError
-from transact.recipe import Calibration, PruneRecipe
+from transact.recipes import Calibration, PruneRecipe
 
 
 def test_channel_variance_by_hand():
@@ -57,21 +57,21 @@ def test_extra_statistics_match_a_slow_capture():
     down = get_adapter(model).mlp(get_adapter(model).layers(model)[1], model.config).down
     seen = []
     handle = down.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    stats = calibrate(model, windows, batch_size=2, progress=False, extra=("sum", "abs_mean_sq"))
+    stats = calibrate(model, windows, batch_size=2, progress=False, statistics=("sum_sq", "sum", "abs_mean_sq"))
     handle.remove()
     x = torch.cat(seen)  # (5, 12, 96)
     assert stats.samples == 5 and stats.tokens == 60
-    torch.testing.assert_close(stats.mlp_sum[1], x.sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.mlp_abs_mean_sq[1], x.abs().mean(dim=1).square().sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.mlp["sum"][1], x.sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.mlp["abs_mean_sq"][1], x.abs().mean(dim=1).square().sum(0), rtol=1e-5, atol=1e-6)
     plain = calibrate(model, windows, progress=False)
-    assert plain.mlp_sum is None and plain.attn_abs_mean_sq is None
+    assert set(plain.mlp) == set(plain.attn) == {"sum_sq"}
 
 
-def test_taylor_saliences_equal_autograd_by_hand_and_restore_the_model():
+def test_weight_x_grad_equals_autograd_by_hand_and_restores_the_model():
     model = tiny_model("llama")
     before = {n: p.clone() for n, p in model.named_parameters()}
     windows = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
-    sal = taylor_saliences(model, windows, batch_size=2, progress=False)
+    sal = weight_x_grad(model, windows, batch_size=2, progress=False)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -79,8 +79,8 @@ def test_taylor_saliences_equal_autograd_by_hand_and_restore_the_model():
     loss = sum(reference(input_ids=windows[i:i + 2], labels=windows[i:i + 2]).loss for i in (0, 2)) / 2
     loss.backward()
     q_ref = reference.model.layers[1].self_attn.q_proj
-    q = model.model.layers[1].self_attn.q_proj
-    torch.testing.assert_close(sal[q], (q_ref.weight * q_ref.weight.grad).abs().detach(), rtol=1e-4, atol=1e-7)
+    assert len(sal) == 2 and set(sal[1]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    torch.testing.assert_close(sal[1]["q"], (q_ref.weight * q_ref.weight.grad).abs().detach(), rtol=1e-4, atol=1e-7)
 
 
 def test_alpha_belongs_to_transact_only():
@@ -120,11 +120,13 @@ def test_compensation_bias_by_hand():
     assert salience.compensation_bias(weight, mean, torch.tensor([0, 1, 2])).tolist() == [0.0, 0.0]
 
 
-def test_compensation_keeps_the_mean_output_of_o_proj(corpus):
+@pytest.mark.parametrize("metric", ["flap", "transact"])
+def test_compensation_keeps_the_mean_output_of_o_proj(corpus, metric):
     """Layer 0 sees the same input before and after pruning, so the mean over the calibration tokens of
-    its o_proj output must be unchanged once the removed heads' mean contribution is added back."""
-    from transact.calibrate import sample_windows
-    from transact.pipeline import prune
+    its o_proj output must be unchanged once the removed heads' mean contribution is added back. The
+    corrector is independent of the metric that chose the heads."""
+    from transact.api import prune
+    from transact.core.calibrate import sample_windows
 
     tok = char_tokenizer()
     windows = sample_windows(tok, corpus, 6, 48, 0)
@@ -141,18 +143,19 @@ def test_compensation_keeps_the_mean_output_of_o_proj(corpus):
 
     before = mean_o_output(model)
     cal = Calibration(samples=6, seq_len=48)
-    recipe = PruneRecipe(heads=2, kv_heads=1, mlp=48, metric="flap", bias_compensation=True, calibration=cal)
-    prune(model, tok, recipe, texts=corpus, progress=False)
+    recipe = PruneRecipe(heads=2, kv_heads=1, mlp=48, metric=metric, correctors=("flap_bias",), calibration=cal)
+    plan = prune(model, tok, recipe, texts=corpus, progress=False)
     after = mean_o_output(model)
     assert model.config.attention_bias and model.config.mlp_bias
+    assert plan.corrections == [{"name": "flap_bias"}]
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
     without = tiny_model("llama", heads=4, kv_heads=2)
-    prune(without, tok, PruneRecipe(heads=2, kv_heads=1, mlp=48, metric="flap", calibration=cal), texts=corpus,
+    prune(without, tok, PruneRecipe(heads=2, kv_heads=1, mlp=48, metric=metric, calibration=cal), texts=corpus,
           progress=False)
     assert (mean_o_output(without) - before).abs().max() > 1e-2  # the test would notice a missing bias
 
 
-def test_flap_bias_checkpoint_round_trips_and_apply_plan_refuses_it(tmp_path, corpus):
+def test_flap_bias_checkpoint_round_trips_and_apply_plan_refuses_it(tmp_path, corpus, capsys):
     base, calib = saved_model_and_text(tmp_path, "llama", corpus)
     out = tmp_path / "out"
     args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", "flap", "--flap-bias",
@@ -163,7 +166,17 @@ def test_flap_bias_checkpoint_round_trips_and_apply_plan_refuses_it(tmp_path, co
     assert reloaded.config.attention_bias and reloaded.config.mlp_bias
     assert layer.self_attn.o_proj.bias.abs().sum() > 0 and layer.mlp.down_proj.bias.abs().sum() > 0
     assert layer.self_attn.q_proj.bias.abs().sum() == 0  # zero: only implied by the config flag
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["corrections"] == [{"name": "flap_bias"}] and plan["recipe"]["correctors"] == ["flap_bias"]
+    capsys.readouterr()
     assert main(["apply-plan", str(base), str(out / "plan.json"), "--out", str(tmp_path / "again")]) == 2
+    assert "corrected by flap_bias" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    legacy = plan | {"corrections": None}  # a plan written before correctors had their own record
+    del legacy["corrections"]
+    legacy["recipe"] = {k: v for k, v in plan["recipe"].items() if k != "correctors"} | {"bias_compensation": True}
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert main(["apply-plan", str(base), str(tmp_path / "legacy.json"), "--out", str(tmp_path / "again")]) == 2
+    assert "corrected by flap_bias" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family, heads, kv, message", [
@@ -183,5 +196,5 @@ def test_flap_bias_is_refused_before_loading_where_a_checkpoint_cannot_hold_it(t
                  "--metric", "flap", "--flap-bias", "--quiet"]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
-    with pytest.raises(TransactError, match="needs metric 'flap'"):
-        PruneRecipe(heads=2, bias_compensation=True)
+    with pytest.raises(TransactError, match="corrector 'flap_bais' is unknown; choose one of flap_bias"):
+        PruneRecipe(heads=2, correctors=("flap_bais",))

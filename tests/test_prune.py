@@ -5,9 +5,9 @@ import torch
 from tiny import FAMILIES, VOCAB, random_plan, tiny_model
 
 from transact.arch import get_adapter
+from transact.core.plan import PrunePlan
+from transact.core.surgery import prune_
 from transact.errors import TransactError
-from transact.plan import PrunePlan
-from transact.prune import prune_
 
 # hidden size, (heads, kv_heads) of the tiny model, kept (heads, kv_heads): MHA and GQA, kept head counts
 # that do and do not divide the hidden size (LlamaConfig only accepts dividing ones; see arch/llama.py).

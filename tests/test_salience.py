@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from transact import salience
+from transact.arch import ModelShape
+from transact.core import salience
+from transact.core.plan import Targets, resolve_targets, select_channels, select_heads
 from transact.errors import TransactError
-from transact.plan import ModelShape, Targets, resolve_targets, select_channels, select_heads
-from transact.recipe import PruneRecipe, Width
+from transact.recipes import PruneRecipe, Width
 
 
 def test_head_salience_two_heads_by_hand():

@@ -7,13 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from transact import assets
-from transact.pipeline import EvalText, PruneJob, model_info, run_prune
-from transact.recipe import Calibration, PruneRecipe
+from transact.api import PruneJob, model_info, run_prune
+from transact.io import assets
+from transact.io.models import smollm2_dir
+from transact.recipes import Calibration, HeldoutText, PruneRecipe
 
 pytestmark = pytest.mark.slow
 
-HELDOUT = EvalText(source="builtin", max_tokens=2048, window=512)
+HELDOUT = HeldoutText(text="builtin", tokens=2048, window=512)
 CALIB = Calibration(samples=32, seq_len=128, batch_size=8)
 
 
@@ -47,10 +48,10 @@ def test_pruned_smollm2_reloads_with_identical_logits(pruned_runs):
     with torch.no_grad():
         logits = model(ids).logits
     # Rebuild the pruned model from the dense weights and the plan, in memory, and compare.
-    from transact.plan import PrunePlan
-    from transact.prune import prune_
+    from transact.core.plan import PrunePlan
+    from transact.core.surgery import prune_
 
-    dense = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir()).eval()
+    dense = AutoModelForCausalLM.from_pretrained(smollm2_dir()).eval()
     prune_(dense, PrunePlan.load(out / "plan.json"))
     with torch.no_grad():
         assert torch.equal(dense(ids).logits, logits)
@@ -129,8 +130,8 @@ def test_eval_cli_with_tasks_on_the_real_model(tmp_path, pruned_runs, capsys):
 
 
 def test_export_pruned_smollm2_to_gguf_and_run_it_in_llamacpp(tmp_path, pruned_runs, capsys):
-    from transact import llamacpp
     from transact.cli import main
+    from transact.deploy import llamacpp
 
     out = tmp_path / "pruned.f16.gguf"
     assert main(["export", str(pruned_runs["transact"].out), "--gguf", str(out), "--quiet"]) == 0

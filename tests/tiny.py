@@ -40,10 +40,11 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
 
 def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0):
     """A plan keeping ``heads``/``kv_heads``/``mlp`` per layer, chosen by seeded random scores."""
-    from transact.plan import ModelShape, Targets, make_plan
-    from transact.score import random_layer_scores
+    from transact.arch import shape_of
+    from transact.core.metrics.random_choice import random_layer_scores
+    from transact.core.plan import Targets, make_plan
 
-    shape = ModelShape.of(model.config)
+    shape = shape_of(model.config)
     scores = random_layer_scores(shape, seed)
     return make_plan(scores.heads, scores.mlp, Targets(heads, kv_heads, mlp), shape)
 

@@ -1,32 +1,26 @@
 """transact: structured pruning of decoder LLMs by transitional activations (TransAct).
 
-The stages, each a module: ``calibrate`` -> ``score`` (``salience`` holds the pure math) -> ``plan`` ->
-``prune`` -> ``evaluate`` (with ``tasks`` for lm-eval accuracy and ``bench`` for measured speed) ->
-``export``. ``pipeline`` joins the pruning stages and ``measure`` the measuring ones (``report`` writes
-their tables and plots); ``cli`` is a thin layer over both.
+The pipeline lives in subpackages whose names follow the data: ``core`` (calibrate -> metrics -> plan ->
+correct -> surgery, joined by ``core.step``), ``recovery`` (training between shots, ``transact run``),
+``measure`` (perplexity, costs, tasks, bench, report), ``deploy`` (llama.cpp), ``io`` (models, assets,
+text, checkpoints), ``arch`` (one adapter per model family) and ``recipes``. ``api`` and ``cli`` sit on
+top; the names below are the public API.
 """
 
-__version__ = "0.1.0"
+from transact.version import __version__  # noqa: I001  (first: the rest record it)
 
-from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter
-from transact.calibrate import ActivationStats, calibrate, record_transitional_stats
+from transact.api import ApplyPlanJob, PruneJob, load, model_info, prune, run_apply_plan, run_prune, save
+from transact.arch import SUPPORTED_MODEL_TYPES, FamilyAdapter, ModelShape, get_adapter
+from transact.core.calibrate import ActivationStats, Statistics, calibrate, record_transitional_stats
+from transact.core.correct import Corrector, corrector_names, get_corrector, register_corrector
+from transact.core.metrics import LayerScores, Metric, get_metric, metric_names, register_metric
+from transact.core.plan import PrunePlan, make_plan, resolve_targets
+from transact.core.step import apply_step, gather_statistics, plan_step, prune_step
+from transact.core.surgery import prune_
 from transact.errors import TransactError
-from transact.evaluate import perplexity
-from transact.measure import BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
-from transact.pipeline import (
-    ApplyPlanJob,
-    EvalText,
-    PruneJob,
-    load,
-    model_info,
-    prune,
-    run_apply_plan,
-    run_prune,
-    save,
-)
-from transact.plan import PrunePlan, make_plan, resolve_targets
-from transact.prune import prune_
-from transact.recipe import Calibration, PruneRecipe, Width
+from transact.measure.jobs import BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
+from transact.measure.perplexity import perplexity
+from transact.recipes import Calibration, HeldoutText, PruneRecipe, RunRecipe, Width
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -35,22 +29,40 @@ __all__ = [
     "BenchJob",
     "Calibration",
     "CompareJob",
+    "Corrector",
     "EvalJob",
-    "EvalText",
+    "FamilyAdapter",
+    "HeldoutText",
+    "LayerScores",
+    "Metric",
+    "ModelShape",
     "PruneJob",
     "PrunePlan",
     "PruneRecipe",
+    "RunRecipe",
+    "Statistics",
     "TransactError",
     "Width",
+    "__version__",
+    "apply_step",
     "calibrate",
+    "corrector_names",
+    "gather_statistics",
     "get_adapter",
+    "get_corrector",
+    "get_metric",
     "load",
     "make_plan",
+    "metric_names",
     "model_info",
     "perplexity",
+    "plan_step",
     "prune",
     "prune_",
+    "prune_step",
     "record_transitional_stats",
+    "register_corrector",
+    "register_metric",
     "resolve_targets",
     "run_apply_plan",
     "run_bench",

@@ -1,21 +1,38 @@
-"""``transact`` command line: a thin layer that turns flags into a recipe/job and prints the result."""
+"""``transact`` command line: a thin layer that turns flags into a recipe/job and prints the result.
+
+Defaults shown in the help are read from the recipe and job dataclasses, so the CLI and the Python API
+cannot drift apart; metric and corrector choices come from their registries.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from transact.bench import BenchGrid, parse_int_list
-from transact.deploy import GgufExportJob, run_gguf_export
+from transact.api import ApplyPlanJob, PruneJob, model_info, run_apply_plan, run_prune
+from transact.core.correct import CORRECTORS
+from transact.core.metrics import METRICS
+from transact.deploy.gguf import TOLERANCE, GgufExportJob, run_gguf_export
+from transact.deploy.llamacpp import OUTTYPES
 from transact.errors import TransactError
-from transact.llamacpp import OUTTYPES
-from transact.measure import ENGINES, BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
-from transact.pipeline import ApplyPlanJob, EvalText, PruneJob, model_info, run_apply_plan, run_prune
-from transact.recipe import METRICS, Calibration, PruneRecipe, Width
-from transact.tasks import TASKS
+from transact.measure.bench import BenchGrid, parse_int_list
+from transact.measure.jobs import ENGINES, BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
+from transact.measure.tasks import TASKS
+from transact.recipes import Calibration, HeldoutText, PruneRecipe, Width
 
 MODEL_HELP = "a Hugging Face model directory, a hub id, a .gguf file, or builtin:smollm2"
+
+
+def default(cls: type, name: str):
+    """The default of dataclass field ``name`` (the CLI's defaults are the API's)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _csv(values: tuple) -> str:
+    return ",".join(map(str, values))
 
 
 def _width(text: str) -> Width:
@@ -25,76 +42,103 @@ def _width(text: str) -> Width:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", default="auto",
+    p.add_argument("--device", default=default(PruneJob, "device"), help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default=default(PruneJob, "dtype"),
                    help="compute dtype: auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_eval_text(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
-    p.add_argument(flag, default=default, metavar="PATH",
+def _add_eval_text(p: argparse.ArgumentParser) -> None:
+    tokens, window = default(HeldoutText, "tokens"), default(HeldoutText, "window")
+    p.add_argument("--eval-text", default=None, metavar="PATH",
                    help="held-out text for perplexity: .txt/.jsonl file, directory, or 'builtin' (LAMBADA passages)")
-    p.add_argument("--eval-tokens", type=int, default=16384,
-                   help="use at most this many tokens of the held-out text (0 = all; default 16384)")
-    p.add_argument("--window", type=int, default=1024, help="perplexity window in tokens (default 1024)")
-    p.add_argument("--stride", type=int, default=None, help="window stride (default: the window, i.e. disjoint)")
+    p.add_argument("--eval-tokens", type=_at_least(0), default=tokens,
+                   help=f"use at most this many tokens of the held-out text (0 = all; default {tokens})")
+    p.add_argument("--window", type=_at_least(2), default=window,
+                   help=f"perplexity window in tokens (default {window})")
+    p.add_argument("--stride", type=_at_least(1), default=None,
+                   help="window stride (default: the window, i.e. disjoint)")
 
 
 def _add_quality(p: argparse.ArgumentParser) -> None:
+    tokens, windows = default(EvalJob, "tokens"), _csv(default(EvalJob, "windows"))
     p.add_argument("--text", action="append", metavar="PATH",
                    help="held-out text for perplexity (repeatable): .txt/.jsonl file, directory, or 'builtin' "
                    "(LAMBADA passages; the default); 'none' for no perplexity")
-    p.add_argument("--eval-tokens", type=int, default=16384,
-                   help="use at most this many tokens of each text (0 = all; default 16384)")
-    p.add_argument("--windows", default="1024", help="perplexity window lengths, e.g. 1024,2048,4096 (clipped "
-                   "to the model's context; default 1024)")
+    p.add_argument("--eval-tokens", type=int, default=tokens,
+                   help=f"use at most this many tokens of each text (0 = all; default {tokens})")
+    p.add_argument("--windows", default=windows, help="perplexity window lengths, e.g. 1024,2048,4096 (clipped "
+                   f"to the model's context; default {windows})")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: the window, i.e. disjoint)")
     p.add_argument("--tasks", help="lm-eval tasks, comma-separated: " + ", ".join(TASKS)
                    + "; 'default' = all but triviaqa, 'all'")
-    p.add_argument("--shots", default="0", help="few-shot examples per task: a number, or 'paper' for the "
-                   "paper's Table 5 counts (default 0)")
+    p.add_argument("--shots", default=str(default(EvalJob, "shots")), help="few-shot examples per task: a number, "
+                   "or 'paper' for the paper's Table 5 counts (default 0)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass in tasks (default 8)")
+    batch = default(EvalJob, "batch_size")
+    p.add_argument("--batch-size", type=int, default=batch,
+                   help=f"sequences per forward pass in tasks (default {batch})")
 
 
 def _add_grid(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
-    p.add_argument("--context", default="256,1024", help="prompt lengths in tokens (default 256,1024)")
-    p.add_argument("--gen", type=int, default=32, help="decode steps after each prompt (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per point; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per point first (default 1)")
+    g = BenchGrid()
+    p.add_argument("--batch", default=_csv(g.batches), help=f"batch sizes (default {_csv(g.batches)})")
+    p.add_argument("--context", default=_csv(g.contexts), help=f"prompt lengths in tokens (default {_csv(g.contexts)})")
+    p.add_argument("--gen", type=int, default=g.gen, help=f"decode steps after each prompt (default {g.gen})")
+    p.add_argument("--repeats", type=int, default=g.repeats, help="timed repeats per point; the median is reported "
+                   f"(default {g.repeats})")
+    p.add_argument("--warmup", type=int, default=g.warmup, help=f"untimed runs per point first (default {g.warmup})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transact", description="Structured pruning of decoder LLMs by "
-                                     "transitional activations, into plain Hugging Face checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _metric_help() -> str:
+    return "unit importance: " + "; ".join(f"{name}: {m.summary}" for name, m in METRICS.items())
 
+
+def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="calibrate, score, prune and save a smaller model")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
     p.add_argument("--heads", type=_width, help="query heads kept per layer: a count or a fraction in (0,1)")
     p.add_argument("--kv-heads", type=_width, help="KV heads (groups) kept per layer (default: keep the group size)")
     p.add_argument("--mlp", type=_width, help="MLP channels kept per layer: a count or a fraction in (0,1)")
-    p.add_argument("--metric", choices=METRICS, default="transact",
-                   help="unit importance: transact (paper eq. 5, default), flap, minitron, taylor (LLM-Pruner), "
-                        "or the data-free controls random and magnitude")
+    p.add_argument("--metric", choices=METRICS.names(), default=default(PruneRecipe, "metric"), help=_metric_help())
     p.add_argument("--alpha", type=float, default=None, help="outlier weight in eq. 5 (default 10/head_dim)")
+    p.add_argument("--correct", action="append", choices=CORRECTORS.names(), default=[], metavar="NAME",
+                   help="a corrector to run after selection (repeatable): "
+                   + "; ".join(f"{name}: {c.summary}" for name, c in CORRECTORS.items()))
     p.add_argument("--flap-bias", action="store_true",
-                   help="with --metric flap: FLAP's bias compensation (removed channels' mean output added back as "
-                   "o_proj/down_proj biases; Llama only, saved with attention_bias/mlp_bias)")
-    p.add_argument("--calib", default="builtin", metavar="PATH",
+                   help="--correct flap_bias: FLAP's bias compensation (the removed channels' mean output added back "
+                   "as o_proj/down_proj biases; Llama only, saved with attention_bias/mlp_bias)")
+    cal = Calibration()
+    p.add_argument("--calib", default=cal.text, metavar="PATH",
                    help="calibration text: .txt/.jsonl file, directory, or 'builtin' (default)")
-    p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    _add_eval_text(p, "--eval-text", None)
+    p.add_argument("--samples", type=int, default=cal.samples, help=f"calibration sequences (default {cal.samples})")
+    p.add_argument("--seq-len", type=int, default=cal.seq_len,
+                   help=f"tokens per calibration sequence (default {cal.seq_len})")
+    p.add_argument("--batch-size", type=int, default=cal.batch_size,
+                   help=f"calibration batch size (default {cal.batch_size})")
+    p.add_argument("--seed", type=int, default=default(PruneRecipe, "seed"))
+    _add_eval_text(p)
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
     _add_runtime(p)
 
+
+def _apply_plan_parser(sub) -> None:
     p = sub.add_parser("apply-plan", help="recreate a pruned model from its base and plan.json")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("plan", help="plan.json written by 'transact prune'")
@@ -103,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true")
     _add_runtime(p)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity on held-out text and downstream task accuracy (lm-eval)")
     p.add_argument("model", help=MODEL_HELP)
     _add_quality(p)
@@ -111,19 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --json OUT")
     _add_runtime(p)
 
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="parameters, KV cache, FLOPs and measured speed/memory, models interleaved")
     p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP + " (the first is the reference)")
     _add_grid(p)
-    p.add_argument("--engine", choices=ENGINES, default="torch",
+    p.add_argument("--engine", choices=ENGINES, default=default(BenchJob, "engine"),
                    help="torch (transformers, the default) or llama.cpp (GGUF through xllamacpp)")
-    p.add_argument("--outtype", default="f16,q8_0",
-                   help="llama.cpp: GGUF types each Hugging Face model is converted to (default f16,q8_0); "
-                   "a .gguf model runs as it is")
+    outtypes = _csv(default(BenchJob, "outtypes"))
+    p.add_argument("--outtype", default=outtypes, help="llama.cpp: GGUF types each Hugging Face model is converted "
+                   f"to (default {outtypes}); a .gguf model runs as it is")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores)")
     p.add_argument("--out", help="directory for bench.json and plots (and, for llama.cpp, the GGUF files)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     _add_runtime(p)
 
+
+def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="eval + bench of a dense model and pruned variants: report.md and plots")
     p.add_argument("models", nargs="+", metavar="MODEL", help="the dense (reference) model, then pruned ones")
     p.add_argument("--out", required=True, help="report directory (must be empty or absent, unless --force)")
@@ -133,21 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     _add_runtime(p)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a GGUF file for llama.cpp, checked against transformers")
     p.add_argument("model", help="a Hugging Face model directory (e.g. one 'transact prune' wrote) or builtin:smollm2")
     p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    p.add_argument("--outtype", default="f16", choices=OUTTYPES,
-                   help="tensor type of the weight matrices (llama.cpp's converter; default f16)")
-    p.add_argument("--verify-tokens", type=int, default=16,
-                   help="greedy tokens per prompt compared between llama.cpp and transformers (default 16)")
+    outtype = default(GgufExportJob, "outtype")
+    p.add_argument("--outtype", default=outtype, choices=OUTTYPES,
+                   help=f"tensor type of the weight matrices (llama.cpp's converter; default {outtype})")
+    tokens = default(GgufExportJob, "new_tokens")
+    p.add_argument("--verify-tokens", type=int, default=tokens,
+                   help=f"greedy tokens per prompt compared between llama.cpp and transformers (default {tokens})")
     p.add_argument("--tolerance", type=float, default=None, metavar="NATS",
-                   help="allowed log-probability distance (default by --outtype: f32 0.02, f16 0.05, bf16 0.15, "
-                   "q8_0 0.75)")
+                   help="allowed log-probability distance (default by --outtype: "
+                   + ", ".join(f"{t} {v}" for t, v in TOLERANCE.items()) + ")")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT.gguf")
     p.add_argument("--no-verify", action="store_true", help="skip loading the file in llama.cpp to compare")
     p.add_argument("--quiet", action="store_true")
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="iterative pruning with recovery training, from a YAML recipe (resumable)")
     p.add_argument("recipe", help="recipe YAML (keys: model, out, target, shots or schedule, calibration, training, "
                    "heldout; see the README)")
@@ -156,16 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the recipe's out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="family, widths, parameters, KV cache and what can be pruned")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transact", description="Structured pruning of decoder LLMs by "
+                                     "transitional activations, into plain Hugging Face checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_prune_parser, _apply_plan_parser, _eval_parser, _bench_parser, _compare_parser, _export_parser,
+                _run_parser, _info_parser):
+        add(sub)
     return parser
 
 
-def _eval_text(args, source: str | None) -> EvalText | None:
-    if source is None:
+def _eval_text(args) -> HeldoutText | None:
+    if args.eval_text is None:
         return None
-    return EvalText(source=source, max_tokens=args.eval_tokens, window=args.window, stride=args.stride)
+    return HeldoutText(text=args.eval_text, tokens=args.eval_tokens, window=args.window, stride=args.stride)
 
 
 def _fmt_int(n: int) -> str:
@@ -202,15 +269,15 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
 
 
 def _cmd_prune(args) -> int:
+    correctors = list(dict.fromkeys(args.correct + (["flap_bias"] if args.flap_bias else [])))
     recipe = PruneRecipe(
         heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, metric=args.metric, alpha=args.alpha,
-        seed=args.seed, bias_compensation=args.flap_bias,
+        seed=args.seed, correctors=tuple(correctors),
         calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                 batch_size=args.batch_size),
     )
     job = PruneJob(model=args.model, out=args.out, recipe=recipe, device=args.device, dtype=args.dtype,
-                   eval_text=_eval_text(args, args.eval_text), force=args.force, verify=not args.no_verify,
-                   progress=not args.quiet)
+                   eval_text=_eval_text(args), force=args.force, verify=not args.no_verify, progress=not args.quiet)
     result = run_prune(job)
     print(summary_table(result.report["before"], result.report["after"], result.report["saved_as"]))
     print(f"\nsaved {result.report['saved_as']} checkpoint, plan.json and report.json to {result.out}")
@@ -229,7 +296,7 @@ def _eval_job(args, model: str, out: str | None, resume: bool = False) -> EvalJo
     texts = args.text or ["builtin"]
     texts = [] if [t.lower() for t in texts] == ["none"] else texts
     return EvalJob(model=model, texts=tuple(texts), windows=parse_int_list(args.windows, "--windows"),
-                   max_tokens=args.eval_tokens, stride=args.stride,
+                   tokens=args.eval_tokens, stride=args.stride,
                    tasks=tuple(args.tasks.split(",")) if args.tasks else (), shots=args.shots, limit=args.limit,
                    batch_size=args.batch_size, out=out, resume=resume,
                    force=args.force and out is not None, device=args.device, dtype=args.dtype, progress=not args.quiet)
@@ -262,7 +329,7 @@ def _cmd_bench(args) -> int:
     result = run_bench(BenchJob(models=tuple(args.models), grid=_grid(args), out=args.out, force=args.force,
                                 device=args.device, dtype=args.dtype, progress=not args.quiet, engine=args.engine,
                                 outtypes=tuple(t for t in args.outtype.split(",") if t), threads=args.threads))
-    from transact.report import speed_table
+    from transact.measure.report import speed_table
 
     print(speed_table(result))
     if args.out:
@@ -297,8 +364,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from transact.iterative import report_markdown, run
-    from transact.recipe import load_run_recipe
+    from transact.recipes import load_run_recipe
+    from transact.recovery.loop import run
+    from transact.recovery.report import report_markdown
 
     recipe = load_run_recipe(args.recipe, args.overrides)
     result = run(recipe, resume=args.resume, progress=not args.quiet)

@@ -1,4 +1,5 @@
-"""Llama: the one family whose pruned checkpoints cannot always keep their own config class.
+"""Llama (Llama 1/2/3, SmolLM): the one family whose pruned checkpoints cannot always keep their own
+config class.
 
 transformers 5.x ``LlamaConfig`` refuses ``hidden_size % num_attention_heads != 0`` even when ``head_dim``
 is given, at construction and in ``from_pretrained`` (transformers issue #46082). Pruning heads (say 6 of
@@ -11,13 +12,16 @@ architecture, which reads the head size from ``attention.key_length``. So a Llam
 count does not divide the hidden size is saved as a Mistral checkpoint; otherwise it stays Llama.
 
 Two Llama options have no Mistral counterpart (``attention_bias``, ``mlp_bias``): such a model with an
-indivisible head count is refused with a clear message rather than saved in a form that would load wrong.
+indivisible head count is refused with a clear message rather than saved in a form that would load wrong,
+and o_proj/down_proj biases (FLAP's compensation) are only possible with a head count that divides.
 """
 
 from __future__ import annotations
 
 from transformers import MistralConfig, PretrainedConfig
 
+from transact.arch import register
+from transact.arch.base import FamilyAdapter, GgufTarget
 from transact.errors import TransactError
 
 # Keys that only LlamaConfig knows, or that save_pretrained rewrites itself.
@@ -45,3 +49,17 @@ def llama_portable_config(config: PretrainedConfig) -> PretrainedConfig:
     values["sliding_window"] = None  # Llama attends to the whole context
     values["architectures"] = ["MistralForCausalLM"]
     return MistralConfig(**values)
+
+
+def llama_output_bias_rule(config: PretrainedConfig, num_heads: int) -> str | None:
+    """o_proj/down_proj biases need LlamaConfig's attention_bias/mlp_bias, so the checkpoint must stay Llama."""
+    if config.hidden_size % num_heads:
+        return (f"{num_heads} heads do not divide hidden_size {config.hidden_size}, so the checkpoint would have "
+                "to be saved as Mistral, which has no o_proj/down_proj biases; choose a head count that divides it")
+    return None
+
+
+ADAPTER = register(FamilyAdapter("llama", portable_config=llama_portable_config,
+                                 output_bias_flags=("attention_bias", "mlp_bias"),
+                                 output_bias_rule=llama_output_bias_rule,
+                                 gguf=lambda config: GgufTarget("llama")))

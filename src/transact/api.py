@@ -1,0 +1,152 @@
+"""The library API and the jobs behind ``transact prune``, ``apply-plan`` and ``info``.
+
+``load``/``prune``/``save`` work on models in memory; ``run_prune``/``run_apply_plan``/``model_info`` take a
+model by name, check every input before any weights are read, and write a verified checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from transact.arch import get_adapter
+from transact.core.plan import PrunePlan, resolve_targets, valid_head_pairs
+from transact.core.step import check_correctors, check_reproducible, prune_step, reapply_plan
+from transact.io.checkpoint import write_verified
+from transact.io.files import check_output_dir
+from transact.io.models import load_model, prepare_model, require_tokenizer, skeleton
+from transact.io.text import read_texts, token_stream
+from transact.measure.costs import model_summary
+from transact.measure.perplexity import heldout_perplexity
+from transact.recipes import HeldoutText, PruneRecipe
+from transact.version import library_versions
+
+
+def load(model: str, *, device: str = "cpu", dtype: str = "auto"):
+    """-> (model, tokenizer) from a directory, hub id, .gguf file or ``builtin:smollm2``."""
+    return load_model(prepare_model(model, device, dtype))
+
+
+def prune(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list[str] | None = None,
+          progress: bool = True) -> PrunePlan:
+    """Calibrate (if the recipe needs data), score, select, correct and slice ``model`` in place; -> the plan."""
+    return prune_step(model, tokenizer, recipe, texts=texts, progress=progress)
+
+
+def save(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan, *, report: dict | None = None,
+         force: bool = False, verify: bool = True) -> Path:
+    """Write a pruned model (in its current dtype) as a vanilla checkpoint with plan.json and report.json,
+    after checking that the written files reload with identical logits (unless ``verify`` is False)."""
+    check_output_dir(out, force=force)
+    report = report if report is not None else {"after": model_summary(model)}
+    return write_verified(model, tokenizer, out, plan, report, save_dtype=next(model.parameters()).dtype,
+                          force=force, verify=verify)
+
+
+def saved_model_type(model: nn.Module) -> str:
+    """The ``model_type`` the checkpoint will carry (see ``transact.arch.llama``)."""
+    return get_adapter(model).saved_model_type(model.config)
+
+
+# ---------------------------------------------------------------- jobs behind the CLI
+
+@dataclass(frozen=True)
+class PruneJob:
+    model: str
+    out: str
+    recipe: PruneRecipe
+    device: str = "cpu"
+    dtype: str = "auto"
+    eval_text: HeldoutText | None = None  # held-out perplexity before and after
+    force: bool = False
+    verify: bool = True
+    progress: bool = True
+
+
+@dataclass
+class PruneResult:
+    out: Path
+    plan: PrunePlan
+    report: dict = field(default_factory=dict)
+
+
+def _perplexity(model: nn.Module, ids, heldout: HeldoutText, progress: bool) -> dict:
+    return heldout_perplexity(model, ids, heldout, progress=progress).to_json()
+
+
+def run_prune(job: PruneJob) -> PruneResult:
+    """Prune a model by name and write the verified checkpoint; every input is checked before loading."""
+    recipe = job.recipe
+    check_output_dir(job.out, force=job.force, inputs=(job.model,))
+    calib_texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
+    eval_texts = read_texts(job.eval_text.text, builtin="heldout") if job.eval_text else None
+    prep = prepare_model(job.model, job.device, job.dtype)
+    targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
+    check_correctors(prep.config, recipe, targets)
+    tokenizer = None
+    if calib_texts is not None or eval_texts is not None:
+        tokenizer = require_tokenizer(prep.source, "calibration and perplexity")
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(prep, tokenizer=tokenizer)
+    report: dict = {"model": job.model, "device": str(prep.device), "compute_dtype": str(prep.dtype)[6:],
+                    "saved_dtype": str(prep.save_dtype)[6:], "before": model_summary(model)}
+    eval_ids = token_stream(tokenizer, eval_texts, limit=job.eval_text.tokens or None) if eval_texts else None
+    if eval_ids is not None:
+        report["before"]["perplexity"] = _perplexity(model, eval_ids, job.eval_text, job.progress)
+
+    t1 = time.perf_counter()
+    plan = prune_step(model, tokenizer, recipe, targets=targets, texts=calib_texts, progress=job.progress)
+    report["prune_seconds"] = round(time.perf_counter() - t1, 2)
+    report["after"] = model_summary(model)
+    if eval_ids is not None:
+        report["after"]["perplexity"] = _perplexity(model, eval_ids, job.eval_text, job.progress)
+    report["saved_as"] = saved_model_type(model)
+    report["total_seconds"] = round(time.perf_counter() - t0, 2)
+    report["versions"] = library_versions()
+    out = write_verified(model, tokenizer, job.out, plan, report, save_dtype=prep.save_dtype, force=job.force,
+                         verify=job.verify, probe=eval_ids)
+    return PruneResult(out, plan, report)
+
+
+@dataclass(frozen=True)
+class ApplyPlanJob:
+    model: str
+    plan: str
+    out: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    force: bool = False
+    verify: bool = True
+
+
+def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
+    """Recreate a pruned checkpoint from its base model and plan.json, without calibration."""
+    check_output_dir(job.out, force=job.force, inputs=(job.model,))
+    plan = PrunePlan.load(job.plan)
+    check_reproducible(plan)
+    prep = prepare_model(job.model, job.device, job.dtype)
+    plan.check_applies_to(prep.shape)
+    model, tokenizer = load_model(prep)
+    report: dict = {"model": job.model, "plan": str(job.plan), "before": model_summary(model)}
+    plan = reapply_plan(model, plan)
+    report["after"] = model_summary(model)
+    report["saved_as"] = saved_model_type(model)
+    report["versions"] = library_versions()
+    out = write_verified(model, tokenizer, job.out, plan, report, save_dtype=prep.save_dtype, force=job.force,
+                         verify=job.verify)
+    return PruneResult(out, plan, report)
+
+
+def model_info(model_spec: str) -> dict:
+    """Family, widths, parameters and KV cache of a model, from its config alone (no weights read)."""
+    prep = prepare_model(model_spec)
+    info = model_summary(skeleton(prep.config, prep.save_dtype))
+    shape = prep.shape
+    info["prunable"] = {"heads_kv_pairs": valid_head_pairs(shape), "mlp": f"1..{shape.intermediate_size}"}
+    source = prep.source
+    info["source"] = source.path + (f" ({source.gguf_file})" if source.gguf_file else "")
+    return info

@@ -1,0 +1,225 @@
+"""What a family adapter is: where a model family keeps its prunable parts, how its config describes
+them, and what its checkpoints can carry.
+
+Every family transact supports today names its modules the same way
+(``model.layers[i].self_attn.{q,k,v,o}_proj`` and ``model.layers[i].mlp.{gate,up,down}_proj``), so one
+frozen dataclass describes them all; what differs is data (module names, where a multimodal checkpoint
+keeps its text model) and a few family rules given as functions (which config class a pruned checkpoint
+is saved as, whether it can carry o_proj/down_proj biases, its llama.cpp architecture). No module outside
+``transact.arch`` reads ``model_type`` or family-specific config fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from transact.errors import TransactError
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """The four projections of one attention block and its head layout (read from the config)."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def linears(self) -> tuple[nn.Linear, ...]:
+        return self.q, self.k, self.v, self.o
+
+
+@dataclass(frozen=True)
+class MlpParts:
+    """The projections of one gated MLP; ``gate`` is None for an ungated MLP."""
+
+    gate: nn.Linear | None
+    up: nn.Linear
+    down: nn.Linear
+    intermediate_size: int
+
+    @property
+    def linears(self) -> tuple[nn.Linear, ...]:
+        return tuple(m for m in (self.gate, self.up, self.down) if m is not None)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The prunable dimensions of a model's text stack (identical in every layer), as plans record them.
+
+    ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
+    measurements; they are not part of what a plan must match (``compare=False``)."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int | None = field(default=None, compare=False)
+    max_positions: int | None = field(default=None, compare=False)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields a plan records (the measurement-only ones are left out)."""
+        return {name: getattr(self, name) for name in ("model_type", "num_layers", "hidden_size", "num_heads",
+                                                       "num_kv_heads", "head_dim", "intermediate_size")}
+
+
+@dataclass(frozen=True)
+class GgufTarget:
+    """How llama.cpp's converter takes a checkpoint: the GGUF architecture it becomes, and config.json keys
+    replaced in the converter's input (None: the checkpoint is converted as it is)."""
+
+    architecture: str
+    config_overrides: dict[str, Any] | None = None
+
+
+def head_layout(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) as a text config states them (kv defaults to MHA)."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, int(head_dim)
+
+
+def _unchanged(config: PretrainedConfig) -> PretrainedConfig:
+    return config
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Where one model family keeps its prunable parts, and its checkpoint rules.
+
+    - ``text_config_name``: the attribute of a multimodal config holding the text model's config (None when
+      the config is the text config itself); ``layers_path`` then points into the language model.
+    - ``portable_config`` maps the in-memory config of a pruned model to the config a checkpoint must carry
+      so that vanilla ``transformers`` loads it (see ``transact.arch.llama``).
+    - ``output_bias_flags``: config flags that give o_proj and down_proj a bias in a vanilla checkpoint (they
+      also give q/k/v and gate/up one); empty where the config cannot express such biases.
+      ``output_bias_rule(text_config, num_heads)`` says why a pruned width cannot carry them (None: it can).
+    - ``gguf(text_config)``: llama.cpp's architecture for the checkpoint (None: llama.cpp has none).
+    """
+
+    model_type: str
+    layers_path: str = "model.layers"
+    text_config_name: str | None = None
+    attention_name: str = "self_attn"
+    q_name: str = "q_proj"
+    k_name: str = "k_proj"
+    v_name: str = "v_proj"
+    o_name: str = "o_proj"
+    mlp_name: str = "mlp"
+    gate_name: str | None = "gate_proj"
+    up_name: str = "up_proj"
+    down_name: str = "down_proj"
+    portable_config: Callable[[PretrainedConfig], PretrainedConfig] = field(default=_unchanged)
+    output_bias_flags: tuple[str, ...] = ()
+    output_bias_rule: Callable[[PretrainedConfig, int], str | None] | None = None
+    gguf: Callable[[PretrainedConfig], GgufTarget] | None = None
+
+    # -- the config
+    def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        return getattr(config, self.text_config_name) if self.text_config_name else config
+
+    def shape(self, config: PretrainedConfig) -> ModelShape:
+        text = self.text_config(config)
+        heads, kv_heads, head_dim = head_layout(text)
+        return ModelShape(model_type=config.model_type, num_layers=text.num_hidden_layers,
+                          hidden_size=text.hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                          intermediate_size=text.intermediate_size, vocab_size=getattr(text, "vocab_size", None),
+                          max_positions=getattr(text, "max_position_embeddings", None))
+
+    def write_config(self, config: PretrainedConfig, *, num_heads: int, num_kv_heads: int,
+                     intermediate_size: int) -> None:
+        """Record the pruned widths in ``config`` (in place); ``head_dim`` is always written explicitly,
+        because after pruning it no longer equals ``hidden_size // num_attention_heads``."""
+        text = self.text_config(config)
+        _, _, head_dim = head_layout(text)
+        text.head_dim = head_dim
+        text.num_attention_heads = num_heads
+        text.num_key_value_heads = num_kv_heads
+        text.intermediate_size = intermediate_size
+
+    def saved_model_type(self, config: PretrainedConfig) -> str:
+        """The ``model_type`` a checkpoint of this (pruned) config is saved as."""
+        return self.portable_config(config).model_type
+
+    def output_bias_refusal(self, config: PretrainedConfig, num_heads: int) -> str | None:
+        """Why a checkpoint pruned to ``num_heads`` could not carry o_proj/down_proj biases (None: it can)."""
+        if not self.output_bias_flags:
+            return f"a vanilla {self.model_type!r} checkpoint cannot carry o_proj/down_proj biases (its config has " \
+                   "no option for them)"
+        return self.output_bias_rule(self.text_config(config), num_heads) if self.output_bias_rule else None
+
+    def enable_output_biases(self, config: PretrainedConfig) -> None:
+        for flag in self.output_bias_flags:
+            setattr(self.text_config(config), flag, True)
+
+    def gguf_target(self, config: PretrainedConfig) -> GgufTarget:
+        if self.gguf is None:
+            raise TransactError(f"no llama.cpp architecture is known for model_type {self.model_type!r}")
+        return self.gguf(self.text_config(config))
+
+    # -- the modules
+    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.get_submodule(self.layers_path)
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attention_name)
+
+    def mlp_module(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp_name)
+
+    def attention(self, layer: nn.Module, config: PretrainedConfig) -> AttentionParts:
+        attn = self.attention_module(layer)
+        heads, kv_heads, head_dim = head_layout(self.text_config(config))
+        return AttentionParts(q=getattr(attn, self.q_name), k=getattr(attn, self.k_name),
+                              v=getattr(attn, self.v_name), o=getattr(attn, self.o_name),
+                              num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+
+    def mlp(self, layer: nn.Module, config: PretrainedConfig) -> MlpParts:
+        mlp = self.mlp_module(layer)
+        return MlpParts(gate=getattr(mlp, self.gate_name) if self.gate_name else None, up=getattr(mlp, self.up_name),
+                        down=getattr(mlp, self.down_name),
+                        intermediate_size=self.text_config(config).intermediate_size)
+
+    def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts, MlpParts]]:
+        """(attention, MLP) of every decoder layer, in order."""
+        return [(self.attention(layer, model.config), self.mlp(layer, model.config)) for layer in self.layers(model)]
+
+    def prunable_linears(self, model: nn.Module) -> list[nn.Linear]:
+        """Every projection pruning slices (q/k/v/o, gate/up/down), layer by layer."""
+        return [linear for attn, mlp in self.layer_parts(model) for linear in (*attn.linears, *mlp.linears)]
+
+    def sync_modules(self, layer: nn.Module, config: PretrainedConfig) -> None:
+        """Bring the per-module copies of head counts in line with ``config``.
+
+        transformers caches a few config values on the modules at construction (``num_key_value_groups``
+        drives ``repeat_kv`` in the attention kernels); the names differ between versions, so only the
+        attributes that exist are updated.
+        """
+        text = self.text_config(config)
+        heads, kv_heads, head_dim = head_layout(text)
+        attn = self.attention_module(layer)
+        for name, value in (("num_key_value_groups", heads // kv_heads), ("num_heads", heads),
+                            ("num_attention_heads", heads), ("num_key_value_heads", kv_heads), ("head_dim", head_dim)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        mlp = self.mlp_module(layer)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = text.intermediate_size
+

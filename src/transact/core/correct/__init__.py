@@ -1,0 +1,53 @@
+"""Correctors: steps that run after selection and before slicing and may change the weights that stay.
+
+Each is one ``Corrector`` in one module of this package, registered by name. It declares the statistics it
+needs (collected in the same calibration pass as the metric's), checks before any computation that the
+family's vanilla checkpoint can carry its result, and returns a record that plan.json keeps. A corrector
+whose result plan.json cannot reproduce (it depends on calibration statistics) makes ``apply-plan`` refuse
+the plan rather than silently write different weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from transact.arch import FamilyAdapter
+from transact.registry import Registry
+
+if TYPE_CHECKING:
+    from transact.core.calibrate import Statistics
+    from transact.core.plan import PrunePlan, Targets
+
+
+@dataclass(frozen=True)
+class Corrector:
+    """``check(adapter, config, targets)`` raises TransactError where the result could not be saved;
+    ``apply(model, plan, statistics)`` changes the unpruned model's weights in place (the plan's slicing
+    follows) and returns what plan.json records beyond the name."""
+
+    name: str
+    summary: str
+    apply: Callable[[nn.Module, PrunePlan, Statistics], dict[str, Any]]
+    check: Callable[[FamilyAdapter, PretrainedConfig, Targets], None]
+    statistics: tuple[str, ...] = ()
+    reproducible: bool = False  # whether apply-plan can redo it from plan.json and the base model alone
+
+
+CORRECTORS: Registry[Corrector] = Registry("corrector", __name__)
+
+
+def register_corrector(corrector: Corrector) -> Corrector:
+    return CORRECTORS.register(corrector.name, corrector)
+
+
+def get_corrector(name: str) -> Corrector:
+    return CORRECTORS.get(name)
+
+
+def corrector_names() -> tuple[str, ...]:
+    return CORRECTORS.names()

@@ -1,0 +1,71 @@
+"""Salience metrics: each is one ``Metric`` in one module of this package, registered by name.
+
+A metric declares the statistics it needs (``transact.core.calibrate``: activation statistics from the
+hooked forward pass, or ``WEIGHT_X_GRAD`` from backward passes; none for a data-free metric) and turns
+them into per-layer scores of query heads and MLP channels. Selection, correction and surgery are shared,
+so every metric yields the same kind of plan and checkpoint. Adding a metric is adding one module here
+(see docs/architecture.md); the recipe, the CLI's ``--metric`` choices and its help read this registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from transact.arch import ModelShape
+from transact.registry import Registry
+
+if TYPE_CHECKING:
+    from transact.core.calibrate import Statistics
+    from transact.recipes import PruneRecipe
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """Per-layer unit scores (higher = more important): heads[l] (num_heads,), mlp[l] (intermediate_size,)."""
+
+    heads: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+
+
+Scorer = Callable[[nn.Module, "Statistics", ModelShape, "PruneRecipe"], LayerScores]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A salience metric: ``score(model, statistics, shape, recipe)`` -> LayerScores.
+
+    ``statistics`` names what calibration must collect (empty: data-free); ``options`` names the recipe
+    fields beyond the widths and seed that the metric reads (the recipe refuses them for other metrics);
+    ``summary`` is its one-line description in the CLI help.
+    """
+
+    name: str
+    summary: str
+    score: Scorer
+    statistics: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+    @property
+    def data_free(self) -> bool:
+        return not self.statistics
+
+
+METRICS: Registry[Metric] = Registry("metric", __name__, first="transact")
+
+
+def register_metric(metric: Metric) -> Metric:
+    return METRICS.register(metric.name, metric)
+
+
+def get_metric(name: str) -> Metric:
+    return METRICS.get(name)
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every metric, the default (transact) first."""
+    return METRICS.names()

@@ -1,0 +1,23 @@
+"""TransAct (paper eq. 5): a head's salience is the mean of its channels' L2 norms plus alpha times their
+max; an MLP channel's salience is its L2 norm. Norms are over the calibration tokens of the transitional
+activations (o_proj and down_proj inputs)."""
+
+from __future__ import annotations
+
+from transact.core import salience
+from transact.core.metrics import LayerScores, Metric, register_metric
+from transact.errors import TransactError
+
+
+def transact_scores(model, stats, shape, recipe) -> LayerScores:
+    attn, mlp = stats.activation("attn", "sum_sq"), stats.activation("mlp", "sum_sq")
+    if len(attn) != shape.num_layers:
+        raise TransactError(f"statistics cover {len(attn)} layers, model has {shape.num_layers}")
+    alpha = salience.default_alpha(shape.head_dim) if recipe.alpha is None else recipe.alpha
+    heads = [salience.head_salience(salience.channel_norms(s), shape.head_dim, alpha) for s in attn]
+    return LayerScores(heads, [salience.mlp_salience(salience.channel_norms(s)) for s in mlp])
+
+
+METRIC = register_metric(Metric(
+    "transact", "paper eq. 5 on the transitional activations (the default; --alpha weights the max)",
+    transact_scores, statistics=("sum_sq",), options=("alpha",)))

@@ -1,0 +1,113 @@
+"""One pruning step: calibrate -> score -> select -> correct -> slice, over plain values.
+
+``prune_step`` is the step the library API, ``transact prune``, ``transact run`` and every benchmark
+take. Its two halves are public for the cases that split it: ``plan_step`` (calibrate, score, select: the
+plan, and the statistics behind it) and ``apply_step`` (correct, slice). A distributed run plans on one
+process and applies everywhere; a benchmark that tries many widths or alphas collects the statistics
+once (``gather_statistics``) and hands them to every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from transact.arch import get_adapter, shape_of
+from transact.core.calibrate import Statistics, collect_statistics, sample_windows
+from transact.core.correct import get_corrector
+from transact.core.metrics import get_metric
+from transact.core.plan import PrunePlan, Targets, make_plan, resolve_targets
+from transact.core.surgery import prune_
+from transact.errors import TransactError
+from transact.io.text import read_texts
+from transact.recipes import PruneRecipe
+from transact.version import library_versions
+
+
+def calibration_windows(tokenizer, recipe: PruneRecipe, texts: list[str] | None = None) -> torch.Tensor | None:
+    """The recipe's calibration windows (samples, seq_len), or None when nothing needs calibrating."""
+    if not recipe.needs_calibration:
+        return None
+    if tokenizer is None:
+        raise TransactError(f"metric {recipe.metric!r} calibrates on text, which needs the model's tokenizer")
+    cal = recipe.calibration
+    texts = texts if texts is not None else read_texts(cal.text)
+    return sample_windows(tokenizer, texts, cal.samples, cal.seq_len, recipe.seed)
+
+
+def gather_statistics(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list[str] | None = None,
+                      progress: bool = True) -> Statistics:
+    """Everything the recipe's metric and correctors need, from one calibration of ``model``."""
+    windows = calibration_windows(tokenizer, recipe, texts)
+    return collect_statistics(model, windows, recipe.statistics, batch_size=recipe.calibration.batch_size,
+                              progress=progress)
+
+
+def check_correctors(config, recipe: PruneRecipe, targets: Targets) -> None:
+    """Each corrector's up-front check that the family's checkpoint can carry its result (no compute)."""
+    adapter = get_adapter(config)
+    for name in recipe.correctors:
+        get_corrector(name).check(adapter, config, targets)
+
+
+def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targets | None = None,
+              texts: list[str] | None = None, statistics: Statistics | None = None, note: dict | None = None,
+              progress: bool = True) -> tuple[PrunePlan, Statistics]:
+    """Calibrate (unless ``statistics`` are given), score with the recipe's metric and select the kept
+    units: -> (plan, statistics). ``targets`` default to the recipe's widths on this model; ``note`` is
+    recorded with the recipe in the plan."""
+    shape = shape_of(model)
+    targets = targets or resolve_targets(recipe, shape)
+    check_correctors(model.config, recipe, targets)
+    if statistics is None:
+        statistics = gather_statistics(model, tokenizer, recipe, texts=texts, progress=progress)
+    missing = [name for name in recipe.statistics if not statistics.has(name)]
+    if missing:
+        raise TransactError(f"the given statistics lack {', '.join(missing)}, which this recipe needs")
+    scores = get_metric(recipe.metric).score(model, statistics, shape, recipe)
+    plan = make_plan(scores.heads, scores.mlp, targets, shape, recipe={**(note or {}), **recipe.to_json()},
+                     calibration_hash=statistics.calibration_hash, versions=library_versions())
+    return plan, statistics
+
+
+def apply_step(model: nn.Module, plan: PrunePlan, statistics: Statistics | None = None,
+               correctors: tuple[str, ...] = ()) -> PrunePlan:
+    """Run ``correctors`` on the unpruned weights, then slice ``model`` in place to the plan; -> the plan
+    with what the correctors did recorded."""
+    records = []
+    for name in correctors:
+        corrector = get_corrector(name)
+        records.append({"name": name, **corrector.apply(model, plan, statistics or Statistics())})
+    if records:
+        plan = replace(plan, corrections=[*plan.corrections, *records])
+    prune_(model, plan)
+    return plan
+
+
+def prune_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targets | None = None,
+               texts: list[str] | None = None, statistics: Statistics | None = None, note: dict | None = None,
+               progress: bool = True) -> PrunePlan:
+    """The whole step on ``model``, in place: calibrate, score, select, correct, slice; -> the plan."""
+    plan, statistics = plan_step(model, tokenizer, recipe, targets=targets, texts=texts, statistics=statistics,
+                                 note=note, progress=progress)
+    return apply_step(model, plan, statistics, recipe.correctors)
+
+
+def check_reproducible(plan: PrunePlan) -> None:
+    """Refuse a plan with a correction that plan.json cannot reproduce (it depends on calibration
+    statistics): applying the plan alone would write different weights than the checkpoint it describes."""
+    for record in plan.corrections:
+        corrector = get_corrector(record["name"])
+        if not corrector.reproducible:
+            raise TransactError(f"this plan's checkpoint was corrected by {corrector.name} ({corrector.summary}), "
+                                "which depends on calibration statistics that plan.json does not hold; run "
+                                "transact prune again to recreate it")
+
+
+def reapply_plan(model: nn.Module, plan: PrunePlan) -> PrunePlan:
+    """``plan`` on its base model again, without calibration: bit-identical weights to the first time."""
+    check_reproducible(plan)
+    names = tuple(record["name"] for record in plan.corrections)
+    return apply_step(model, replace(plan, corrections=[]), None, names)

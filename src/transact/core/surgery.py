@@ -1,0 +1,63 @@
+"""Surgery: slice a model in place to a PrunePlan, updating the config and module attributes.
+
+q/k/v/gate/up keep only the output rows (and bias entries) of kept units; o/down keep only the matching
+input columns. Embeddings, norms (including Qwen3's per-head q/k norms, which act on head_dim) and the
+hidden size are untouched. Slicing copies values exactly, so applying the same plan to the same base
+model always gives bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transact.arch import get_adapter, shape_of
+from transact.core.plan import PrunePlan
+
+
+def unit_rows(units: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """Row indices of whole units of ``width`` rows (a head's head_dim rows). -> (len(units) * width,)."""
+    base = torch.tensor(units, dtype=torch.long, device=device).unsqueeze(1) * width
+    return (base + torch.arange(width, device=device)).reshape(-1)
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, rows).clone(),
+                                 requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, rows).clone(),
+                                   requires_grad=linear.bias.requires_grad)
+    linear.out_features = rows.numel()
+
+
+def _keep_columns(linear: nn.Linear, cols: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, cols).clone(),
+                                 requires_grad=linear.weight.requires_grad)
+    linear.in_features = cols.numel()
+
+
+@torch.no_grad()
+def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Prune ``model`` in place to ``plan`` (which must have been made for this model's shape)."""
+    adapter = get_adapter(model)
+    config = model.config
+    plan.check_applies_to(shape_of(config))
+    head_dim = plan.source.head_dim
+    for (attn, mlp), kept in zip(adapter.layer_parts(model), plan.layers, strict=True):
+        device = attn.q.weight.device
+        q_rows = unit_rows(kept.heads, head_dim, device)
+        kv_rows = unit_rows(kept.kv_heads, head_dim, device)
+        _keep_rows(attn.q, q_rows)
+        _keep_rows(attn.k, kv_rows)
+        _keep_rows(attn.v, kv_rows)
+        _keep_columns(attn.o, q_rows)
+        channels = torch.tensor(kept.mlp, dtype=torch.long, device=mlp.up.weight.device)
+        if mlp.gate is not None:
+            _keep_rows(mlp.gate, channels)
+        _keep_rows(mlp.up, channels)
+        _keep_columns(mlp.down, channels)
+    t = plan.targets
+    adapter.write_config(config, num_heads=t.heads, num_kv_heads=t.kv_heads, intermediate_size=t.mlp)
+    for layer in adapter.layers(model):
+        adapter.sync_modules(layer, config)
+    return model

@@ -1,0 +1,2 @@
+"""Deployment: llama.cpp's converter and runtime (``llamacpp``), and GGUF export checked against
+transformers (``gguf``)."""

@@ -1,0 +1,126 @@
+"""Writing a pruned model as a plain Hugging Face checkpoint (safetensors) plus plan.json and report.json.
+
+The directory is assembled in a hidden temporary sibling, reloaded there with vanilla transformers and
+compared logit for logit, and only then renamed into place, so a failure never leaves a half-written or
+wrong output; an existing non-empty directory is only replaced with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from transact.arch import get_adapter, shape_of
+from transact.core.plan import PrunePlan
+from transact.errors import TransactError
+from transact.io.files import check_output_dir, replace_dir, staging_dir
+from transact.io.models import skeleton
+
+
+def portable_model(model: nn.Module) -> nn.Module:
+    """The model as vanilla transformers will load it from disk.
+
+    Usually ``model`` itself. When the family's config class cannot describe the pruned shape (Llama with
+    a head count that does not divide the hidden size), the same tensors are re-homed, without copying,
+    into the equivalent class whose config can (see ``transact.arch.llama``).
+    """
+    config = get_adapter(model).portable_config(model.config)
+    if config is model.config:
+        return model
+    twin = skeleton(config, next(model.parameters()).dtype)
+    twin.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if twin.config.tie_word_embeddings:
+        twin.tie_weights()
+    twin.generation_config = model.generation_config
+    return twin.eval()
+
+
+def write_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    out: str | Path,
+    *,
+    plan: PrunePlan,
+    report: dict,
+    save_dtype: torch.dtype,
+    force: bool = False,
+    verify: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save ``model`` (cast to ``save_dtype``) with tokenizer, plan.json and report.json, atomically.
+
+    ``verify`` is called on the finished temporary directory before it is moved into place; an exception
+    there leaves no output behind.
+    """
+    out = check_output_dir(out, force=force)
+    tmp = staging_dir(out)
+    try:
+        to_save = portable_model(model)
+        if save_dtype == next(to_save.parameters()).dtype:
+            to_save.save_pretrained(tmp, safe_serialization=True)
+        else:
+            _save_cast(to_save, tmp, save_dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        if verify is not None:
+            verify(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _save_cast(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
+    """save_pretrained with the floating-point tensors cast to ``dtype``, leaving the model untouched.
+
+    Casting the model itself and back would round its fp32 buffers (the rotary frequencies) for good.
+    Tensors that share storage (tied embeddings) stay shared, so the tie is still recognised.
+    """
+    cast: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            t = cast.setdefault(t.data_ptr(), t.to(dtype))
+        state[name] = t
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[Path], None]:
+    """A ``verify`` callback: vanilla ``AutoModelForCausalLM`` must reload the directory and, cast to the
+    reference's dtype and device, give exactly the reference's logits on ``tokens`` (1, T)."""
+
+    def check(directory: Path) -> None:
+        param = next(reference.parameters())
+        # Load straight into the reference dtype: casting a loaded model with .to(dtype) would also round
+        # its fp32 rotary-frequency buffer, which the reference never had rounded.
+        reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=param.dtype).to(param.device).eval()
+        with torch.inference_mode():
+            expected = reference(input_ids=tokens.to(param.device)).logits
+            got = reloaded(input_ids=tokens.to(param.device)).logits
+        if not torch.equal(expected, got):
+            diff = (expected - got).abs().max().item()
+            raise TransactError(f"the saved checkpoint does not reproduce the pruned model (max |Δlogit| {diff:.3g})")
+
+    return check
+
+
+def write_verified(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan, report: dict, *,
+                   save_dtype: torch.dtype, force: bool = False, verify: bool = True,
+                   probe: torch.Tensor | None = None) -> Path:
+    """``write_checkpoint`` with the reload check on a probe sequence: the first 64 of ``probe``'s tokens
+    (held-out text, when there is some), else 16 fixed token ids."""
+    if probe is None:
+        probe = torch.arange(16) % shape_of(model).vocab_size
+    check = reload_and_compare(model, probe[:64].unsqueeze(0)) if verify else None
+    return write_checkpoint(model, tokenizer, out, plan=plan, report=report, save_dtype=save_dtype, force=force,
+                            verify=check)

@@ -1,0 +1,69 @@
+"""What a pruned model costs: parameters, weight bytes, KV cache, FLOPs per token, from its shape."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transact.arch import ModelShape, shape_of
+
+
+def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Each parameter once (tied embeddings are one tensor)."""
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in _unique_parameters(model))
+
+
+def kv_cache_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for one token: 2 * layers * kv_heads * head_dim * bytes."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+
+
+def flops_per_token(shape: ModelShape, context: int) -> int:
+    """Forward FLOPs (2 per multiply-add) for one token attending to ``context`` tokens.
+
+    Counts the matmuls: q/k/v/o, gate/up/down, the LM head, and attention scores and weighted sums
+    (2 * heads * head_dim * context each). Norms, RoPE, softmax and activations are ignored (< 1 %).
+    """
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    h, p = shape.hidden_size, shape.intermediate_size
+    attn_proj = h * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * h * p
+    attention = 2 * heads * head_dim * context
+    per_layer = 2 * (attn_proj + mlp + attention)
+    return shape.num_layers * per_layer + 2 * h * shape.vocab_size
+
+
+def forward_flops(shape: ModelShape, seq_len: int) -> int:
+    """FLOPs of one forward pass over ``seq_len`` tokens (a prefill), as the kernels compute it: every
+    token's matmuls plus full ``seq_len`` x ``seq_len`` attention scores (the causal mask hides half of
+    them but dense kernels still compute them)."""
+    return seq_len * flops_per_token(shape, seq_len)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters (what a decode step reads at least once)."""
+    return sum(p.numel() * p.element_size() for p in _unique_parameters(model))
+
+
+def model_summary(model: nn.Module) -> dict:
+    """Widths and costs of a model as it is now (used before and after pruning)."""
+    shape = shape_of(model)
+    dtype = next(model.parameters()).dtype
+    return {
+        "model_type": shape.model_type,
+        "layers": shape.num_layers,
+        "hidden_size": shape.hidden_size,
+        "heads": shape.num_heads,
+        "kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "mlp": shape.intermediate_size,
+        "params": count_parameters(model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(shape, dtype),
+        "flops_per_token": {str(c): flops_per_token(shape, c) for c in (256, 1024, 4096)},
+    }

@@ -1,0 +1,56 @@
+"""What the processes of a distributed run share: one of them decides (calibrates, measures, writes) and
+tells the others; at the end all must hold the same weights. With one process every call is a no-op."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Processes:
+    """The processes of one run, through an ``accelerate.Accelerator``."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def count(self) -> int:
+        return self.accelerator.num_processes
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value`` on every process."""
+        if self.count == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in process order, on every process."""
+        if self.count == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([value]))
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict (names, dtypes, shapes, values), for comparing replicas."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

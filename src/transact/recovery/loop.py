@@ -1,0 +1,325 @@
+"""``transact run``: iterative pruning with recovery training, resumable at any moment.
+
+Phases 1..n are the shots (re-calibrate the current model, prune to the shot's widths, train
+``tokens_per_shot``); phase n+1 is the final recovery (``final_tokens``), if any. The resumable state
+(``transact.recovery.state``) is replaced atomically at the end of every phase and every ``save_every``
+steps, so a run killed at any moment resumes from the last complete state. Calibration, data order and
+per-step random numbers depend only on that state, so a resumed run ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_weights
+from torch import nn
+
+from transact.arch import ModelShape
+from transact.core.plan import PrunePlan, Targets, check_schedule, compose_plans, linear_schedule, resolve_targets
+from transact.core.step import apply_step, plan_step
+from transact.errors import TransactError
+from transact.extras import require
+from transact.io.checkpoint import write_verified
+from transact.io.files import check_output_dir, check_writable, move_into_place, write_json_atomic
+from transact.io.models import load_model, prepare_model, require_tokenizer, resolve_device
+from transact.io.text import read_texts, token_stream
+from transact.measure.costs import count_parameters, model_summary
+from transact.measure.perplexity import heldout_perplexity
+from transact.recipes import RunRecipe
+from transact.recovery.data import BlockStream, check_training_data
+from transact.recovery.distributed import Processes, weights_digest
+from transact.recovery.report import plot_training, report_markdown
+from transact.recovery.state import (
+    PhaseRecord,
+    RunState,
+    latest_state,
+    load_optimizer_state,
+    load_state,
+    mark_done,
+    save_state,
+)
+from transact.recovery.train import PhaseSpec, lora_merge, lora_wrap, steps_for, train_phase
+from transact.version import library_versions
+
+
+@dataclass
+class RunResult:
+    out: Path
+    report: dict
+    main_process: bool = True  # False on the other processes of a distributed run (they print nothing)
+
+
+# ---------------------------------------------------------------- checks before anything is loaded
+
+def schedule_of(recipe: RunRecipe, shape: ModelShape) -> list[Targets]:
+    """The widths after each shot, resolved against the dense model and checked."""
+    def resolve(widths, key: str) -> Targets:
+        try:
+            return resolve_targets(widths, shape)
+        except TransactError as e:
+            raise TransactError(f"recipe key {key!r}: {e}") from None
+
+    target = resolve(recipe.target, "target") if recipe.target is not None else None
+    if recipe.schedule is not None:
+        steps = [resolve(w, f"schedule[{i}]") for i, w in enumerate(recipe.schedule)]
+        if target is not None and steps[-1] != target:
+            raise TransactError(f"recipe key 'schedule': its last shot {steps[-1]} is not the target {target}")
+    else:
+        steps = linear_schedule(shape, target, recipe.num_shots)
+    try:
+        check_schedule(shape, steps)
+    except TransactError as e:
+        raise TransactError(f"recipe key 'schedule': {e}") from None
+    return steps
+
+
+def check_out(recipe: RunRecipe, resume: bool) -> Path:
+    """The run's output directory: empty for a new run; for ``resume``, an unfinished run of this recipe."""
+    out = Path(recipe.out).expanduser().resolve()
+    if not resume:
+        if out.is_dir() and any(out.iterdir()):
+            raise TransactError(f"the output directory {out} is not empty; to continue the run there add --resume, "
+                                "or choose another out")
+        check_output_dir(out, force=False, inputs=(recipe.model,))
+        return out
+    if not (out / "recipe.json").is_file():
+        raise TransactError(f"--resume: {out} holds no transact run (recipe.json is missing)")
+    try:  # read back through the recipe type, so that a key the format gained since compares as its default
+        saved = RunRecipe.from_dict(json.loads((out / "recipe.json").read_text())).to_json()
+    except (TransactError, ValueError) as e:
+        raise TransactError(f"--resume: {out / 'recipe.json'} cannot be read: {e}") from None
+    now = recipe.to_json()
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise TransactError(f"--resume: the recipe differs from the one this run started with in "
+                            f"{', '.join(changed)}; a resumed run must use the same recipe")
+    state = latest_state(out)
+    if state is not None and load_state(state).done:
+        raise TransactError(f"the run in {out} has already finished")
+    check_writable(out)
+    return out
+
+
+def _mixed_precision(recipe: RunRecipe, device: torch.device) -> str:
+    p = recipe.training.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if p == "bf16" else "no"
+
+
+def _teacher_device(recipe: RunRecipe, device: torch.device) -> torch.device:
+    name = recipe.training.kd.teacher_device
+    if name == "same":
+        return device
+    try:
+        return resolve_device(name)
+    except TransactError as e:
+        raise TransactError(f"recipe key 'training.kd.teacher_device': {e}") from None
+
+
+# ---------------------------------------------------------------- the run
+
+class Run:
+    """One run: its inputs, all checked before any weights load, and what the loop's steps share."""
+
+    def __init__(self, recipe: RunRecipe, out: Path, resume: bool, progress: bool) -> None:
+        require("train", "transact run")
+        from accelerate import Accelerator
+
+        self.recipe, self.out, self.resume, self.progress_bars = recipe, out, resume, progress
+        training = recipe.training
+        self.prep = prepare_model(recipe.model, recipe.device, "float32")
+        self.schedule = schedule_of(recipe, self.prep.shape)
+        self.prune_recipe = recipe.prune_recipe(recipe.target or recipe.schedule[-1])
+        self.calib_texts = read_texts(recipe.calibration.text) if self.prune_recipe.needs_calibration else None
+        self.heldout_texts = read_texts(recipe.heldout.text, builtin="heldout") if recipe.heldout.tokens else None
+        self.phases = len(self.schedule) + (1 if training.final_tokens else 0)
+        if training.tokens_per_shot or training.final_tokens:
+            check_training_data(training.data)
+        self.tokenizer = require_tokenizer(self.prep.source, "calibration, training and perplexity")
+        self.mixed = _mixed_precision(recipe, self.prep.device)
+        self.accelerator = Accelerator(cpu=self.prep.device.type == "cpu", mixed_precision=self.mixed)
+        self.procs = Processes(self.accelerator)
+        self.teacher_device = _teacher_device(recipe, self.accelerator.device) if training.method == "kd" else None
+        self.teacher: nn.Module | None = None
+        self.heldout_ids: torch.Tensor | None = None
+        self.resumed_optimizer: dict | None = None  # moments to continue a phase with, after a resume
+        self.end_optimizer: torch.optim.Optimizer | None = None  # the finished phase's, saved with its state
+
+    def heldout_ppl(self, model: nn.Module) -> float | None:
+        if self.heldout_ids is None:
+            return None
+        result = None
+        if self.procs.main:
+            model.eval()
+            result = heldout_perplexity(model, self.heldout_ids.to(self.accelerator.device), self.recipe.heldout,
+                                        progress=self.progress_bars).perplexity
+        return self.procs.broadcast(result)
+
+    def save(self, model: nn.Module, optimizer, state: RunState) -> None:
+        if self.procs.main:
+            save_state(self.out, model, optimizer, state)
+        self.procs.wait()
+
+    def start(self) -> tuple[nn.Module, RunState]:
+        """Load the dense model; on resume rebuild the saved architecture and weights."""
+        if self.procs.main and not self.resume:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "recipe.json", self.recipe.to_json())
+        model, _ = load_model(self.prep, tokenizer=self.tokenizer, device=self.accelerator.device)
+        if self.heldout_texts:
+            self.heldout_ids = token_stream(self.tokenizer, self.heldout_texts, limit=self.recipe.heldout.tokens)
+        if self.teacher_device is not None:
+            self.teacher = copy.deepcopy(model).to(self.teacher_device).eval().requires_grad_(False)
+        saved = latest_state(self.out) if self.resume else None
+        if saved is None:
+            return model, RunState(dense={**model_summary(model), "perplexity": self.heldout_ppl(model)})
+        state = load_state(saved)
+        for plan in state.plans:
+            apply_step(model, PrunePlan.from_json(plan))
+        if self.recipe.training.method == "lora" and state.step:  # saved mid-phase, adapters included
+            model = lora_wrap(model, self.recipe.training.lora, self._lora_seed(state.phase))
+        load_weights(model, str(saved / "model.safetensors"), device=str(self.accelerator.device))
+        self.resumed_optimizer = load_optimizer_state(saved) if state.step else None
+        return model, state
+
+    def _lora_seed(self, phase: int) -> int:
+        return self.recipe.training.seed * 1_000_003 + phase
+
+    def prune_shot(self, model: nn.Module, state: RunState) -> None:
+        """Calibrate the current model, plan this shot's widths, prune (every process the same plan)."""
+        shot, targets = state.phase, self.schedule[state.phase - 1]
+        t0 = time.perf_counter()
+        plan_json = None
+        if self.procs.main:
+            model.eval()
+            plan, _ = plan_step(model, self.tokenizer, self.prune_recipe, targets=targets, texts=self.calib_texts,
+                                note={"shot": shot}, progress=self.progress_bars)
+            plan_json = plan.to_json()
+        plan = apply_step(model, PrunePlan.from_json(self.procs.broadcast(plan_json)))
+        state.plans.append(plan.to_json())
+        state.pruned, state.step = True, 0
+        state.current = PhaseRecord(phase=shot, widths=[targets.heads, targets.kv_heads, targets.mlp],
+                                    prune_seconds=round(time.perf_counter() - t0, 2), params=count_parameters(model),
+                                    perplexity_pruned=self.heldout_ppl(model))
+
+    def train(self, model: nn.Module, state: RunState) -> nn.Module:
+        """Train the current phase to its end, saving every ``save_every`` steps; -> the trained model."""
+        training, phase = self.recipe.training, state.phase
+        tokens = training.tokens_per_shot if phase <= len(self.schedule) else training.final_tokens
+        total = steps_for(tokens, training, self.procs.count)
+        if state.current is None:  # the final phase: nothing was pruned
+            state.current = PhaseRecord(phase=phase, params=count_parameters(model))
+        state.current.train_steps = total
+        state.current.train_tokens = total * training.tokens_per_step * self.procs.count
+        self.end_optimizer = None
+        if state.step >= total:
+            return model
+        lora = training.method == "lora"
+        if lora and not hasattr(model, "peft_config"):
+            model = lora_wrap(model, training.lora, self._lora_seed(phase))
+        optimizer = self._train_steps(model, state, total)
+        self.end_optimizer = None if lora else optimizer  # LoRA moments belong to adapters merged away
+        return lora_merge(model) if lora else model
+
+    def _train_steps(self, model: nn.Module, state: RunState, total: int) -> torch.optim.Optimizer:
+        training, current = self.recipe.training, state.current
+        stream = BlockStream(self.tokenizer, training.data, training.seq_len, training.seed, training.shuffle_buffer,
+                             position=state.data_position, rank=self.accelerator.process_index,
+                             world=self.procs.count)
+        spec = PhaseSpec(phase=state.phase, total_steps=total, start_step=state.step,
+                         optimizer_state=self.resumed_optimizer, tokens_before=state.tokens_trained)
+        self.resumed_optimizer = None
+        started, base_losses = time.perf_counter(), list(state.losses)
+
+        def checkpoint(unwrapped, optimizer, done, log):
+            state.step, state.data_position, state.losses = done, stream.position, base_losses + log.records
+            current.train_seconds += time.perf_counter() - started
+            self.save(unwrapped, optimizer, state)
+            current.train_seconds -= time.perf_counter() - started  # time spent saving is not training
+
+        log, optimizer = train_phase(self.accelerator, model, stream, training, spec, teacher=self.teacher,
+                                     on_save=checkpoint, progress=self.progress_bars)
+        current.train_seconds += time.perf_counter() - started
+        state.step, state.data_position, state.losses = total, stream.position, base_losses + log.records
+        return optimizer
+
+    def end_phase(self, model: nn.Module, state: RunState) -> None:
+        current, state.current = state.current, None
+        current.perplexity = self.heldout_ppl(model)
+        current.train_seconds = round(current.train_seconds, 2)
+        current.train_tokens_per_second = (round(current.train_tokens / current.train_seconds, 1)
+                                           if current.train_steps and current.train_seconds else None)
+        state.shots.append(current)
+        state.phase, state.pruned, state.step = state.phase + 1, False, 0
+        self.save(model, self.end_optimizer, state)
+
+    def finish(self, model: nn.Module, state: RunState, seconds: float) -> dict:
+        """Write the final checkpoint into OUT (next to recipe.json), with plans, report and loss curve."""
+        digests = self.procs.gather(weights_digest(model))
+        if len(set(digests)) > 1:
+            raise TransactError(f"the {len(digests)} processes ended with different weights ({', '.join(digests)}); "
+                                "the distributed setup is not keeping replicas in step, so nothing was written")
+        report = self._report(model, state, digests, seconds)
+        save_dtype = self.prep.save_dtype
+        if save_dtype != torch.float32:
+            # Training left fp32 values the checkpoint's dtype cannot hold: round them in memory first, so the
+            # reload check compares like with like, and measure what is actually saved.
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(save_dtype).to(p.dtype))
+            report["final"]["perplexity_as_saved"] = self.heldout_ppl(model)
+            report["final"]["saved_dtype"] = str(save_dtype).removeprefix("torch.")
+        if self.procs.main:
+            self._write_outputs(model, state, report)
+            mark_done(self.out, state)
+        self.procs.wait()
+        return report
+
+    def _report(self, model: nn.Module, state: RunState, digests: list[str], seconds: float) -> dict:
+        return {"model": self.recipe.model, "recipe": self.recipe.to_json(), "dense": state.dense,
+                "final": model_summary(model), "phases": [p.to_json() for p in state.shots],
+                "schedule": [[t.heads, t.kv_heads, t.mlp] for t in self.schedule],
+                "processes": self.procs.count, "device": str(self.accelerator.device),
+                "mixed_precision": self.mixed, "weights_sha256_per_process": digests,
+                "seconds_this_process": round(seconds, 1), "versions": library_versions()}
+
+    def _write_outputs(self, model: nn.Module, state: RunState, report: dict) -> None:
+        plans = [PrunePlan.from_json(p) for p in state.plans]
+        composed = plans[0]
+        for plan in plans[1:]:
+            composed = compose_plans(composed, plan, recipe=self.recipe.to_json(), versions=library_versions())
+        staged = self.out / ".final"
+        shutil.rmtree(staged, ignore_errors=True)
+        model.eval()
+        write_verified(model, self.tokenizer, staged, composed, report, save_dtype=self.prep.save_dtype, force=True,
+                       probe=self.heldout_ids)
+        (staged / "plans.json").write_text(json.dumps({"shots": state.plans}, indent=1) + "\n")
+        (staged / "losses.json").write_text(json.dumps(state.losses) + "\n")
+        (staged / "report.md").write_text(report_markdown(report) + "\n")
+        plot_training(state.losses, report["phases"], state.dense.get("perplexity"), staged / "loss.png")
+        for f in sorted(staged.iterdir()):
+            move_into_place(f, self.out / f.name)
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def run(recipe: RunRecipe, *, resume: bool = False, progress: bool = True) -> RunResult:
+    """Prune iteratively with recovery training as ``recipe`` says; write the final checkpoint and report."""
+    out = check_out(recipe, resume)
+    r = Run(recipe, out, resume, progress)
+    t0 = time.perf_counter()
+    model, state = r.start()
+    while state.phase <= r.phases:
+        if state.phase <= len(r.schedule) and not state.pruned:
+            r.prune_shot(model, state)
+        model = r.train(model, state)
+        r.end_phase(model, state)
+    report = r.finish(model, state, time.perf_counter() - t0)
+    return RunResult(out, report, r.procs.main)

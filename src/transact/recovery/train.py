@@ -1,0 +1,224 @@
+"""Recovery training between pruning shots: one phase of AdamW steps on packed blocks, through Hugging Face
+``accelerate`` (one CPU, one GPU, or many processes with DDP/FSDP/DeepSpeed as ``accelerate launch``
+configures them). Methods: full fine-tuning, LoRA merged back into the weights, and distillation from the
+dense model.
+
+Every step reseeds torch from (seed, phase, step, rank), so a phase resumed from a saved step draws the
+same random numbers (LoRA dropout) as an uninterrupted one without carrying generator state around.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from transact.arch import get_adapter
+from transact.errors import TransactError
+from transact.recipes import Training
+from transact.recovery.data import BlockStream
+
+
+class TrainingDiverged(TransactError):
+    """The loss or gradient became non-finite or exploded; no weights of the failing step were kept."""
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def lr_factor(step: int, total: int, warmup: float, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based) of ``total``: linear warmup over the
+    first ``ceil(warmup * total)`` steps, then cosine decay from 1 to ``min_ratio`` at the last step."""
+    warm = math.ceil(warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    span = max(1, total - warm - 1)
+    progress = min(1.0, (step - warm) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_for(tokens: int, training: Training, world: int) -> int:
+    """Optimizer steps that consume at least ``tokens`` tokens across ``world`` processes."""
+    return math.ceil(tokens / (training.tokens_per_step * world)) if tokens > 0 else 0
+
+
+def step_seed(seed: int, phase: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + phase * 10_007 + step) * 64 + rank
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy. logits (B, L, V), ids (B, L) -> scalar (mean over B * (L - 1))."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), mean over positions. student, teacher: (B, L, V) -> scalar."""
+    t = temperature
+    log_s = F.log_softmax(student.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher.float() / t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, L)
+    return kl.mean() * t * t
+
+
+# ---------------------------------------------------------------- LoRA
+
+def lora_wrap(model: nn.Module, settings, seed: int) -> nn.Module:
+    """The model with LoRA adapters on every prunable projection (q/k/v/o, gate/up/down)."""
+    from peft import LoraConfig, get_peft_model
+
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    attn, mlp = adapter.layer_parts(model)[0]
+    wanted = {id(m) for m in (*attn.linears, *mlp.linears)}
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if id(m) in wanted})
+    torch.manual_seed(seed)  # adapter initialisation
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=names, bias="none")
+    return get_peft_model(model, config)
+
+
+def lora_merge(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the weights; the result is the plain transformers model again."""
+    return model.merge_and_unload()
+
+
+# ---------------------------------------------------------------- one phase
+
+@dataclass
+class PhaseLog:
+    """Per optimizer step: global tokens seen, loss, learning rate, gradient norm."""
+
+    records: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class PhaseSpec:
+    phase: int
+    total_steps: int
+    start_step: int = 0
+    optimizer_state: dict | None = None
+    tokens_before: int = 0  # global tokens trained before this phase (for the loss curve's x axis)
+
+
+def make_optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay,
+                             foreach=False)
+
+
+@contextmanager
+def training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """Train mode without the KV cache (and with activation checkpointing if asked); restored after."""
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.train()
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.config.use_cache = use_cache
+        model.train(was_training)
+
+
+def train_phase(
+    accelerator,
+    model: nn.Module,
+    stream: BlockStream,
+    training: Training,
+    spec: PhaseSpec,
+    *,
+    teacher: nn.Module | None = None,
+    on_save: Callable[[nn.Module, torch.optim.Optimizer, int, PhaseLog], None] | None = None,
+    progress: bool = True,
+) -> tuple[PhaseLog, torch.optim.Optimizer]:
+    """Run optimizer steps ``spec.start_step`` .. ``spec.total_steps`` of one phase on ``model`` (already on
+    the accelerator's device, not yet prepared). ``on_save(model, optimizer, steps_done, log)`` is called
+    every ``training.save_every`` steps (not after the last; the caller saves the phase's end, with the
+    optimizer returned)."""
+    log = PhaseLog()
+    optimizer = make_optimizer(model, training)
+    if spec.optimizer_state is not None:
+        optimizer.load_state_dict(spec.optimizer_state)
+    world = accelerator.num_processes
+    tokens_per_step = training.tokens_per_step * world
+    ema = None
+    bar = tqdm(total=spec.total_steps, initial=spec.start_step, desc=f"training phase {spec.phase}", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    try:
+        with training_mode(model, training.gradient_checkpointing):
+            # Prepared after the mode switch: DDP/FSDP must wrap the model as it will be trained.
+            prepared, optimizer = accelerator.prepare(model, optimizer)
+            for step in range(spec.start_step, spec.total_steps):
+                torch.manual_seed(step_seed(training.seed, spec.phase, step, accelerator.process_index))
+                lr = training.lr * lr_factor(step, spec.total_steps, training.warmup, training.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = _accumulate_gradients(accelerator, prepared, stream, training, teacher)
+                grad_norm = accelerator.clip_grad_norm_(prepared.parameters(), training.max_grad_norm or math.inf)
+                loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                grad_norm = float(grad_norm)
+                ema = _check_health(loss, grad_norm, ema, step - spec.start_step, training.explode_factor, spec, step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.records.append({"phase": spec.phase, "step": step + 1,
+                                    "tokens": spec.tokens_before + (step + 1) * tokens_per_step,
+                                    "loss": loss, "lr": lr, "grad_norm": grad_norm})
+                bar.update(1)
+                if (step + 1) % training.log_every == 0 or step + 1 == spec.total_steps:
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+                done = step + 1
+                if on_save and training.save_every and done % training.save_every == 0 and done < spec.total_steps:
+                    on_save(accelerator.unwrap_model(prepared), optimizer, done, log)
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+    accelerator.free_memory()
+    return log, optimizer
+
+
+def _accumulate_gradients(accelerator, model: nn.Module, stream: BlockStream, training: Training,
+                          teacher: nn.Module | None) -> torch.Tensor:
+    """Forward and backward ``grad_accum`` micro-batches; gradients sync only on the last. -> mean loss."""
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(training.grad_accum):
+        ids = stream.take(training.batch_size).to(accelerator.device)  # (batch, seq_len)
+        sync = micro == training.grad_accum - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            logits = model(input_ids=ids).logits  # (batch, seq_len, vocab)
+            loss = lm_loss(logits, ids)
+            if teacher is not None:
+                loss = _distill_objective(logits, ids, loss, teacher, training)
+            accelerator.backward(loss / training.grad_accum)
+        total += loss.detach() / training.grad_accum
+    return total
+
+
+def _distill_objective(logits: torch.Tensor, ids: torch.Tensor, ce: torch.Tensor, teacher: nn.Module,
+                       training: Training) -> torch.Tensor:
+    teacher_device = next(teacher.parameters()).device
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids.to(teacher_device)).logits.to(logits.device)
+    kd = training.kd
+    return distill_loss(logits, t_logits, kd.temperature) + kd.lm_weight * ce
+
+
+def _check_health(loss: float, grad_norm: float, ema: float | None, steps_in: int, factor: float,
+                  spec: PhaseSpec, step: int) -> float:
+    """Raise TrainingDiverged on a non-finite loss/gradient or a loss above ``factor`` x its running
+    average (after 5 steps of this run); return the updated average."""
+    where = f"phase {spec.phase}, step {step + 1} of {spec.total_steps}"
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        raise TrainingDiverged(f"training stopped at {where}: loss {loss}, gradient norm {grad_norm}")
+    if ema is not None and steps_in >= 5 and loss > factor * ema:
+        raise TrainingDiverged(
+            f"training stopped at {where}: loss {loss:.4g} exploded above {factor:g} x its running average "
+            f"{ema:.4g} (training.explode_factor)")
+    return loss if ema is None else 0.9 * ema + 0.1 * loss
