@@ -109,7 +109,7 @@ def test_a_missing_extra_is_named_before_any_work(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(transact.measure.jobs, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     assert main(["eval", str(path), "--tasks", "piqa"]) == 2
     err = capsys.readouterr().err
-    assert "transact[eval]" in err and "lm_eval not installed" in err and "pip install 'transact[eval]'" in err
+    assert "transact[eval]" in err and "lm-eval not installed" in err and "pip install 'transact[eval]'" in err
     with pytest.raises(TransactError, match=r"transact\[plots\]"):
         monkeypatch.setattr(extras, "_installed", lambda module: False)
         extras.require("plots", "plots")

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from transact.arch import SUPPORTED_MODEL_TYPES
+
+# Every registered family enters the test matrix (exact surgery, round trips, FLOPs); a family whose tiny
+# config needs settings of its own lists them in FAMILY_SETTINGS.
+FAMILIES = SUPPORTED_MODEL_TYPES
+FAMILY_SETTINGS = {"mistral": {"sliding_window": None}}
 VOCAB = 128
-_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -32,10 +29,9 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                   max_position_embeddings=512, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=1,
                   pad_token_id=1)
-    if family == "mistral":
-        kwargs["sliding_window"] = None
+    kwargs.update(FAMILY_SETTINGS.get(family, {}))
     kwargs.update(extra)
-    return _CONFIGS[family](**kwargs)
+    return AutoConfig.for_model(family, **kwargs)
 
 
 def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0):

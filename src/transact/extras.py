@@ -7,12 +7,12 @@ import importlib.util
 
 from transact.errors import TransactError
 
-# extra -> the importable modules it provides (pyproject.toml lists the distributions).
-EXTRAS: dict[str, tuple[str, ...]] = {
-    "eval": ("lm_eval",),
-    "train": ("accelerate", "peft", "datasets", "pyarrow"),
-    "gguf": ("xllamacpp", "sentencepiece", "google.protobuf"),
-    "plots": ("matplotlib",),
+# extra -> {importable module: the distribution pyproject.toml installs it from}.
+EXTRAS: dict[str, dict[str, str]] = {
+    "eval": {"lm_eval": "lm-eval"},
+    "train": {"accelerate": "accelerate", "peft": "peft", "datasets": "datasets", "pyarrow": "pyarrow"},
+    "gguf": {"gguf": "gguf", "xllamacpp": "xllamacpp", "sentencepiece": "sentencepiece", "google.protobuf": "protobuf"},
+    "plots": {"matplotlib": "matplotlib"},
 }
 
 
@@ -24,8 +24,8 @@ def _installed(module: str) -> bool:
 
 
 def missing(extra: str) -> list[str]:
-    """The modules of ``extra`` that cannot be imported here."""
-    return [m for m in EXTRAS[extra] if not _installed(m)]
+    """The distributions of ``extra`` whose modules cannot be imported here."""
+    return [dist for module, dist in EXTRAS[extra].items() if not _installed(module)]
 
 
 def require(extra: str, purpose: str) -> None:

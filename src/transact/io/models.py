@@ -66,7 +66,11 @@ def smollm2_dir() -> Path:
     target = assets.cache_dir() / "smollm2-135m-instruct-fp32"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    model, tokenizer = load_gguf(assets.smollm2_gguf())
+    gguf = assets.smollm2_gguf()
+    try:
+        model, tokenizer = load_gguf(gguf)
+    except Exception as e:  # the GGUF reader and transformers raise their own types
+        raise TransactError(f"could not read {gguf}: {_first_line(e)}") from None
     tmp = staging_dir(target)
     try:
         model.save_pretrained(tmp)
@@ -121,9 +125,13 @@ def resolve_dtype(name: str, default: torch.dtype) -> torch.dtype:
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The model a config describes, on the meta device (shapes only, no memory, no weights read)."""
+    """The model a config describes, on the meta device (shapes only, no memory, no weights read), with tied
+    embeddings tied (transformers 5.0 leaves a meta-device model untied)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
 
 
 # ---------------------------------------------------------------- one loading path
