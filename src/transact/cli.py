@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _eval_text(args) -> HeldoutText | None:
     if args.eval_text is None:
         return None
+    if args.stride is not None and args.stride > args.window:
+        raise TransactError(f"--stride {args.stride} is longer than --window {args.window}")
     return HeldoutText(text=args.eval_text, tokens=args.eval_tokens, window=args.window, stride=args.stride)
 
 

@@ -21,14 +21,16 @@ def _default_unknown(kind: str) -> Callable[[str, tuple[str, ...]], str]:
 class Registry(Generic[T]):
     """Items of one kind by name, filled by the modules of ``package`` as they are imported."""
 
-    def __init__(self, kind: str, package: str, *, first: str | None = None,
+    def __init__(self, kind: str, package: str, key: Callable[[T], str], *, first: str | None = None,
                  unknown: Callable[[str, tuple[str, ...]], str] | None = None) -> None:
-        self.kind, self.package, self.first = kind, package, first
+        self.kind, self.package, self.key, self.first = kind, package, key, first
         self._unknown = unknown or _default_unknown(kind)
         self._items: dict[str, T] = {}
         self._discovered = False
 
-    def register(self, name: str, item: T) -> T:
+    def register(self, item: T) -> T:
+        """Add ``item`` under its name (a module of the plug-in package calls this when imported)."""
+        name = self.key(item)
         if name in self._items and self._items[name] is not item:
             raise ValueError(f"two {self.kind}s are registered as {name!r}")
         self._items[name] = item

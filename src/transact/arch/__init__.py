@@ -13,12 +13,9 @@ from transact.arch.base import AttentionParts, FamilyAdapter, GgufTarget, MlpPar
 from transact.registry import Registry
 
 FAMILIES: Registry[FamilyAdapter] = Registry(
-    "model family", __name__,
+    "model family", __name__, key=lambda adapter: adapter.model_type,
     unknown=lambda name, known: f"model_type {name!r} is not supported; transact supports: {', '.join(known)}")
-
-
-def register(adapter: FamilyAdapter) -> FamilyAdapter:
-    return FAMILIES.register(adapter.model_type, adapter)
+register = FAMILIES.register
 
 
 def get_adapter(model_or_config: nn.Module | PretrainedConfig) -> FamilyAdapter:

@@ -38,16 +38,7 @@ class Corrector:
     reproducible: bool = False  # whether apply-plan can redo it from plan.json and the base model alone
 
 
-CORRECTORS: Registry[Corrector] = Registry("corrector", __name__)
-
-
-def register_corrector(corrector: Corrector) -> Corrector:
-    return CORRECTORS.register(corrector.name, corrector)
-
-
-def get_corrector(name: str) -> Corrector:
-    return CORRECTORS.get(name)
-
-
-def corrector_names() -> tuple[str, ...]:
-    return CORRECTORS.names()
+CORRECTORS: Registry[Corrector] = Registry("corrector", __name__, key=lambda corrector: corrector.name)
+register_corrector = CORRECTORS.register
+get_corrector = CORRECTORS.get
+corrector_names = CORRECTORS.names

@@ -55,17 +55,7 @@ class Metric:
         return not self.statistics
 
 
-METRICS: Registry[Metric] = Registry("metric", __name__, first="transact")
-
-
-def register_metric(metric: Metric) -> Metric:
-    return METRICS.register(metric.name, metric)
-
-
-def get_metric(name: str) -> Metric:
-    return METRICS.get(name)
-
-
-def metric_names() -> tuple[str, ...]:
-    """Every metric, the default (transact) first."""
-    return METRICS.names()
+METRICS: Registry[Metric] = Registry("metric", __name__, key=lambda metric: metric.name, first="transact")
+register_metric = METRICS.register
+get_metric = METRICS.get
+metric_names = METRICS.names  # the default (transact) first
