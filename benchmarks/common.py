@@ -55,9 +55,11 @@ class DenseRun:
     window: int
 
     def perplexity(self, model: torch.nn.Module) -> float:
-        from transact.measure.perplexity import perplexity
+        from transact.measure.perplexity import heldout_perplexity
+        from transact.recipes import HeldoutText
 
-        return perplexity(model, self.eval_ids, window=self.window, progress=False).perplexity
+        heldout = HeldoutText(tokens=self.eval_ids.numel(), window=self.window)
+        return heldout_perplexity(model, self.eval_ids, heldout, progress=False).perplexity
 
 
 def load_dense_run(args: argparse.Namespace) -> DenseRun:
