@@ -158,7 +158,7 @@ def test_compensation_keeps_the_mean_output_of_o_proj(corpus, metric):
 def test_flap_bias_checkpoint_round_trips_and_apply_plan_refuses_it(tmp_path, corpus, capsys):
     base, calib = saved_model_and_text(tmp_path, "llama", corpus)
     out = tmp_path / "out"
-    args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", "flap", "--flap-bias",
+    args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", "flap", "--correct", "flap_bias",
             "--calib", str(calib), "--samples", "6", "--seq-len", "48", "--quiet"]
     assert main(["prune", str(base), "--out", str(out), *args]) == 0  # includes the vanilla reload check
     reloaded = AutoModelForCausalLM.from_pretrained(out)

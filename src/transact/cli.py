@@ -117,7 +117,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--mlp", type=_width, help="MLP channels kept per layer: a count or a fraction in (0,1)")
     p.add_argument("--metric", choices=METRICS.names(), default=default(PruneRecipe, "metric"), help=_metric_help())
     p.add_argument("--alpha", type=float, default=None, help="outlier weight in eq. 5 (default 10/head_dim)")
-    p.add_argument("--correct", action="append", choices=CORRECTORS.names(), default=[], metavar="NAME",
+    p.add_argument("--correct", action="append", choices=CORRECTORS.names(), metavar="NAME",
                    help="a corrector to run after selection (repeatable): "
                    + "; ".join(f"{name}: {c.summary}" for name, c in CORRECTORS.items()))
     p.add_argument("--flap-bias", action="store_true",
@@ -271,7 +271,7 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
 
 
 def _cmd_prune(args) -> int:
-    correctors = list(dict.fromkeys(args.correct + (["flap_bias"] if args.flap_bias else [])))
+    correctors = list(dict.fromkeys((args.correct or []) + (["flap_bias"] if args.flap_bias else [])))
     recipe = PruneRecipe(
         heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, metric=args.metric, alpha=args.alpha,
         seed=args.seed, correctors=tuple(correctors),
