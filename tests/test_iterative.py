@@ -306,6 +306,24 @@ def test_one_shot_without_training_is_plain_pruning(workdir):
     assert not (result.out / "losses.json").read_text().strip("[]\n")
 
 
+def test_every_shot_can_be_refitted(workdir):
+    """``reconstruct: true`` refits o_proj/down_proj after every shot's selection: both plans record it, and
+    the shots prune to what a run without it prunes to (the refit changes weights, not the selection of
+    the first shot)."""
+    data = recipe_dict(workdir, "refit", tokens_per_shot=0, final_tokens=0) | {"reconstruct": True, "damp": 0.05}
+    result = loop.run(RunRecipe.from_dict(data), progress=False)
+    plans = json.loads((result.out / "plans.json").read_text())["shots"]
+    assert [p["corrections"] for p in plans] == [[{"name": "refit", "damp": 0.05}]] * 2
+    plain = loop.run(RunRecipe.from_dict(recipe_dict(workdir, "no-refit", tokens_per_shot=0, final_tokens=0)),
+                     progress=False)
+    first = json.loads((plain.out / "plans.json").read_text())["shots"][0]
+    assert plans[0]["layers"] == first["layers"]
+    a, b = load_file(result.out / "model.safetensors"), load_file(plain.out / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], b["model.layers.0.mlp.down_proj.weight"])
+    with pytest.raises(TransactError, match="recipe key 'damp'"):
+        RunRecipe.from_dict(recipe_dict(workdir, "never") | {"damp": 0.1})
+
+
 @pytest.mark.parametrize("method", ["lora", "kd"])
 def test_lora_and_distillation_end_as_plain_checkpoints(workdir, method):
     data = recipe_dict(workdir, method, method=method, final_tokens=0, lr=3e-3)
@@ -436,6 +454,23 @@ def test_two_processes_with_gloo_end_with_identical_weights(workdir):
     # two processes share each global batch: half the steps of the single-process run
     assert [p["train_steps"] for p in report["phases"]] == [8, 8, 4]
     assert proc.stdout.count("saved the final checkpoint") == 1  # only the main process prints
+
+
+def test_two_processes_share_the_refitted_weights(workdir):
+    """Only the main process calibrates, so only it can refit; the others receive its corrected weights
+    (without that the run's final check would find different replicas and write nothing)."""
+    data = recipe_dict(workdir, "ddp-refit", tokens_per_shot=256, final_tokens=0) | {"reconstruct": True}
+    path = write_recipe(workdir, "ddp-refit", data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29518",
+                           "-m", "transact.cli", "run", str(path), "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((workdir / "ddp-refit" / "report.json").read_text())
+    digests = report["weights_sha256_per_process"]
+    assert report["processes"] == 2 and digests[0] == digests[1]
+    plans = json.loads((workdir / "ddp-refit" / "plans.json").read_text())["shots"]
+    assert all(p["corrections"] == [{"name": "refit", "damp": 0.01}] for p in plans)
 
 
 def test_cli_reports_recipe_errors_with_exit_2(workdir, tmp_path):

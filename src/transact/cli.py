@@ -13,6 +13,7 @@ import sys
 
 from transact.api import ApplyPlanJob, PruneJob, model_info, run_apply_plan, run_prune
 from transact.core.correct import CORRECTORS
+from transact.core.correct.refit import DEFAULT_DAMP, FEW_TOKENS_DAMP, FEW_TOKENS_PER_CHANNEL
 from transact.core.metrics import METRICS
 from transact.deploy.gguf import TOLERANCE, GgufExportJob, run_gguf_export
 from transact.deploy.llamacpp import OUTTYPES
@@ -120,6 +121,13 @@ def _prune_parser(sub) -> None:
     p.add_argument("--correct", action="append", choices=CORRECTORS.names(), metavar="NAME",
                    help="a corrector to run after selection (repeatable): "
                    + "; ".join(f"{name}: {c.summary}" for name, c in CORRECTORS.items()))
+    p.add_argument("--reconstruct", action="store_true",
+                   help="--correct refit: least-squares refit of the o_proj/down_proj columns that stay, from the "
+                   "Gram matrix of their inputs (every family; the checkpoint stays vanilla)")
+    p.add_argument("--damp", type=float, default=None, metavar="LAMBDA",
+                   help="the refit's damping, relative to the mean diagonal of the Gram matrix (default "
+                   f"{DEFAULT_DAMP}; {FEW_TOKENS_DAMP} with fewer than {FEW_TOKENS_PER_CHANNEL} calibration tokens per "
+                   "channel)")
     p.add_argument("--flap-bias", action="store_true",
                    help="--correct flap_bias: FLAP's bias compensation (the removed channels' mean output added back "
                    "as o_proj/down_proj biases; Llama only, saved with attention_bias/mlp_bias)")
@@ -271,10 +279,11 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
 
 
 def _cmd_prune(args) -> int:
-    correctors = list(dict.fromkeys((args.correct or []) + (["flap_bias"] if args.flap_bias else [])))
+    shorthands = (["refit"] if args.reconstruct else []) + (["flap_bias"] if args.flap_bias else [])
+    correctors = list(dict.fromkeys((args.correct or []) + shorthands))
     recipe = PruneRecipe(
         heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, metric=args.metric, alpha=args.alpha,
-        seed=args.seed, correctors=tuple(correctors),
+        seed=args.seed, correctors=tuple(correctors), damp=args.damp,
         calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                 batch_size=args.batch_size),
     )

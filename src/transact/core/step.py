@@ -73,13 +73,13 @@ def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targ
 
 
 def apply_step(model: nn.Module, plan: PrunePlan, statistics: Statistics | None = None,
-               correctors: tuple[str, ...] = ()) -> PrunePlan:
-    """Run ``correctors`` on the unpruned weights, then slice ``model`` in place to the plan; -> the plan
-    with what the correctors did recorded."""
+               recipe: PruneRecipe | None = None) -> PrunePlan:
+    """Run the recipe's correctors on the unpruned weights, then slice ``model`` in place to the plan; -> the
+    plan with what the correctors did recorded."""
     records = []
-    for name in correctors:
+    for name in recipe.correctors if recipe is not None else ():
         corrector = get_corrector(name)
-        records.append({"name": name, **corrector.apply(model, plan, statistics or Statistics())})
+        records.append({"name": name, **corrector.apply(model, plan, statistics or Statistics(), recipe)})
     if records:
         plan = replace(plan, corrections=[*plan.corrections, *records])
     prune_(model, plan)
@@ -92,7 +92,7 @@ def prune_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Tar
     """The whole step on ``model``, in place: calibrate, score, select, correct, slice; -> the plan."""
     plan, statistics = plan_step(model, tokenizer, recipe, targets=targets, texts=texts, statistics=statistics,
                                  note=note, progress=progress)
-    return apply_step(model, plan, statistics, recipe.correctors)
+    return apply_step(model, plan, statistics, recipe)
 
 
 def check_reproducible(plan: PrunePlan) -> None:
@@ -109,5 +109,5 @@ def check_reproducible(plan: PrunePlan) -> None:
 def reapply_plan(model: nn.Module, plan: PrunePlan) -> PrunePlan:
     """``plan`` on its base model again, without calibration: bit-identical weights to the first time."""
     check_reproducible(plan)
-    names = tuple(record["name"] for record in plan.corrections)
-    return apply_step(model, replace(plan, corrections=[]), None, names)
+    recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections else None
+    return apply_step(model, replace(plan, corrections=[]), None, recipe)

@@ -78,6 +78,7 @@ class PruneRecipe:
     seed: int = 0
     calibration: Calibration = field(default_factory=Calibration)
     correctors: tuple[str, ...] = ()
+    damp: float | None = None  # the refit's damping (None: its default)
 
     def __post_init__(self) -> None:
         for name in ("heads", "kv_heads", "mlp"):
@@ -95,11 +96,24 @@ class PruneRecipe:
                                 f"metric {self.metric!r} has none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TransactError(f"seed must be an integer, got {self.seed!r}")
+        self._check_correctors()
+
+    def _check_correctors(self) -> None:
         object.__setattr__(self, "correctors", tuple(self.correctors))
-        for name in self.correctors:
-            get_corrector(name)
+        correctors = [get_corrector(name) for name in self.correctors]
         if len(set(self.correctors)) != len(self.correctors):
             raise TransactError(f"a corrector is named twice in {list(self.correctors)}")
+        for c in correctors:
+            clash = [name for name in c.conflicts if name in self.correctors]
+            if clash:
+                raise TransactError(f"the correctors {c.name} and {clash[0]} both compensate the removed channels; "
+                                    "choose one")
+        if self.damp is not None:
+            if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not \
+                    (math.isfinite(self.damp) and self.damp >= 0):
+                raise TransactError(f"damp must be a finite number >= 0, got {self.damp!r}")
+            if not any("damp" in c.options for c in correctors):
+                raise TransactError("damp weighs the refit's damping; add the refit corrector (--reconstruct)")
 
     @property
     def statistics(self) -> tuple[str, ...]:
@@ -127,4 +141,5 @@ class PruneRecipe:
         calibration = Calibration(**data.pop("calibration", {}))
         if data.pop("bias_compensation", False):  # how plans written before correctors recorded FLAP's bias
             data["correctors"] = [*data.get("correctors", ()), "flap_bias"]
+        data.pop("shot", None)  # a run's plans note their shot beside the recipe
         return cls(calibration=calibration, **data)

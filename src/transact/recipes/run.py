@@ -153,6 +153,8 @@ class RunRecipe:
     schedule: tuple[Widths, ...] | None = None
     metric: str = "transact"
     alpha: float | None = None
+    reconstruct: bool = False  # the least-squares refit of o_proj/down_proj after every shot's selection
+    damp: float | None = None
     calibration: Calibration = field(default_factory=Calibration)
     calibration_seed: int = 0
     training: Training = field(default_factory=Training)
@@ -177,6 +179,12 @@ class RunRecipe:
                 raise fail("alpha", f"metric {self.metric!r} has no alpha")
         check_int("calibration.seed", self.calibration_seed, 0)
         check_str("device", self.device)
+        if not isinstance(self.reconstruct, bool):
+            raise fail("reconstruct", f"must be true or false, got {self.reconstruct!r}")
+        if self.damp is not None:
+            object.__setattr__(self, "damp", check_float("damp", self.damp, 0.0))
+            if not self.reconstruct:
+                raise fail("damp", "weighs the refit's damping; set reconstruct: true")
 
     @property
     def num_shots(self) -> int:
@@ -184,7 +192,8 @@ class RunRecipe:
 
     def prune_recipe(self, widths: Widths) -> PruneRecipe:
         return widths.as_prune_recipe(metric=self.metric, alpha=self.alpha, seed=self.calibration_seed,
-                                      calibration=self.calibration)
+                                      calibration=self.calibration, damp=self.damp,
+                                      correctors=("refit",) if self.reconstruct else ())
 
     @classmethod
     def from_dict(cls, data: Any) -> RunRecipe:
@@ -216,7 +225,7 @@ class RunRecipe:
     def to_json(self) -> dict[str, Any]:
         out = {"model": self.model, "out": self.out, "target": self.target.to_json() if self.target else None,
                "shots": self.shots, "schedule": [w.to_json() for w in self.schedule] if self.schedule else None,
-               "metric": self.metric, "alpha": self.alpha,
+               "metric": self.metric, "alpha": self.alpha, "reconstruct": self.reconstruct, "damp": self.damp,
                "calibration": {**asdict(self.calibration), "seed": self.calibration_seed},
                "training": asdict(self.training), "heldout": asdict(self.heldout), "device": self.device}
         out["training"]["betas"] = list(self.training.betas)

@@ -42,6 +42,17 @@ class Processes:
 
         return list(gather_object([value]))
 
+    def broadcast_parameters(self, modules: list[nn.Module]) -> None:
+        """The main process's parameters of ``modules`` copied into every process's."""
+        if self.count == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for module in modules:
+                for p in module.parameters():
+                    dist.broadcast(p.data, src=0)
+
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 

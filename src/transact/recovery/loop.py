@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_model as load_weights
 from torch import nn
 
-from transact.arch import ModelShape
+from transact.arch import ModelShape, get_adapter
 from transact.core.plan import PrunePlan, Targets, check_schedule, compose_plans, linear_schedule, resolve_targets
 from transact.core.step import apply_step, plan_step
 from transact.errors import TransactError
@@ -198,12 +198,16 @@ class Run:
         shot, targets = state.phase, self.schedule[state.phase - 1]
         t0 = time.perf_counter()
         plan_json = None
-        if self.procs.main:
+        if self.procs.main:  # calibrates, selects, corrects and slices; the others slice and receive
             model.eval()
-            plan, _ = plan_step(model, self.tokenizer, self.prune_recipe, targets=targets, texts=self.calib_texts,
-                                note={"shot": shot}, progress=self.progress_bars)
-            plan_json = plan.to_json()
-        plan = apply_step(model, PrunePlan.from_json(self.procs.broadcast(plan_json)))
+            plan, stats = plan_step(model, self.tokenizer, self.prune_recipe, targets=targets,
+                                    texts=self.calib_texts, note={"shot": shot}, progress=self.progress_bars)
+            plan_json = apply_step(model, plan, stats, self.prune_recipe).to_json()
+        plan = PrunePlan.from_json(self.procs.broadcast(plan_json))
+        if not self.procs.main:
+            apply_step(model, plan)
+        if plan.corrections:  # the corrected weights exist on the main process only
+            self.procs.broadcast_parameters(get_adapter(model).prunable_linears(model))
         state.plans.append(plan.to_json())
         state.pruned, state.step = True, 0
         state.current = PhaseRecord(phase=shot, widths=[targets.heads, targets.kv_heads, targets.mlp],

@@ -22,19 +22,23 @@ from transact.registry import Registry
 if TYPE_CHECKING:
     from transact.core.calibrate import Statistics
     from transact.core.plan import PrunePlan, Targets
+    from transact.recipes import PruneRecipe
 
 
 @dataclass(frozen=True)
 class Corrector:
     """``check(adapter, config, targets)`` raises TransactError where the result could not be saved;
-    ``apply(model, plan, statistics)`` changes the unpruned model's weights in place (the plan's slicing
-    follows) and returns what plan.json records beyond the name."""
+    ``apply(model, plan, statistics, recipe)`` changes the unpruned model's weights in place (the plan's
+    slicing follows) and returns what plan.json records beyond the name. ``options`` names the recipe fields
+    it reads (the recipe refuses them without it); ``conflicts`` the correctors it cannot run with."""
 
     name: str
     summary: str
-    apply: Callable[[nn.Module, PrunePlan, Statistics], dict[str, Any]]
+    apply: Callable[[nn.Module, PrunePlan, Statistics, PruneRecipe], dict[str, Any]]
     check: Callable[[FamilyAdapter, PretrainedConfig, Targets], None]
     statistics: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
     reproducible: bool = False  # whether apply-plan can redo it from plan.json and the base model alone
 
 

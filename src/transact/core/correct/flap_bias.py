@@ -30,7 +30,7 @@ def _zero_bias(linear: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def add_compensation_biases_(model: nn.Module, plan, stats) -> dict:
+def add_compensation_biases_(model: nn.Module, plan, stats, recipe=None) -> dict:
     """Before the plan's slicing: give o_proj/down_proj the mean output of the channels the plan removes, and
     every other projection the zero bias the config flags imply."""
     adapter = get_adapter(model)

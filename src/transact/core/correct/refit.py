@@ -1,0 +1,91 @@
+"""Least-squares refit: the weights that consume the pruned channels (o_proj and down_proj columns) are
+refitted on the channels that stay, so that what the removed channels carried is recovered from the kept
+ones where they correlate.
+
+For a consuming weight W (out x C), kept channels S and removed R, and the Gram matrix G = sum over the
+calibration tokens of x xᵀ of its input x:
+
+    W'_S = W_S + W_R G_RS (G_SS + damp * mean(diag G_SS) * I)^-1
+
+With damp = 0 this is the least-squares solution of min E|W x - W'_S x_S|²; damping shrinks the correction
+toward the original weights (and keeps the solve well posed where kept channels are dead or collinear).
+Only o_proj and down_proj change, so the checkpoint stays a vanilla one for every family.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transact.arch import get_adapter
+from transact.core.calibrate import register_statistic
+from transact.core.correct import Corrector, register_corrector
+from transact.core.surgery import unit_rows
+
+DEFAULT_DAMP = 0.01
+# With few calibration tokens per channel the Gram matrix is a noisy estimate and a stronger pull toward the
+# original weights pays: on SmolLM2 damping 0.1 was best at 2,048 and 4,096 tokens for 1,536 MLP channels,
+# 0.01 within 2 % of the best from 8,192 tokens on (docs/results.md, "Least-squares refit").
+FEW_TOKENS_PER_CHANNEL, FEW_TOKENS_DAMP = 4, 0.1
+
+
+def default_damp(tokens: int, channels: int) -> float:
+    """The damping used when the recipe sets none, for ``tokens`` calibration tokens and Gram matrices of at
+    most ``channels`` channels."""
+    return FEW_TOKENS_DAMP if tokens < FEW_TOKENS_PER_CHANNEL * channels else DEFAULT_DAMP
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """fp32 sum over tokens of x xᵀ. x: (..., C) -> (C, C)."""
+    flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, C)
+    return flat.T @ flat
+
+
+register_statistic("gram", gram)
+
+
+def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> torch.Tensor:
+    """The refitted kept columns W'_S (see the module docstring), computed in fp64.
+
+    weight: (H, C); gram: (C, C); kept: (|S|,) ascending channel indices; damp >= 0 -> (H, |S|) in weight's
+    dtype. A Cholesky solve, with a least-squares solve as the fallback where G_SS + damping is singular.
+    """
+    w, g = weight.detach().double().cpu(), gram.double().cpu()
+    keep = torch.zeros(g.shape[0], dtype=torch.bool)
+    keep[kept.cpu()] = True
+    g_ss, g_sr = g[keep][:, keep], g[keep][:, ~keep]  # (S, S), (S, R)
+    a = g_ss + damp * g_ss.diagonal().mean() * torch.eye(g_ss.shape[0], dtype=g.dtype)
+    rhs = g_sr @ w[:, ~keep].T  # (S, H): the transposed correction before the solve
+    factor, info = torch.linalg.cholesky_ex(a)
+    if info.item() == 0:
+        correction = torch.cholesky_solve(rhs, factor)
+    else:
+        correction = torch.linalg.lstsq(a, rhs, driver="gelsd").solution
+    return (w[:, keep] + correction.T).to(weight.dtype)
+
+
+@torch.no_grad()
+def refit_consumers_(model: nn.Module, plan, stats, recipe=None) -> dict:
+    """Before the plan's slicing: refit the kept columns of every o_proj and down_proj in place."""
+    adapter = get_adapter(model)
+    grams = {m: stats.activation(m, "gram") for m in ("attn", "mlp")}
+    widest = max(g.shape[0] for m in grams for g in grams[m])
+    damp = default_damp(stats.activations.tokens, widest) if recipe is None or recipe.damp is None else recipe.damp
+    for i, ((attn, mlp), kept) in enumerate(zip(adapter.layer_parts(model), plan.layers, strict=True)):
+        q_rows = unit_rows(kept.heads, plan.source.head_dim, torch.device("cpu"))
+        channels = torch.tensor(kept.mlp, dtype=torch.long)
+        for linear, g, cols in ((attn.o, grams["attn"][i], q_rows), (mlp.down, grams["mlp"][i], channels)):
+            linear.weight[:, cols.to(linear.weight.device)] = refit_columns(linear.weight, g, cols, damp).to(
+                linear.weight.device)
+    return {"damp": damp}
+
+
+def _carried_by_every_family(adapter, config, targets) -> None:
+    """The refit changes existing weights only: every checkpoint can carry it."""
+
+
+CORRECTOR = register_corrector(Corrector(
+    "refit", "least-squares refit of the o_proj/down_proj columns that stay, from the Gram matrix of their inputs "
+    f"(--damp; default {DEFAULT_DAMP}, {FEW_TOKENS_DAMP} below {FEW_TOKENS_PER_CHANNEL} calibration tokens a channel)",
+    apply=refit_consumers_, check=_carried_by_every_family, statistics=("gram",), options=("damp",),
+    conflicts=("flap_bias",)))

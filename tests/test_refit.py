@@ -1,0 +1,167 @@
+"""The least-squares refit corrector: the solve against a hand computation, damping, singular Gram
+matrices, exact recovery of channels that are linear combinations of kept ones, and the command line."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny import VOCAB, char_tokenizer, tiny_model
+from transformers import AutoModelForCausalLM
+
+from transact.arch import get_adapter, shape_of
+from transact.cli import main
+from transact.core.calibrate import collect_statistics
+from transact.core.correct.refit import gram, refit_columns
+from transact.core.plan import Targets, make_plan
+from transact.core.step import apply_step
+from transact.errors import TransactError
+from transact.recipes import PruneRecipe
+
+
+def test_refit_equals_least_squares_by_hand():
+    torch.manual_seed(0)
+    x = torch.randn(200, 5, dtype=torch.float64)  # tokens x channels
+    w = torch.randn(3, 5, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3])
+    g = x.T @ x
+    torch.testing.assert_close(gram(x.reshape(4, 50, 5)).double(), g, rtol=1e-5, atol=1e-4)  # (batch, seq, C)
+    got = refit_columns(w, g, kept, damp=0.0)
+    # least squares: the kept columns that best reproduce w @ x from x[:, kept]
+    expected = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    assert torch.equal(refit_columns(w, g, torch.arange(5), damp=0.01), w)  # nothing removed: nothing changes
+
+
+def test_damping_shrinks_toward_the_kept_weights():
+    torch.manual_seed(1)
+    x, w, kept = torch.randn(100, 4), torch.randn(2, 4), torch.tensor([1, 3])
+    g = gram(x)
+    corrections = [(refit_columns(w, g, kept, d) - w[:, kept]).norm().item() for d in (0.0, 0.1, 1.0, 100.0)]
+    assert corrections == sorted(corrections, reverse=True) and corrections[-1] < 0.02 * corrections[0]
+    # the formula with damp: W_S + W_R G_RS (G_SS + damp * mean(diag G_SS) I)^-1
+    gd = g.double()
+    a = gd[kept][:, kept] + 0.1 * gd[kept][:, kept].diagonal().mean() * torch.eye(2, dtype=torch.float64)
+    by_hand = w[:, kept].double() + w[:, [0, 2]].double() @ gd[[0, 2]][:, kept] @ torch.linalg.inv(a)
+    torch.testing.assert_close(refit_columns(w, g, kept, 0.1), by_hand.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_dead_kept_channel_does_not_crash_the_solve():
+    torch.manual_seed(2)
+    x = torch.randn(50, 4)
+    x[:, 1] = 0  # a dead channel among the kept: G_SS is singular without damping
+    w = torch.randn(3, 4)
+    got = refit_columns(w, gram(x), torch.tensor([0, 1, 2]), damp=0.0)
+    assert torch.isfinite(got).all()
+    expected = torch.linalg.lstsq(x[:, [0, 2]].double(), (x @ w.T).double()).solution.T
+    torch.testing.assert_close(got[:, [0, 2]], expected.float(), rtol=1e-4, atol=1e-4)
+
+
+def _duplicated_units_model(family: str):
+    """A tiny model in which MLP channel 2c+1 is twice channel 2c (same gate row, doubled up row) and query
+    head 2h+1 is a copy of head 2h in its KV group, in every layer: the odd units' inputs to down_proj and
+    o_proj are exact multiples of the even ones'."""
+    model = tiny_model(family, heads=4, kv_heads=2, mlp=48)
+    hd = 16
+    with torch.no_grad():
+        for attn, mlp in get_adapter(model).layer_parts(model):
+            mlp.gate.weight[1::2] = mlp.gate.weight[0::2]
+            mlp.up.weight[1::2] = 2 * mlp.up.weight[0::2]
+            for h in (0, 2):
+                attn.q.weight[(h + 1) * hd:(h + 2) * hd] = attn.q.weight[h * hd:(h + 1) * hd]
+                if attn.q.bias is not None:
+                    attn.q.bias[(h + 1) * hd:(h + 2) * hd] = attn.q.bias[h * hd:(h + 1) * hd]
+    return model
+
+
+def _even_units_plan(model):
+    shape = shape_of(model)
+    heads = [torch.tensor([1.0, 0.0, 1.0, 0.0])] * shape.num_layers  # keep heads 0 and 2, one per KV group
+    mlp = [torch.tensor([1.0, 0.0] * 24)] * shape.num_layers  # keep the even channels
+    return make_plan(heads, mlp, Targets(2, 2, 24), shape)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_refit_recovers_units_that_are_combinations_of_kept_ones(family):
+    model = _duplicated_units_model(family)
+    x = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    dense = model(x).logits
+    stats = collect_statistics(model, x, ("gram",), progress=False)
+    plan = _even_units_plan(model)
+    sliced = copy.deepcopy(model)  # the same model, sliced without the refit
+    apply_step(sliced, plan)
+    refitted = apply_step(model, plan, stats, PruneRecipe(heads=2, kv_heads=2, mlp=24, correctors=("refit",),
+                                                          damp=0.0))
+    assert refitted.corrections == [{"name": "refit", "damp": 0.0}]
+    assert (sliced(x).logits - dense).abs().max() > 1e-2  # slicing alone loses what the odd units carried
+    torch.testing.assert_close(model(x).logits, dense, rtol=0, atol=2e-5)  # fp32 rounding of the solve
+
+
+def test_units_whose_contribution_was_zeroed_are_still_removed_exactly():
+    """With W_R = 0 the refit's correction W_R G_RS (...)^-1 is zero: pruning stays exact."""
+    model = tiny_model("qwen2", heads=4, kv_heads=2, mlp=48)
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    plan = _even_units_plan(model)
+    with torch.no_grad():
+        for (attn, mlp), kept in zip(get_adapter(model).layer_parts(model), plan.layers, strict=True):
+            for h in set(range(4)) - set(kept.heads):
+                attn.o.weight[:, h * 16:(h + 1) * 16] = 0
+            mlp.down.weight[:, sorted(set(range(48)) - set(kept.mlp))] = 0
+    zeroed = model(x).logits
+    stats = collect_statistics(model, x, ("gram",), progress=False)
+    apply_step(model, plan, stats, PruneRecipe(heads=2, kv_heads=2, mlp=24, correctors=("refit",)))
+    torch.testing.assert_close(model(x).logits, zeroed, rtol=0, atol=2e-5)
+
+
+def test_recipe_rules():
+    with pytest.raises(TransactError, match="add the refit corrector"):
+        PruneRecipe(heads=2, damp=0.1)
+    with pytest.raises(TransactError, match="damp must be a finite number >= 0"):
+        PruneRecipe(heads=2, correctors=("refit",), damp=-1.0)
+    with pytest.raises(TransactError, match="refit and flap_bias both compensate"):
+        PruneRecipe(heads=2, correctors=("refit", "flap_bias"))
+    recipe = PruneRecipe(heads=2, metric="random", correctors=("refit",))
+    assert recipe.needs_calibration and recipe.statistics == ("gram",)  # a data-free metric still calibrates
+
+
+def _saved(tmp_path, family, corpus):
+    base = tmp_path / "base"
+    tiny_model(family, heads=4, kv_heads=2).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    return base, calib
+
+
+@pytest.mark.parametrize("metric", ["transact", "flap", "minitron", "taylor", "random", "magnitude"])
+def test_reconstruct_from_the_command_line_with_every_metric(tmp_path, corpus, capsys, metric):
+    base, calib = _saved(tmp_path, "qwen2", corpus)  # a family that cannot carry FLAP's biases
+    args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", metric, "--calib", str(calib),
+            "--samples", "6", "--seq-len", "48", "--quiet"]
+    assert main(["prune", str(base), "--out", str(tmp_path / "plain"), *args]) == 0
+    assert main(["prune", str(base), "--out", str(tmp_path / "refit"), *args, "--reconstruct", "--damp", "0.05"]) == 0
+    plan = json.loads((tmp_path / "refit" / "plan.json").read_text())
+    assert plan["corrections"] == [{"name": "refit", "damp": 0.05}] and plan["recipe"]["damp"] == 0.05
+    plain = json.loads((tmp_path / "plain" / "plan.json").read_text())
+    assert plan["layers"] == plain["layers"]  # the refit changes weights, not the selection
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "refit")  # vanilla, same config, no extra biases
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("plain", "refit")]
+    assert configs[0] == configs[1] and b.model.layers[0].self_attn.o_proj.bias is None
+    changed = {n for n, p in b.state_dict().items() if not torch.equal(p, a.state_dict()[n])}
+    assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    capsys.readouterr()
+    assert main(["apply-plan", str(base), str(tmp_path / "refit" / "plan.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "corrected by refit" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_default_damping_follows_the_tokens_per_channel():
+    from transact.core.correct.refit import default_damp
+
+    assert default_damp(tokens=2048, channels=1536) == 0.1  # 1.3 tokens a channel: a noisy Gram matrix
+    assert default_damp(tokens=6144, channels=1536) == 0.01
+    model = tiny_model("llama", heads=4, kv_heads=2, mlp=48)
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))  # 40 tokens, 48 channels
+    plan = apply_step(model, _even_units_plan(model), collect_statistics(model, x, ("gram",), progress=False),
+                      PruneRecipe(heads=2, kv_heads=2, mlp=24, correctors=("refit",)))
+    assert plan.corrections == [{"name": "refit", "damp": 0.1}]
