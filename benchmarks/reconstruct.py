@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
 from transact.core.calibrate import collect_statistics
-from transact.core.correct.refit import DEFAULT_DAMP
+from transact.core.correct.refit import DEFAULT_DAMP, default_damp
 from transact.core.metrics import metric_names
 from transact.core.step import calibration_windows, prune_step
 from transact.measure import report
@@ -30,14 +30,16 @@ from transact.recipes import Calibration, PruneRecipe
 DEFAULT_METRICS = ("transact", "flap", "minitron", "taylor", "random", "magnitude")
 
 
-def variants(metrics: list[str], damps: list[float]) -> list[tuple[str, str, tuple[str, ...], float | None]]:
-    """(label, metric, correctors, damp) of every variant measured at each width."""
+def variants(metrics: list[str], damps: list[float], default: float) -> list[tuple[str, str, tuple[str, ...],
+                                                                                float | None]]:
+    """(label, metric, correctors, damp) of every variant measured at each width; the refit rows use the
+    default damping (``default`` for this calibration), the sweep adds every other value."""
     out = []
     for metric in metrics:
         out += [(metric, metric, (), None), (f"{metric}+refit", metric, ("refit",), None)]
     if "flap" in metrics:
         out.append(("flap+bias", "flap", ("flap_bias",), None))
-    out += [(f"transact+refit λ={d:g}", "transact", ("refit",), d) for d in damps if d != DEFAULT_DAMP]
+    out += [(f"transact+refit λ={d:g}", "transact", ("refit",), d) for d in damps if d != default]
     return out
 
 
@@ -84,15 +86,21 @@ def main() -> None:
     run = load_dense_run(args)
     dense, tok = run.model, run.tokenizer
     calibration = Calibration(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
-    todo = variants(args.metrics, args.damps)
-    recipes = {label: PruneRecipe(heads=run.shape.num_heads, metric=metric, correctors=correctors, damp=damp,
-                                  seed=args.seed, calibration=calibration) for label, metric, correctors, damp in todo}
-    names = tuple(dict.fromkeys(s for r in recipes.values() for s in r.statistics))
+    def recipe(metric, correctors=(), damp=None):
+        return PruneRecipe(heads=run.shape.num_heads, metric=metric, correctors=correctors, damp=damp,
+                           seed=args.seed, calibration=calibration)
+
+    corrections = {m: [(), ("refit",)] + ([("flap_bias",)] if m == "flap" else []) for m in args.metrics}
+    names = tuple(dict.fromkeys(s for m in args.metrics for c in corrections[m] for s in recipe(m, c).statistics))
     t = time.perf_counter()
-    windows = calibration_windows(tok, next(iter(recipes.values())))
-    stats = collect_statistics(dense, windows, names, batch_size=args.batch_size, progress=False)
+    stats = collect_statistics(dense, calibration_windows(tok, recipe("transact")), names,
+                               batch_size=args.batch_size, progress=False)
     calibration_seconds = time.perf_counter() - t
     print(f"statistics {', '.join(names)} in {calibration_seconds:.0f} s", flush=True)
+    widest = max(g.shape[0] for m in ("attn", "mlp") for g in stats.activation(m, "gram"))
+    damp = default_damp(stats.activations.tokens, widest)
+    todo = variants(args.metrics, args.damps, damp)
+    recipes = {label: recipe(metric, correctors, d) for label, metric, correctors, d in todo}
 
     dense_ppl = run.perplexity(dense)
     rows, widths = [], [f"{h}/{k}/{m}" for h, k, m in args.widths]
@@ -112,7 +120,7 @@ def main() -> None:
     lines = [f"Dense perplexity {dense_ppl:.2f} on {run.eval_ids.numel()} held-out tokens (window {args.window}); "
              f"calibration {args.samples} x {args.seq_len} tokens (seed {args.seed}), one pass for every variant "
              f"({calibration_seconds:.0f} s for {', '.join(names)}); one shot, no training; refit damping "
-             f"{DEFAULT_DAMP} unless stated.", "",
+             f"{damp:g}{'' if damp == DEFAULT_DAMP else ' (the default for this calibration)'} unless stated.", "",
              "| variant | " + " | ".join(widths) + " |", "|---|" + "---:|" * len(widths)]
     for label, *_ in todo:
         lines.append(f"| {label} | " + " | ".join(f"{table[label, w]:,.1f}" for w in widths) + " |")
