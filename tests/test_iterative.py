@@ -439,13 +439,18 @@ def test_exploding_loss_is_caught():
         train._check_health(12.0, 1.0, ema, 6, 4.0, spec, 6)
 
 
-def test_two_processes_with_gloo_end_with_identical_weights(workdir):
-    path = write_recipe(workdir, "ddp", recipe_dict(workdir, "ddp"))
+def torchrun(path: Path, port: int) -> subprocess.CompletedProcess:
+    """``transact run`` in two CPU processes (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
                            "-m", "transact.cli", "run", str(path), "--quiet"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_with_gloo_end_with_identical_weights(workdir):
+    proc = torchrun(write_recipe(workdir, "ddp", recipe_dict(workdir, "ddp")), 29517)
     report = json.loads((workdir / "ddp" / "report.json").read_text())
     assert report["processes"] == 2
     digests = report["weights_sha256_per_process"]
@@ -460,12 +465,7 @@ def test_two_processes_share_the_refitted_weights(workdir):
     """Only the main process calibrates, so only it can refit; the others receive its corrected weights
     (without that the run's final check would find different replicas and write nothing)."""
     data = recipe_dict(workdir, "ddp-refit", tokens_per_shot=256, final_tokens=0) | {"reconstruct": True}
-    path = write_recipe(workdir, "ddp-refit", data)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29518",
-                           "-m", "transact.cli", "run", str(path), "--quiet"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(write_recipe(workdir, "ddp-refit", data), 29518)
     report = json.loads((workdir / "ddp-refit" / "report.json").read_text())
     digests = report["weights_sha256_per_process"]
     assert report["processes"] == 2 and digests[0] == digests[1]

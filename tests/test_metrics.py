@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import VOCAB, char_tokenizer, tiny_model
+from tiny import VOCAB, char_tokenizer, saved_model_and_text, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter
@@ -86,16 +86,6 @@ def test_weight_x_grad_equals_autograd_by_hand_and_restores_the_model():
 def test_alpha_belongs_to_transact_only():
     with pytest.raises(TransactError, match="alpha"):
         PruneRecipe(heads=2, metric="flap", alpha=0.5)
-
-
-def saved_model_and_text(tmp_path, family: str, corpus: list[str]):
-    """A tiny model of ``family`` (4 heads in 2 KV groups) saved with its tokenizer, and a calibration file."""
-    base = tmp_path / "base"
-    tiny_model(family, heads=4, kv_heads=2).save_pretrained(base)
-    char_tokenizer().save_pretrained(base)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(corpus))
-    return base, calib
 
 
 @pytest.mark.parametrize("metric", ["flap", "minitron", "taylor"])

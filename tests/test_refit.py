@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import VOCAB, char_tokenizer, tiny_model
+from tiny import VOCAB, saved_model_and_text, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter, shape_of
@@ -124,18 +124,9 @@ def test_recipe_rules():
     assert recipe.needs_calibration and recipe.statistics == ("gram",)  # a data-free metric still calibrates
 
 
-def _saved(tmp_path, family, corpus):
-    base = tmp_path / "base"
-    tiny_model(family, heads=4, kv_heads=2).save_pretrained(base)
-    char_tokenizer().save_pretrained(base)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(corpus))
-    return base, calib
-
-
 @pytest.mark.parametrize("metric", ["transact", "flap", "minitron", "taylor", "random", "magnitude"])
 def test_reconstruct_from_the_command_line_with_every_metric(tmp_path, corpus, capsys, metric):
-    base, calib = _saved(tmp_path, "qwen2", corpus)  # a family that cannot carry FLAP's biases
+    base, calib = saved_model_and_text(tmp_path, "qwen2", corpus)  # a family that cannot carry FLAP's biases
     args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", metric, "--calib", str(calib),
             "--samples", "6", "--seq-len", "48", "--quiet"]
     assert main(["prune", str(base), "--out", str(tmp_path / "plain"), *args]) == 0
