@@ -9,14 +9,16 @@ the plan rather than silently write different weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from transact.arch import FamilyAdapter
+from transact.arch import FamilyAdapter, get_adapter
+from transact.core.surgery import unit_rows
 from transact.registry import Registry
 
 if TYPE_CHECKING:
@@ -46,3 +48,12 @@ CORRECTORS: Registry[Corrector] = Registry("corrector", __name__, key=lambda cor
 register_corrector = CORRECTORS.register
 get_corrector = CORRECTORS.get
 corrector_names = CORRECTORS.names
+
+
+def kept_inputs(model: nn.Module, plan: PrunePlan) -> Iterator[tuple[int, str, nn.Linear, torch.Tensor]]:
+    """What a corrector may change, layer by layer: (layer index, "attn" or "mlp", the projection that consumes
+    the transitional activations (o_proj or down_proj), the indices of its input columns the plan keeps,
+    on the CPU)."""
+    for i, ((attn, mlp), kept) in enumerate(zip(get_adapter(model).layer_parts(model), plan.layers, strict=True)):
+        yield i, "attn", attn.o, unit_rows(kept.heads, plan.source.head_dim, torch.device("cpu"))
+        yield i, "mlp", mlp.down, torch.tensor(kept.mlp, dtype=torch.long)

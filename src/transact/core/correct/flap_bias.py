@@ -10,8 +10,7 @@ from torch import nn
 
 from transact.arch import get_adapter
 from transact.core import salience
-from transact.core.correct import Corrector, register_corrector
-from transact.core.surgery import unit_rows
+from transact.core.correct import Corrector, kept_inputs, register_corrector
 from transact.errors import TransactError
 
 
@@ -35,18 +34,14 @@ def add_compensation_biases_(model: nn.Module, plan, stats, recipe=None) -> dict
     every other projection the zero bias the config flags imply."""
     adapter = get_adapter(model)
     check_bias_compensation(adapter, model.config, plan.targets)
-    tokens = stats.activations.tokens
-    attn_mean = [t / tokens for t in stats.activation("attn", "sum")]  # per layer (num_heads * head_dim,)
-    mlp_mean = [t / tokens for t in stats.activation("mlp", "sum")]  # per layer (intermediate_size,)
-    for (attn, mlp), kept, a_mean, m_mean in zip(adapter.layer_parts(model), plan.layers, attn_mean, mlp_mean,
-                                                 strict=True):
+    for attn, mlp in adapter.layer_parts(model):
         for linear in (*attn.linears, *mlp.linears):
             _zero_bias(linear)
-        q_rows = unit_rows(kept.heads, plan.source.head_dim, torch.device("cpu"))
-        channels = torch.tensor(kept.mlp, dtype=torch.long)
-        for linear, mean, cols in ((attn.o, a_mean, q_rows), (mlp.down, m_mean, channels)):
-            shift = salience.compensation_bias(linear.weight, mean, cols)
-            linear.bias += shift.to(linear.bias.dtype).to(linear.bias.device)
+    tokens = stats.activations.tokens
+    means = {m: [t / tokens for t in stats.activation(m, "sum")] for m in ("attn", "mlp")}  # per layer (C,)
+    for i, module, linear, cols in kept_inputs(model, plan):
+        shift = salience.compensation_bias(linear.weight, means[module][i], cols)
+        linear.bias += shift.to(linear.bias.dtype).to(linear.bias.device)
     adapter.enable_output_biases(model.config)
     return {}
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transact.arch import get_adapter
 from transact.core.calibrate import register_statistic
-from transact.core.correct import Corrector, register_corrector
-from transact.core.surgery import unit_rows
+from transact.core.correct import Corrector, kept_inputs, register_corrector
 
 DEFAULT_DAMP = 0.01
 # With few calibration tokens per channel the Gram matrix is a noisy estimate and a stronger pull toward the
@@ -67,16 +65,12 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, 
 @torch.no_grad()
 def refit_consumers_(model: nn.Module, plan, stats, recipe=None) -> dict:
     """Before the plan's slicing: refit the kept columns of every o_proj and down_proj in place."""
-    adapter = get_adapter(model)
     grams = {m: stats.activation(m, "gram") for m in ("attn", "mlp")}
     widest = max(g.shape[0] for m in grams for g in grams[m])
     damp = default_damp(stats.activations.tokens, widest) if recipe is None or recipe.damp is None else recipe.damp
-    for i, ((attn, mlp), kept) in enumerate(zip(adapter.layer_parts(model), plan.layers, strict=True)):
-        q_rows = unit_rows(kept.heads, plan.source.head_dim, torch.device("cpu"))
-        channels = torch.tensor(kept.mlp, dtype=torch.long)
-        for linear, g, cols in ((attn.o, grams["attn"][i], q_rows), (mlp.down, grams["mlp"][i], channels)):
-            linear.weight[:, cols.to(linear.weight.device)] = refit_columns(linear.weight, g, cols, damp).to(
-                linear.weight.device)
+    for i, module, linear, cols in kept_inputs(model, plan):
+        refitted = refit_columns(linear.weight, grams[module][i], cols, damp)
+        linear.weight[:, cols.to(linear.weight.device)] = refitted.to(linear.weight.device)
     return {"damp": damp}
 
 
