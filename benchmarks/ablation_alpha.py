@@ -45,7 +45,7 @@ def main() -> None:
     run = load_dense_run(args)
     dense, eval_ids = run.model, run.eval_ids
     calibration = Calibration(samples=args.samples, seq_len=args.seq_len)
-    calibrate_only = PruneRecipe(heads=run.shape.num_heads, seed=args.seed, calibration=calibration)
+    calibrate_only = PruneRecipe(correctors=(), heads=run.shape.num_heads, seed=args.seed, calibration=calibration)
     stats = gather_statistics(dense, run.tokenizer, calibrate_only, progress=False)
     dense_ppl = run.perplexity(dense)
 
@@ -53,7 +53,8 @@ def main() -> None:
     for heads, kv, mlp in args.widths:
         for alpha in args.alphas:
             model = copy.deepcopy(dense)
-            prune_step(model, None, PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp, alpha=alpha), statistics=stats)
+            recipe = PruneRecipe(correctors=(), heads=heads, kv_heads=kv, mlp=mlp, alpha=alpha)
+            prune_step(model, None, recipe, statistics=stats)
             ppl = run.perplexity(model)
             results[f"{heads}/{kv}/{mlp}@{alpha:g}"] = ppl
             print(f"{heads}/{kv}/{mlp} alpha {alpha:g}: ppl {ppl:.2f}", flush=True)

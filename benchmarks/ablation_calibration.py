@@ -59,7 +59,7 @@ def main() -> None:
     dense = run.model
     texts = read_texts("builtin")
     dense_ppl = run.perplexity(dense)
-    recipes = {w: PruneRecipe(heads=w[0], kv_heads=w[1], mlp=w[2]) for w in args.widths}
+    recipes = {w: PruneRecipe(correctors=(), heads=w[0], kv_heads=w[1], mlp=w[2]) for w in args.widths}
 
     results: dict[str, float] = {}
     seconds: dict[str, float] = {}

@@ -101,7 +101,8 @@ def main() -> None:
     runs = [(f"random#{s}", "random", s) for s in args.random_seeds] if args.random_seeds is not None else []
     runs = [(m, m, args.seed) for m in args.metrics if not (m == "random" and runs)] + runs
     for label, metric, seed in runs:
-        recipes[label] = PruneRecipe(heads=shape.num_heads, metric=metric, seed=seed, calibration=calibration)
+        recipes[label] = PruneRecipe(correctors=(), heads=shape.num_heads, metric=metric, seed=seed,
+                                     calibration=calibration)
         t = time.perf_counter()  # calibration and scoring: a step's plan, made once per metric
         _, stats[label] = plan_step(copy.deepcopy(dense), tok, recipes[label], texts=calib_texts, progress=False)
         seconds[label] = time.perf_counter() - t

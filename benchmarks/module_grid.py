@@ -96,7 +96,7 @@ def measure_grid(args: argparse.Namespace) -> tuple[dict, dict, float, int]:
     perplexity, held-out tokens)."""
     run = load_dense_run(args)
     dense, shape = run.model, run.shape
-    calibrate_only = PruneRecipe(heads=shape.num_heads, seed=args.seed,
+    calibrate_only = PruneRecipe(correctors=(), heads=shape.num_heads, seed=args.seed,
                                  calibration=Calibration(samples=args.samples, seq_len=args.seq_len))
     stats = gather_statistics(dense, run.tokenizer, calibrate_only, progress=False)
     dense_params = count_parameters(dense)
@@ -105,7 +105,7 @@ def measure_grid(args: argparse.Namespace) -> tuple[dict, dict, float, int]:
     for heads, kv in args.attention:
         for m in args.mlp:
             model = copy.deepcopy(dense)
-            prune_step(model, None, PruneRecipe(heads=heads, kv_heads=kv, mlp=m), statistics=stats)
+            prune_step(model, None, PruneRecipe(correctors=(), heads=heads, kv_heads=kv, mlp=m), statistics=stats)
             cell = ((heads, kv), m)
             fractions[cell] = count_parameters(model) / dense_params
             ppl[cell] = run.perplexity(model)

@@ -314,14 +314,37 @@ def test_every_shot_can_be_refitted(workdir):
     result = loop.run(RunRecipe.from_dict(data), progress=False)
     plans = json.loads((result.out / "plans.json").read_text())["shots"]
     assert [p["corrections"] for p in plans] == [[{"name": "refit", "damp": 0.05}]] * 2
-    plain = loop.run(RunRecipe.from_dict(recipe_dict(workdir, "no-refit", tokens_per_shot=0, final_tokens=0)),
-                     progress=False)
+    plain = loop.run(RunRecipe.from_dict(recipe_dict(workdir, "no-refit", tokens_per_shot=0, final_tokens=0)
+                                         | {"reconstruct": False}), progress=False)
     first = json.loads((plain.out / "plans.json").read_text())["shots"][0]
     assert plans[0]["layers"] == first["layers"]
     a, b = load_file(result.out / "model.safetensors"), load_file(plain.out / "model.safetensors")
     assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], b["model.layers.0.mlp.down_proj.weight"])
     with pytest.raises(TransactError, match="recipe key 'damp'"):
-        RunRecipe.from_dict(recipe_dict(workdir, "never") | {"damp": 0.1})
+        RunRecipe.from_dict(recipe_dict(workdir, "never") | {"damp": 0.1, "reconstruct": False})
+    assert RunRecipe.from_dict(recipe_dict(workdir, "default")).reconstruct  # the refit is the default
+
+
+def test_shots_pruned_layer_by_layer(workdir):
+    """``layerwise: true`` prunes every shot one layer at a time; with dense statistics the plans and weights
+    are the whole-model step's, with ``sequential: true`` each layer sees the pruned layers' outputs."""
+    base = recipe_dict(workdir, "x", tokens_per_shot=0, final_tokens=0)
+    runs = {name: loop.run(RunRecipe.from_dict(base | {"out": str(workdir / f"by-layer-{name}")} | extra),
+                           progress=False)
+            for name, extra in (("whole", {}), ("dense", {"layerwise": True}),
+                                ("sequential", {"layerwise": True, "sequential": True}))}
+    plans = {name: json.loads((r.out / "plans.json").read_text())["shots"] for name, r in runs.items()}
+    assert [p["layers"] for p in plans["dense"]] == [p["layers"] for p in plans["whole"]]
+    assert plans["sequential"][0]["recipe"]["sequential"] is True
+    weights = {name: load_file(r.out / "model.safetensors") for name, r in runs.items()}
+    assert all(torch.allclose(weights["dense"][k], v, rtol=0, atol=1e-6) for k, v in weights["whole"].items())
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(weights["sequential"][key], weights["whole"][key])
+    assert AutoModelForCausalLM.from_pretrained(runs["sequential"].out) is not None
+    with pytest.raises(TransactError, match="recipe key 'sequential'"):
+        RunRecipe.from_dict(base | {"sequential": True})
+    with pytest.raises(TransactError, match="recipe key 'layerwise'"):
+        RunRecipe.from_dict(base | {"layerwise": True, "metric": "taylor"})
 
 
 @pytest.mark.parametrize("method", ["lora", "kd"])

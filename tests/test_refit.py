@@ -114,8 +114,9 @@ def test_units_whose_contribution_was_zeroed_are_still_removed_exactly():
 
 
 def test_recipe_rules():
+    assert PruneRecipe(heads=2).correctors == ("refit",)  # the default
     with pytest.raises(TransactError, match="add the refit corrector"):
-        PruneRecipe(heads=2, damp=0.1)
+        PruneRecipe(heads=2, damp=0.1, correctors=())
     with pytest.raises(TransactError, match="damp must be a finite number >= 0"):
         PruneRecipe(heads=2, correctors=("refit",), damp=-1.0)
     with pytest.raises(TransactError, match="refit and flap_bias both compensate"):
@@ -129,7 +130,7 @@ def test_reconstruct_from_the_command_line_with_every_metric(tmp_path, corpus, c
     base, calib = saved_model_and_text(tmp_path, "qwen2", corpus)  # a family that cannot carry FLAP's biases
     args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", metric, "--calib", str(calib),
             "--samples", "6", "--seq-len", "48", "--quiet"]
-    assert main(["prune", str(base), "--out", str(tmp_path / "plain"), *args]) == 0
+    assert main(["prune", str(base), "--out", str(tmp_path / "plain"), *args, "--no-reconstruct"]) == 0
     assert main(["prune", str(base), "--out", str(tmp_path / "refit"), *args, "--reconstruct", "--damp", "0.05"]) == 0
     plan = json.loads((tmp_path / "refit" / "plan.json").read_text())
     assert plan["corrections"] == [{"name": "refit", "damp": 0.05}] and plan["recipe"]["damp"] == 0.05
@@ -141,9 +142,16 @@ def test_reconstruct_from_the_command_line_with_every_metric(tmp_path, corpus, c
     assert configs[0] == configs[1] and b.model.layers[0].self_attn.o_proj.bias is None
     changed = {n for n, p in b.state_dict().items() if not torch.equal(p, a.state_dict()[n])}
     assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    # apply-plan recalibrates on the same text (checked by the tokens' hash) and writes the same weights
+    assert main(["apply-plan", str(base), str(tmp_path / "refit" / "plan.json"), "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "x").state_dict()
+    assert all(torch.equal(p, again[n]) for n, p in b.state_dict().items())
+    assert json.loads((tmp_path / "x" / "plan.json").read_text())["corrections"] == plan["corrections"]
+    calib.write_text("a different calibration text. " * 400)  # other calibration tokens: refused, nothing written
     capsys.readouterr()
-    assert main(["apply-plan", str(base), str(tmp_path / "refit" / "plan.json"), "--out", str(tmp_path / "x")]) == 2
-    assert "corrected by refit" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["apply-plan", str(base), str(tmp_path / "refit" / "plan.json"), "--out", str(tmp_path / "y")]) == 2
+    assert "hash differs" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_default_damping_follows_the_tokens_per_channel():

@@ -47,12 +47,13 @@ def test_pruned_smollm2_reloads_with_identical_logits(pruned_runs):
     ids = tok("The capital of France is a city where", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits
-    # Rebuild the pruned model from the dense weights and the plan, in memory, and compare.
+    # Rebuild the pruned model from the dense weights and the plan (the refit recalibrated), in memory, and compare.
     from transact.core.plan import PrunePlan
-    from transact.core.surgery import prune_
+    from transact.core.step import reapply_plan
 
     dense = AutoModelForCausalLM.from_pretrained(smollm2_dir()).eval()
-    prune_(dense, PrunePlan.load(out / "plan.json"))
+    plan = reapply_plan(dense, PrunePlan.load(out / "plan.json"), tok, progress=False)
+    assert plan.corrections == result.plan.corrections == [{"name": "refit", "damp": 0.1}]
     with torch.no_grad():
         assert torch.equal(dense(ids).logits, logits)
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, ids.shape[1] + 5)

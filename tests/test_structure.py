@@ -51,7 +51,7 @@ def _smallest_weights_first(model, stats, shape, recipe) -> LayerScores:
 
 def test_a_metric_is_one_registered_object(registered):
     registered(Metric("toy_inverse", "the magnitude control, inverted", _smallest_weights_first))
-    recipe = PruneRecipe(heads=1, kv_heads=1, mlp=40, metric="toy_inverse")
+    recipe = PruneRecipe(heads=1, kv_heads=1, mlp=40, metric="toy_inverse", correctors=())
     assert not recipe.needs_calibration
     prune_args = next(a for a in build_parser()._subparsers._group_actions[0].choices["prune"]._actions
                       if a.dest == "metric")
@@ -73,7 +73,8 @@ def test_a_metric_can_bring_its_own_statistic(registered, corpus):
         return LayerScores([a.view(-1, shape.head_dim).sum(1) for a in attn], stats.activation("mlp", "sum_abs"))
 
     registered(Metric("toy_l1", "L1 of the transitional activations", by_sum_abs, statistics=("sum_abs",)))
-    recipe = PruneRecipe(heads=2, kv_heads=1, mlp=40, metric="toy_l1", calibration=Calibration(samples=4, seq_len=32))
+    recipe = PruneRecipe(heads=2, kv_heads=1, mlp=40, metric="toy_l1", calibration=Calibration(samples=4, seq_len=32),
+                         correctors=())
     stats = gather_statistics(tiny_model("qwen3"), char_tokenizer(), recipe, texts=corpus, progress=False)
     assert set(stats.activations.attn) == {"sum_abs"} and stats.activations.tokens == 128
     plan = prune_step(tiny_model("qwen3"), None, recipe, statistics=stats)
@@ -94,7 +95,8 @@ def test_benchmarks_step_equals_the_cli_step(corpus):
     plan_b = prune_step(b, tok, recipe, texts=corpus, progress=False)
     assert plan_a == plan_b and plan_a.corrections == [{"name": "flap_bias"}]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    only_sum_sq = gather_statistics(base, tok, PruneRecipe(heads=2, calibration=recipe.calibration), texts=corpus,
+    only_sum_sq = gather_statistics(base, tok, PruneRecipe(heads=2, calibration=recipe.calibration, correctors=()),
+                                    texts=corpus,
                                     progress=False)
     with pytest.raises(TransactError, match="lack sum"):
         prune_step(copy.deepcopy(base), None, recipe, statistics=only_sum_sq)

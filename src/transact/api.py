@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 from torch import nn
 
 from transact.arch import get_adapter
+from transact.core.layerwise import prune_by_layer
+from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, resolve_targets, valid_head_pairs
-from transact.core.step import check_correctors, check_reproducible, prune_step, reapply_plan
+from transact.core.step import (
+    check_correctors,
+    check_reproducible,
+    needs_recalibration,
+    prune_step,
+    reapply_plan,
+)
+from transact.core.surgery import round_to_
+from transact.errors import TransactError
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir
 from transact.io.models import load_model, prepare_model, require_tokenizer, skeleton
 from transact.io.text import read_texts, token_stream
-from transact.measure.costs import model_summary
+from transact.layerwise_prune import LayerwiseJob, run_layerwise_prune
+from transact.measure.costs import layerwise_memory, model_summary
 from transact.measure.perplexity import heldout_perplexity
-from transact.recipes import HeldoutText, PruneRecipe
+from transact.recipes import Calibration, HeldoutText, PruneRecipe
 from transact.version import library_versions
 
 
@@ -31,8 +43,11 @@ def load(model: str, *, device: str = "cpu", dtype: str = "auto"):
 
 
 def prune(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list[str] | None = None,
-          progress: bool = True) -> PrunePlan:
-    """Calibrate (if the recipe needs data), score, select, correct and slice ``model`` in place; -> the plan."""
+          sequential: bool = False, progress: bool = True) -> PrunePlan:
+    """Calibrate (if the recipe needs data), score, select, correct and slice ``model`` in place; -> the plan.
+    ``sequential``: layer by layer, each layer calibrated on what the already-pruned layers produce."""
+    if sequential:
+        return prune_by_layer(model, tokenizer, recipe, sequential=True, texts=texts, progress=progress)
     return prune_step(model, tokenizer, recipe, texts=texts, progress=progress)
 
 
@@ -64,6 +79,10 @@ class PruneJob:
     force: bool = False
     verify: bool = True
     progress: bool = True
+    layerwise: bool = False  # one decoder layer in memory at a time (transact.layerwise_prune)
+    # layer-wise: calibrate each layer on the pruned layers' outputs (None: LayerwiseJob's default, True)
+    sequential: bool | None = None
+    resume: bool = False  # layer-wise: continue an interrupted run
 
 
 @dataclass
@@ -73,12 +92,21 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
+def calibration_purpose(recipe: PruneRecipe) -> str:
+    """What calibration is for, as a missing tokenizer's error names it."""
+    if get_metric(recipe.metric).data_free:
+        return f"calibration for the {'/'.join(recipe.correctors)} corrector (--no-reconstruct prunes by weights alone)"
+    return "calibration and perplexity"
+
+
 def _perplexity(model: nn.Module, ids, heldout: HeldoutText, progress: bool) -> dict:
     return heldout_perplexity(model, ids, heldout, progress=progress).to_json()
 
 
 def run_prune(job: PruneJob) -> PruneResult:
     """Prune a model by name and write the verified checkpoint; every input is checked before loading."""
+    if job.layerwise or job.sequential is not None or job.resume:
+        return _run_layerwise(job)
     recipe = job.recipe
     check_output_dir(job.out, force=job.force, inputs=(job.model,))
     calib_texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
@@ -88,7 +116,7 @@ def run_prune(job: PruneJob) -> PruneResult:
     check_correctors(prep.config, recipe, targets)
     tokenizer = None
     if calib_texts is not None or eval_texts is not None:
-        tokenizer = require_tokenizer(prep.source, "calibration and perplexity")
+        tokenizer = require_tokenizer(prep.source, calibration_purpose(recipe))
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(prep, tokenizer=tokenizer)
@@ -100,6 +128,8 @@ def run_prune(job: PruneJob) -> PruneResult:
 
     t1 = time.perf_counter()
     plan = prune_step(model, tokenizer, recipe, targets=targets, texts=calib_texts, progress=job.progress)
+    if plan.corrections and prep.save_dtype != prep.dtype:
+        round_to_(model, prep.save_dtype)  # corrected weights are saved, and measured, as the checkpoint holds them
     report["prune_seconds"] = round(time.perf_counter() - t1, 2)
     report["after"] = model_summary(model)
     if eval_ids is not None:
@@ -112,6 +142,22 @@ def run_prune(job: PruneJob) -> PruneResult:
     return PruneResult(out, plan, report)
 
 
+def default_of(cls: type, name: str):
+    return next(f.default for f in dataclass_fields(cls) if f.name == name)
+
+
+def _run_layerwise(job: PruneJob) -> PruneResult:
+    if not job.layerwise:
+        raise TransactError("--sequential/--no-sequential and --resume belong to a layer-wise prune; add --layerwise")
+    if job.eval_text is not None:
+        raise TransactError("held-out perplexity needs the whole model in memory, which --layerwise avoids; "
+                            "run transact eval on the output instead")
+    sequential = default_of(LayerwiseJob, "sequential") if job.sequential is None else job.sequential
+    return run_layerwise_prune(LayerwiseJob(job.model, job.out, job.recipe, sequential=sequential,
+                                            device=job.device, dtype=job.dtype, resume=job.resume, force=job.force,
+                                            progress=job.progress))
+
+
 @dataclass(frozen=True)
 class ApplyPlanJob:
     model: str
@@ -121,18 +167,26 @@ class ApplyPlanJob:
     dtype: str = "auto"
     force: bool = False
     verify: bool = True
+    progress: bool = True
 
 
 def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
-    """Recreate a pruned checkpoint from its base model and plan.json, without calibration."""
+    """Recreate a pruned checkpoint from its base model and plan.json (recalibrating only where a correction
+    depends on calibration statistics)."""
     check_output_dir(job.out, force=job.force, inputs=(job.model,))
     plan = PrunePlan.load(job.plan)
     check_reproducible(plan)
     prep = prepare_model(job.model, job.device, job.dtype)
     plan.check_applies_to(prep.shape)
-    model, tokenizer = load_model(prep)
+    texts, tokenizer = None, None
+    if needs_recalibration(plan):  # the calibration text and tokenizer are checked before the weights are read
+        texts = read_texts(PruneRecipe.from_json(plan.recipe).calibration.text)
+        tokenizer = require_tokenizer(prep.source, "recalibrating the plan's corrections")
+    model, tokenizer = load_model(prep, tokenizer=tokenizer)
     report: dict = {"model": job.model, "plan": str(job.plan), "before": model_summary(model)}
-    plan = reapply_plan(model, plan)
+    plan = reapply_plan(model, plan, tokenizer, texts=texts, progress=job.progress)
+    if plan.corrections and prep.save_dtype != prep.dtype:
+        round_to_(model, prep.save_dtype)
     report["after"] = model_summary(model)
     report["saved_as"] = saved_model_type(model)
     report["versions"] = library_versions()
@@ -149,4 +203,5 @@ def model_info(model_spec: str) -> dict:
     info["prunable"] = {"heads_kv_pairs": valid_head_pairs(shape), "mlp": f"1..{shape.intermediate_size}"}
     source = prep.source
     info["source"] = source.path + (f" ({source.gguf_file})" if source.gguf_file else "")
+    info["layerwise_memory_bytes"] = layerwise_memory(shape, prep.dtype, Calibration())
     return info

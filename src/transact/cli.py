@@ -121,9 +121,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--correct", action="append", choices=CORRECTORS.names(), metavar="NAME",
                    help="a corrector to run after selection (repeatable): "
                    + "; ".join(f"{name}: {c.summary}" for name, c in CORRECTORS.items()))
-    p.add_argument("--reconstruct", action="store_true",
-                   help="--correct refit: least-squares refit of the o_proj/down_proj columns that stay, from the "
-                   "Gram matrix of their inputs (every family; the checkpoint stays vanilla)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="--correct refit (the default): least-squares refit of the o_proj/down_proj columns that "
+                   "stay, from the Gram matrix of their inputs (every family; the checkpoint stays vanilla); "
+                   "--no-reconstruct slices only")
     p.add_argument("--damp", type=float, default=None, metavar="LAMBDA",
                    help="the refit's damping, relative to the mean diagonal of the Gram matrix (default "
                    f"{DEFAULT_DAMP}; {FEW_TOKENS_DAMP} with fewer than {FEW_TOKENS_PER_CHANNEL} calibration tokens per "
@@ -140,6 +141,15 @@ def _prune_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=cal.batch_size,
                    help=f"calibration batch size (default {cal.batch_size})")
     p.add_argument("--seed", type=int, default=default(PruneRecipe, "seed"))
+    p.add_argument("--layerwise", action="store_true",
+                   help="one decoder layer in memory at a time, its weights read lazily from the safetensors files "
+                   "and the output written shard by shard (for models larger than memory; see transact info)")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --layerwise: calibrate each layer on what the already-pruned layers produce (the "
+                   "default); --no-sequential: on the dense model's activations, the same statistics and result as "
+                   "without --layerwise")
+    p.add_argument("--resume", action="store_true",
+                   help="with --layerwise: continue an interrupted run from its last finished layer")
     _add_eval_text(p)
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
@@ -149,7 +159,8 @@ def _prune_parser(sub) -> None:
 def _apply_plan_parser(sub) -> None:
     p = sub.add_parser("apply-plan", help="recreate a pruned model from its base and plan.json")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("plan", help="plan.json written by 'transact prune'")
+    p.add_argument("plan", help="plan.json written by 'transact prune' (a plan with corrections that depend on "
+                   "calibration, such as the refit, is recalibrated on the same text, checked by its hash)")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.add_argument("--no-verify", action="store_true")
@@ -278,9 +289,20 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
     return "\n".join(lines)
 
 
+def _correctors(args) -> list[str]:
+    """--correct, --reconstruct and --flap-bias together; none of them given: the recipe's default (the refit)."""
+    named = list(dict.fromkeys((args.correct or []) + (["flap_bias"] if args.flap_bias else [])))
+    if args.reconstruct is False:
+        if "refit" in named:
+            raise TransactError("--no-reconstruct and --correct refit contradict each other")
+        return named
+    if args.reconstruct or not named:
+        named = list(dict.fromkeys([*named, *default(PruneRecipe, "correctors")]))
+    return named
+
+
 def _cmd_prune(args) -> int:
-    shorthands = (["refit"] if args.reconstruct else []) + (["flap_bias"] if args.flap_bias else [])
-    correctors = list(dict.fromkeys((args.correct or []) + shorthands))
+    correctors = _correctors(args)
     recipe = PruneRecipe(
         heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, metric=args.metric, alpha=args.alpha,
         seed=args.seed, correctors=tuple(correctors), damp=args.damp,
@@ -288,7 +310,8 @@ def _cmd_prune(args) -> int:
                                 batch_size=args.batch_size),
     )
     job = PruneJob(model=args.model, out=args.out, recipe=recipe, device=args.device, dtype=args.dtype,
-                   eval_text=_eval_text(args), force=args.force, verify=not args.no_verify, progress=not args.quiet)
+                   eval_text=_eval_text(args), force=args.force, verify=not args.no_verify, progress=not args.quiet,
+                   layerwise=args.layerwise, sequential=args.sequential, resume=args.resume)
     result = run_prune(job)
     print(summary_table(result.report["before"], result.report["after"], result.report["saved_as"]))
     print(f"\nsaved {result.report['saved_as']} checkpoint, plan.json and report.json to {result.out}")
@@ -297,7 +320,8 @@ def _cmd_prune(args) -> int:
 
 def _cmd_apply_plan(args) -> int:
     result = run_apply_plan(ApplyPlanJob(model=args.model, plan=args.plan, out=args.out, device=args.device,
-                                         dtype=args.dtype, force=args.force, verify=not args.no_verify))
+                                         dtype=args.dtype, force=args.force, verify=not args.no_verify,
+                                         progress=not args.quiet))
     print(summary_table(result.report["before"], result.report["after"], result.report["saved_as"]))
     print(f"\nsaved to {result.out}")
     return 0
@@ -402,6 +426,11 @@ def _cmd_info(args) -> int:
     print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token")
     print(f"prunable heads    {info['prunable']['heads_kv_pairs']}")
     print(f"prunable mlp      {info['prunable']['mlp']}")
+    memory, cal = info["layerwise_memory_bytes"], Calibration()
+    print(f"prune --layerwise about {memory['total'] / 2**30:.2f} GiB peak memory with --reconstruct and "
+          f"{cal.samples} x {cal.seq_len} calibration tokens (one layer "
+          f"{memory['layer weights'] / 2**31:.2f} GiB, hidden states {memory['hidden states'] / 2**30:.2f} GiB, "
+          f"Gram matrices and solve {memory['statistics'] / 2**30:.2f} GiB)")
     return 0
 
 

@@ -154,6 +154,21 @@ class FamilyAdapter:
         text.num_key_value_heads = num_kv_heads
         text.intermediate_size = intermediate_size
 
+    def one_layer_config(self, config: PretrainedConfig, index: int) -> PretrainedConfig:
+        """``config`` cut down to its layer ``index``, for running that layer alone: one hidden layer, that
+        layer's entry of every per-layer list (``layer_types`` and the like), a one-token vocabulary without
+        special tokens, and untied embeddings (a one-layer model never reads its embedding or head)."""
+        values = config.to_dict()
+        layers = config.num_hidden_layers
+        for key, value in values.items():
+            if isinstance(value, list) and len(value) == layers and key != "architectures":
+                values[key] = [value[index]]
+        values.update(num_hidden_layers=1, vocab_size=1, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                      tie_word_embeddings=False)
+        one = type(config).from_dict(values)
+        one._attn_implementation = config._attn_implementation
+        return one
+
     def saved_model_type(self, config: PretrainedConfig) -> str:
         """The ``model_type`` a checkpoint of this (pruned) config is saved as."""
         return self.portable_config(config).model_type

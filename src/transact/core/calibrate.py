@@ -234,6 +234,9 @@ class Statistics:
     activations: ActivationStats | None = None
     weight_x_grad: list[dict[str, torch.Tensor]] | None = None
     calibration_hash: str | None = None
+    # (index, num_layers): the statistics (and the model they come with) are layer ``index`` of a model of
+    # ``num_layers`` layers, as a layer-wise prune sees it; None: the whole model.
+    layer: tuple[int, int] | None = None
 
     def has(self, name: str) -> bool:
         if name == WEIGHT_X_GRAD:

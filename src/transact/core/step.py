@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
-from transact.core.calibrate import Statistics, collect_statistics, sample_windows
+from transact.core.calibrate import Statistics, collect_statistics, sample_windows, windows_hash
 from transact.core.correct import get_corrector
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, Targets, make_plan, resolve_targets
@@ -96,18 +96,39 @@ def prune_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Tar
 
 
 def check_reproducible(plan: PrunePlan) -> None:
-    """Refuse a plan with a correction that plan.json cannot reproduce (it depends on calibration
-    statistics): applying the plan alone would write different weights than the checkpoint it describes."""
-    for record in plan.corrections:
-        corrector = get_corrector(record["name"])
-        if not corrector.reproducible:
-            raise TransactError(f"this plan's checkpoint was corrected by {corrector.name} ({corrector.summary}), "
-                                "which depends on calibration statistics that plan.json does not hold; run "
-                                "transact prune again to recreate it")
+    """Refuse a plan whose checkpoint ``apply-plan`` cannot recreate: one calibrated layer by layer on the
+    pruned model's own activations (its statistics exist only inside that run)."""
+    if plan.recipe.get("sequential") and needs_recalibration(plan):
+        raise TransactError("this plan's corrections were computed layer by layer on the pruned model's own "
+                            "activations (--layerwise --sequential), which only that run sees; run transact prune "
+                            "--layerwise --sequential again to recreate it")
 
 
-def reapply_plan(model: nn.Module, plan: PrunePlan) -> PrunePlan:
-    """``plan`` on its base model again, without calibration: bit-identical weights to the first time."""
+def needs_recalibration(plan: PrunePlan) -> bool:
+    """Whether recreating the plan's checkpoint needs the calibration statistics again (a correction that
+    depends on them)."""
+    return any(not get_corrector(record["name"]).reproducible for record in plan.corrections)
+
+
+def recalibrate(model: nn.Module, tokenizer, plan: PrunePlan, recipe: PruneRecipe, *, texts: list[str] | None = None,
+                progress: bool = True) -> Statistics:
+    """The statistics the plan's correctors used, from the same calibration windows: the recipe's text must
+    give exactly the tokens recorded by the plan's calibration hash."""
+    windows = calibration_windows(tokenizer, recipe, texts)
+    if windows is None or windows_hash(windows) != plan.calibration_hash:
+        raise TransactError(f"the calibration text {recipe.calibration.text!r} does not give the tokens this plan "
+                            "was calibrated on (their hash differs), so its corrections cannot be recreated; run "
+                            "transact prune again, or apply-plan with the same calibration text")
+    names = tuple(dict.fromkeys(s for r in plan.corrections for s in get_corrector(r["name"]).statistics))
+    return collect_statistics(model, windows, names, batch_size=recipe.calibration.batch_size, progress=progress)
+
+
+def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, texts: list[str] | None = None,
+                 progress: bool = True) -> PrunePlan:
+    """``plan`` on its base model again: bit-identical weights to the first time. Corrections that depend on
+    calibration statistics are recomputed from the same calibration windows (checked by their hash)."""
     check_reproducible(plan)
     recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections else None
-    return apply_step(model, replace(plan, corrections=[]), None, recipe)
+    stats = recalibrate(model, tokenizer, plan, recipe, texts=texts, progress=progress) \
+        if needs_recalibration(plan) else None
+    return apply_step(model, replace(plan, corrections=[]), stats, recipe)

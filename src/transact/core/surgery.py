@@ -61,3 +61,11 @@ def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     for layer in adapter.layers(model):
         adapter.sync_modules(layer, config)
     return model
+
+
+@torch.no_grad()
+def round_to_(module: nn.Module, dtype: torch.dtype) -> None:
+    """Round every parameter to the values ``dtype`` can hold, keeping its own dtype: a model whose weights a
+    corrector changed in a wider compute dtype then is exactly the model its checkpoint in ``dtype`` holds."""
+    for p in module.parameters():
+        p.copy_(p.to(dtype))

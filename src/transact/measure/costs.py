@@ -67,3 +67,44 @@ def model_summary(model: nn.Module) -> dict:
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(shape, dtype),
         "flops_per_token": {str(c): flops_per_token(shape, c) for c in (256, 1024, 4096)},
     }
+
+
+# Resident memory of the process before any weights are read: 440 MiB measured after importing transact
+# (torch, transformers) and loading a tokenizer on the 2-core CPU machine of docs/results.md ("Layer-wise
+# pruning"), plus room for the calibration text and the allocator's slack. A GPU process adds its CUDA
+# context on the device side.
+RUNTIME_OVERHEAD_BYTES = 600 * 2**20
+
+
+def layer_parameters(shape: ModelShape) -> int:
+    """Parameters of one decoder layer's projections (norms are negligible)."""
+    attn = shape.hidden_size * shape.head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
+    return attn + 3 * shape.hidden_size * shape.intermediate_size
+
+
+def layerwise_memory(shape: ModelShape, dtype: torch.dtype, calibration, *, refit: bool = True) -> dict[str, int]:
+    """The peak memory of a layer-wise prune, part by part (bytes; ``total`` is their sum). ``calibration``
+    is a ``transact.recipes.Calibration``.
+
+    - layer weights: the dense layer, and then the pruned layer beside its read-back copy for the write
+      check (counted as two dense layers);
+    - hidden states: the calibration windows' inputs of the current layer and its outputs;
+    - layer activations: one calibration batch inside the layer (q/k/v/o and gate/up/down widths, eager
+      attention scores);
+    - statistics: with the refit, the fp32 Gram matrices of the o_proj and down_proj inputs, and the fp64
+      blocks of the larger solve (counted as if every channel stayed);
+    - runtime: interpreter, torch, transformers and the tokenizer (measured).
+    """
+    size = dtype.itemsize
+    attn_width = shape.num_heads * shape.head_dim
+    tokens = calibration.samples * calibration.seq_len
+    batch_tokens = calibration.batch_size * calibration.seq_len
+    widths = 2 * attn_width + 2 * shape.num_kv_heads * shape.head_dim + 3 * shape.intermediate_size
+    scores = calibration.batch_size * shape.num_heads * calibration.seq_len ** 2
+    parts = {"layer weights": 2 * layer_parameters(shape) * size,
+             "hidden states": 2 * tokens * shape.hidden_size * size,
+             "layer activations": (batch_tokens * (widths + 2 * shape.hidden_size) + scores) * size,
+             "statistics": (4 * (attn_width ** 2 + shape.intermediate_size ** 2)
+                            + 2 * 8 * shape.intermediate_size ** 2 if refit else 0),
+             "runtime": RUNTIME_OVERHEAD_BYTES}
+    return {**parts, "total": sum(parts.values())}

@@ -64,10 +64,10 @@ class PruneRecipe:
     """One-shot pruning: target widths per layer, the salience metric, correctors, and calibration.
 
     ``heads``/``kv_heads``/``mlp`` left as None keep that dimension whole; at least one must be given.
-    ``metric`` and each of ``correctors`` name registered plug-ins (``transact.core.metrics``,
-    ``transact.core.correct``). ``alpha`` None means the default 10 / head_dim (paper eq. 5 with the
-    authors' setting); it is an option of the metrics that declare it. ``seed`` draws the calibration
-    windows (and the random metric's scores).
+    ``metric`` and each of ``correctors`` (default: the least-squares refit) name registered plug-ins
+    (``transact.core.metrics``, ``transact.core.correct``). ``alpha`` None means the default 10 / head_dim
+    (paper eq. 5 with the authors' setting); it is an option of the metrics that declare it. ``seed`` draws
+    the calibration windows (and the random metric's scores).
     """
 
     heads: Width | None = None
@@ -77,7 +77,9 @@ class PruneRecipe:
     alpha: float | None = None
     seed: int = 0
     calibration: Calibration = field(default_factory=Calibration)
-    correctors: tuple[str, ...] = ()
+    # The least-squares refit by default: it lowered one-shot perplexity for every metric at every width
+    # measured (docs/results.md, "Least-squares refit"); () prunes by slicing alone.
+    correctors: tuple[str, ...] = ("refit",)
     damp: float | None = None  # the refit's damping (None: its default)
 
     def __post_init__(self) -> None:
@@ -139,7 +141,9 @@ class PruneRecipe:
     def from_json(cls, data: dict[str, Any]) -> PruneRecipe:
         data = dict(data)
         calibration = Calibration(**data.pop("calibration", {}))
+        data.setdefault("correctors", [])  # plans written before correctors existed had none
         if data.pop("bias_compensation", False):  # how plans written before correctors recorded FLAP's bias
             data["correctors"] = [*data.get("correctors", ()), "flap_bias"]
-        data.pop("shot", None)  # a run's plans note their shot beside the recipe
+        for note in ("shot", "layerwise", "sequential"):  # how the plan was made, noted beside the recipe
+            data.pop(note, None)
         return cls(calibration=calibration, **data)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transact.core.calibrate import WEIGHT_X_GRAD
 from transact.core.metrics import get_metric, metric_names
 from transact.errors import TransactError
 from transact.io.text import BUILTIN
@@ -153,8 +154,12 @@ class RunRecipe:
     schedule: tuple[Widths, ...] | None = None
     metric: str = "transact"
     alpha: float | None = None
-    reconstruct: bool = False  # the least-squares refit of o_proj/down_proj after every shot's selection
+    reconstruct: bool = True  # the least-squares refit of o_proj/down_proj after every shot's selection
     damp: float | None = None
+    # Each shot one decoder layer at a time; ``sequential``: each layer calibrated on what the already-pruned
+    # layers produce (else on the current model's activations, the same statistics as the whole-model step).
+    layerwise: bool = False
+    sequential: bool = False
     calibration: Calibration = field(default_factory=Calibration)
     calibration_seed: int = 0
     training: Training = field(default_factory=Training)
@@ -181,6 +186,13 @@ class RunRecipe:
         check_str("device", self.device)
         if not isinstance(self.reconstruct, bool):
             raise fail("reconstruct", f"must be true or false, got {self.reconstruct!r}")
+        for key in ("layerwise", "sequential"):
+            if not isinstance(getattr(self, key), bool):
+                raise fail(key, f"must be true or false, got {getattr(self, key)!r}")
+        if self.sequential and not self.layerwise:
+            raise fail("sequential", "belongs to a layer-wise shot; set layerwise: true")
+        if self.layerwise and WEIGHT_X_GRAD in get_metric(self.metric).statistics:
+            raise fail("layerwise", f"metric {self.metric!r} needs the whole model's loss; use it without layerwise")
         if self.damp is not None:
             object.__setattr__(self, "damp", check_float("damp", self.damp, 0.0))
             if not self.reconstruct:
@@ -226,6 +238,7 @@ class RunRecipe:
         out = {"model": self.model, "out": self.out, "target": self.target.to_json() if self.target else None,
                "shots": self.shots, "schedule": [w.to_json() for w in self.schedule] if self.schedule else None,
                "metric": self.metric, "alpha": self.alpha, "reconstruct": self.reconstruct, "damp": self.damp,
+               "layerwise": self.layerwise, "sequential": self.sequential,
                "calibration": {**asdict(self.calibration), "seed": self.calibration_seed},
                "training": asdict(self.training), "heldout": asdict(self.heldout), "device": self.device}
         out["training"]["betas"] = list(self.training.betas)

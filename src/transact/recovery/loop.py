@@ -22,6 +22,7 @@ from safetensors.torch import load_model as load_weights
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter
+from transact.core.layerwise import prune_by_layer
 from transact.core.plan import PrunePlan, Targets, check_schedule, compose_plans, linear_schedule, resolve_targets
 from transact.core.step import apply_step, plan_step
 from transact.errors import TransactError
@@ -193,6 +194,16 @@ class Run:
     def _lora_seed(self, phase: int) -> int:
         return self.recipe.training.seed * 1_000_003 + phase
 
+    def _prune_here(self, model: nn.Module, targets, shot: int) -> PrunePlan:
+        """This process's pruning step: whole-model, or one layer at a time (``layerwise``)."""
+        recipe, note = self.prune_recipe, {"shot": shot}
+        if self.recipe.layerwise:
+            return prune_by_layer(model, self.tokenizer, recipe, sequential=self.recipe.sequential, targets=targets,
+                                  texts=self.calib_texts, note=note, progress=self.progress_bars)
+        plan, stats = plan_step(model, self.tokenizer, recipe, targets=targets, texts=self.calib_texts, note=note,
+                                progress=self.progress_bars)
+        return apply_step(model, plan, stats, recipe)
+
     def prune_shot(self, model: nn.Module, state: RunState) -> None:
         """Calibrate the current model, plan this shot's widths, prune (every process the same plan)."""
         shot, targets = state.phase, self.schedule[state.phase - 1]
@@ -200,9 +211,7 @@ class Run:
         plan_json = None
         if self.procs.main:  # calibrates, selects, corrects and slices; the others slice and receive
             model.eval()
-            plan, stats = plan_step(model, self.tokenizer, self.prune_recipe, targets=targets,
-                                    texts=self.calib_texts, note={"shot": shot}, progress=self.progress_bars)
-            plan_json = apply_step(model, plan, stats, self.prune_recipe).to_json()
+            plan_json = self._prune_here(model, targets, shot).to_json()
         plan = PrunePlan.from_json(self.procs.broadcast(plan_json))
         if not self.procs.main:
             apply_step(model, plan)

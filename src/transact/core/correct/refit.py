@@ -48,18 +48,20 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, 
     weight: (H, C); gram: (C, C); kept: (|S|,) ascending channel indices; damp >= 0 -> (H, |S|) in weight's
     dtype. A Cholesky solve, with a least-squares solve as the fallback where G_SS + damping is singular.
     """
-    w, g = weight.detach().double().cpu(), gram.double().cpu()
+    g = gram.cpu()
     keep = torch.zeros(g.shape[0], dtype=torch.bool)
     keep[kept.cpu()] = True
-    g_ss, g_sr = g[keep][:, keep], g[keep][:, ~keep]  # (S, S), (S, R)
-    a = g_ss + damp * g_ss.diagonal().mean() * torch.eye(g_ss.shape[0], dtype=g.dtype)
-    rhs = g_sr @ w[:, ~keep].T  # (S, H): the transposed correction before the solve
+    # Only the blocks the solve needs are taken to fp64 (never the whole C x C matrix): the peak is the fp32
+    # Gram matrix plus two |S| x |S| fp64 matrices (the damped block and its factor).
+    a = g[keep][:, keep].double()  # G_SS, damped in place below
+    rhs = g[keep][:, ~keep].double() @ weight.detach().cpu()[:, ~keep].double().T  # (S, H): G_SR W_Rᵀ
+    a.diagonal().add_(damp * a.diagonal().mean())
     factor, info = torch.linalg.cholesky_ex(a)
     if info.item() == 0:
         correction = torch.cholesky_solve(rhs, factor)
     else:
         correction = torch.linalg.lstsq(a, rhs, driver="gelsd").solution
-    return (w[:, keep] + correction.T).to(weight.dtype)
+    return (weight.detach().cpu()[:, keep].double() + correction.T).to(weight.dtype)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from transact.arch import ModelShape
@@ -16,6 +18,14 @@ def random_layer_scores(shape: ModelShape, seed: int) -> LayerScores:
     return LayerScores(heads, mlp)
 
 
-METRIC = register_metric(Metric(
-    "random", "data-free control: seeded random scores (--seed)",
-    lambda model, stats, shape, recipe: random_layer_scores(shape, recipe.seed)))
+def random_scores(model, stats, shape: ModelShape, recipe) -> LayerScores:
+    """The whole model's draws; a layer-wise prune (one layer of many) takes its layer's share of them, so
+    both paths select the same units."""
+    if stats is None or stats.layer is None:
+        return random_layer_scores(shape, recipe.seed)
+    index, num_layers = stats.layer
+    every = random_layer_scores(replace(shape, num_layers=num_layers), recipe.seed)
+    return LayerScores([every.heads[index]], [every.mlp[index]])
+
+
+METRIC = register_metric(Metric("random", "data-free control: seeded random scores (--seed)", random_scores))

@@ -1,0 +1,177 @@
+"""Reading and writing a checkpoint a tensor at a time: the layer-wise prune never holds a whole model.
+
+``LazyCheckpoint`` maps every tensor name of a safetensors checkpoint (one file or an index of shards) to
+its file and reads single tensors on demand through ``safe_open``. ``ShardWriter`` writes a checkpoint one
+shard at a time (each through a staging file and a rename), reads every tensor back to check it, and
+finally writes the index that maps names to shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from transact.errors import TransactError
+from transact.io.files import move_into_place, staging_file
+
+INDEX = "model.safetensors.index.json"
+
+
+class LazyCheckpoint:
+    """The tensors of a local safetensors checkpoint, by name, read one at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(self.folder / "model.safetensors", framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), self.folder / "model.safetensors")
+        else:
+            raise TransactError(f"{self.folder} has no safetensors weights (model.safetensors or {INDEX}); a "
+                                "layer-wise prune reads its weights lazily from them")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (CPU)."""
+        try:
+            path = self.files[name]
+        except KeyError:
+            raise TransactError(f"{self.folder} holds no tensor {name!r}") from None
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def rows(self, name: str, ids: list[int]) -> torch.Tensor:
+        """Rows ``ids`` of a 2-D tensor, read without reading the rest of it: -> (len(ids), columns)."""
+        with safe_open(self.files[name], framework="pt") as f:
+            part = f.get_slice(name)
+            return torch.cat([part[i:i + 1] for i in ids])
+
+    def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor whose name starts with ``prefix``, keyed by the rest of the name."""
+        return {name[len(prefix):]: self.tensor(name) for name in self.files if name.startswith(prefix)}
+
+
+class ShardWriter:
+    """Writes ``total`` shards named as ``save_pretrained`` names them, then the index.
+
+    Each shard is written to a staging file, renamed into place, and read back tensor by tensor to check
+    that the file holds exactly what was meant (only one shard's tensors are in memory at a time)."""
+
+    def __init__(self, folder: Path, total: int) -> None:
+        self.folder, self.total = folder, total
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.total:05d}.safetensors"
+
+    def write(self, number: int, tensors: dict[str, torch.Tensor]) -> str:
+        """Write shard ``number`` (1-based) and check it; -> its file name."""
+        name = self.shard_name(number)
+        target = self.folder / name
+        tmp = staging_file(target)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={"format": "pt"})
+            move_into_place(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._check(target, tensors)
+        return name
+
+    @staticmethod
+    def _check(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        with safe_open(path, framework="pt") as f:
+            if set(f.keys()) != set(tensors):
+                raise TransactError(f"{path} does not hold the tensors written to it")
+            for key, expected in tensors.items():
+                if not torch.equal(f.get_tensor(key), expected.detach().cpu()):
+                    raise TransactError(f"{path}: {key} reads back different values than were written")
+
+    def copy_tensor(self, number: int, source: LazyCheckpoint, name: str, dtype: torch.dtype) -> str:
+        """Shard ``number`` holding tensor ``name`` of ``source`` cast to ``dtype``, copied CHUNK_BYTES at a
+        time with plain file reads (an embedding of a large vocabulary never sits in memory whole, nor
+        mapped), then read back chunk by chunk and compared. -> its file name."""
+        file = self.shard_name(number)
+        target = self.folder / file
+        where = _locate(source.files[name], name)
+        header = {name: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": where.shape,
+                         "data_offsets": [0, math.prod(where.shape) * dtype.itemsize]},
+                  "__metadata__": {"format": "pt"}}
+        tmp = staging_file(target)
+        try:
+            with open(tmp, "wb") as out:
+                out.write(_header_bytes(header))
+                for chunk in where.chunks(dtype):
+                    out.write(_as_bytes(chunk))
+            move_into_place(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written = _locate(target, name)
+        for original, back in zip(where.chunks(dtype), written.chunks(dtype), strict=True):
+            if not torch.equal(original, back):
+                raise TransactError(f"{target}: {name} reads back different values than were written")
+        return file
+
+    def write_index(self, shards: Iterable[tuple[str, Iterable[str]]]) -> None:
+        """``shards``: (file name, tensor names in it) for every shard."""
+        weight_map = {key: file for file, keys in shards for key in keys}
+        size = sum((self.folder / file).stat().st_size for file in set(weight_map.values()))
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+CHUNK_BYTES = 64 * 2**20
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: list[int]
+    start: int  # absolute byte offset of its data
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The tensor in row ranges of about CHUNK_BYTES (the same ranges for every stored dtype), read with
+        plain reads and cast to ``dtype`` (flattened)."""
+        rows = self.shape[0] if self.shape else 1
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        step = max(1, CHUNK_BYTES // max(math.prod(self.shape[1:]) * 8, 1))
+        with open(self.path, "rb") as f:
+            for first in range(0, rows, step):
+                f.seek(self.start + first * row_bytes)
+                raw = bytearray(f.read((min(first + step, rows) - first) * row_bytes))
+                yield torch.frombuffer(raw, dtype=self.dtype).to(dtype)
+
+
+def _locate(path: Path, name: str) -> _Stored:
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(length))[name]
+    return _Stored(path, TORCH_DTYPES[entry["dtype"]], entry["shape"], 8 + length + entry["data_offsets"][0])
+
+
+def _header_bytes(header: dict) -> bytes:
+    """The 8-byte little-endian length and the JSON header, padded with spaces to a multiple of 8."""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _as_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
