@@ -250,8 +250,9 @@ def test_the_command_line_and_info(tmp_path, corpus, capsys):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tensors_are_copied_in_chunks_and_checked(tmp_path, monkeypatch, dtype):
     """The embedding and LM head are copied a chunk at a time (cast on the way) and read back."""
-    import transact.io.lazy as lazy
     from safetensors.torch import save_file
+
+    import transact.io.lazy as lazy
 
     monkeypatch.setattr(lazy, "CHUNK_BYTES", 256)  # many chunks, the last one short
     weight = torch.randn(101, 7)
