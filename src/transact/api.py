@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 from torch import nn
@@ -25,12 +24,11 @@ from transact.core.step import (
     reapply_plan,
 )
 from transact.core.surgery import round_to_
-from transact.errors import TransactError
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir
-from transact.io.models import load_model, prepare_model, require_tokenizer, skeleton
+from transact.io.models import PreparedModel, load_model, prepare_model, require_tokenizer, skeleton
 from transact.io.text import read_texts, token_stream
-from transact.layerwise_prune import LayerwiseJob, run_layerwise_prune
+from transact.layerwise_prune import run_layerwise_prune
 from transact.measure.costs import layerwise_memory, model_summary
 from transact.measure.perplexity import heldout_perplexity
 from transact.recipes import Calibration, HeldoutText, PruneRecipe
@@ -80,7 +78,7 @@ class PruneJob:
     verify: bool = True
     progress: bool = True
     layerwise: bool = False  # one decoder layer in memory at a time (transact.layerwise_prune)
-    # layer-wise: calibrate each layer on the pruned layers' outputs (None: LayerwiseJob's default, True)
+    # layer-wise: calibrate each layer on the pruned layers' outputs (None: the layer-wise default, True)
     sequential: bool | None = None
     resume: bool = False  # layer-wise: continue an interrupted run
 
@@ -106,7 +104,7 @@ def _perplexity(model: nn.Module, ids, heldout: HeldoutText, progress: bool) -> 
 def run_prune(job: PruneJob) -> PruneResult:
     """Prune a model by name and write the verified checkpoint; every input is checked before loading."""
     if job.layerwise or job.sequential is not None or job.resume:
-        return _run_layerwise(job)
+        return run_layerwise_prune(job)
     recipe = job.recipe
     check_output_dir(job.out, force=job.force, inputs=(job.model,))
     calib_texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
@@ -128,8 +126,7 @@ def run_prune(job: PruneJob) -> PruneResult:
 
     t1 = time.perf_counter()
     plan = prune_step(model, tokenizer, recipe, targets=targets, texts=calib_texts, progress=job.progress)
-    if plan.corrections and prep.save_dtype != prep.dtype:
-        round_to_(model, prep.save_dtype)  # corrected weights are saved, and measured, as the checkpoint holds them
+    _as_saved(model, plan, prep)
     report["prune_seconds"] = round(time.perf_counter() - t1, 2)
     report["after"] = model_summary(model)
     if eval_ids is not None:
@@ -142,20 +139,11 @@ def run_prune(job: PruneJob) -> PruneResult:
     return PruneResult(out, plan, report)
 
 
-def default_of(cls: type, name: str):
-    return next(f.default for f in dataclass_fields(cls) if f.name == name)
-
-
-def _run_layerwise(job: PruneJob) -> PruneResult:
-    if not job.layerwise:
-        raise TransactError("--sequential/--no-sequential and --resume belong to a layer-wise prune; add --layerwise")
-    if job.eval_text is not None:
-        raise TransactError("held-out perplexity needs the whole model in memory, which --layerwise avoids; "
-                            "run transact eval on the output instead")
-    sequential = default_of(LayerwiseJob, "sequential") if job.sequential is None else job.sequential
-    return run_layerwise_prune(LayerwiseJob(job.model, job.out, job.recipe, sequential=sequential,
-                                            device=job.device, dtype=job.dtype, resume=job.resume, force=job.force,
-                                            progress=job.progress))
+def _as_saved(model: nn.Module, plan: PrunePlan, prep: PreparedModel) -> None:
+    """Corrected weights are saved, and measured, as the checkpoint holds them: rounded to the saved dtype
+    where it is narrower than the compute dtype (plain slicing only copies values that already fit)."""
+    if plan.corrections and prep.save_dtype != prep.dtype:
+        round_to_(model, prep.save_dtype)
 
 
 @dataclass(frozen=True)
@@ -185,8 +173,7 @@ def run_apply_plan(job: ApplyPlanJob) -> PruneResult:
     model, tokenizer = load_model(prep, tokenizer=tokenizer)
     report: dict = {"model": job.model, "plan": str(job.plan), "before": model_summary(model)}
     plan = reapply_plan(model, plan, tokenizer, texts=texts, progress=job.progress)
-    if plan.corrections and prep.save_dtype != prep.dtype:
-        round_to_(model, prep.save_dtype)
+    _as_saved(model, plan, prep)
     report["after"] = model_summary(model)
     report["saved_as"] = saved_model_type(model)
     report["versions"] = library_versions()

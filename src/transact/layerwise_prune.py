@@ -15,9 +15,9 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,34 +49,31 @@ from transact.io.models import (
 )
 from transact.io.text import read_texts
 from transact.measure.costs import model_summary
-from transact.recipes import PruneRecipe
 from transact.version import library_versions
+
+if TYPE_CHECKING:
+    from transact.api import PruneJob, PruneResult
 
 PROGRESS = "progress.json"
 PROGRESS_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class LayerwiseJob:
-    model: str
-    out: str
-    recipe: PruneRecipe
-    # Calibrate each layer on the pruned layers' outputs (else the dense model's, which gives the whole-model
-    # path's result): on SmolLM2 it lowered one-shot perplexity by 10-14 % at 0.61x and 0.47x of the
-    # parameters and raised it by 5 % at 0.74x (docs/results.md, "Layer-wise pruning").
-    sequential: bool = True
-    device: str = "cpu"
-    dtype: str = "auto"
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
+# Without --sequential/--no-sequential a layer-wise prune calibrates each layer on the pruned layers' outputs
+# (else the dense model's, which gives the whole-model path's result): on SmolLM2 it lowered one-shot
+# perplexity by 10-14 % at 0.61x and 0.47x of the parameters and raised it by 5 % at 0.74x (docs/results.md,
+# "Layer-wise pruning").
+SEQUENTIAL_DEFAULT = True
+
+
+def sequential_of(job: PruneJob) -> bool:
+    return SEQUENTIAL_DEFAULT if job.sequential is None else job.sequential
 
 
 def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.layerwise"
 
 
-def check_layerwise(job: LayerwiseJob, prep: PreparedModel) -> LazyCheckpoint:
+def check_layerwise(job: PruneJob, prep: PreparedModel) -> LazyCheckpoint:
     """Everything a layer-wise prune can refuse, before any compute: -> the lazily read weights."""
     if prep.source.gguf_file or not prep.source.is_local:
         raise TransactError(f"--layerwise reads the weights lazily from a local safetensors checkpoint; "
@@ -92,14 +89,14 @@ def check_layerwise(job: LayerwiseJob, prep: PreparedModel) -> LazyCheckpoint:
     return weights
 
 
-def _run_key(job: LayerwiseJob, prep: PreparedModel, targets: Targets, calibration_hash: str | None) -> dict:
+def _run_key(job: PruneJob, prep: PreparedModel, targets: Targets, calibration_hash: str | None) -> dict:
     """What an interrupted run must share with this one to be continued by it."""
     return {"model": str(Path(prep.source.path).resolve()), "recipe": job.recipe.to_json(),
-            "sequential": job.sequential, "targets": [targets.heads, targets.kv_heads, targets.mlp],
+            "sequential": sequential_of(job), "targets": [targets.heads, targets.kv_heads, targets.mlp],
             "calibration_hash": calibration_hash, "dtype": str(prep.dtype), "save_dtype": str(prep.save_dtype)}
 
 
-def _start(job: LayerwiseJob, work: Path, key: dict) -> dict:
+def _start(job: PruneJob, work: Path, key: dict) -> dict:
     """The progress to continue from: a fresh start, or an interrupted run's progress (``resume``)."""
     progress_file = work / PROGRESS
     if work.exists() and job.resume and progress_file.is_file():
@@ -161,8 +158,7 @@ def _write_layer(writer: ShardWriter, index: int, model, prefix: str, save_dtype
     one-layer model of the *saved* config must compute exactly what the in-memory layer computes."""
     state = {k: v.to(save_dtype) for k, v in layer_of(model).state_dict().items()}
     names = [f"{prefix}.{index}.{k}" for k in state]
-    file = writer.write(index + 1, dict(zip(names, state.values(), strict=True)))
-    reread = load_file(str(writer.folder / file))
+    file, reread = writer.write(index + 1, dict(zip(names, state.values(), strict=True)))
     check = vanilla.with_layer(index, {k: reread[f"{prefix}.{index}.{k}"] for k in state})
     probe = _probe(shape_of(vanilla.config).hidden_size, vanilla.dtype, vanilla.device)
     expected, _ = run_layer(model, probe, 1)
@@ -172,10 +168,15 @@ def _write_layer(writer: ShardWriter, index: int, model, prefix: str, save_dtype
     return file, names
 
 
-def run_layerwise_prune(job: LayerwiseJob):
-    """Prune ``job.model`` layer by layer into ``job.out``; -> PruneResult."""
-    from transact.api import PruneResult
+def run_layerwise_prune(job: PruneJob) -> PruneResult:
+    """Prune ``job.model`` layer by layer into ``job.out`` (``job.layerwise`` set); -> PruneResult."""
+    from transact.api import PruneResult, calibration_purpose
 
+    if not job.layerwise:
+        raise TransactError("--sequential/--no-sequential and --resume belong to a layer-wise prune; add --layerwise")
+    if job.eval_text is not None:
+        raise TransactError("held-out perplexity needs the whole model in memory, which --layerwise avoids; "
+                            "run transact eval on the output instead")
     t0 = time.perf_counter()
     recipe = job.recipe
     out = check_output_dir(job.out, force=job.force, inputs=(job.model,))
@@ -186,27 +187,27 @@ def run_layerwise_prune(job: LayerwiseJob):
     tokenizer = load_tokenizer(prep.source)
     texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
     if texts is not None and tokenizer is None:
-        from transact.api import calibration_purpose
-
         raise TransactError(f"{job.model!r} has no tokenizer files, which {calibration_purpose(recipe)} needs")
     windows = calibration_windows(tokenizer, recipe, texts)
     calibration_hash = windows_hash(windows) if windows is not None else None
     work = work_dir(out)
     progress = _start(job, work, _run_key(job, prep, targets, calibration_hash))
-    _prune_layers(job, prep, weights, targets, windows, calibration_hash, work, progress)
-    plan, report = _finish(job, prep, weights, tokenizer, targets, calibration_hash, work, progress, t0)
+    writer = ShardWriter(work, prep.shape.num_layers + len(_other_tensors(weights, prep.config)))
+    _prune_layers(job, prep, weights, targets, windows, calibration_hash, writer, progress)
+    plan, report = _finish(job, prep, weights, tokenizer, targets, calibration_hash, writer, progress, t0)
     replace_dir(work, out)
     return PruneResult(out, plan, report)
 
 
-def _prune_layers(job: LayerwiseJob, prep: PreparedModel, weights: LazyCheckpoint, targets: Targets,
-                  windows: torch.Tensor | None, calibration_hash: str | None, work: Path, progress: dict) -> None:
+def _prune_layers(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, targets: Targets,
+                  windows: torch.Tensor | None, calibration_hash: str | None, writer: ShardWriter,
+                  progress: dict) -> None:
     config, num_layers = prep.config, prep.shape.num_layers
     prefix = get_adapter(config).layers_path
     models = LayerModels(config, prep.dtype, prep.device)
     store = _store_device(prep, windows)
     round_to = prep.save_dtype if prep.save_dtype != prep.dtype else None
-    writer = ShardWriter(work, num_layers + len(_other_tensors(weights, prefix)))
+    work, sequential = writer.folder, sequential_of(job)
     hidden = _resume_hidden(work, progress, store)
     vanilla = None
     bar = tqdm(range(num_layers), desc="layers", unit="layer", initial=progress["done"], disable=not job.progress)
@@ -217,7 +218,7 @@ def _prune_layers(job: LayerwiseJob, prep: PreparedModel, weights: LazyCheckpoin
             rows = partial(weights.rows, _embedding_name(weights, config))
             hidden = embed_windows(model, rows, windows,
                                    job.recipe.calibration.batch_size, store)
-        result = prune_layer(model, index, num_layers, hidden, job.recipe, targets, sequential=job.sequential,
+        result = prune_layer(model, index, num_layers, hidden, job.recipe, targets, sequential=sequential,
                              calibration_hash=calibration_hash, round_to=round_to)
         if progress["config_changes"] is None:
             progress["config_changes"] = config_changes(config, model.config)
@@ -254,19 +255,19 @@ def _embedding_name(weights: LazyCheckpoint, config: PretrainedConfig) -> str:
     raise TransactError(f"{weights.folder}: no tensor holds the input embedding ({' or '.join(names)})")
 
 
-def _other_tensors(weights: LazyCheckpoint, prefix: str) -> list[str]:
+def _other_tensors(weights: LazyCheckpoint, config: PretrainedConfig) -> list[str]:
     """Every tensor outside the decoder layers (embedding, final norm, LM head), copied as it is."""
+    prefix = get_adapter(config).layers_path
     return [name for name in weights.names if not name.startswith(f"{prefix}.")]
 
 
-def _finish(job: LayerwiseJob, prep: PreparedModel, weights: LazyCheckpoint, tokenizer, targets: Targets,
-            calibration_hash: str | None, work: Path, progress: dict, t0: float) -> tuple[PrunePlan, dict]:
+def _finish(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, tokenizer, targets: Targets,
+            calibration_hash: str | None, writer: ShardWriter, progress: dict, t0: float) -> tuple[PrunePlan, dict]:
     """Copy the tensors outside the layers, write config, tokenizer, plan and report, and check the whole
     directory against the saved config (shapes and names, from file headers)."""
-    prefix = get_adapter(prep.config).layers_path
-    writer = ShardWriter(work, len(progress["shards"]) + len(_other_tensors(weights, prefix)))
+    work, sequential = writer.folder, sequential_of(job)
     shards = [tuple(s) for s in progress["shards"]]
-    for number, name in enumerate(_other_tensors(weights, prefix), start=len(shards) + 1):
+    for number, name in enumerate(_other_tensors(weights, prep.config), start=len(shards) + 1):
         shards.append((writer.copy_tensor(number, weights, name, prep.save_dtype), [name]))
     writer.write_index(shards)
     config = saved_config(prep.config, progress["config_changes"], prep.save_dtype)
@@ -277,13 +278,13 @@ def _finish(job: LayerwiseJob, prep: PreparedModel, weights: LazyCheckpoint, tok
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
     plan = PrunePlan(source=prep.shape, targets=targets, layers=[LayerPlan(**kept) for kept in progress["layers"]],
-                     recipe={**job.recipe.to_json(), "layerwise": True, "sequential": job.sequential},
+                     recipe={**job.recipe.to_json(), "layerwise": True, "sequential": sequential},
                      calibration_hash=calibration_hash, versions=library_versions(),
                      corrections=progress["corrections"] or [])
     plan.validate()
     plan.save(work / "plan.json")
     report = {"model": job.model, "device": str(prep.device), "compute_dtype": str(prep.dtype)[6:],
-              "saved_dtype": str(prep.save_dtype)[6:], "layerwise": {"sequential": job.sequential},
+              "saved_dtype": str(prep.save_dtype)[6:], "layerwise": {"sequential": sequential},
               "before": model_summary(skeleton(prep.config, prep.save_dtype)),
               "after": model_summary(skeleton(config, prep.save_dtype)), "saved_as": shape_of(config).model_type,
               "prune_seconds": progress["seconds"].get("layers", 0.0),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from transact.errors import TransactError
 from transact.io.files import move_into_place, staging_file
@@ -76,8 +76,8 @@ class ShardWriter:
     def shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.total:05d}.safetensors"
 
-    def write(self, number: int, tensors: dict[str, torch.Tensor]) -> str:
-        """Write shard ``number`` (1-based) and check it; -> its file name."""
+    def write(self, number: int, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+        """Write shard ``number`` (1-based) and check it; -> (its file name, its tensors as read back)."""
         name = self.shard_name(number)
         target = self.folder / name
         tmp = staging_file(target)
@@ -87,17 +87,13 @@ class ShardWriter:
             move_into_place(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-        self._check(target, tensors)
-        return name
-
-    @staticmethod
-    def _check(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        with safe_open(path, framework="pt") as f:
-            if set(f.keys()) != set(tensors):
-                raise TransactError(f"{path} does not hold the tensors written to it")
-            for key, expected in tensors.items():
-                if not torch.equal(f.get_tensor(key), expected.detach().cpu()):
-                    raise TransactError(f"{path}: {key} reads back different values than were written")
+        back = load_file(str(target))
+        if set(back) != set(tensors):
+            raise TransactError(f"{target} does not hold the tensors written to it")
+        for key, expected in tensors.items():
+            if not torch.equal(back[key], expected.detach().cpu()):
+                raise TransactError(f"{target}: {key} reads back different values than were written")
+        return name, back
 
     def copy_tensor(self, number: int, source: LazyCheckpoint, name: str, dtype: torch.dtype) -> str:
         """Shard ``number`` holding tensor ``name`` of ``source`` cast to ``dtype``, copied CHUNK_BYTES at a
