@@ -38,7 +38,7 @@ from transact.core.plan import LayerPlan, PrunePlan, Targets, resolve_targets
 from transact.core.step import calibration_windows, check_correctors
 from transact.errors import TransactError
 from transact.io.files import check_output_dir, replace_dir, write_json_atomic
-from transact.io.lazy import LazyCheckpoint, ShardWriter
+from transact.io.lazy import LazyCheckpoint, ShardWriter, release_freed_memory
 from transact.io.models import (
     ModelSource,
     PreparedModel,
@@ -233,6 +233,8 @@ def _prune_layers(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, t
         progress["seconds"]["layers"] = round(progress["seconds"].get("layers", 0) + time.perf_counter() - t, 3)
         hidden = result.next_hidden
         _save_hidden(work, progress, hidden if index + 1 < num_layers else None, index + 1)
+        del model, result
+        release_freed_memory()
         bar.update(1)
     bar.close()
 
