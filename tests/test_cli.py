@@ -109,7 +109,8 @@ def test_bad_inputs_fail_before_loading_and_write_nothing(tmp_path, model_dir, c
     busy.mkdir()
     (busy / "x").write_text("x")
 
-    _assert_error(capsys, _prune_args(gpt2, out, calib_file), "'gpt2' is not supported; transact supports: llama")
+    _assert_error(capsys, _prune_args(gpt2, out, calib_file),
+                  "'gpt2' is not supported; transact supports: gemma2, gemma3, gemma3_text, granite, llama")
     _assert_error(capsys, _prune_args(tmp_path / "nope", out, calib_file), "does not exist")
     _assert_error(capsys, _prune_args(model_dir, out, empty), "contains no text")
     _assert_error(capsys, _prune_args(model_dir, out, tmp_path / "missing.txt"), "does not exist")

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 import torch
-from tiny import FAMILIES, VOCAB, random_plan, tiny_model
+from tiny import FAMILIES, HEADS_MUST_DIVIDE_HIDDEN, TIED, VOCAB, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import shape_of
@@ -36,7 +36,12 @@ def _pruned(family, hidden, heads, kv, keep_heads, keep_kv, tie=False):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("hidden", "heads", "kv", "keep_heads", "keep_kv"), CASES)
 def test_roundtrip_vanilla_reload_identical_logits(tmp_path, family, hidden, heads, kv, keep_heads, keep_kv):
-    model, plan = _pruned(family, hidden, heads, kv, keep_heads, keep_kv, tie=(family == "qwen3"))
+    indivisible = hidden % keep_heads != 0
+    if family in HEADS_MUST_DIVIDE_HIDDEN and indivisible:
+        with pytest.raises(TransactError, match="refuses head counts that do not divide"):
+            _pruned(family, hidden, heads, kv, keep_heads, keep_kv)
+        return
+    model, plan = _pruned(family, hidden, heads, kv, keep_heads, keep_kv, tie=family in TIED)
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = model(x).logits
     out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={"ok": 1}, save_dtype=torch.float32)
@@ -45,9 +50,9 @@ def test_roundtrip_vanilla_reload_identical_logits(tmp_path, family, hidden, hea
     assert "model.safetensors" in files and "plan.json" in files and "report.json" in files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     config = json.loads((out / "config.json").read_text())
-    assert config["num_attention_heads"] == keep_heads and config["num_key_value_heads"] == keep_kv
-    assert config["head_dim"] == 16 and config["intermediate_size"] == 40
-    indivisible = hidden % keep_heads != 0
+    text = config.get("text_config", config)  # a multimodal checkpoint keeps the widths in its text config
+    assert text["num_attention_heads"] == keep_heads and text["num_key_value_heads"] == keep_kv
+    assert text["head_dim"] == 16 and text["intermediate_size"] == 40
     expected_type = "mistral" if family == "llama" and indivisible else family
     assert config["model_type"] == expected_type
 

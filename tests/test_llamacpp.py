@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import random_plan, tiny_config, tiny_model
+from tiny import HEADS_MUST_DIVIDE_HIDDEN, TIED, random_plan, tiny_config, tiny_model
 from transformers import AutoTokenizer
 
 from transact.cli import main
@@ -22,7 +22,20 @@ from transact.measure.jobs import BenchJob, run_bench
 # tiny models borrow a real tokenizer (SmolLM2's) and its vocabulary size.
 VOCAB = 49152
 STRUCTURES = {"mha": (4, 4, 3, 3), "gqa": (4, 2, 2, 1)}  # heads, kv heads -> kept heads, kept kv heads
-EXPECTED_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3"}
+
+
+def _structure(family: str, structure: str) -> tuple[int, int, int, int]:
+    """Gemma cannot save 3 heads on a 64-wide model (arch/gemma2.py): its MHA case keeps 2 of 4."""
+    if family in HEADS_MUST_DIVIDE_HIDDEN and structure == "mha":
+        return 4, 4, 2, 2
+    return STRUCTURES[structure]
+EXPECTED_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "gemma2": "gemma2",
+                 "gemma3_text": "gemma3", "gemma3": "gemma3", "smollm3": "smollm3"}
+# What llama.cpp assumes of these families (arch/gemma2.py, gemma3.py, smollm3.py): an attention scale of
+# head_dim ** -0.5, every 6th layer full-attention, every 4th layer without rotary embedding.
+GEMMA3_GGUF = {"query_pre_attn_scalar": 16, "sliding_window_pattern": 6}
+GGUF_SETTINGS = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": GEMMA3_GGUF, "gemma3": GEMMA3_GGUF,
+                 "smollm3": {"no_rope_layer_interval": 4, "layers": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +43,43 @@ def gguf_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def _pruned_checkpoint(path: Path, family: str, structure: str, tokenizer, seed: int = 0, tie: bool = False):
-    heads, kv, keep_heads, keep_kv = STRUCTURES[structure]
-    model = tiny_model(family, seed=seed, heads=heads, kv_heads=kv, hidden=64, mlp=96, vocab_size=VOCAB, tie=tie)
+def _sentencepiece(folder: Path, corpus: list[str], tokenizer_class: str, dummy_prefix: bool):
+    """A small SentencePiece vocabulary trained here, for families whose llama.cpp converter reads the
+    vocabulary from tokenizer.model; transformers builds its tokenizer (``tokenizer_class``) from the same
+    file. Gemma's vocabularies have no dummy space prefix, Llama-style ones (Phi-3) have one."""
+    import sentencepiece
+
+    lines = folder / "lines.txt"
+    lines.write_text("\n".join(text[i:i + 400] for text in corpus for i in range(0, len(text), 400)))
+    sentencepiece.SentencePieceTrainer.train(input=str(lines), model_prefix=str(folder / "tokenizer"),
+                                             vocab_size=SPM_VOCAB - 8, model_type="bpe", byte_fallback=True,
+                                             character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                             pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+                                             unk_piece="<unk>", add_dummy_prefix=dummy_prefix, minloglevel=2)
+    # every text starts with <bos>, as llama.cpp does for a SentencePiece vocabulary
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class,
+                                                               "add_bos_token": True}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizers(tmp_path_factory, corpus):
+    """family -> its SentencePiece test tokenizer."""
+    gemma = _sentencepiece(tmp_path_factory.mktemp("spm-gemma"), corpus, "GemmaTokenizer", dummy_prefix=False)
+    llama = _sentencepiece(tmp_path_factory.mktemp("spm-llama"), corpus, "LlamaTokenizer", dummy_prefix=True)
+    return {"gemma2": gemma, "phi3": llama}
+
+
+SPM_VOCAB = 512
+GELU = ("gemma2", "gemma3_text", "gemma3")
+SENTENCEPIECE_FAMILIES = ("gemma2", "phi3")
+
+
+def _pruned_checkpoint(path: Path, family: str, structure: str, tokenizer, seed: int = 0, tie: bool = False,
+                       vocab: int = VOCAB):
+    heads, kv, keep_heads, keep_kv = _structure(family, structure)
+    model = tiny_model(family, seed=seed, heads=heads, kv_heads=kv, hidden=64, mlp=96, vocab_size=vocab, tie=tie,
+                       **GGUF_SETTINGS.get(family, {}))
     plan = random_plan(model, keep_heads, keep_kv, 64, seed=seed)
     prune_(model, plan)
     write_checkpoint(model, tokenizer, path, plan=plan, report={}, save_dtype=torch.float32)
@@ -41,26 +88,49 @@ def _pruned_checkpoint(path: Path, family: str, structure: str, tokenizer, seed:
 
 @pytest.mark.parametrize("structure", sorted(STRUCTURES))
 @pytest.mark.parametrize("family", sorted(EXPECTED_ARCH))
-def test_pruned_heads_export_loads_and_agrees(tmp_path, gguf_tokenizer, family, structure):
-    tie = family == "qwen3"
-    _pruned_checkpoint(tmp_path / "model", family, structure, gguf_tokenizer, tie=tie)
+def test_pruned_heads_export_loads_and_agrees(tmp_path, request, gguf_tokenizer, family, structure):
+    tie = family in TIED
+    spm = family in SENTENCEPIECE_FAMILIES
+    tokenizer = request.getfixturevalue("sentencepiece_tokenizers")[family] if spm else gguf_tokenizer
+    vocab = SPM_VOCAB if spm else VOCAB
+    _pruned_checkpoint(tmp_path / "model", family, structure, tokenizer, tie=tie, vocab=vocab)
     result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
                                            progress=False))
 
     check = result["verification"]
     # f32: the same greedy tokens, except where transformers itself sees a near-tie (random tiny weights)
-    assert check["ok"] and check["steps"] == 32 and check["agree"] >= 31
-    assert check["max_margin"] < 0.005 and check["max_logprob_diff"] < 0.01
+    assert check["ok"] and check["steps"] == 32 and check["agree"] >= 30
+    # The GeGLU families (Gemma) differ more (up to 0.016 nats measured here, the same with a sliding window of
+    # 8 or 4,096 tokens, so not a window mismatch): llama.cpp's GELU is not computed as transformers' is
+    assert check["max_margin"] < 0.005 and check["max_logprob_diff"] < (0.02 if family in GELU else 0.01)
     assert all(p["tokenizer_agrees"] for p in check["prompts"])
     summary = result["summary"]
-    _, _, keep_heads, keep_kv = STRUCTURES[structure]
+    _, _, keep_heads, keep_kv = _structure(family, structure)
     assert summary["architecture"] == EXPECTED_ARCH[family]
     assert (summary["head_count"], summary["head_count_kv"], summary["key_length"]) == (keep_heads, keep_kv, 16)
     # Tied embeddings: the table is the output matrix too, read whole each step; untied: one row of it.
-    embedding = 4 * VOCAB * 64
+    embedding = 4 * vocab * 64
     expected_step = summary["tensor_bytes"] - (0 if tie else embedding)
     assert summary["bytes_per_decode_step"] == expected_step
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "model"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("family", ["granite", "phi3"])
+def test_mlp_pruning_exports_and_agrees_where_pruned_heads_cannot(tmp_path, request, gguf_tokenizer, family):
+    """llama.cpp takes Granite and Phi-3 only with their heads whole (arch/granite.py, arch/phi3.py): MLP
+    pruning exports. Granite's four multipliers (away from 1 in the tiny model) must reach llama.cpp; Phi-3
+    (partial rotary here) goes through its fused-projection path and its SentencePiece vocabulary."""
+    spm = family in SENTENCEPIECE_FAMILIES
+    tokenizer = request.getfixturevalue("sentencepiece_tokenizers")[family] if spm else gguf_tokenizer
+    model = tiny_model(family, heads=4, kv_heads=2, hidden=64, mlp=96, vocab_size=SPM_VOCAB if spm else VOCAB)
+    plan = random_plan(model, 4, 2, 64)
+    prune_(model, plan)
+    write_checkpoint(model, tokenizer, tmp_path / "model", plan=plan, report={}, save_dtype=torch.float32)
+    result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
+                                           progress=False))
+    check = result["verification"]
+    assert check["ok"] and check["agree"] >= 31 and check["max_logprob_diff"] < 0.01
+    assert result["summary"]["architecture"] == family
 
 
 def test_architecture_mapping():

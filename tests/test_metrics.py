@@ -145,8 +145,9 @@ def test_compensation_keeps_the_mean_output_of_o_proj(corpus, metric):
     assert (mean_o_output(without) - before).abs().max() > 1e-2  # the test would notice a missing bias
 
 
-def test_flap_bias_checkpoint_round_trips_and_apply_plan_recreates_it(tmp_path, corpus, capsys):
-    base, calib = saved_model_and_text(tmp_path, "llama", corpus)
+@pytest.mark.parametrize("family", ["llama", "granite"])
+def test_flap_bias_checkpoint_round_trips_and_apply_plan_recreates_it(tmp_path, corpus, capsys, family):
+    base, calib = saved_model_and_text(tmp_path, family, corpus)
     out = tmp_path / "out"
     args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", "flap", "--correct", "flap_bias",
             "--calib", str(calib), "--samples", "6", "--seq-len", "48", "--quiet"]
@@ -177,6 +178,9 @@ def test_flap_bias_checkpoint_round_trips_and_apply_plan_recreates_it(tmp_path, 
     ("mistral", 2, 1, "vanilla 'mistral' checkpoint cannot carry"),
     ("qwen3", 2, 1, "vanilla 'qwen3' checkpoint cannot carry"),
     ("llama", 3, 3, "3 heads do not divide hidden_size 64"),
+    ("gemma2", 2, 1, "vanilla 'gemma2' checkpoint cannot carry"),
+    ("gemma3_text", 2, 1, "vanilla 'gemma3_text' checkpoint cannot carry"),
+    ("smollm3", 2, 1, "vanilla 'smollm3' checkpoint cannot carry"),
 ])
 def test_flap_bias_is_refused_before_loading_where_a_checkpoint_cannot_hold_it(tmp_path, corpus, capsys,
                                                                                family, heads, kv, message):

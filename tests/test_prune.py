@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, VOCAB, random_plan, tiny_model
+from tiny import FAMILIES, HEADS_MUST_DIVIDE_HIDDEN, VOCAB, random_plan, tiny_model
 
 from transact.arch import get_adapter
 from transact.core.plan import PrunePlan
@@ -39,6 +39,10 @@ def _zero_pruned_units(model, plan):
 @pytest.mark.parametrize(("hidden", "heads", "kv", "keep_heads", "keep_kv"), LAYOUTS)
 def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads, keep_kv):
     model = tiny_model(family, heads=heads, kv_heads=kv, hidden=hidden, head_dim=16)
+    if family in HEADS_MUST_DIVIDE_HIDDEN and hidden % keep_heads:
+        with pytest.raises(TransactError, match=f"heads {keep_heads}: .* refuses head counts that do not divide"):
+            random_plan(model, keep_heads, keep_kv, 40)
+        return
     x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     dense = model(x).logits
     plan = random_plan(model, keep_heads, keep_kv, 40)
@@ -51,8 +55,9 @@ def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads
     torch.testing.assert_close(pruned, zeroed, rtol=0, atol=2e-5)
 
     attn = get_adapter(model).attention(get_adapter(model).layers(model)[0], model.config)
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (keep_heads, keep_kv)
-    assert model.config.head_dim == 16 and model.config.intermediate_size == 40
+    text = model.config.get_text_config()  # the config itself, or a multimodal model's language model's
+    assert (text.num_attention_heads, text.num_key_value_heads) == (keep_heads, keep_kv)
+    assert text.head_dim == 16 and text.intermediate_size == 40
     assert attn.q.weight.shape == (keep_heads * 16, hidden) and attn.k.weight.shape == (keep_kv * 16, hidden)
     assert attn.o.weight.shape == (hidden, keep_heads * 16)
     if family == "qwen2":

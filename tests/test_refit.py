@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import VOCAB, saved_model_and_text, tiny_model
+from tiny import FAMILIES, VOCAB, saved_model_and_text, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter, shape_of
@@ -81,7 +81,7 @@ def _even_units_plan(model):
     return make_plan(heads, mlp, Targets(2, 2, 24), shape)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_refit_recovers_units_that_are_combinations_of_kept_ones(family):
     model = _duplicated_units_model(family)
     x = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))

@@ -11,8 +11,27 @@ from transact.arch import SUPPORTED_MODEL_TYPES
 # Every registered family enters the test matrix (exact surgery, round trips, FLOPs); a family whose tiny
 # config needs settings of its own lists them in FAMILY_SETTINGS.
 FAMILIES = SUPPORTED_MODEL_TYPES
-FAMILY_SETTINGS = {"mistral": {"sliding_window": None}}
+# Settings are chosen so that every family constant pruning must keep is away from its neutral value: an
+# attention scale that is not head_dim ** -0.5, windows shorter than the test prompts, NoPE layers.
+FAMILY_SETTINGS = {
+    "mistral": {"sliding_window": None},
+    "gemma2": {"sliding_window": 8, "query_pre_attn_scalar": 20},
+    "gemma3_text": {"sliding_window": 8, "query_pre_attn_scalar": 20, "sliding_window_pattern": 2},
+    "granite": {"attention_multiplier": 0.3, "residual_multiplier": 0.6, "embedding_multiplier": 2.0,
+                "logits_scaling": 1.5},
+    "smollm3": {"no_rope_layer_interval": 2},
+    "phi3": {"partial_rotary_factor": 0.5},
+}
 VOCAB = 128
+# Multimodal families: their text family, whose settings the language model takes, and a tiny vision tower.
+MULTIMODAL = {"gemma3": "gemma3_text"}
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "image_size": 28, "patch_size": 14}
+# Families whose config class refuses a head count that does not divide the hidden size, with no equivalent
+# class to save such a checkpoint as (arch/gemma2.py): those widths must be refused.
+HEADS_MUST_DIVIDE_HIDDEN = ("gemma2", "gemma3_text", "gemma3")
+# Families whose released checkpoints tie the input embedding and the LM head.
+TIED = ("qwen3", "gemma2", "gemma3_text", "gemma3")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -29,9 +48,16 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                   max_position_embeddings=512, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=1,
                   pad_token_id=1)
-    kwargs.update(FAMILY_SETTINGS.get(family, {}))
+    text_family = MULTIMODAL.get(family, family)
+    kwargs.update(FAMILY_SETTINGS.get(text_family, {}))
     kwargs.update(extra)
-    return AutoConfig.for_model(family, **kwargs)
+    if family not in MULTIMODAL:
+        return AutoConfig.for_model(family, **kwargs)
+    # The image tokens lie outside the text vocabulary, so no text input (random test ids included) holds one.
+    text = AutoConfig.for_model(text_family, **kwargs).to_dict()
+    return AutoConfig.for_model(family, text_config=text, vision_config=TINY_VISION, mm_tokens_per_image=4,
+                                boi_token_index=VOCAB + 1, eoi_token_index=VOCAB + 2, image_token_index=VOCAB + 3,
+                                tie_word_embeddings=tie)
 
 
 def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0):

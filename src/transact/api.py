@@ -188,6 +188,7 @@ def model_info(model_spec: str) -> dict:
     info = model_summary(skeleton(prep.config, prep.save_dtype))
     shape = prep.shape
     info["prunable"] = {"heads_kv_pairs": valid_head_pairs(shape), "mlp": f"1..{shape.intermediate_size}"}
+    info["notes"] = get_adapter(prep.config).family_notes(prep.config)
     source = prep.source
     info["source"] = source.path + (f" ({source.gguf_file})" if source.gguf_file else "")
     info["layerwise_memory_bytes"] = layerwise_memory(shape, prep.dtype, Calibration())

@@ -426,6 +426,8 @@ def _cmd_info(args) -> int:
     print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token")
     print(f"prunable heads    {info['prunable']['heads_kv_pairs']}")
     print(f"prunable mlp      {info['prunable']['mlp']}")
+    for note in info["notes"]:
+        print(f"note              {note}")
     memory, cal = info["layerwise_memory_bytes"], Calibration()
     print(f"prune --layerwise about {memory['total'] / 2**30:.2f} GiB peak memory with --reconstruct and "
           f"{cal.samples} x {cal.seq_len} calibration tokens (one layer "

@@ -15,6 +15,7 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from transact.core.layerwise import (
 from transact.core.plan import LayerPlan, PrunePlan, Targets, resolve_targets
 from transact.core.step import calibration_windows, check_correctors
 from transact.errors import TransactError
+from transact.io.checkpoint import save_tokenizer
 from transact.io.files import check_output_dir, replace_dir, write_json_atomic
 from transact.io.lazy import LazyCheckpoint, ShardWriter, release_freed_memory
 from transact.io.models import (
@@ -45,6 +47,7 @@ from transact.io.models import (
     check_weight_files,
     load_tokenizer,
     prepare_model,
+    saved_names,
     skeleton,
 )
 from transact.io.text import read_texts
@@ -81,7 +84,7 @@ def check_layerwise(job: PruneJob, prep: PreparedModel) -> LazyCheckpoint:
     if WEIGHT_X_GRAD in job.recipe.statistics:
         raise TransactError(f"metric {job.recipe.metric!r} needs gradients of the whole model's loss, which a "
                             "layer-wise prune never has; use it without --layerwise")
-    weights = LazyCheckpoint(prep.source.path)
+    weights = LazyCheckpoint(prep.source.path, saved_names(skeleton(prep.config)))
     prefix = get_adapter(prep.config).layers_path
     if not any(name.startswith(f"{prefix}.0.") for name in weights.names):
         raise TransactError(f"{prep.source.path}: no tensor is named {prefix}.0.*; the checkpoint's layout is "
@@ -141,10 +144,11 @@ def _save_hidden(work: Path, progress: dict, hidden: torch.Tensor | None, index:
 def saved_config(source: PretrainedConfig, changes: dict, save_dtype: torch.dtype) -> PretrainedConfig:
     """The config the pruned checkpoint carries: the source's with ``changes``, in the family's portable form."""
     config = copy.deepcopy(source)
+    adapter = get_adapter(config)
     for key, value in changes.items():
-        setattr(config, key, value)
+        setattr(adapter.text_config(config), key, value)
     config.dtype = save_dtype
-    return get_adapter(config).portable_config(config)
+    return adapter.portable_config(config)
 
 
 def _probe(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -153,13 +157,13 @@ def _probe(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def _write_layer(writer: ShardWriter, index: int, model, prefix: str, save_dtype: torch.dtype,
-                 vanilla: LayerModels) -> tuple[str, list[str]]:
+                 vanilla: LayerModels, stored_name: Callable[[str], str]) -> tuple[str, list[str]]:
     """Write layer ``index`` of the pruned model to its shard and check it: the shard read back into a
     one-layer model of the *saved* config must compute exactly what the in-memory layer computes."""
     state = {k: v.to(save_dtype) for k, v in layer_of(model).state_dict().items()}
-    names = [f"{prefix}.{index}.{k}" for k in state]
+    names = [stored_name(f"{prefix}.{index}.{k}") for k in state]  # the source checkpoint's layout
     file, reread = writer.write(index + 1, dict(zip(names, state.values(), strict=True)))
-    check = vanilla.with_layer(index, {k: reread[f"{prefix}.{index}.{k}"] for k in state})
+    check = vanilla.with_layer(index, {k: reread[name] for k, name in zip(state, names, strict=True)})
     probe = _probe(shape_of(vanilla.config).hidden_size, vanilla.dtype, vanilla.device)
     expected, _ = run_layer(model, probe, 1)
     got, _ = run_layer(check, probe, 1)
@@ -226,7 +230,7 @@ def _prune_layers(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, t
         if vanilla is None:
             vanilla = LayerModels(saved_config(config, progress["config_changes"], prep.save_dtype), prep.dtype,
                                   prep.device)
-        file, names = _write_layer(writer, index, model, prefix, prep.save_dtype, vanilla)
+        file, names = _write_layer(writer, index, model, prefix, prep.save_dtype, vanilla, weights.stored_name)
         progress["layers"].append(result.kept.__dict__)
         progress["shards"].append([file, names])
         progress["done"] = index + 1
@@ -251,16 +255,18 @@ def _embedding_name(weights: LazyCheckpoint, config: PretrainedConfig) -> str:
     model = skeleton(config)
     target = model.get_input_embeddings().weight
     names = [name for name, param in model.named_parameters(remove_duplicate=False) if param is target]
+    held = set(weights.names)
     for name in names:
-        if name in weights.files:
+        if name in held:
             return name
     raise TransactError(f"{weights.folder}: no tensor holds the input embedding ({' or '.join(names)})")
 
 
 def _other_tensors(weights: LazyCheckpoint, config: PretrainedConfig) -> list[str]:
-    """Every tensor outside the decoder layers (embedding, final norm, LM head), copied as it is."""
+    """Every tensor outside the decoder layers (embedding, final norm, LM head, a vision tower), by its
+    stored name: copied as it is."""
     prefix = get_adapter(config).layers_path
-    return [name for name in weights.names if not name.startswith(f"{prefix}.")]
+    return [weights.stored_name(name) for name in weights.names if not name.startswith(f"{prefix}.")]
 
 
 def _finish(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, tokenizer, targets: Targets,
@@ -278,7 +284,7 @@ def _finish(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, tokeniz
     if generation.is_file():
         shutil.copy(generation, work / generation.name)
     if tokenizer is not None:
-        tokenizer.save_pretrained(work)
+        save_tokenizer(tokenizer, work)
     plan = PrunePlan(source=prep.shape, targets=targets, layers=[LayerPlan(**kept) for kept in progress["layers"]],
                      recipe={**job.recipe.to_json(), "layerwise": True, "sequential": sequential},
                      calibration_hash=calibration_hash, versions=library_versions(),

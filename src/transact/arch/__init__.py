@@ -9,7 +9,15 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-from transact.arch.base import AttentionParts, FamilyAdapter, GgufTarget, MlpParts, ModelShape, head_layout
+from transact.arch.base import (
+    AttentionParts,
+    FamilyAdapter,
+    GgufTarget,
+    HeadRule,
+    MlpParts,
+    ModelShape,
+    head_layout,
+)
 from transact.registry import Registry
 
 FAMILIES: Registry[FamilyAdapter] = Registry(
@@ -38,6 +46,7 @@ __all__ = [
     "AttentionParts",
     "FamilyAdapter",
     "GgufTarget",
+    "HeadRule",
     "MlpParts",
     "ModelShape",
     "get_adapter",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -22,12 +23,64 @@ from transact.errors import TransactError
 
 
 @dataclass(frozen=True)
+class Rows:
+    """Output rows ``[start, start + size)`` of a projection that computes several parts at once (Phi-3's
+    ``qkv_proj`` holds q, k and v; its ``gate_up_proj`` gate and up). It reads like the part's own
+    ``nn.Linear``: ``weight`` and ``bias`` are views of those rows, ``grad`` of the weight's gradient."""
+
+    linear: nn.Linear
+    start: int
+    size: int
+
+    @property
+    def span(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[self.span]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.linear.bias is None else self.linear.bias[self.span]
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        grad = self.linear.weight.grad
+        return None if grad is None else grad[self.span]
+
+
+# One projection of a block: a module of its own, or rows of a fused one.
+Part = nn.Linear | Rows
+
+
+def module_of(part: Part) -> tuple[nn.Linear, int]:
+    """The module that computes ``part``, and the index of the part's first output row in it."""
+    return (part.linear, part.start) if isinstance(part, Rows) else (part, 0)
+
+
+def weight_grad(part: Part) -> torch.Tensor | None:
+    """The gradient of a part's weight rows (None before a backward pass)."""
+    return part.grad if isinstance(part, Rows) else part.weight.grad
+
+
+def _modules(*parts: Part | None) -> tuple[nn.Linear, ...]:
+    """The distinct modules computing ``parts``, in order (a fused module once)."""
+    found: dict[int, nn.Linear] = {}
+    for part in parts:
+        if part is not None:
+            module, _ = module_of(part)
+            found.setdefault(id(module), module)
+    return tuple(found.values())
+
+
+@dataclass(frozen=True)
 class AttentionParts:
     """The four projections of one attention block and its head layout (read from the config)."""
 
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: Part
+    k: Part
+    v: Part
     o: nn.Linear
     num_heads: int
     num_kv_heads: int
@@ -35,21 +88,31 @@ class AttentionParts:
 
     @property
     def linears(self) -> tuple[nn.Linear, ...]:
-        return self.q, self.k, self.v, self.o
+        """The modules computing q, k, v and o (a fused qkv module once)."""
+        return _modules(self.q, self.k, self.v, self.o)
 
 
 @dataclass(frozen=True)
 class MlpParts:
     """The projections of one gated MLP; ``gate`` is None for an ungated MLP."""
 
-    gate: nn.Linear | None
-    up: nn.Linear
+    gate: Part | None
+    up: Part
     down: nn.Linear
     intermediate_size: int
 
     @property
     def linears(self) -> tuple[nn.Linear, ...]:
-        return tuple(m for m in (self.gate, self.up, self.down) if m is not None)
+        """The modules computing gate, up and down (a fused gate/up module once)."""
+        return _modules(self.gate, self.up, self.down)
+
+
+@dataclass(frozen=True)
+class HeadRule:
+    """The query-head counts a family's checkpoint can be saved with, and why no others."""
+
+    counts: tuple[int, ...]
+    why: str
 
 
 @dataclass(frozen=True)
@@ -57,7 +120,8 @@ class ModelShape:
     """The prunable dimensions of a model's text stack (identical in every layer), as plans record them.
 
     ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
-    measurements; they are not part of what a plan must match (``compare=False``)."""
+    measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts. None of
+    them is part of what a plan must match (``compare=False``)."""
 
     model_type: str
     num_layers: int
@@ -68,6 +132,7 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int | None = field(default=None, compare=False)
     max_positions: int | None = field(default=None, compare=False)
+    head_rule: HeadRule | None = field(default=None, compare=False)
 
     @property
     def group_size(self) -> int:
@@ -112,6 +177,11 @@ class FamilyAdapter:
       also give q/k/v and gate/up one); empty where the config cannot express such biases.
       ``output_bias_rule(text_config, num_heads)`` says why a pruned width cannot carry them (None: it can).
     - ``gguf(text_config)``: llama.cpp's architecture for the checkpoint (None: llama.cpp has none).
+    - ``head_rule(text_config)``: the query-head counts a checkpoint of this family can be saved with
+      (None: any); widths outside it are refused before any work.
+    - ``notes(text_config)``: what a user should know about pruning this family (``transact info`` prints it).
+    - ``qkv_name`` / ``gate_up_name``: a fused projection holding q, k, v (rows in that order) / gate, up
+      (gate first) in place of the separate ones (None: separate modules).
     """
 
     model_type: str
@@ -126,10 +196,14 @@ class FamilyAdapter:
     gate_name: str | None = "gate_proj"
     up_name: str = "up_proj"
     down_name: str = "down_proj"
+    qkv_name: str | None = None
+    gate_up_name: str | None = None
     portable_config: Callable[[PretrainedConfig], PretrainedConfig] = field(default=_unchanged)
     output_bias_flags: tuple[str, ...] = ()
     output_bias_rule: Callable[[PretrainedConfig, int], str | None] | None = None
     gguf: Callable[[PretrainedConfig], GgufTarget] | None = None
+    head_rule: Callable[[PretrainedConfig], HeadRule | None] | None = None
+    notes: Callable[[PretrainedConfig], tuple[str, ...]] = field(default=lambda config: ())
 
     # -- the config
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
@@ -141,7 +215,8 @@ class FamilyAdapter:
         return ModelShape(model_type=config.model_type, num_layers=text.num_hidden_layers,
                           hidden_size=text.hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                           intermediate_size=text.intermediate_size, vocab_size=getattr(text, "vocab_size", None),
-                          max_positions=getattr(text, "max_position_embeddings", None))
+                          max_positions=getattr(text, "max_position_embeddings", None),
+                          head_rule=self.head_rule(text) if self.head_rule else None)
 
     def write_config(self, config: PretrainedConfig, *, num_heads: int, num_kv_heads: int,
                      intermediate_size: int) -> None:
@@ -157,7 +232,9 @@ class FamilyAdapter:
     def one_layer_config(self, config: PretrainedConfig, index: int) -> PretrainedConfig:
         """``config`` cut down to its layer ``index``, for running that layer alone: one hidden layer, that
         layer's entry of every per-layer list (``layer_types`` and the like), a one-token vocabulary without
-        special tokens, and untied embeddings (a one-layer model never reads its embedding or head)."""
+        special tokens, and untied embeddings (a one-layer model never reads its embedding or head). Of a
+        multimodal config only the text config is cut: its layer runs in the text-only model class."""
+        config = self.text_config(config)
         values = config.to_dict()
         layers = config.num_hidden_layers
         for key, value in values.items():
@@ -184,6 +261,19 @@ class FamilyAdapter:
         for flag in self.output_bias_flags:
             setattr(self.text_config(config), flag, True)
 
+    def family_notes(self, config: PretrainedConfig) -> list[str]:
+        """The family's limits and traps for this model, in words: its head rule, its notes, and whether
+        llama.cpp can take it as it is."""
+        text = self.text_config(config)
+        rule = self.head_rule(text) if self.head_rule else None
+        lines = [f"heads: {rule.why}"] if rule else []
+        lines += self.notes(text)
+        try:
+            lines.append(f"GGUF: converts as llama.cpp's {self.gguf_target(config).architecture!r} architecture")
+        except TransactError as e:
+            lines.append(f"GGUF: {e}")
+        return lines
+
     def gguf_target(self, config: PretrainedConfig) -> GgufTarget:
         if self.gguf is None:
             raise TransactError(f"no llama.cpp architecture is known for model_type {self.model_type!r}")
@@ -202,22 +292,31 @@ class FamilyAdapter:
     def attention(self, layer: nn.Module, config: PretrainedConfig) -> AttentionParts:
         attn = self.attention_module(layer)
         heads, kv_heads, head_dim = head_layout(self.text_config(config))
-        return AttentionParts(q=getattr(attn, self.q_name), k=getattr(attn, self.k_name),
-                              v=getattr(attn, self.v_name), o=getattr(attn, self.o_name),
-                              num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+        if self.qkv_name:
+            qkv = getattr(attn, self.qkv_name)
+            q_size, kv_size = heads * head_dim, kv_heads * head_dim
+            q, k, v = Rows(qkv, 0, q_size), Rows(qkv, q_size, kv_size), Rows(qkv, q_size + kv_size, kv_size)
+        else:
+            q, k, v = (getattr(attn, name) for name in (self.q_name, self.k_name, self.v_name))
+        return AttentionParts(q=q, k=k, v=v, o=getattr(attn, self.o_name), num_heads=heads, num_kv_heads=kv_heads,
+                              head_dim=head_dim)
 
     def mlp(self, layer: nn.Module, config: PretrainedConfig) -> MlpParts:
         mlp = self.mlp_module(layer)
-        return MlpParts(gate=getattr(mlp, self.gate_name) if self.gate_name else None, up=getattr(mlp, self.up_name),
-                        down=getattr(mlp, self.down_name),
-                        intermediate_size=self.text_config(config).intermediate_size)
+        size = self.text_config(config).intermediate_size
+        if self.gate_up_name:
+            fused = getattr(mlp, self.gate_up_name)
+            gate, up = Rows(fused, 0, size), Rows(fused, size, size)
+        else:
+            gate, up = getattr(mlp, self.gate_name) if self.gate_name else None, getattr(mlp, self.up_name)
+        return MlpParts(gate=gate, up=up, down=getattr(mlp, self.down_name), intermediate_size=size)
 
     def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts, MlpParts]]:
         """(attention, MLP) of every decoder layer, in order."""
         return [(self.attention(layer, model.config), self.mlp(layer, model.config)) for layer in self.layers(model)]
 
     def prunable_linears(self, model: nn.Module) -> list[nn.Linear]:
-        """Every projection pruning slices (q/k/v/o, gate/up/down), layer by layer."""
+        """Every module pruning slices (q/k/v/o, gate/up/down, fused ones once), layer by layer."""
         return [linear for attn, mlp in self.layer_parts(model) for linear in (*attn.linears, *mlp.linears)]
 
     def sync_modules(self, layer: nn.Module, config: PretrainedConfig) -> None:

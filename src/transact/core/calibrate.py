@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transact.arch import get_adapter
+from transact.arch.base import Part, weight_grad
 from transact.errors import TransactError
 from transact.io.text import token_stream
 
@@ -198,8 +199,8 @@ def gradients_of_prunable_weights(model: nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
-def _weight_x_grad(linear: nn.Linear) -> torch.Tensor:
-    return (linear.weight.detach().float() * linear.weight.grad.float()).abs().cpu()
+def _weight_x_grad(part: Part) -> torch.Tensor:
+    return (part.weight.detach().float() * weight_grad(part).float()).abs().cpu()
 
 
 def weight_x_grad(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
@@ -220,7 +221,7 @@ def weight_x_grad(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
         for attn, mlp in adapter.layer_parts(model):
             parts = {"q": attn.q, "k": attn.k, "v": attn.v, "o": attn.o, "gate": mlp.gate, "up": mlp.up,
                      "down": mlp.down}
-            layers.append({name: _weight_x_grad(linear) for name, linear in parts.items() if linear is not None})
+            layers.append({name: _weight_x_grad(part) for name, part in parts.items() if part is not None})
         return layers
 
 

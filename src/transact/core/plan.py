@@ -95,15 +95,22 @@ def check_targets(t: Targets, shape: ModelShape) -> None:
             f"heads {t.heads} in {t.kv_heads} KV groups needs {t.heads // t.kv_heads} query heads per group, "
             f"but each group has only {g} (valid pairs: {valid_head_pairs(shape)})"
         )
+    rule = shape.head_rule
+    if rule is not None and t.heads not in rule.counts:
+        raise TransactError(f"heads {t.heads}: {rule.why} (valid pairs: {valid_head_pairs(shape)})")
     if not 1 <= t.mlp <= P:
         raise TransactError(f"mlp {t.mlp}: must be between 1 and the model's {P}")
 
 
 def valid_head_pairs(shape: ModelShape) -> str:
-    pairs = [
-        f"{kv * per}/{kv}" for kv in range(1, shape.num_kv_heads + 1) for per in range(1, shape.group_size + 1)
-    ]
-    return "heads/kv " + ", ".join(pairs) if len(pairs) <= 24 else f"heads = kv x (1..{shape.group_size})"
+    """The (heads, kv heads) pairs this model can be pruned to, in words."""
+    allowed = shape.head_rule.counts if shape.head_rule is not None else None
+    pairs = [f"{kv * per}/{kv}" for kv in range(1, shape.num_kv_heads + 1) for per in range(1, shape.group_size + 1)
+             if allowed is None or kv * per in allowed]
+    if len(pairs) <= 24:
+        return "heads/kv " + ", ".join(pairs)
+    rule = f"heads = kv x (1..{shape.group_size})"
+    return rule if allowed is None else f"{rule}, heads one of {', '.join(map(str, allowed))}"
 
 
 def _top_sorted(scores: Sequence[float], k: int) -> list[int]:

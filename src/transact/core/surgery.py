@@ -1,9 +1,10 @@
 """Surgery: slice a model in place to a PrunePlan, updating the config and module attributes.
 
-q/k/v/gate/up keep only the output rows (and bias entries) of kept units; o/down keep only the matching
-input columns. Embeddings, norms (including Qwen3's per-head q/k norms, which act on head_dim) and the
-hidden size are untouched. Slicing copies values exactly, so applying the same plan to the same base
-model always gives bit-identical weights.
+q/k/v/gate/up keep only the output rows (and bias entries) of kept units (in a fused projection such as
+Phi-3's qkv_proj, the kept rows of each part, in its layout); o/down keep only the matching input
+columns. Embeddings, norms (including Qwen3's per-head q/k norms, which act on head_dim) and the hidden
+size are untouched. Slicing copies values exactly, so applying the same plan to the same base model
+always gives bit-identical weights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
+from transact.arch.base import Part, module_of
 from transact.core.plan import PrunePlan
 
 
@@ -30,6 +32,17 @@ def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
     linear.out_features = rows.numel()
 
 
+def _keep_part_rows(parts: list[tuple[Part, torch.Tensor]]) -> None:
+    """Keep rows ``rows`` (indices within the part) of each part; the parts of one fused module are sliced
+    together, in the order their rows lie in it, so the module keeps its layout ([q | k | v], [gate | up])."""
+    by_module: dict[int, tuple[nn.Linear, list[tuple[int, torch.Tensor]]]] = {}
+    for part, rows in parts:
+        module, start = module_of(part)
+        by_module.setdefault(id(module), (module, []))[1].append((start, rows + start))
+    for module, pieces in by_module.values():
+        _keep_rows(module, torch.cat([rows for _, rows in sorted(pieces, key=lambda piece: piece[0])]))
+
+
 def _keep_columns(linear: nn.Linear, cols: torch.Tensor) -> None:
     linear.weight = nn.Parameter(linear.weight.detach().index_select(1, cols).clone(),
                                  requires_grad=linear.weight.requires_grad)
@@ -44,17 +57,13 @@ def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     plan.check_applies_to(shape_of(config))
     head_dim = plan.source.head_dim
     for (attn, mlp), kept in zip(adapter.layer_parts(model), plan.layers, strict=True):
-        device = attn.q.weight.device
+        device = attn.o.weight.device
         q_rows = unit_rows(kept.heads, head_dim, device)
         kv_rows = unit_rows(kept.kv_heads, head_dim, device)
-        _keep_rows(attn.q, q_rows)
-        _keep_rows(attn.k, kv_rows)
-        _keep_rows(attn.v, kv_rows)
+        _keep_part_rows([(attn.q, q_rows), (attn.k, kv_rows), (attn.v, kv_rows)])
         _keep_columns(attn.o, q_rows)
-        channels = torch.tensor(kept.mlp, dtype=torch.long, device=mlp.up.weight.device)
-        if mlp.gate is not None:
-            _keep_rows(mlp.gate, channels)
-        _keep_rows(mlp.up, channels)
+        channels = torch.tensor(kept.mlp, dtype=torch.long, device=mlp.down.weight.device)
+        _keep_part_rows([(part, channels) for part in (mlp.gate, mlp.up) if part is not None])
         _keep_columns(mlp.down, channels)
     t = plan.targets
     adapter.write_config(config, num_heads=t.heads, num_kv_heads=t.kv_heads, intermediate_size=t.mlp)

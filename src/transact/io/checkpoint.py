@@ -23,6 +23,16 @@ from transact.io.files import check_output_dir, replace_dir, staging_dir
 from transact.io.models import skeleton
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``tokenizer.save_pretrained(folder)``, plus the SentencePiece model it was read from, which
+    transformers 5 no longer writes: llama.cpp's converters for SentencePiece families (Gemma 2, Llama 2)
+    read the vocabulary from ``tokenizer.model``, so a checkpoint without it could not be exported."""
+    tokenizer.save_pretrained(folder)
+    source = getattr(tokenizer, "vocab_file", None)
+    if isinstance(source, str) and Path(source).is_file() and not (Path(folder) / Path(source).name).exists():
+        shutil.copyfile(source, Path(folder) / Path(source).name)
+
+
 def portable_model(model: nn.Module) -> nn.Module:
     """The model as vanilla transformers will load it from disk.
 
@@ -66,7 +76,7 @@ def write_checkpoint(
         else:
             _save_cast(to_save, tmp, save_dtype)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         plan.save(tmp / "plan.json")
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         if verify is not None:

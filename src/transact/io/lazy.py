@@ -51,9 +51,13 @@ def _libc() -> ctypes.CDLL | None:
 
 
 class LazyCheckpoint:
-    """The tensors of a local safetensors checkpoint, by name, read one at a time."""
+    """The tensors of a local safetensors checkpoint, by name, read one at a time.
 
-    def __init__(self, folder: str | Path) -> None:
+    Tensors are named as the model's modules name them; ``stored_as`` (module name -> name in the files,
+    from ``saved_names``) covers families whose files use another layout. ``stored_name`` gives a tensor's
+    name in the files."""
+
+    def __init__(self, folder: str | Path, stored_as: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
@@ -65,29 +69,43 @@ class LazyCheckpoint:
         else:
             raise TransactError(f"{self.folder} has no safetensors weights (model.safetensors or {INDEX}); a "
                                 "layer-wise prune reads its weights lazily from them")
+        # stored name -> module name, for the tensors the files hold under another name
+        self._module_name = {stored: module for module, stored in (stored_as or {}).items()
+                             if stored in self.files and module not in self.files}
+        self._stored_name = {module: stored for stored, module in self._module_name.items()}
 
     @property
     def names(self) -> list[str]:
-        return list(self.files)
+        """Every tensor, by module name."""
+        return [self._module_name.get(stored, stored) for stored in self.files]
+
+    def stored_name(self, name: str) -> str:
+        """The name the files hold tensor ``name`` (a module name) under."""
+        return self._stored_name.get(name, name)
+
+    def _file_of(self, name: str) -> tuple[Path, str]:
+        stored = self.stored_name(name)
+        try:
+            return self.files[stored], stored
+        except KeyError:
+            raise TransactError(f"{self.folder} holds no tensor {name!r}") from None
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, as stored (CPU)."""
-        try:
-            path = self.files[name]
-        except KeyError:
-            raise TransactError(f"{self.folder} holds no tensor {name!r}") from None
+        path, stored = self._file_of(name)
         with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(stored)
 
     def rows(self, name: str, ids: list[int]) -> torch.Tensor:
         """Rows ``ids`` of a 2-D tensor, read without reading the rest of it: -> (len(ids), columns)."""
-        with safe_open(self.files[name], framework="pt") as f:
-            part = f.get_slice(name)
+        path, stored = self._file_of(name)
+        with safe_open(path, framework="pt") as f:
+            part = f.get_slice(stored)
             return torch.cat([part[i:i + 1] for i in ids])
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keyed by the rest of the name."""
-        return {name[len(prefix):]: self.tensor(name) for name in self.files if name.startswith(prefix)}
+        return {name[len(prefix):]: self.tensor(name) for name in self.names if name.startswith(prefix)}
 
 
 class ShardWriter:
@@ -122,9 +140,9 @@ class ShardWriter:
         return name, back
 
     def copy_tensor(self, number: int, source: LazyCheckpoint, name: str, dtype: torch.dtype) -> str:
-        """Shard ``number`` holding tensor ``name`` of ``source`` cast to ``dtype``, copied CHUNK_BYTES at a
-        time with plain file reads (an embedding of a large vocabulary never sits in memory whole, nor
-        mapped), then read back chunk by chunk and compared. -> its file name."""
+        """Shard ``number`` holding tensor ``name`` (as stored) of ``source`` cast to ``dtype``, copied
+        CHUNK_BYTES at a time with plain file reads (an embedding of a large vocabulary never sits in memory
+        whole, nor mapped), then read back chunk by chunk and compared. -> its file name."""
         file = self.shard_name(number)
         target = self.folder / file
         where = _locate(source.files[name], name)

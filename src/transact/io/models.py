@@ -134,6 +134,19 @@ def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> to
     return model
 
 
+def saved_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each state-dict name of ``model`` -> the name ``save_pretrained`` stores it under. transformers 5
+    writes some families in their original hub layout (a multimodal Gemma 3's ``model.language_model.*``
+    as ``language_model.model.*``) and renames on load; the others keep their names. Tensors a conversion
+    merges or splits (not renames) keep their own names here."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probes = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict().items()}
+    module_name = {id(t): name for name, t in probes.items()}
+    reverted = revert_weight_conversion(model, dict(probes))
+    return {module_name[id(t)]: saved for saved, t in reverted.items() if id(t) in module_name}
+
+
 # ---------------------------------------------------------------- one loading path
 
 @dataclass(frozen=True)
@@ -234,6 +247,10 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_against_config(headers: dict[str, tuple[Path, tuple[int, ...]]], config: PretrainedConfig) -> None:
     model = skeleton(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = saved_names(model)
+    if not set(expected) & set(headers) and set(stored.values()) & set(headers):
+        # the layout save_pretrained writes for this family: check the tensors under those names
+        headers = {module: headers[name] for module, name in stored.items() if name in headers}
     if not set(expected) & set(headers):
         return  # names the loader maps on its own (an older layout): leave the check to it
     for name, (path, shape) in sorted(headers.items()):

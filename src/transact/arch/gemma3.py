@@ -1,0 +1,46 @@
+"""Gemma 3: text models (``Gemma3ForCausalLM``, ``model_type`` ``gemma3_text``) and the multimodal
+checkpoints (``Gemma3ForConditionalGeneration``, ``model_type`` ``gemma3``: 4B, 12B, 27B). Gemma 2's block (see
+``transact.arch.gemma2``) with per-head q/k RMSNorms (they act on ``head_dim``, so head pruning keeps
+them), no attention soft-capping, and five sliding-window layers to each full one, each kind with its own
+rotary base. The same trap: only head counts that divide the hidden size can be saved.
+
+A multimodal checkpoint keeps its language model under ``model.language_model`` and its head counts in
+``config.text_config``; only that model is pruned. The vision tower (with ``q_proj``s of its own) and the
+projector are neither hooked nor touched, and the checkpoint reloads as the same multimodal class. Its
+layers run one at a time (``--layerwise``) inside a one-layer ``Gemma3ForCausalLM``, which computes a text
+layer exactly as the language model does for text without images.
+
+llama.cpp's ``gemma3`` architecture places the full-attention layers itself (every sixth), so a checkpoint
+whose ``layer_types`` follow another pattern is not exported. Its converter writes the language model of a
+multimodal checkpoint (the vision tower goes to a separate projector file, which transact does not write).
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from transact.arch import register
+from transact.arch.base import FamilyAdapter
+from transact.arch.gemma2 import gemma_gguf, gemma_notes, heads_dividing_hidden
+
+LLAMACPP_PERIOD = 6  # llama.cpp's gemma3: layers 6, 12, ... (1-based) attend to the full context
+
+
+def llamacpp_layer_pattern(config: PretrainedConfig) -> str | None:
+    expected = ["full_attention" if (i + 1) % LLAMACPP_PERIOD == 0 else "sliding_attention"
+                for i in range(config.num_hidden_layers)]
+    if list(config.layer_types) != expected:
+        return (f"llama.cpp's gemma3 architecture makes every {LLAMACPP_PERIOD}th layer a full-attention layer; "
+                f"this model's layer_types differ ({config.layer_types}), so it is not exported")
+    return None
+
+
+GEMMA3_27B_LAYERS = 62  # how llama.cpp recognises Gemma 3 27B
+
+_GEMMA3 = dict(head_rule=heads_dividing_hidden,
+               gguf=gemma_gguf("gemma3", GEMMA3_27B_LAYERS, check=llamacpp_layer_pattern),
+               notes=lambda config: gemma_notes(config, GEMMA3_27B_LAYERS))
+
+ADAPTER = register(FamilyAdapter("gemma3_text", **_GEMMA3))
+MULTIMODAL_ADAPTER = register(FamilyAdapter("gemma3", text_config_name="text_config",
+                                            layers_path="model.language_model.layers", **_GEMMA3))

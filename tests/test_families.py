@@ -1,0 +1,207 @@
+"""What each family must keep, refuse and say: the constants pruning must not touch, the head counts a
+family's config cannot express (refused before any weights are read, naming the valid ones), and what
+``transact info`` tells a user."""
+
+import json
+
+import pytest
+import torch
+from tiny import VOCAB, char_tokenizer, random_plan, tiny_model
+from transformers import AutoModelForCausalLM
+
+import transact.api
+from transact.arch import get_adapter, shape_of
+from transact.cli import main
+from transact.core.surgery import prune_
+from transact.errors import TransactError
+from transact.io.checkpoint import write_checkpoint
+
+
+def _saved(tmp_path, family, **config):
+    base = tmp_path / "base"
+    tiny_model(family, **config).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    return base
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_info_lists_only_head_counts_that_divide_the_hidden_size(tmp_path, capsys, family):
+    base = _saved(tmp_path, family, hidden=90, heads=6, kv_heads=2)
+    assert main(["info", str(base)]) == 0
+    out = capsys.readouterr().out
+    # 4 heads do not divide 90: 4/2 is missing from the pairs a GQA model with groups of 3 could take
+    assert "prunable heads    heads/kv 1/1, 2/1, 3/1, 2/2, 6/2\n" in out
+    assert "refuses head counts that do not divide hidden_size 90" in out
+    assert "query_pre_attn_scalar ** -0.5 is kept as stored" in out
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_head_count_that_cannot_be_saved_is_refused_before_loading(tmp_path, capsys, monkeypatch, family):
+    base = _saved(tmp_path, family, hidden=90, heads=6, kv_heads=2)
+    monkeypatch.setattr(transact.api, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    out = tmp_path / "out"
+    assert main(["prune", str(base), "--out", str(out), "--heads", "4", "--kv-heads", "2", "--quiet",
+                 "--no-reconstruct"]) == 2
+    err = capsys.readouterr().err
+    assert "heads 4: transformers'" in err and "valid pairs: heads/kv 1/1, 2/1, 3/1, 2/2, 6/2" in err
+    assert not out.exists()
+
+
+def test_gemma_attention_scale_and_softcaps_survive_pruning(tmp_path):
+    """The scale is query_pre_attn_scalar ** -0.5, a stored constant (20 here, not head_dim 16): pruning heads
+    must neither change nor recompute it, and the reloaded checkpoint must compute the same logits."""
+    model = tiny_model("gemma2", heads=4, kv_heads=2, hidden=64)
+    plan = random_plan(model, 2, 1, 40)
+    prune_(model, plan)
+    attn = get_adapter(model).attention_module(get_adapter(model).layers(model)[0])
+    assert attn.scaling == 20 ** -0.5
+    out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["query_pre_attn_scalar"] == 20 and config["num_attention_heads"] == 2
+    assert config["attn_logit_softcapping"] == 50.0 and config["final_logit_softcapping"] == 30.0
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config._attn_implementation == "eager"  # no SDPA path can soft-cap
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def test_gemma3_keeps_its_layer_types_and_per_type_rotary_bases(tmp_path):
+    model = tiny_model("gemma3_text", heads=4, kv_heads=2, layers=4)
+    before = (list(model.config.layer_types), dict(model.config.rope_parameters))
+    assert before[0] == ["sliding_attention", "full_attention"] * 2
+    plan = random_plan(model, 2, 2, 40)
+    prune_(model, plan)
+    out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (list(reloaded.config.layer_types), dict(reloaded.config.rope_parameters)) == before
+    assert reloaded.config.sliding_window == 8
+
+
+def test_granite_multipliers_are_kept(tmp_path):
+    model = tiny_model("granite", heads=4, kv_heads=4)
+    plan = random_plan(model, 3, 3, 40)
+    prune_(model, plan)
+    out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["attention_multiplier"], config["residual_multiplier"], config["embedding_multiplier"],
+            config["logits_scaling"]) == (0.3, 0.6, 2.0, 1.5)
+    assert config["model_type"] == "granite" and config["num_attention_heads"] == 3  # 3 does not divide 64
+
+
+def test_smollm3_keeps_its_nope_layers(tmp_path, capsys):
+    model = tiny_model("smollm3", heads=4, kv_heads=2, layers=4)
+    assert model.config.no_rope_layers == [1, 0, 1, 0]
+    plan = random_plan(model, 2, 1, 40)
+    prune_(model, plan)
+    out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    assert AutoModelForCausalLM.from_pretrained(out).config.no_rope_layers == [1, 0, 1, 0]
+    assert main(["info", str(out)]) == 0
+    assert "layers without rotary embedding (NoPE), kept as they are: [1, 3]" in capsys.readouterr().out
+
+
+def test_shape_carries_the_head_rule_only_where_the_family_has_one():
+    assert shape_of(tiny_model("gemma3_text", hidden=90, heads=6, kv_heads=2)).head_rule.counts == (1, 2, 3, 5, 6)
+    assert shape_of(tiny_model("granite", hidden=90, heads=6, kv_heads=2)).head_rule is None
+
+
+@pytest.mark.parametrize(("family", "settings", "message"), [
+    ("gemma2", {"query_pre_attn_scalar": 20}, r"computes the attention scale as 1/sqrt\(16\)"),
+    ("gemma3_text", {"query_pre_attn_scalar": 16, "sliding_window_pattern": 2}, "every 6th layer a full-attention"),
+    ("smollm3", {"no_rope_layer_interval": 2}, "skips the rotary embedding in every 4th layer"),
+])
+def test_gguf_refuses_what_llamacpp_would_compute_differently(family, settings, message):
+    config = tiny_model(family, **settings).config
+    with pytest.raises(TransactError, match=message):
+        get_adapter(config).gguf_target(config)
+
+
+def test_gguf_of_a_granite_model_with_pruned_heads_is_refused():
+    model = tiny_model("granite", heads=4, kv_heads=2)
+    assert get_adapter(model).gguf_target(model.config).architecture == "granite"
+    prune_(model, random_plan(model, 2, 1, 40))
+    with pytest.raises(TransactError, match="granite converter ignores head_dim"):
+        get_adapter(model).gguf_target(model.config)
+
+
+def _longrope_phi3(**config):
+    """A Phi-3 with longrope scaling, as Phi-3.5-mini and Phi-4-mini have (short/long factors of length
+    hidden // heads × partial_rotary_factor / 2 = 8 here)."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.2 * i for i in range(8)],
+            "original_max_position_embeddings": 64}
+    return tiny_model("phi3", heads=4, kv_heads=2, hidden=64, rope_parameters=rope,
+                      original_max_position_embeddings=64, **config)
+
+
+def test_phi3_fused_blocks_keep_their_layout():
+    model = tiny_model("phi3", heads=4, kv_heads=2, hidden=64)
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.5  # partial rotary, as in Phi-4-mini
+    layer = get_adapter(model).layers(model)[0]
+    qkv, gate_up = layer.self_attn.qkv_proj.weight.clone(), layer.mlp.gate_up_proj.weight.clone()
+    plan = random_plan(model, 2, 1, 40)
+    prune_(model, plan)
+    kept = plan.layers[0]
+    q = torch.cat([qkv[h * 16:(h + 1) * 16] for h in kept.heads])
+    k = torch.cat([qkv[64 + g * 16:64 + (g + 1) * 16] for g in kept.kv_heads])
+    v = torch.cat([qkv[96 + g * 16:96 + (g + 1) * 16] for g in kept.kv_heads])
+    assert torch.equal(layer.self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+    up = [96 + c for c in kept.mlp]
+    assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat([gate_up[kept.mlp], gate_up[up]]))
+
+
+def test_phi3_longrope_heads_are_refused_and_its_mlp_prunes(tmp_path, capsys):
+    base = tmp_path / "base"
+    _longrope_phi3().save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    assert main(["info", str(base)]) == 0
+    info = capsys.readouterr().out
+    assert "prunable heads    heads/kv 4/2\n" in info and "longrope short_factor (8 values)" in info
+    out = tmp_path / "out"
+    assert main(["prune", str(base), "--out", str(out), "--heads", "2", "--quiet", "--no-reconstruct"]) == 2
+    assert "heads 2: transformers' Phi3Config requires the longrope short_factor" in capsys.readouterr().err
+    assert not out.exists()
+
+    model = _longrope_phi3()
+    plan = random_plan(model, 4, 2, 40)
+    prune_(model, plan)
+    write_checkpoint(model, None, out, plan=plan, report={}, save_dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.rope_parameters["short_factor"] == model.config.rope_parameters["short_factor"]
+    x = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(0))  # past 64: long factors
+    assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def _vision_state(model) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.state_dict().items()
+            if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_gemma3_multimodal_prunes_its_language_model_only(tmp_path, corpus, layerwise):
+    """A Gemma3ForConditionalGeneration: the language model is pruned (calibrated through the full model's
+    own forward), the vision tower and projector come back bit for bit, image features are unchanged,
+    and the checkpoint reloads as the same multimodal class."""
+    base = tmp_path / "base"
+    dense = tiny_model("gemma3", heads=4, kv_heads=2, tie=True)
+    dense.save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    out = tmp_path / "out"
+    args = ["prune", str(base), "--out", str(out), "--heads", "2", "--kv-heads", "1", "--mlp", "48",
+            "--calib", str(calib), "--samples", "8", "--seq-len", "32", "--quiet"]
+    assert main(args + (["--layerwise"] if layerwise else [])) == 0
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(pruned).__name__ == "Gemma3ForConditionalGeneration"
+    text = pruned.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == (2, 1, 48)
+    assert pruned.config.vision_config.num_attention_heads == 2  # the vision tower's own heads, untouched
+    before, after = _vision_state(dense), _vision_state(pruned)
+    assert before.keys() == after.keys() and len(before) > 10
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    reloaded_dense = AutoModelForCausalLM.from_pretrained(base).eval()  # the same attention kernels as `pruned`
+    with torch.no_grad():
+        features = [m.model.get_image_features(pixel_values=pixels) for m in (reloaded_dense, pruned)]
+    features = [f.pooler_output if hasattr(f, "pooler_output") else f for f in features]
+    assert torch.equal(features[0], features[1])
