@@ -74,6 +74,19 @@ def test_flops_formula_matches_measured_count(family, pruned):
     assert costs.forward_flops(shape_of(model), seq) == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_prefill_flops_match_a_forward_that_keeps_the_last_logits(family):
+    """What bench's prefill computes (logits of the last token only, as generation does) against the
+    formula, exactly."""
+    model = _pruned(family, 2, 1, 40)
+    seq = 24
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, seq)), logits_to_keep=1)
+    assert counter.get_total_flops() == costs.prefill_flops(shape_of(model), seq)
+    assert costs.forward_flops(shape_of(model), seq) - costs.prefill_flops(shape_of(model), seq) == \
+        (seq - 1) * 2 * 64 * VOCAB
+
+
 def test_kv_cache_bytes_match_the_cache_tensors():
     model = _pruned("llama", 2, 1, 40, heads=4, kv_heads=2)
     with torch.no_grad():

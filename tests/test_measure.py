@@ -112,11 +112,11 @@ def test_bench_rows_ratios_and_analytic_costs(dense_and_pruned):
         if r["model"] == "dense":
             assert r["prefill_speedup"] == r["decode_speedup"] == r["prefill_speedup_analytic"] == 1.0
     pruned_row = rows[3]
-    assert pruned_row["prefill_flops"] == costs.forward_flops(shape_of(pruned), 16)
+    assert pruned_row["prefill_flops"] == costs.prefill_flops(shape_of(pruned), 16)
     kv = costs.kv_cache_bytes_per_token(shape_of(pruned), torch.float32)
     weights = sum(p.numel() * 4 for p in pruned.parameters())
     assert pruned_row["decode_bytes_per_step"] == weights + 2 * kv * (16 + 1)
-    assert pruned_row["prefill_speedup_analytic"] == costs.forward_flops(shape_of(dense), 16) / pruned_row[
+    assert pruned_row["prefill_speedup_analytic"] == costs.prefill_flops(shape_of(dense), 16) / pruned_row[
         "prefill_flops"] > 1
 
 

@@ -127,7 +127,7 @@ def analytic(model: nn.Module, batch: int, context: int, gen: int) -> dict:
     shape = shape_of(model)
     kv = costs.kv_cache_bytes_per_token(shape, next(model.parameters()).dtype)
     return {
-        "prefill_flops": costs.forward_flops(shape, context),
+        "prefill_flops": costs.prefill_flops(shape, context),
         "decode_bytes_per_step": costs.weight_bytes(model) + batch * kv * (context + gen // 2),
     }
 
@@ -263,7 +263,7 @@ def gguf_analytic(model: GgufModel, batch: int, context: int, gen: int) -> dict:
     shape = shape_of(model.config)
     kv = costs.kv_cache_bytes_per_token(shape, LLAMACPP_KV_DTYPE)
     return {
-        "prefill_flops": costs.forward_flops(shape, context),
+        "prefill_flops": costs.prefill_flops(shape, context),
         "decode_bytes_per_step": model.summary["bytes_per_decode_step"] + batch * kv * (context + gen // 2),
     }
 

@@ -35,7 +35,12 @@ def flops_per_token(shape: ModelShape, context: int) -> int:
     mlp = 3 * h * p
     attention = 2 * heads * head_dim * context
     per_layer = 2 * (attn_proj + mlp + attention)
-    return shape.num_layers * per_layer + 2 * h * shape.vocab_size
+    return shape.num_layers * per_layer + lm_head_flops(shape)
+
+
+def lm_head_flops(shape: ModelShape) -> int:
+    """FLOPs of the LM head for one token."""
+    return 2 * shape.hidden_size * shape.vocab_size
 
 
 def forward_flops(shape: ModelShape, seq_len: int) -> int:
@@ -43,6 +48,14 @@ def forward_flops(shape: ModelShape, seq_len: int) -> int:
     token's matmuls plus full ``seq_len`` x ``seq_len`` attention scores (the causal mask hides half of
     them but dense kernels still compute them)."""
     return seq_len * flops_per_token(shape, seq_len)
+
+
+def prefill_flops(shape: ModelShape, seq_len: int) -> int:
+    """FLOPs of a generation's prefill over ``seq_len`` prompt tokens: the forward pass with the LM head
+    applied to the last token only, since generation (transformers' ``logits_to_keep=1``, llama.cpp) keeps
+    only the last token's logits. With a large vocabulary and few layers the head is a large share of
+    ``forward_flops``, which counts it at every position."""
+    return forward_flops(shape, seq_len) - (seq_len - 1) * lm_head_flops(shape)
 
 
 def weight_bytes(model: nn.Module) -> int:
