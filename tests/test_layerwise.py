@@ -77,7 +77,7 @@ def test_layerwise_equals_the_whole_model_path(tmp_path, corpus, family, heads, 
     assert not list(tmp_path.glob(".*"))  # no work directory or staging file left behind
 
 
-@pytest.mark.parametrize("metric", ["transact", "flap", "minitron", "magnitude", "random"])
+@pytest.mark.parametrize("metric", ["transact", "flap", "minitron", "magnitude", "random", "refit_aware"])
 def test_every_layerwise_metric_selects_what_the_whole_model_path_selects(tmp_path, corpus, metric):
     base, calib = _save(tmp_path, corpus, "qwen3", layers=3)
     recipe = _recipe(calib, metric=metric)

@@ -88,7 +88,7 @@ def test_alpha_belongs_to_transact_only():
         PruneRecipe(heads=2, metric="flap", alpha=0.5)
 
 
-@pytest.mark.parametrize("metric", ["flap", "minitron", "taylor"])
+@pytest.mark.parametrize("metric", ["flap", "minitron", "taylor", "refit_aware"])
 def test_each_metric_end_to_end(tmp_path, corpus, metric):
     base, calib = saved_model_and_text(tmp_path, "qwen3", corpus)
     out = tmp_path / "out"

@@ -119,3 +119,42 @@ def test_recipe_rejects_bad_fields():
         PruneRecipe(heads=2, metric="taylorish")
     with pytest.raises(TransactError, match="alpha"):
         PruneRecipe(heads=2, alpha=-1.0)
+
+
+def _joint_removal_error(w: torch.Tensor, hinv: torch.Tensor, removed: list[int]) -> float:
+    """The least output error left after removing channels ``removed`` and refitting the rest:
+    tr(W_R [H⁻¹]_RR⁻¹ W_Rᵀ), computed from scratch."""
+    r = torch.tensor(removed)
+    return float(torch.trace(w[:, r] @ torch.linalg.inv(hinv[r][:, r]) @ w[:, r].T))
+
+
+@pytest.mark.parametrize("unit", [1, 2])
+def test_refit_removal_order_is_the_greedy_least_error_order(unit):
+    """Each greedy step must remove the unit whose removal, together with those already removed, leaves the
+    least refitted error: checked against that error computed from scratch for every candidate."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    x[:, 5] = 0.9 * x[:, 1] + 0.1 * x[:, 6]  # channel 5 is nearly rebuilt from 1 and 6 by the refit
+    w = torch.randn(4, 8, generator=gen, dtype=torch.float64) * torch.tensor([1, 1, 1, 1, 1, 9, 1, 1.0])
+    gram, damp = x.T @ x, 0.01
+    h = gram.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.linalg.inv(h)
+    scores = salience.refit_removal_order(w, gram, unit, damp)
+    order = scores.argsort().tolist()
+    removed: list[int] = []
+    for step, chosen in enumerate(order):
+        candidates = [u for u in range(8 // unit) if u not in order[:step]]
+        errors = {u: _joint_removal_error(w, hinv, removed + list(range(u * unit, (u + 1) * unit)))
+                  for u in candidates}
+        assert chosen == min(errors, key=errors.get)
+        removed += list(range(chosen * unit, (chosen + 1) * unit))
+    if unit == 1:
+        assert order[0] in (1, 5)  # one of the two channels the other (with 6) rebuilds goes first
+
+
+def test_refit_removal_order_stops_after_the_units_to_remove():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(100, 6, generator=gen)
+    scores = salience.refit_removal_order(torch.randn(3, 6, generator=gen), x.T @ x, 1, 0.01, remove=2)
+    assert sorted(scores.tolist()) == [0.0, 1.0, 6.0, 6.0, 6.0, 6.0]

@@ -129,3 +129,50 @@ def taylor_channel_scores(gate: torch.Tensor | None, up: torch.Tensor, down: tor
     (H, P) -> (P,)."""
     scores = up.double().sum(dim=1) + down.double().sum(dim=0)
     return scores if gate is None else scores + gate.double().sum(dim=1)
+
+
+def refit_removal_order(weight: torch.Tensor, gram: torch.Tensor, unit: int, damp: float,
+                        remove: int | None = None) -> torch.Tensor:
+    """Scores of a consumer's input units (blocks of ``unit`` consecutive channels: a head's head_dim, or
+    one MLP channel) that account for the least-squares refit: units are removed greedily, each time the
+    one whose removal adds the least output error E|W x - W' x'|² when the remaining columns are refitted
+    (the optimal-brain-surgeon step: error tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ), then W and H⁻¹ updated for the
+    removal), with H = gram + damp * mean(diag gram) * I. A unit's score is the step at which it was
+    removed (higher: kept longer); units never removed (after ``remove`` steps) share the top score.
+
+    weight: (out, C) consumer (o_proj / down_proj); gram: (C, C) Gram matrix of its input; C % unit == 0
+    -> (C // unit,) float scores. Computed in fp64.
+    """
+    channels = gram.shape[0]
+    units = channels // unit
+    remove = units if remove is None else min(remove, units)
+    h = gram.detach().cpu().double().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    w = weight.detach().cpu().double().clone()  # (out, C)
+    scores = torch.full((units,), float(units))
+    alive = torch.ones(units, dtype=torch.bool)
+    blocks = torch.arange(channels).reshape(units, unit)
+    for step in range(remove):
+        errors = _unit_removal_errors(w, hinv, blocks, unit)
+        errors[~alive] = float("inf")
+        best = int(errors.argmin())
+        idx = blocks[best]
+        # remove the unit: the remaining columns absorb what it carried, and H⁻¹ loses its rows and columns
+        b_inv = torch.linalg.inv(hinv[idx][:, idx])  # (unit, unit)
+        e = hinv[:, idx]  # (C, unit)
+        w -= w[:, idx] @ b_inv @ e.T
+        hinv -= e @ b_inv @ e.T
+        scores[best], alive[best] = float(step), False
+    return scores
+
+
+def _unit_removal_errors(w: torch.Tensor, hinv: torch.Tensor, blocks: torch.Tensor, unit: int) -> torch.Tensor:
+    """tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ) for every unit u. -> (units,)"""
+    if unit == 1:
+        return (w * w).sum(0) / hinv.diagonal().clamp_min(1e-300)
+    diag_blocks = hinv[blocks.unsqueeze(-1), blocks.unsqueeze(-2)]  # (units, unit, unit)
+    w_units = w[:, blocks].permute(1, 0, 2)  # (units, out, unit)
+    eye = torch.eye(unit, dtype=hinv.dtype)
+    solved = torch.linalg.solve(diag_blocks + 1e-12 * eye, w_units.transpose(1, 2))  # (units, unit, out)
+    return torch.einsum("uod,udo->u", w_units, solved)
