@@ -205,3 +205,17 @@ def test_gemma3_multimodal_prunes_its_language_model_only(tmp_path, corpus, laye
         features = [m.model.get_image_features(pixel_values=pixels) for m in (reloaded_dense, pruned)]
     features = [f.pooler_output if hasattr(f, "pooler_output") else f for f in features]
     assert torch.equal(features[0], features[1])
+
+
+def test_an_iterative_schedule_keeps_to_the_head_rule():
+    """Gemma 3 270M's shape (640 wide, 4 heads in 1 KV group): 4 -> 2 heads in two shots cannot pass
+    through 3 heads, which Gemma3TextConfig refuses; the schedule takes 4 or 2 instead."""
+    from transact.core.plan import Targets, check_schedule, linear_schedule
+
+    shape = shape_of(tiny_model("gemma3_text", hidden=640, heads=4, kv_heads=1, head_dim=16, mlp=64))
+    assert shape.head_rule.counts == (1, 2, 4)
+    steps = linear_schedule(shape, Targets(2, 1, 32), 2)
+    assert steps[0].heads in (2, 4) and steps[0].mlp == 48 and steps[-1] == Targets(2, 1, 32)
+    check_schedule(shape, steps)
+    free = shape_of(tiny_model("qwen3", hidden=640, heads=4, kv_heads=1, head_dim=16, mlp=64))
+    assert linear_schedule(free, Targets(2, 1, 32), 2)[0].heads == 3  # no rule: the nearest width

@@ -102,14 +102,20 @@ def check_targets(t: Targets, shape: ModelShape) -> None:
         raise TransactError(f"mlp {t.mlp}: must be between 1 and the model's {P}")
 
 
+def head_pairs(shape: ModelShape) -> list[tuple[int, int]]:
+    """Every (heads, kv heads) pair this model can be pruned to (within its family's head rule)."""
+    allowed = shape.head_rule.counts if shape.head_rule is not None else None
+    return [(kv * per, kv) for kv in range(1, shape.num_kv_heads + 1) for per in range(1, shape.group_size + 1)
+            if allowed is None or kv * per in allowed]
+
+
 def valid_head_pairs(shape: ModelShape) -> str:
     """The (heads, kv heads) pairs this model can be pruned to, in words."""
-    allowed = shape.head_rule.counts if shape.head_rule is not None else None
-    pairs = [f"{kv * per}/{kv}" for kv in range(1, shape.num_kv_heads + 1) for per in range(1, shape.group_size + 1)
-             if allowed is None or kv * per in allowed]
+    pairs = [f"{heads}/{kv}" for heads, kv in head_pairs(shape)]
     if len(pairs) <= 24:
         return "heads/kv " + ", ".join(pairs)
     rule = f"heads = kv x (1..{shape.group_size})"
+    allowed = shape.head_rule.counts if shape.head_rule is not None else None
     return rule if allowed is None else f"{rule}, heads one of {', '.join(map(str, allowed))}"
 
 
@@ -272,12 +278,13 @@ def linear_schedule(shape: ModelShape, target: Targets, shots: int) -> list[Targ
 
     MLP channels interpolate directly. Attention interpolates its size, which is proportional to
     heads + kv_heads (a query head owns q and o slices, a KV head k and v slices of the same size), and each
-    shot takes the valid (heads, kv_heads) pair nearest to it (ties to the larger) that the previous shot
-    can reach and from which the target stays reachable. The last shot is exactly ``target``.
+    shot takes the valid (heads, kv_heads) pair nearest to it (ties to the larger; within the family's head
+    rule) that the previous shot can reach and from which the target stays reachable. The last shot is
+    exactly ``target``.
     """
     check_targets(target, shape)
     dense = Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
-    pairs = [(kv * per, kv) for kv in range(1, shape.num_kv_heads + 1) for per in range(1, shape.group_size + 1)]
+    pairs = head_pairs(shape)  # a family's head rule holds for every shot, not only the last
     steps, current = [], dense
     for i in range(1, shots + 1):
         if i == shots:
