@@ -155,3 +155,15 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+
+
+def test_relaid_out_checkpoints_are_compared_within_rounding_only():
+    from transact.io.checkpoint import RELAYOUT_EPS, outputs_match
+
+    logits = torch.tensor([[3.0, -2.0, 0.5]])
+    rounding = RELAYOUT_EPS * torch.finfo(torch.float32).eps * 3.0
+    assert outputs_match(logits, logits.clone(), exact=True)
+    assert not outputs_match(logits, logits + 1e-6, exact=True)
+    assert outputs_match(logits, logits + rounding * 0.9, exact=False)
+    assert not outputs_match(logits, logits + rounding * 1.1, exact=False)
+    assert not outputs_match(logits, logits + 1e-3, exact=False)  # a wrong checkpoint moves logits far more

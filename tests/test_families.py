@@ -123,12 +123,14 @@ def test_gguf_of_a_granite_model_with_pruned_heads_is_refused():
         get_adapter(model).gguf_target(model.config)
 
 
-def _longrope_phi3(**config):
-    """A Phi-3 with longrope scaling, as Phi-3.5-mini and Phi-4-mini have (short/long factors of length
-    hidden // heads × partial_rotary_factor / 2 = 8 here)."""
-    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
-            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.2 * i for i in range(8)],
-            "original_max_position_embeddings": 64}
+def _longrope_phi3(partial: float = 1.0, **config):
+    """A Phi-3 with longrope scaling as the released configs state it (original context at the top level), as
+    Phi-3.5-mini (full rotary) and Phi-4-mini (partial) have: short/long factors of length
+    hidden // heads × partial_rotary_factor / 2."""
+    pairs = int(64 // 4 * partial) // 2
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": partial,
+            "short_factor": [1.0 + 0.1 * i for i in range(pairs)],
+            "long_factor": [2.0 + 0.2 * i for i in range(pairs)]}
     return tiny_model("phi3", heads=4, kv_heads=2, hidden=64, rope_parameters=rope,
                       original_max_position_embeddings=64, **config)
 
@@ -149,26 +151,66 @@ def test_phi3_fused_blocks_keep_their_layout():
     assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat([gate_up[kept.mlp], gate_up[up]]))
 
 
-def test_phi3_longrope_heads_are_refused_and_its_mlp_prunes(tmp_path, capsys):
+def test_phi3_partial_rotary_longrope_heads_are_refused_and_its_mlp_prunes(tmp_path, capsys):
     base = tmp_path / "base"
-    _longrope_phi3().save_pretrained(base)
+    _longrope_phi3(partial=0.5).save_pretrained(base)
     char_tokenizer().save_pretrained(base)
     assert main(["info", str(base)]) == 0
     info = capsys.readouterr().out
-    assert "prunable heads    heads/kv 4/2\n" in info and "longrope short_factor (8 values)" in info
+    assert "prunable heads    heads/kv 4/2\n" in info and "longrope short_factor (4 values)" in info
     out = tmp_path / "out"
     assert main(["prune", str(base), "--out", str(out), "--heads", "2", "--quiet", "--no-reconstruct"]) == 2
     assert "heads 2: transformers' Phi3Config requires the longrope short_factor" in capsys.readouterr().err
     assert not out.exists()
 
-    model = _longrope_phi3()
+    model = _longrope_phi3(partial=0.5)
     plan = random_plan(model, 4, 2, 40)
     prune_(model, plan)
     write_checkpoint(model, None, out, plan=plan, report={}, save_dtype=torch.float32)
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert reloaded.config.rope_parameters["short_factor"] == model.config.rope_parameters["short_factor"]
+    assert type(reloaded).__name__ == "Phi3ForCausalLM"
     x = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(0))  # past 64: long factors
     assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def test_phi3_full_rotary_longrope_with_pruned_heads_is_saved_as_mistral(tmp_path, capsys):
+    """Phi3Config cannot hold 2 heads with this short_factor; the equivalent unfused Mistral checkpoint must
+    compute the same logits, also past the original context (64) where the long factors apply."""
+    model = _longrope_phi3()
+    plan = random_plan(model, 2, 1, 40)
+    prune_(model, plan)
+    out = write_checkpoint(model, None, tmp_path / "out", plan=plan, report={}, save_dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["num_attention_heads"] == 2
+    assert config["rope_parameters"]["rope_type"] == "longrope"
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 64
+    mistral = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(mistral).__name__ == "MistralForCausalLM"
+    x = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(0))
+    # unfused matmuls round differently from the fused ones: equal up to fp32 rounding, not bit for bit
+    torch.testing.assert_close(mistral(x).logits, model(x).logits, rtol=0, atol=1e-5)
+    with pytest.raises(TransactError, match="longrope"):
+        get_adapter(mistral.config).gguf_target(mistral.config)
+    assert main(["info", str(out)]) == 0 and "family            mistral" in capsys.readouterr().out
+
+
+def test_phi3_longrope_layerwise_writes_the_same_mistral_checkpoint(tmp_path, corpus, capsys):
+    base = tmp_path / "base"
+    _longrope_phi3().save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    assert main(["info", str(base)]) == 0
+    assert "saved as the equivalent MistralForCausalLM" in capsys.readouterr().out
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--calib", str(calib), "--samples", "8",
+            "--seq-len", "32", "--quiet"]
+    assert main(["prune", str(base), "--out", str(tmp_path / "whole"), *args]) == 0
+    assert main(["prune", str(base), "--out", str(tmp_path / "layered"), *args, "--layerwise", "--no-sequential"]) == 0
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / d, attn_implementation="eager").eval()
+              for d in ("whole", "layered")]
+    assert [type(m).__name__ for m in models] == ["MistralForCausalLM"] * 2
+    x = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(models[1](x).logits, models[0](x).logits, rtol=0, atol=1e-5)
 
 
 def _vision_state(model) -> dict[str, torch.Tensor]:

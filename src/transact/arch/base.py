@@ -182,6 +182,9 @@ class FamilyAdapter:
     - ``notes(text_config)``: what a user should know about pruning this family (``transact info`` prints it).
     - ``qkv_name`` / ``gate_up_name``: a fused projection holding q, k, v (rows in that order) / gate, up
       (gate first) in place of the separate ones (None: separate modules).
+    - ``portable_state(state, config)``: the state dict (full model or one layer) under the tensor names
+      of ``portable_config(config)``'s class, where that class lays its weights out differently (None: the
+      names are the same).
     """
 
     model_type: str
@@ -204,6 +207,7 @@ class FamilyAdapter:
     gguf: Callable[[PretrainedConfig], GgufTarget] | None = None
     head_rule: Callable[[PretrainedConfig], HeadRule | None] | None = None
     notes: Callable[[PretrainedConfig], tuple[str, ...]] = field(default=lambda config: ())
+    portable_state: Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]] | None = None
 
     # -- the config
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
@@ -245,6 +249,16 @@ class FamilyAdapter:
         one = type(config).from_dict(values)
         one._attn_implementation = config._attn_implementation
         return one
+
+    def relayouts(self, config: PretrainedConfig) -> bool:
+        """Whether a checkpoint of this config lays its weights out differently from the model in memory
+        (split fused projections): it then computes the same function with differently shaped matmuls,
+        equal only up to floating-point rounding."""
+        return self.portable_state is not None and self.portable_config(config) is not config
+
+    def saved_state(self, state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+        """``state`` (of a model or one layer with this ``config``) named as its checkpoint names it."""
+        return self.portable_state(state, config) if self.portable_state else state
 
     def saved_model_type(self, config: PretrainedConfig) -> str:
         """The ``model_type`` a checkpoint of this (pruned) config is saved as."""

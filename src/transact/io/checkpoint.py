@@ -37,14 +37,16 @@ def portable_model(model: nn.Module) -> nn.Module:
     """The model as vanilla transformers will load it from disk.
 
     Usually ``model`` itself. When the family's config class cannot describe the pruned shape (Llama with
-    a head count that does not divide the hidden size), the same tensors are re-homed, without copying,
-    into the equivalent class whose config can (see ``transact.arch.llama``).
+    a head count that does not divide the hidden size; a longrope Phi-3 with pruned heads), the same tensors
+    are re-homed, without copying, into the equivalent class whose config can (see ``transact.arch.llama``,
+    ``transact.arch.phi3``).
     """
-    config = get_adapter(model).portable_config(model.config)
+    adapter = get_adapter(model)
+    config = adapter.portable_config(model.config)
     if config is model.config:
         return model
     twin = skeleton(config, next(model.parameters()).dtype)
-    twin.load_state_dict(model.state_dict(), assign=True, strict=True)
+    twin.load_state_dict(adapter.saved_state(model.state_dict(), model.config), assign=True, strict=True)
     if twin.config.tie_word_embeddings:
         twin.tie_weights()
     twin.generation_config = model.generation_config
@@ -105,9 +107,25 @@ def _save_cast(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# A checkpoint whose weights were laid out anew (Phi-3 saved as Mistral: q/k/v and gate/up unfused) runs
+# matmuls of other shapes, whose float sums round differently: its outputs must agree within this many
+# machine epsilons of their largest magnitude (measured on fp32: 1.5e-6 on logits up to 3.3, i.e. 4 eps).
+RELAYOUT_EPS = 32
+
+
+def outputs_match(expected: torch.Tensor, got: torch.Tensor, *, exact: bool) -> bool:
+    """Exactly equal, or (``exact`` False: a relaid-out checkpoint) equal within RELAYOUT_EPS epsilons."""
+    if exact:
+        return torch.equal(expected, got)
+    scale = expected.abs().max().clamp_min(1.0)
+    return bool((expected - got).abs().max() <= RELAYOUT_EPS * torch.finfo(expected.dtype).eps * scale)
+
+
 def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[Path], None]:
     """A ``verify`` callback: vanilla ``AutoModelForCausalLM`` must reload the directory and, cast to the
-    reference's dtype and device, give exactly the reference's logits on ``tokens`` (1, T)."""
+    reference's dtype and device, give exactly the reference's logits on ``tokens`` (1, T) (within
+    floating-point rounding where the checkpoint lays the weights out anew, see ``outputs_match``)."""
+    exact = not get_adapter(reference).relayouts(reference.config)
 
     def check(directory: Path) -> None:
         param = next(reference.parameters())
@@ -117,7 +135,7 @@ def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[
         with torch.inference_mode():
             expected = reference(input_ids=tokens.to(param.device)).logits
             got = reloaded(input_ids=tokens.to(param.device)).logits
-        if not torch.equal(expected, got):
+        if not outputs_match(expected, got, exact=exact):
             diff = (expected - got).abs().max().item()
             raise TransactError(f"the saved checkpoint does not reproduce the pruned model (max |Δlogit| {diff:.3g})")
 
