@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_arguments, load_dense_run, machine, parse_width, write_result
 
 from transact.core.calibrate import collect_statistics
-from transact.core.correct.refit import DEFAULT_DAMP, default_damp
+from transact.core.correct.refit import DEFAULT_DAMP, damp_for
 from transact.core.metrics import metric_names
 from transact.core.step import calibration_windows, prune_step
 from transact.measure import report
@@ -97,8 +97,7 @@ def main() -> None:
                                batch_size=args.batch_size, progress=False)
     calibration_seconds = time.perf_counter() - t
     print(f"statistics {', '.join(names)} in {calibration_seconds:.0f} s", flush=True)
-    widest = max(g.shape[0] for m in ("attn", "mlp") for g in stats.activation(m, "gram"))
-    damp = default_damp(stats.activations.tokens, widest)
+    damp = damp_for(stats)
     todo = variants(args.metrics, args.damps, damp)
     recipes = {label: recipe(metric, correctors, d) for label, metric, correctors, d in todo}
 

@@ -183,8 +183,8 @@ class FamilyAdapter:
     - ``qkv_name`` / ``gate_up_name``: a fused projection holding q, k, v (rows in that order) / gate, up
       (gate first) in place of the separate ones (None: separate modules).
     - ``portable_state(state, config)``: the state dict (full model or one layer) under the tensor names
-      of ``portable_config(config)``'s class, where that class lays its weights out differently (None: the
-      names are the same).
+      of ``portable_config(config)``'s class, where that class lays its weights out differently (called only
+      when ``portable_config`` changes the class; None: the names are the same).
     """
 
     model_type: str
@@ -258,7 +258,7 @@ class FamilyAdapter:
 
     def saved_state(self, state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
         """``state`` (of a model or one layer with this ``config``) named as its checkpoint names it."""
-        return self.portable_state(state, config) if self.portable_state else state
+        return self.portable_state(state, config) if self.relayouts(config) else state
 
     def saved_model_type(self, config: PretrainedConfig) -> str:
         """The ``model_type`` a checkpoint of this (pruned) config is saved as."""
@@ -278,10 +278,9 @@ class FamilyAdapter:
     def family_notes(self, config: PretrainedConfig) -> list[str]:
         """The family's limits and traps for this model, in words: its head rule, its notes, and whether
         llama.cpp can take it as it is."""
-        text = self.text_config(config)
-        rule = self.head_rule(text) if self.head_rule else None
+        rule = self.shape(config).head_rule
         lines = [f"heads: {rule.why}"] if rule else []
-        lines += self.notes(text)
+        lines += self.notes(self.text_config(config))
         try:
             lines.append(f"GGUF: converts as llama.cpp's {self.gguf_target(config).architecture!r} architecture")
         except TransactError as e:

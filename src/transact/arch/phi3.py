@@ -78,10 +78,8 @@ def phi3_portable_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def phi3_portable_state(state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
-    """Phi-3's fused tensors split into Mistral's q/k/v and gate/up (views, no copies) where the checkpoint
-    is saved as Mistral; ``state`` may be a whole model's or one layer's."""
-    if phi3_loadable(config):
-        return state
+    """Phi-3's fused tensors split into Mistral's q/k/v and gate/up (views, no copies), for a checkpoint
+    saved as Mistral; ``state`` may be a whole model's or one layer's."""
     heads, kv_heads, head_dim = head_layout(config)
     q, kv, mlp = heads * head_dim, kv_heads * head_dim, config.intermediate_size
     out = {}

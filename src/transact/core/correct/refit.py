@@ -64,12 +64,20 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, 
     return (weight.detach().cpu()[:, keep].double() + correction.T).to(weight.dtype)
 
 
+def damp_for(stats, recipe=None) -> float:
+    """The damping for these statistics: the recipe's, else ``default_damp`` for their token count and their
+    widest Gram matrix."""
+    if recipe is not None and recipe.damp is not None:
+        return recipe.damp
+    widest = max(g.shape[0] for m in ("attn", "mlp") for g in stats.activation(m, "gram"))
+    return default_damp(stats.activations.tokens, widest)
+
+
 @torch.no_grad()
 def refit_consumers_(model: nn.Module, plan, stats, recipe=None) -> dict:
     """Before the plan's slicing: refit the kept columns of every o_proj and down_proj in place."""
     grams = {m: stats.activation(m, "gram") for m in ("attn", "mlp")}
-    widest = max(g.shape[0] for m in grams for g in grams[m])
-    damp = default_damp(stats.activations.tokens, widest) if recipe is None or recipe.damp is None else recipe.damp
+    damp = damp_for(stats, recipe)
     for i, module, linear, cols in kept_inputs(model, plan):
         refitted = refit_columns(linear.weight, grams[module][i], cols, damp)
         linear.weight[:, cols.to(linear.weight.device)] = refitted.to(linear.weight.device)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from transact.arch import get_adapter
 from transact.core import salience
-from transact.core.correct.refit import default_damp
+from transact.core.correct.refit import damp_for
 from transact.core.metrics import LayerScores, Metric, register_metric
 from transact.core.plan import resolve_targets
 
 
 def refit_aware_scores(model, stats, shape, recipe) -> LayerScores:
     grams = {m: stats.activation(m, "gram") for m in ("attn", "mlp")}
-    widest = max(g.shape[0] for m in grams for g in grams[m])
-    damp = default_damp(stats.activations.tokens, widest) if recipe.damp is None else recipe.damp
+    damp = damp_for(stats, recipe)
     targets = resolve_targets(recipe, shape)
     heads, mlp = [], []
     for i, (attn, ffn) in enumerate(get_adapter(model).layer_parts(model)):
