@@ -1,7 +1,7 @@
 """Every family on random weights of a real model's shape: prune through the command line, check the
 vanilla reload (the prune does), and measure speed against the analytic ratios.
 
-No pretrained weights of Gemma, Granite, SmolLM3 or Phi are available offline, so each family is built
+No pretrained weights of Gemma, Granite, SmolLM3, Phi or Qwen3.5 are available offline, so each family is built
 from its published per-layer shape (hidden size, heads, KV heads, head size, MLP width, vocabulary) with
 fewer layers, random weights, and pruned with the data-free random metric (no refit): what is measured is
 the machinery (surgery, checkpoint, reload, speed), not quality.
@@ -40,6 +40,12 @@ SHAPES = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                          "short_factor": [1.0] * 48, "long_factor": [1.5] * 48,
                          "original_max_position_embeddings": 4096}), (24, 8, 4096)),
+    # transformers' Qwen3_5TextConfig defaults ("Qwen3.5-9B style"): with 4 layers, 3 Gated DeltaNet layers
+    # and 1 softmax-attention layer, as in the released 3:1 pattern
+    "qwen3_5_text": ("Qwen3.5-9B (transformers' default config)", dict(
+        hidden_size=4096, num_attention_heads=16, num_key_value_heads=4, head_dim=256, intermediate_size=12288,
+        vocab_size=248320, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+        linear_value_head_dim=128), (8, 2, 6144)),
 }
 
 

@@ -261,3 +261,196 @@ def test_an_iterative_schedule_keeps_to_the_head_rule():
     check_schedule(shape, steps)
     free = shape_of(tiny_model("qwen3", hidden=640, heads=4, kv_heads=1, head_dim=16, mlp=64))
     assert linear_schedule(free, Targets(2, 1, 32), 2)[0].heads == 3  # no rule: the nearest width
+
+
+# ---------------------------------------------------------------- Qwen3.5: hybrid linear/softmax attention
+
+def _qwen3_5_vision_state(model) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.state_dict().items() if name.startswith("model.visual.")}
+
+
+def _linear_attention_state(model) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.state_dict().items() if ".linear_attn." in name}
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_qwen3_5_multimodal_prunes_mlp_everywhere_and_heads_in_softmax_layers(tmp_path, corpus, layerwise):
+    """A Qwen3_5ForConditionalGeneration with linear-attention layers 0 and 2: heads go only in layers 1 and
+    3 (each head's query and output-gate rows together), MLP channels everywhere; the Gated DeltaNet blocks
+    and the vision tower come back bit for bit; the checkpoint reloads as the same multimodal class, and
+    vanilla AutoModelForCausalLM reads its language model with the same text logits."""
+    from transformers import AutoModelForImageTextToText
+
+    base = tmp_path / "base"
+    dense = tiny_model("qwen3_5", heads=4, kv_heads=2, layers=4)
+    dense.save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    out = tmp_path / "out"
+    args = ["prune", str(base), "--out", str(out), "--heads", "2", "--kv-heads", "1", "--mlp", "48",
+            "--calib", str(calib), "--samples", "8", "--seq-len", "32", "--quiet"]
+    assert main(args + (["--layerwise"] if layerwise else [])) == 0
+
+    pruned = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(pruned).__name__ == "Qwen3_5ForConditionalGeneration"
+    text = pruned.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == (2, 1, 48)
+    assert text.layer_types == ["linear_attention", "full_attention"] * 2
+    layers = pruned.model.language_model.layers
+    assert layers[1].self_attn.q_proj.weight.shape == (2 * 2 * 16, 64)  # 2 heads x (query + gate)
+    assert layers[1].self_attn.o_proj.weight.shape == (64, 2 * 16)
+    assert all(layer.mlp.down_proj.weight.shape == (64, 48) for layer in layers)
+    for name, keep in (("vision", _qwen3_5_vision_state), ("linear attention", _linear_attention_state)):
+        before, after = keep(dense), keep(pruned)
+        assert before.keys() == after.keys() and len(before) > 5, name
+        assert all(torch.equal(before[k], after[k]) for k in before), name
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["source"]["attention_layers"] == [1, 3]
+    assert [len(layer["heads"]) for layer in plan["layers"]] == [0, 2, 0, 2]
+
+    text_only = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(text_only).__name__ == "Qwen3_5ForCausalLM"
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(text_only(x).logits, pruned(x).logits)
+
+
+def test_qwen3_5_info_names_its_layer_kinds_and_leaves_deltanet_value_heads(tmp_path, capsys):
+    base = _saved(tmp_path, "qwen3_5_text", heads=4, kv_heads=2, layers=4)
+    assert main(["info", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "softmax-attention layers (heads pruned there): [1, 3]" in out
+    assert "linear-attention (Gated DeltaNet) layers, kept whole: [0, 2]" in out
+    assert "4 value heads per layer could be removed exactly" in out and "transact does not do yet" in out
+    assert "query and its output gate" in out
+    assert "GGUF: converts as llama.cpp's 'qwen35' architecture" in out
+
+
+def test_qwen3_5_costs_count_the_gate_rows_and_only_softmax_layers_cache_keys():
+    model = tiny_model("qwen3_5_text", heads=4, kv_heads=2, layers=4)
+    shape = shape_of(model)
+    from transact.measure import costs
+
+    # 2 softmax layers x (k + v) x 2 kv heads x 16 x 4 bytes; the DeltaNet state does not grow with tokens
+    assert costs.kv_cache_bytes_per_token(shape, torch.float32) == 2 * 2 * 2 * 16 * 4
+    attn = model.model.layers[1].self_attn
+    assert costs.attention_parameters(shape) == sum(p.numel() for p in attn.parameters() if p.ndim == 2)
+
+
+def _drop_value_heads(model, keep: list[int]):
+    """A copy of ``model`` whose Gated DeltaNet layers keep only value heads ``keep``, sliced by hand: the
+    value rows of in_proj_qkv and their conv1d channels, in_proj_z rows, in_proj_a/b rows, dt_bias, A_log,
+    out_proj columns."""
+    config = model.config
+    lin = shape_of(model).linear_attention
+    dv, v_start = lin.value_dim, 2 * lin.key_heads * lin.key_dim
+    channels = torch.tensor([v_start + h * dv + i for h in keep for i in range(dv)])
+    per_head = torch.tensor([h * dv + i for h in keep for i in range(dv)])
+    heads = torch.tensor(keep)
+    state = {}
+    for name, t in model.state_dict().items():
+        if ".linear_attn." in name:
+            part = name.split(".linear_attn.")[1]
+            if part in ("in_proj_qkv.weight", "conv1d.weight"):
+                t = torch.cat([t[:v_start], t[channels]])
+            elif part == "in_proj_z.weight":
+                t = t[per_head]
+            elif part in ("in_proj_a.weight", "in_proj_b.weight", "dt_bias", "A_log"):
+                t = t[heads]
+            elif part == "out_proj.weight":
+                t = t[:, per_head]
+        state[name] = t
+    smaller = type(config).from_dict({**config.to_dict(), "linear_num_value_heads": len(keep)})
+    copy = type(model)(smaller).eval()
+    copy.load_state_dict(state, strict=True)
+    return copy
+
+
+def test_qwen3_5_deltanet_value_heads_can_be_removed_exactly():
+    """The finding behind the note in ``transact info``: a value head whose out_proj columns are zero can be
+    cut out of every Gated DeltaNet layer (one from each key head's group of two) with the logits unchanged
+    up to fp32 rounding: each value head has its own state, decay, beta, output gate and per-head norm."""
+    model = tiny_model("qwen3_5_text", heads=4, kv_heads=2, layers=4)
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    dense = model(x).logits
+    keep, dv = [0, 3], 8  # value heads 0, 1 read key head 0 and 2, 3 key head 1: one of each group stays
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer, "linear_attn"):
+                for h in set(range(4)) - set(keep):
+                    layer.linear_attn.out_proj.weight[:, h * dv:(h + 1) * dv] = 0
+    zeroed = model(x).logits
+    assert (zeroed - dense).abs().max() > 1e-3  # the dropped heads mattered
+    sliced = _drop_value_heads(model, keep)
+    torch.testing.assert_close(sliced(x).logits, zeroed, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("metric", ["transact", "flap", "minitron", "magnitude", "random", "taylor", "refit_aware"])
+def test_every_metric_prunes_a_hybrid_model(tmp_path, corpus, metric):
+    """Each metric scores heads only where the layer has softmax attention (the others have none), and the
+    checkpoint passes its reload check."""
+    base = _saved(tmp_path, "qwen3_5_text", heads=4, kv_heads=2, layers=4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    out = tmp_path / "out"
+    assert main(["prune", str(base), "--out", str(out), "--heads", "2", "--mlp", "48", "--metric", metric,
+                 "--calib", str(calib), "--samples", "6", "--seq-len", "32", "--quiet"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert [len(layer["heads"]) for layer in plan["layers"]] == [0, 2, 0, 2]
+    assert [len(layer["mlp"]) for layer in plan["layers"]] == [48] * 4
+
+
+def test_qwen3_5_multi_token_prediction_head_is_left_out_layer_by_layer(tmp_path, corpus):
+    """Released Qwen3.5 checkpoints carry an mtp.* head that transformers does not load; the layer-wise
+    writer leaves it out as the whole-model save does (it has the dense widths, which the config no longer
+    describes)."""
+    from safetensors.torch import load_file, save_file
+
+    base = _saved(tmp_path, "qwen3_5_text", heads=4, kv_heads=2, layers=2)
+    weights = load_file(base / "model.safetensors")
+    weights["mtp.fc.weight"] = torch.randn(64, 128)
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    out = tmp_path / "out"
+    assert main(["prune", str(base), "--out", str(out), "--heads", "2", "--mlp", "48", "--calib", str(calib),
+                 "--samples", "6", "--seq-len", "32", "--quiet", "--layerwise"]) == 0
+    names = [name for f in out.glob("*.safetensors") for name in load_file(f)]
+    assert names and not [name for name in names if name.startswith("mtp.")]
+
+
+def test_qwen3_5_multimodal_recovers_with_lora_through_transact_run(tmp_path, corpus):
+    """``transact run`` on a hybrid multimodal model: two shots with LoRA on every prunable projection of
+    the language model (the softmax layers' q/k/v/o, every MLP), merged into a plain checkpoint of the
+    same class; the Gated DeltaNet blocks get no adapters and the vision tower is not trained."""
+    from transformers import AutoModelForImageTextToText
+
+    from transact.recipes import RunRecipe
+    from transact.recovery import loop
+
+    base = tmp_path / "base"
+    dense = tiny_model("qwen3_5", heads=4, kv_heads=2, layers=4)
+    dense.save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(corpus))
+    recipe = RunRecipe.from_dict({
+        "model": str(base), "out": str(tmp_path / "out"), "device": "cpu",
+        "target": {"heads": 2, "kv_heads": 1, "mlp": 48}, "shots": 2,
+        "calibration": {"text": str(text), "samples": 6, "seq_len": 32, "seed": 0},
+        "training": {"data": str(text), "method": "lora", "tokens_per_shot": 1024, "final_tokens": 0,
+                     "seq_len": 32, "batch_size": 4, "lr": 3e-3},
+        "heldout": {"text": str(text), "tokens": 512, "window": 128}})
+    result = loop.run(recipe, progress=False)
+    pruned = AutoModelForImageTextToText.from_pretrained(result.out).eval()
+    assert type(pruned).__name__ == "Qwen3_5ForConditionalGeneration"
+    assert pruned.config.text_config.num_attention_heads == 2
+    before, after = _qwen3_5_vision_state(dense), _qwen3_5_vision_state(pruned)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = _linear_attention_state(dense), _linear_attention_state(pruned)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    down = "model.language_model.layers.0.mlp.down_proj.weight"
+    plan = json.loads((result.out / "plan.json").read_text())
+    kept = plan["layers"][0]["mlp"]
+    assert not torch.equal(dense.state_dict()[down][:, kept], pruned.state_dict()[down])  # LoRA trained it

@@ -27,9 +27,9 @@ def _zero_pruned_units(model, plan):
     hd = plan.source.head_dim
     with torch.no_grad():
         for layer, kept in zip(adapter.layers(model), plan.layers, strict=True):
-            o = adapter.attention(layer, model.config).o
-            for h in set(range(plan.source.num_heads)) - set(kept.heads):
-                o.weight[:, h * hd:(h + 1) * hd] = 0
+            attn = adapter.attention(layer, model.config)  # None in a linear-attention layer
+            for h in set(range(plan.source.num_heads)) - set(kept.heads) if attn else ():
+                attn.o.weight[:, h * hd:(h + 1) * hd] = 0
             down = adapter.mlp(layer, model.config).down
             dropped = sorted(set(range(plan.source.intermediate_size)) - set(kept.mlp))
             down.weight[:, dropped] = 0
@@ -54,11 +54,12 @@ def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads
     # Dropping all-zero columns changes only the order of float additions: equal to fp32 rounding.
     torch.testing.assert_close(pruned, zeroed, rtol=0, atol=2e-5)
 
-    attn = get_adapter(model).attention(get_adapter(model).layers(model)[0], model.config)
+    attn = next(a for a, _ in get_adapter(model).layer_parts(model) if a is not None)
     text = model.config.get_text_config()  # the config itself, or a multimodal model's language model's
     assert (text.num_attention_heads, text.num_key_value_heads) == (keep_heads, keep_kv)
     assert text.head_dim == 16 and text.intermediate_size == 40
-    assert attn.q.weight.shape == (keep_heads * 16, hidden) and attn.k.weight.shape == (keep_kv * 16, hidden)
+    q_rows = 2 * 16 if family.startswith("qwen3_5") else 16  # Qwen3.5: each head's query and output gate
+    assert attn.q.weight.shape == (keep_heads * q_rows, hidden) and attn.k.weight.shape == (keep_kv * 16, hidden)
     assert attn.o.weight.shape == (hidden, keep_heads * 16)
     if family == "qwen2":
         assert attn.q.bias.shape == (keep_heads * 16,) and attn.v.bias.shape == (keep_kv * 16,)

@@ -13,6 +13,7 @@ from transact.arch import get_adapter, shape_of
 from transact.cli import main
 from transact.core.calibrate import collect_statistics
 from transact.core.correct.refit import gram, refit_columns
+from transact.core.metrics import no_heads
 from transact.core.plan import Targets, make_plan
 from transact.core.step import apply_step
 from transact.errors import TransactError
@@ -62,12 +63,12 @@ def _duplicated_units_model(family: str):
     head 2h+1 is a copy of head 2h in its KV group, in every layer: the odd units' inputs to down_proj and
     o_proj are exact multiples of the even ones'."""
     model = tiny_model(family, heads=4, kv_heads=2, mlp=48)
-    hd = 16
     with torch.no_grad():
         for attn, mlp in get_adapter(model).layer_parts(model):
             mlp.gate.weight[1::2] = mlp.gate.weight[0::2]
             mlp.up.weight[1::2] = 2 * mlp.up.weight[0::2]
-            for h in (0, 2):
+            hd = attn.q_head_rows if attn else 0  # a head's q rows (with its output gate's, in Qwen3.5)
+            for h in (0, 2) if attn else ():
                 attn.q.weight[(h + 1) * hd:(h + 2) * hd] = attn.q.weight[h * hd:(h + 1) * hd]
                 if attn.q.bias is not None:
                     attn.q.bias[(h + 1) * hd:(h + 2) * hd] = attn.q.bias[h * hd:(h + 1) * hd]
@@ -76,7 +77,8 @@ def _duplicated_units_model(family: str):
 
 def _even_units_plan(model):
     shape = shape_of(model)
-    heads = [torch.tensor([1.0, 0.0, 1.0, 0.0])] * shape.num_layers  # keep heads 0 and 2, one per KV group
+    heads = [torch.tensor([1.0, 0.0, 1.0, 0.0]) if shape.has_attention(i) else no_heads()
+             for i in range(shape.num_layers)]  # keep heads 0 and 2, one per KV group
     mlp = [torch.tensor([1.0, 0.0] * 24)] * shape.num_layers  # keep the even channels
     return make_plan(heads, mlp, Targets(2, 2, 24), shape)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from transact.arch import SUPPORTED_MODEL_TYPES
+from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter
 
 # Every registered family enters the test matrix (exact surgery, round trips, FLOPs); a family whose tiny
 # config needs settings of its own lists them in FAMILY_SETTINGS.
@@ -21,17 +21,26 @@ FAMILY_SETTINGS = {
                 "logits_scaling": 1.5},
     "smollm3": {"no_rope_layer_interval": 2},
     "phi3": {"partial_rotary_factor": 0.5},
+    # softmax attention in every second layer (the released models: every fourth), and more value heads than
+    # key heads in the linear-attention layers, as released; interleaved M-RoPE sections that fill the rotary
+    # dims (8 of head_dim 16: 4 frequencies), as the released 11/11/10 fill 64 of 256
+    "qwen3_5_text": {"full_attention_interval": 2, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                     "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                         "mrope_section": [2, 1, 1], "mrope_interleaved": True}},
 }
 VOCAB = 128
 # Multimodal families: their text family, whose settings the language model takes, and a tiny vision tower.
-MULTIMODAL = {"gemma3": "gemma3_text"}
+MULTIMODAL = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text"}
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
                "image_size": 28, "patch_size": 14}
+TINY_QWEN3_5_VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2}
 # Families whose config class refuses a head count that does not divide the hidden size, with no equivalent
 # class to save such a checkpoint as (arch/gemma2.py): those widths must be refused.
 HEADS_MUST_DIVIDE_HIDDEN = ("gemma2", "gemma3_text", "gemma3")
 # Families whose released checkpoints tie the input embedding and the LM head.
-TIED = ("qwen3", "gemma2", "gemma3_text", "gemma3")
+TIED = ("qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_5_text", "qwen3_5")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -55,6 +64,11 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
         return AutoConfig.for_model(family, **kwargs)
     # The image tokens lie outside the text vocabulary, so no text input (random test ids included) holds one.
     text = AutoConfig.for_model(text_family, **kwargs).to_dict()
+    if family == "qwen3_5":
+        return AutoConfig.for_model(family, text_config=text, tie_word_embeddings=tie,
+                                    vision_config={**TINY_QWEN3_5_VISION, "out_hidden_size": hidden},
+                                    image_token_id=VOCAB + 3, video_token_id=VOCAB + 4,
+                                    vision_start_token_id=VOCAB + 1, vision_end_token_id=VOCAB + 2)
     return AutoConfig.for_model(family, text_config=text, vision_config=TINY_VISION, mm_tokens_per_image=4,
                                 boi_token_index=VOCAB + 1, eoi_token_index=VOCAB + 2, image_token_index=VOCAB + 3,
                                 tie_word_embeddings=tie)
@@ -76,7 +90,8 @@ def tiny_model(family: str, seed: int = 0, **config_kwargs):
     hide behind a zero or a one."""
     config = tiny_config(family, **config_kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model_class = get_adapter(config).model_class()  # a multimodal family's full class, vision tower included
+    model = model_class.from_config(config, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

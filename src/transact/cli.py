@@ -420,7 +420,8 @@ def _cmd_info(args) -> int:
     print(f"source            {info['source']}")
     print(f"family            {info['model_type']}")
     print(f"layers            {info['layers']}   hidden {info['hidden_size']}")
-    print(f"attention         {info['heads']} heads / {info['kv_heads']} KV heads x head_dim {info['head_dim']}")
+    where = f" in {info['attention_layers']} of {info['layers']} layers" if "attention_layers" in info else ""
+    print(f"attention         {info['heads']} heads / {info['kv_heads']} KV heads x head_dim {info['head_dim']}{where}")
     print(f"mlp               {info['mlp']} channels")
     print(f"parameters        {info['params']:,} ({info['dtype']})")
     print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token")

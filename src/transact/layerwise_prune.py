@@ -264,10 +264,13 @@ def _embedding_name(weights: LazyCheckpoint, config: PretrainedConfig) -> str:
 
 
 def _other_tensors(weights: LazyCheckpoint, config: PretrainedConfig) -> list[str]:
-    """Every tensor outside the decoder layers (embedding, final norm, LM head, a vision tower), by its
-    stored name: copied as it is."""
+    """Every tensor of the model outside the decoder layers (embedding, final norm, LM head, a vision tower),
+    by its stored name: copied as it is. Tensors the model class does not load (Qwen3.5's multi-token
+    prediction head) are left out, as transformers' own save of the pruned model leaves them out."""
     prefix = get_adapter(config).layers_path
-    return [weights.stored_name(name) for name in weights.names if not name.startswith(f"{prefix}.")]
+    model_names = set(skeleton(config).state_dict())
+    return [weights.stored_name(name) for name in weights.names
+            if not name.startswith(f"{prefix}.") and name in model_names]
 
 
 def _finish(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, tokenizer, targets: Targets,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from transact.errors import TransactError
 
@@ -85,6 +85,13 @@ class AttentionParts:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    q_gated: bool = False
+
+    @property
+    def q_head_rows(self) -> int:
+        """Rows of q per query head: head_dim, or twice that where each head's block of q_proj also holds
+        the output gate of that head ([query | gate] per head, Qwen3.5)."""
+        return 2 * self.head_dim if self.q_gated else self.head_dim
 
     @property
     def linears(self) -> tuple[nn.Linear, ...]:
@@ -115,13 +122,50 @@ class HeadRule:
     why: str
 
 
+DELTA_RULE_CHUNK = 64  # tokens per chunk of the gated delta rule in transformers and flash-linear-attention
+
+
+@dataclass(frozen=True)
+class LinearAttentionShape:
+    """The linear-attention (Gated DeltaNet) blocks of a hybrid model, which pruning leaves as they are: per
+    layer ``key_heads`` query/key heads of ``key_dim`` and ``value_heads`` value heads of ``value_dim``, a
+    causal convolution of ``conv_kernel`` taps over q, k and v."""
+
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    conv_kernel: int
+
+    def parameters(self, hidden_size: int) -> int:
+        """Parameters of one block's projections and convolution (per-head scalars are negligible)."""
+        keys, values = self.key_heads * self.key_dim, self.value_heads * self.value_dim
+        conv = 2 * keys + values
+        return hidden_size * (conv + values + 2 * self.value_heads) + values * hidden_size + conv * self.conv_kernel
+
+    def flops_per_token(self, hidden_size: int) -> int:
+        """Forward FLOPs of one block for one token of a prefill: its projections and convolution, and the
+        chunked gated delta rule as transformers' and flash-linear-attention's kernels compute it (chunks of
+        ``DELTA_RULE_CHUNK`` tokens): per value head and token, the in-chunk q·k and k·k products (2 x chunk
+        x key_dim each), the in-chunk attention on the values (chunk x value_dim), and reading, correcting and
+        writing the key_dim x value_dim state (3 x key_dim x value_dim); 2 FLOPs per multiply-add.
+        Independent of the context; the triangular solves within each chunk are left out."""
+        chunk = DELTA_RULE_CHUNK
+        per_head = 2 * chunk * self.key_dim + chunk * self.value_dim + 3 * self.key_dim * self.value_dim
+        return 2 * self.parameters(hidden_size) + 2 * self.value_heads * per_head
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """The prunable dimensions of a model's text stack (identical in every layer), as plans record them.
+    """The prunable dimensions of a model's text stack, as plans record them. The widths are the same in
+    every layer that has the part; ``attention_layers`` lists the layers with softmax attention where a
+    hybrid model has others (None: every layer), and only those layers have heads to prune.
 
     ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
-    measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts. None of
-    them is part of what a plan must match (``compare=False``)."""
+    measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts;
+    ``linear_attention`` describes the other layers' blocks; ``q_gated``: q_proj also holds each head's
+    output gate (see ``AttentionParts.q_head_rows``). None of them is part of what a plan must match
+    (``compare=False``)."""
 
     model_type: str
     num_layers: int
@@ -133,24 +177,46 @@ class ModelShape:
     vocab_size: int | None = field(default=None, compare=False)
     max_positions: int | None = field(default=None, compare=False)
     head_rule: HeadRule | None = field(default=None, compare=False)
+    attention_layers: tuple[int, ...] | None = None
+    linear_attention: LinearAttentionShape | None = field(default=None, compare=False)
+    q_gated: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.attention_layers is not None:  # a plan read from JSON gives a list
+            object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def has_attention(self, layer: int) -> bool:
+        """Whether layer ``layer`` has softmax attention (query heads to prune)."""
+        return self.attention_layers is None or layer in self.attention_layers
+
+    @property
+    def num_attention_layers(self) -> int:
+        return self.num_layers if self.attention_layers is None else len(self.attention_layers)
+
     def to_json(self) -> dict[str, Any]:
-        """The fields a plan records (the measurement-only ones are left out)."""
-        return {name: getattr(self, name) for name in ("model_type", "num_layers", "hidden_size", "num_heads",
-                                                       "num_kv_heads", "head_dim", "intermediate_size")}
+        """The fields a plan records (the measurement-only ones are left out; ``attention_layers`` only
+        for hybrid models, so plans of the others read as before)."""
+        names = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size")
+        data = {name: getattr(self, name) for name in names}
+        if self.attention_layers is not None:
+            data["attention_layers"] = list(self.attention_layers)
+        return data
 
 
 @dataclass(frozen=True)
 class GgufTarget:
-    """How llama.cpp's converter takes a checkpoint: the GGUF architecture it becomes, and config.json keys
-    replaced in the converter's input (None: the checkpoint is converted as it is)."""
+    """How llama.cpp's converter takes a checkpoint: the GGUF architecture it becomes, config.json keys
+    replaced in the converter's input (None: the checkpoint is converted as it is), and options added to
+    the converter's command line."""
 
     architecture: str
     config_overrides: dict[str, Any] | None = None
+    converter_args: tuple[str, ...] = ()
 
 
 def head_layout(config: PretrainedConfig) -> tuple[int, int, int]:
@@ -185,6 +251,14 @@ class FamilyAdapter:
     - ``portable_state(state, config)``: the state dict (full model or one layer) under the tensor names
       of ``portable_config(config)``'s class, where that class lays its weights out differently (called only
       when ``portable_config`` changes the class; None: the names are the same).
+    - ``attention_layers(text_config)``: the layers with softmax attention in a hybrid model (None: all);
+      the others have no ``attention_name`` module and no heads to prune. ``linear_attention(text_config)``
+      describes those other layers' blocks for cost estimates.
+    - ``q_gated``: each query head's block of q_proj holds 2·head_dim rows, the query and then the gate
+      its output is multiplied by (Qwen3.5); a head keeps or loses both.
+    - ``auto_class``: the transformers auto class that loads and builds the family's checkpoints with
+      everything they hold (None: ``AutoModelForCausalLM``; a multimodal family whose causal-LM class
+      would drop the vision tower names its image-text class).
     """
 
     model_type: str
@@ -208,6 +282,14 @@ class FamilyAdapter:
     head_rule: Callable[[PretrainedConfig], HeadRule | None] | None = None
     notes: Callable[[PretrainedConfig], tuple[str, ...]] = field(default=lambda config: ())
     portable_state: Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]] | None = None
+    attention_layers: Callable[[PretrainedConfig], tuple[int, ...] | None] | None = None
+    linear_attention: Callable[[PretrainedConfig], LinearAttentionShape | None] | None = None
+    q_gated: bool = False
+    auto_class: type | None = None
+
+    def model_class(self) -> type:
+        """The auto class whose ``from_pretrained`` / ``from_config`` gives this family's full model."""
+        return self.auto_class or AutoModelForCausalLM
 
     # -- the config
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
@@ -220,7 +302,10 @@ class FamilyAdapter:
                           hidden_size=text.hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                           intermediate_size=text.intermediate_size, vocab_size=getattr(text, "vocab_size", None),
                           max_positions=getattr(text, "max_position_embeddings", None),
-                          head_rule=self.head_rule(text) if self.head_rule else None)
+                          head_rule=self.head_rule(text) if self.head_rule else None,
+                          attention_layers=self.attention_layers(text) if self.attention_layers else None,
+                          linear_attention=self.linear_attention(text) if self.linear_attention else None,
+                          q_gated=self.q_gated)
 
     def write_config(self, config: PretrainedConfig, *, num_heads: int, num_kv_heads: int,
                      intermediate_size: int) -> None:
@@ -302,7 +387,14 @@ class FamilyAdapter:
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_name)
 
-    def attention(self, layer: nn.Module, config: PretrainedConfig) -> AttentionParts:
+    def has_attention(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` has softmax attention (a hybrid model's other layers have none)."""
+        return hasattr(layer, self.attention_name)
+
+    def attention(self, layer: nn.Module, config: PretrainedConfig) -> AttentionParts | None:
+        """The attention projections of ``layer``; None for a layer without softmax attention."""
+        if not self.has_attention(layer):
+            return None
         attn = self.attention_module(layer)
         heads, kv_heads, head_dim = head_layout(self.text_config(config))
         if self.qkv_name:
@@ -312,7 +404,7 @@ class FamilyAdapter:
         else:
             q, k, v = (getattr(attn, name) for name in (self.q_name, self.k_name, self.v_name))
         return AttentionParts(q=q, k=k, v=v, o=getattr(attn, self.o_name), num_heads=heads, num_kv_heads=kv_heads,
-                              head_dim=head_dim)
+                              head_dim=head_dim, q_gated=self.q_gated)
 
     def mlp(self, layer: nn.Module, config: PretrainedConfig) -> MlpParts:
         mlp = self.mlp_module(layer)
@@ -324,13 +416,14 @@ class FamilyAdapter:
             gate, up = getattr(mlp, self.gate_name) if self.gate_name else None, getattr(mlp, self.up_name)
         return MlpParts(gate=gate, up=up, down=getattr(mlp, self.down_name), intermediate_size=size)
 
-    def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts, MlpParts]]:
-        """(attention, MLP) of every decoder layer, in order."""
+    def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts | None, MlpParts]]:
+        """(attention, MLP) of every decoder layer, in order; attention is None in a layer without it."""
         return [(self.attention(layer, model.config), self.mlp(layer, model.config)) for layer in self.layers(model)]
 
     def prunable_linears(self, model: nn.Module) -> list[nn.Linear]:
         """Every module pruning slices (q/k/v/o, gate/up/down, fused ones once), layer by layer."""
-        return [linear for attn, mlp in self.layer_parts(model) for linear in (*attn.linears, *mlp.linears)]
+        return [linear for attn, mlp in self.layer_parts(model)
+                for linear in ((*attn.linears, *mlp.linears) if attn else mlp.linears)]
 
     def sync_modules(self, layer: nn.Module, config: PretrainedConfig) -> None:
         """Bring the per-module copies of head counts in line with ``config``.
@@ -341,10 +434,10 @@ class FamilyAdapter:
         """
         text = self.text_config(config)
         heads, kv_heads, head_dim = head_layout(text)
-        attn = self.attention_module(layer)
+        attn = self.attention_module(layer) if self.has_attention(layer) else None
         for name, value in (("num_key_value_groups", heads // kv_heads), ("num_heads", heads),
                             ("num_attention_heads", heads), ("num_key_value_heads", kv_heads), ("head_dim", head_dim)):
-            if hasattr(attn, name):
+            if attn is not None and hasattr(attn, name):
                 setattr(attn, name, value)
         mlp = self.mlp_module(layer)
         if hasattr(mlp, "intermediate_size"):

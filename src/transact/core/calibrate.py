@@ -82,6 +82,8 @@ def sample_abs_mean_sq(x: torch.Tensor) -> torch.Tensor:
     return x.abs().mean(dim=1, dtype=torch.float32).square().sum(dim=0)
 
 
+NO_CHANNELS = torch.zeros(0)  # the attention statistics of a layer without softmax attention
+
 # name -> reducer of one batch of activations (batch, seq, C) to a sum that adds up over batches.
 STATISTICS: dict[str, Reducer] = {"sum_sq": channel_sum_sq, "sum": channel_sum, "abs_mean_sq": sample_abs_mean_sq}
 WEIGHT_X_GRAD = "weight_x_grad"  # |w * dL/dw| of every prunable weight: backward passes, not a hook
@@ -142,13 +144,18 @@ def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("
     if unknown:
         raise ValueError(f"unknown statistics {unknown}; known: {', '.join(STATISTICS)}")
     parts = get_adapter(model).layer_parts(model)
-    inputs = {"attn": [attn.o for attn, _ in parts], "mlp": [mlp.down for _, mlp in parts]}
-    stats = ActivationStats({name: [None] * len(parts) for name in statistics},
+    inputs = {"attn": [attn.o if attn is not None else None for attn, _ in parts],
+              "mlp": [mlp.down for _, mlp in parts]}
+    # a layer without softmax attention has no o_proj input: its statistics stay empty
+    stats = ActivationStats({name: [None if o is not None else NO_CHANNELS for o in inputs["attn"]]
+                             for name in statistics},
                             {name: [None] * len(parts) for name in statistics})
     handles = []
     try:
         for store, linears in ((stats.attn, inputs["attn"]), (stats.mlp, inputs["mlp"])):
             for i, linear in enumerate(linears):
+                if linear is None:
+                    continue
                 handles.append(linear.register_forward_pre_hook(partial(_accumulate, store, i)))
         yield stats
     finally:
@@ -207,7 +214,8 @@ def weight_x_grad(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
                   progress: bool = True) -> list[dict[str, torch.Tensor]]:
     """|w * dL/dw| of every prunable projection, with the language-modelling loss averaged over the
     calibration batches (forward and backward passes; weights are not changed).
-    -> per layer {"q", "k", "v", "o", "up", "down" and, gated, "gate": (out, in)}."""
+    -> per layer {"q", "k", "v", "o" (where the layer has softmax attention), "up", "down" and, gated,
+    "gate": (out, in)}."""
     device = next(model.parameters()).device
     n_batches = -(-len(windows) // batch_size)
     adapter = get_adapter(model)
@@ -219,8 +227,9 @@ def weight_x_grad(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
             loss.backward()
         layers = []
         for attn, mlp in adapter.layer_parts(model):
-            parts = {"q": attn.q, "k": attn.k, "v": attn.v, "o": attn.o, "gate": mlp.gate, "up": mlp.up,
-                     "down": mlp.down}
+            parts = {"gate": mlp.gate, "up": mlp.up, "down": mlp.down}
+            if attn is not None:
+                parts.update(q=attn.q, k=attn.k, v=attn.v, o=attn.o)
             layers.append({name: _weight_x_grad(part) for name, part in parts.items() if part is not None})
         return layers
 

@@ -228,7 +228,7 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
     calibration_hash = windows_hash(windows) if windows is not None else None
     param = next(model.parameters())
     models = LayerModels(model.config, param.dtype, param.device)
-    layers, hidden, kept, corrections, pruned = adapter.layers(model), None, [], [], None
+    layers, hidden, kept, corrections, first = adapter.layers(model), None, [], [], None
     embedding = model.get_input_embeddings().weight
     for index in tqdm(range(shape.num_layers), desc="layers", unit="layer", disable=not progress):
         one = models.holding(index, layers[index])
@@ -238,15 +238,17 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
         result = prune_layer(one, index, shape.num_layers, hidden, recipe, targets, sequential=sequential,
                              calibration_hash=calibration_hash)
         kept.append(result.kept)
-        corrections, pruned, hidden = corrections or result.corrections, one.config, result.next_hidden
-    for key, value in config_changes(model.config, pruned).items():
+        corrections, hidden = corrections or result.corrections, result.next_hidden
+        first = first or one.config
+    for key, value in config_changes(model.config, first).items():
         setattr(adapter.text_config(model.config), key, value)
     return PrunePlan(source=shape, targets=targets, layers=kept,
                      recipe={**(note or {}), **recipe.to_json(), "layerwise": True, "sequential": sequential},
                      calibration_hash=calibration_hash, versions=library_versions(), corrections=corrections)
 
 
-def config_changes(source: PretrainedConfig, pruned_one: PretrainedConfig) -> dict:
-    """The config values a pruned one-layer model changed (widths, head_dim, a corrector's bias flags)."""
-    before, after = one_layer_config(source, 0).to_dict(), pruned_one.to_dict()
+def config_changes(source: PretrainedConfig, pruned_one: PretrainedConfig, index: int = 0) -> dict:
+    """The config values the pruned one-layer model of layer ``index`` changed (widths, head_dim, a
+    corrector's bias flags)."""
+    before, after = one_layer_config(source, index).to_dict(), pruned_one.to_dict()
     return {k: v for k, v in after.items() if before.get(k) != v and k not in ("dtype", "torch_dtype")}

@@ -1,7 +1,8 @@
 """Scores + targets -> PrunePlan: which heads, KV groups and MLP channels each layer keeps.
 
 Every layer keeps the same widths, so the pruned model has a standard config. Kept indices are in their
-original order.
+original order. In a hybrid model only the softmax-attention layers (``ModelShape.attention_layers``) have
+heads; the others keep empty head lists.
 
 Grouped-query attention. Query head h reads KV group h // g (g = heads per group). A kept query head is
 useless without its group, and every kept group must keep the same number of query heads (the config has
@@ -220,9 +221,13 @@ class PrunePlan:
         if len(self.layers) != s.num_layers:
             raise TransactError(f"plan has {len(self.layers)} layers, source model {s.num_layers}")
         for i, layer in enumerate(self.layers):
+            _check_indices(f"layer {i} mlp", layer.mlp, t.mlp, s.intermediate_size)
+            if not s.has_attention(i):
+                if layer.heads or layer.kv_heads:
+                    raise TransactError(f"layer {i} has no softmax attention, but the plan keeps heads in it")
+                continue
             _check_indices(f"layer {i} heads", layer.heads, t.heads, s.num_heads)
             _check_indices(f"layer {i} kv_heads", layer.kv_heads, t.kv_heads, s.num_kv_heads)
-            _check_indices(f"layer {i} mlp", layer.mlp, t.mlp, s.intermediate_size)
             per_group = t.heads // t.kv_heads
             owners = [h // s.group_size for h in layer.heads]
             if owners != [g for g in layer.kv_heads for _ in range(per_group)]:
@@ -254,10 +259,12 @@ def make_plan(
     shape: ModelShape,
     **provenance: Any,
 ) -> PrunePlan:
-    """Select per layer. head_scores[l]: (num_heads,), mlp_scores[l]: (intermediate_size,)."""
+    """Select per layer. head_scores[l]: (num_heads,) ((0,) in a layer without attention),
+    mlp_scores[l]: (intermediate_size,)."""
     layers = []
     for h_scores, m_scores in zip(head_scores, mlp_scores, strict=True):
-        heads, groups = select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads)
+        heads, groups = ((select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads))
+                         if h_scores.numel() else ([], []))
         layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=select_channels(m_scores, targets.mlp)))
     plan = PrunePlan(source=shape, targets=targets, layers=layers, **provenance)
     plan.validate()

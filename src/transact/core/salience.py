@@ -40,12 +40,13 @@ def mlp_salience(norms: torch.Tensor) -> torch.Tensor:
 def magnitude_head_scores(q_weight: torch.Tensor, o_weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Data-free control: Frobenius norm of the weights that belong to one query head alone.
 
-    q_weight: (A, H) rows of q_proj; o_weight: (H, A) columns of o_proj -> (A // head_dim,).
+    q_weight: (heads * r, H) rows of q_proj (r = head_dim, or 2 * head_dim where each head's rows also
+    hold its output gate); o_weight: (H, A) columns of o_proj, A = heads * head_dim -> (heads,).
     (k/v rows are shared by a whole KV group, so they do not distinguish heads within a group.)
     """
-    q_sq = q_weight.float().square().sum(dim=1)  # (A,)
-    o_sq = o_weight.float().square().sum(dim=0)  # (A,)
-    return (q_sq + o_sq).view(-1, head_dim).sum(dim=1).sqrt()
+    o_sq = o_weight.float().square().sum(dim=0).view(-1, head_dim).sum(dim=1)  # (heads,)
+    q_sq = q_weight.float().square().sum(dim=1).view(o_sq.numel(), -1).sum(dim=1)  # (heads,)
+    return (q_sq + o_sq).sqrt()
 
 
 def magnitude_mlp_scores(
@@ -112,13 +113,14 @@ def taylor_head_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
                        head_dim: int, num_kv_heads: int) -> torch.Tensor:
     """LLM-Pruner's first-order Taylor importance, sum of |w * dL/dw| over the weights a head removes.
 
-    Arguments are the element-wise |w * grad| of the projections: q (A, H), k and v (Akv, H), o (H, A).
+    Arguments are the element-wise |w * grad| of the projections: q (heads * r, H) (r = head_dim, or
+    2 * head_dim with the output gate's rows), k and v (Akv, H), o (H, A).
     A query head owns its q rows and o columns; the k/v rows of its KV group are shared by the group's
     g heads and split equally between them, so that a group's kept heads add up to the group's whole
     k/v cost when the plan scores groups. -> (heads,).
     """
-    own = q.double().sum(dim=1) + o.double().sum(dim=0)  # (A,)
-    per_head = own.view(-1, head_dim).sum(dim=1)  # (heads,)
+    per_head = o.double().sum(dim=0).view(-1, head_dim).sum(dim=1)  # (heads,)
+    per_head = per_head + q.double().sum(dim=1).view(per_head.numel(), -1).sum(dim=1)
     shared = (k.double().sum(dim=1) + v.double().sum(dim=1)).view(num_kv_heads, head_dim).sum(dim=1)  # (kv,)
     group_size = per_head.numel() // num_kv_heads
     return per_head + (shared / group_size).repeat_interleave(group_size)

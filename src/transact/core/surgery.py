@@ -2,9 +2,10 @@
 
 q/k/v/gate/up keep only the output rows (and bias entries) of kept units (in a fused projection such as
 Phi-3's qkv_proj, the kept rows of each part, in its layout); o/down keep only the matching input
-columns. Embeddings, norms (including Qwen3's per-head q/k norms, which act on head_dim) and the hidden
-size are untouched. Slicing copies values exactly, so applying the same plan to the same base model
-always gives bit-identical weights.
+columns (a Qwen3.5 query head's q rows are its query and its output gate). Layers without softmax
+attention (a hybrid model's linear-attention layers) lose only MLP channels. Embeddings, norms (including
+Qwen3's per-head q/k norms, which act on head_dim) and the hidden size are untouched. Slicing copies values
+exactly, so applying the same plan to the same base model always gives bit-identical weights.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
-from transact.arch.base import Part, module_of
+from transact.arch.base import AttentionParts, Part, module_of
 from transact.core.plan import PrunePlan
 
 
@@ -49,19 +50,24 @@ def _keep_columns(linear: nn.Linear, cols: torch.Tensor) -> None:
     linear.in_features = cols.numel()
 
 
+def _keep_heads(attn: AttentionParts, heads: list[int], kv_heads: list[int]) -> None:
+    """Keep query heads ``heads`` (their q rows, with the gate rows where q_proj holds them, and o columns)
+    and KV groups ``kv_heads`` (their k and v rows) of one attention block."""
+    device = attn.o.weight.device
+    kv_rows = unit_rows(kv_heads, attn.head_dim, device)
+    _keep_part_rows([(attn.q, unit_rows(heads, attn.q_head_rows, device)), (attn.k, kv_rows), (attn.v, kv_rows)])
+    _keep_columns(attn.o, unit_rows(heads, attn.head_dim, device))
+
+
 @torch.no_grad()
 def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Prune ``model`` in place to ``plan`` (which must have been made for this model's shape)."""
     adapter = get_adapter(model)
     config = model.config
     plan.check_applies_to(shape_of(config))
-    head_dim = plan.source.head_dim
     for (attn, mlp), kept in zip(adapter.layer_parts(model), plan.layers, strict=True):
-        device = attn.o.weight.device
-        q_rows = unit_rows(kept.heads, head_dim, device)
-        kv_rows = unit_rows(kept.kv_heads, head_dim, device)
-        _keep_part_rows([(attn.q, q_rows), (attn.k, kv_rows), (attn.v, kv_rows)])
-        _keep_columns(attn.o, q_rows)
+        if attn is not None:
+            _keep_heads(attn, kept.heads, kept.kv_heads)
         channels = torch.tensor(kept.mlp, dtype=torch.long, device=mlp.down.weight.device)
         _keep_part_rows([(part, channels) for part in (mlp.gate, mlp.up) if part is not None])
         _keep_columns(mlp.down, channels)

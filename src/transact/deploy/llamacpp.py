@@ -124,12 +124,10 @@ def gguf_architecture(config: PretrainedConfig) -> str:
     return gguf_target(config).architecture
 
 
-def _conversion_input(model_dir: Path, work: Path) -> Path:
+def _conversion_input(model_dir: Path, work: Path, target: GgufTarget) -> Path:
     """``model_dir`` itself, or a directory of links to its files whose config.json carries the keys the
     family's GGUF rule replaces (so that the converter takes the path that computes the same network)."""
-    from transformers import AutoConfig
-
-    overrides = gguf_target(AutoConfig.from_pretrained(model_dir)).config_overrides
+    overrides = target.config_overrides
     if not overrides:
         return model_dir
     stage = work / "model"
@@ -145,10 +143,14 @@ def _conversion_input(model_dir: Path, work: Path) -> Path:
 def convert(model_dir: Path, out_file: Path, outtype: str, *, progress: bool = True) -> None:
     """Run llama.cpp's converter on a Hugging Face directory; writes ``out_file``."""
     check_outtypes([outtype])
+    from transformers import AutoConfig
+
     script = converter_dir(progress=progress) / "convert_hf_to_gguf.py"
+    target = gguf_target(AutoConfig.from_pretrained(model_dir))
     with tempfile.TemporaryDirectory(prefix="transact-gguf-") as work:
-        source = _conversion_input(model_dir, Path(work))
-        cmd = [sys.executable, str(script), str(source), "--outfile", str(out_file), "--outtype", outtype]
+        source = _conversion_input(model_dir, Path(work), target)
+        cmd = [sys.executable, str(script), str(source), "--outfile", str(out_file), "--outtype", outtype,
+               *target.converter_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("NO_LOCAL_GGUF", None)  # the converter must use the gguf-py it ships with
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)

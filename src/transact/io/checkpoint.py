@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter, shape_of
 from transact.core.plan import PrunePlan
@@ -122,16 +121,18 @@ def outputs_match(expected: torch.Tensor, got: torch.Tensor, *, exact: bool) -> 
 
 
 def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[Path], None]:
-    """A ``verify`` callback: vanilla ``AutoModelForCausalLM`` must reload the directory and, cast to the
+    """A ``verify`` callback: vanilla ``AutoModelForCausalLM`` (for a multimodal family whose causal-LM
+    class would drop the vision tower, its image-text auto class) must reload the directory and, cast to the
     reference's dtype and device, give exactly the reference's logits on ``tokens`` (1, T) (within
     floating-point rounding where the checkpoint lays the weights out anew, see ``outputs_match``)."""
     exact = not get_adapter(reference).relayouts(reference.config)
+    model_class = get_adapter(reference).model_class()
 
     def check(directory: Path) -> None:
         param = next(reference.parameters())
         # Load straight into the reference dtype: casting a loaded model with .to(dtype) would also round
         # its fp32 rotary-frequency buffer, which the reference never had rounded.
-        reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=param.dtype).to(param.device).eval()
+        reloaded = model_class.from_pretrained(directory, dtype=param.dtype).to(param.device).eval()
         with torch.inference_mode():
             expected = reference(input_ids=tokens.to(param.device)).logits
             got = reloaded(input_ids=tokens.to(param.device)).logits

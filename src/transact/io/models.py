@@ -128,7 +128,7 @@ def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> to
     """The model a config describes, on the meta device (shapes only, no memory, no weights read), with tied
     embeddings tied (transformers 5.0 leaves a meta-device model untied)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = get_adapter(config).model_class().from_config(config, dtype=dtype)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model
@@ -186,7 +186,7 @@ def load_model(prepared: PreparedModel, *, tokenizer=None, device: torch.device 
             model = load_gguf_weights(Path(source.path) / source.gguf_file, dtype)
         else:
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+            model = get_adapter(prepared.config).model_class().from_pretrained(source.path, dtype=dtype)
     except Exception as e:  # safetensors, transformers and torch each raise their own types for a bad file
         raise TransactError(f"could not load {source.spec!r}: {_first_line(e)}") from None
     get_adapter(model)

@@ -19,23 +19,33 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def kv_cache_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
-    """Keys and values of every layer for one token: 2 * layers * kv_heads * head_dim * bytes."""
-    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+    """Keys and values of every softmax-attention layer for one token: 2 * layers * kv_heads * head_dim *
+    bytes (a hybrid model's linear-attention layers keep a fixed-size state instead, not per token)."""
+    return 2 * shape.num_attention_layers * shape.num_kv_heads * shape.head_dim * dtype.itemsize
 
 
 def flops_per_token(shape: ModelShape, context: int) -> int:
     """Forward FLOPs (2 per multiply-add) for one token attending to ``context`` tokens.
 
-    Counts the matmuls: q/k/v/o, gate/up/down, the LM head, and attention scores and weighted sums
-    (2 * heads * head_dim * context each). Norms, RoPE, softmax and activations are ignored (< 1 %).
+    Counts the matmuls: q/k/v/o (q with each head's output gate where the family has one), gate/up/down,
+    the LM head, and attention scores and weighted sums (2 * heads * head_dim * context each); a hybrid
+    model's linear-attention layers count ``LinearAttentionShape.flops_per_token`` in place of attention.
+    Norms, RoPE, softmax and activations are ignored (< 1 %).
     """
-    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    h, p = shape.hidden_size, shape.intermediate_size
-    attn_proj = h * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * h * p
-    attention = 2 * heads * head_dim * context
-    per_layer = 2 * (attn_proj + mlp + attention)
-    return shape.num_layers * per_layer + lm_head_flops(shape)
+    attention = 2 * (attention_parameters(shape) + 2 * shape.num_heads * shape.head_dim * context)
+    mlp = 2 * 3 * shape.hidden_size * shape.intermediate_size
+    total = shape.num_attention_layers * attention + shape.num_layers * mlp + lm_head_flops(shape)
+    if shape.linear_attention is not None:
+        linear_layers = shape.num_layers - shape.num_attention_layers
+        total += linear_layers * shape.linear_attention.flops_per_token(shape.hidden_size)
+    return total
+
+
+def attention_parameters(shape: ModelShape) -> int:
+    """Parameters of one softmax-attention block's projections (q with its gate rows where the family has
+    them)."""
+    q_rows = shape.num_heads * shape.head_dim * (2 if shape.q_gated else 1)
+    return shape.hidden_size * (q_rows + shape.head_dim * (shape.num_heads + 2 * shape.num_kv_heads))
 
 
 def lm_head_flops(shape: ModelShape) -> int:
@@ -67,6 +77,7 @@ def model_summary(model: nn.Module) -> dict:
     """Widths and costs of a model as it is now (used before and after pruning)."""
     shape = shape_of(model)
     dtype = next(model.parameters()).dtype
+    hybrid = {"attention_layers": shape.num_attention_layers} if shape.attention_layers is not None else {}
     return {
         "model_type": shape.model_type,
         "layers": shape.num_layers,
@@ -74,6 +85,7 @@ def model_summary(model: nn.Module) -> dict:
         "heads": shape.num_heads,
         "kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
+        **hybrid,  # a hybrid model: how many layers have softmax attention (heads)
         "mlp": shape.intermediate_size,
         "params": count_parameters(model),
         "dtype": str(dtype).removeprefix("torch."),
@@ -90,8 +102,11 @@ RUNTIME_OVERHEAD_BYTES = 600 * 2**20
 
 
 def layer_parameters(shape: ModelShape) -> int:
-    """Parameters of one decoder layer's projections (norms are negligible)."""
-    attn = shape.hidden_size * shape.head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
+    """Parameters of one decoder layer's projections, the larger kind of layer in a hybrid model (norms are
+    negligible)."""
+    attn = attention_parameters(shape)
+    if shape.linear_attention is not None:
+        attn = max(attn, shape.linear_attention.parameters(shape.hidden_size))
     return attn + 3 * shape.hidden_size * shape.intermediate_size
 
 

@@ -68,14 +68,13 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 # ---------------------------------------------------------------- LoRA
 
 def lora_wrap(model: nn.Module, settings, seed: int) -> nn.Module:
-    """The model with LoRA adapters on every prunable projection (q/k/v/o, gate/up/down)."""
+    """The model with LoRA adapters on every prunable projection (q/k/v/o, gate/up/down) of the text
+    model, named in full: a vision tower's projections of the same names, and a hybrid model's
+    linear-attention blocks, get none."""
     from peft import LoraConfig, get_peft_model
 
-    adapter = get_adapter(model)
-    layer = adapter.layers(model)[0]
-    attn, mlp = adapter.layer_parts(model)[0]
-    wanted = {id(m) for m in (*attn.linears, *mlp.linears)}
-    names = sorted({name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if id(m) in wanted})
+    wanted = {id(m) for m in get_adapter(model).prunable_linears(model)}
+    names = [name for name, m in model.named_modules() if id(m) in wanted]
     torch.manual_seed(seed)  # adapter initialisation
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=names, bias="none")

@@ -53,7 +53,8 @@ corrector_names = CORRECTORS.names
 def kept_inputs(model: nn.Module, plan: PrunePlan) -> Iterator[tuple[int, str, nn.Linear, torch.Tensor]]:
     """What a corrector may change, layer by layer: (layer index, "attn" or "mlp", the projection that consumes
     the transitional activations (o_proj or down_proj), the indices of its input columns the plan keeps,
-    on the CPU)."""
+    on the CPU). A layer without softmax attention has only its MLP."""
     for i, ((attn, mlp), kept) in enumerate(zip(get_adapter(model).layer_parts(model), plan.layers, strict=True)):
-        yield i, "attn", attn.o, unit_rows(kept.heads, plan.source.head_dim, torch.device("cpu"))
+        if attn is not None:
+            yield i, "attn", attn.o, unit_rows(kept.heads, plan.source.head_dim, torch.device("cpu"))
         yield i, "mlp", mlp.down, torch.tensor(kept.mlp, dtype=torch.long)

@@ -34,9 +34,8 @@ def add_compensation_biases_(model: nn.Module, plan, stats, recipe=None) -> dict
     every other projection the zero bias the config flags imply."""
     adapter = get_adapter(model)
     check_bias_compensation(adapter, model.config, plan.targets)
-    for attn, mlp in adapter.layer_parts(model):
-        for linear in (*attn.linears, *mlp.linears):
-            _zero_bias(linear)
+    for linear in adapter.prunable_linears(model):
+        _zero_bias(linear)
     tokens = stats.activations.tokens
     means = {m: [t / tokens for t in stats.activation(m, "sum")] for m in ("attn", "mlp")}  # per layer (C,)
     for i, module, linear, cols in kept_inputs(model, plan):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transact.arch import get_adapter
 from transact.core import salience
-from transact.core.metrics import LayerScores, Metric, register_metric
+from transact.core.metrics import LayerScores, Metric, no_heads, register_metric
 
 
 def flap_scores(model, stats, shape, recipe) -> LayerScores:
@@ -13,10 +13,11 @@ def flap_scores(model, stats, shape, recipe) -> LayerScores:
     sum_sqs = {m: stats.activation(m, "sum_sq") for m in ("attn", "mlp")}
     heads, mlp = [], []
     for i, (attn, ffn) in enumerate(get_adapter(model).layer_parts(model)):
-        attn_var = salience.channel_variance(sums["attn"][i], sum_sqs["attn"][i], stats.activations.tokens)
+        heads.append(no_heads() if attn is None else salience.sum_per_head(salience.flap_channel_scores(
+            salience.channel_variance(sums["attn"][i], sum_sqs["attn"][i], stats.activations.tokens),
+            attn.o.weight.detach().cpu()), shape.head_dim))
         mlp_var = salience.channel_variance(sums["mlp"][i], sum_sqs["mlp"][i], stats.activations.tokens)
-        o, down = attn.o.weight.detach().cpu(), ffn.down.weight.detach().cpu()
-        heads.append(salience.sum_per_head(salience.flap_channel_scores(attn_var, o), shape.head_dim))
+        down = ffn.down.weight.detach().cpu()
         mlp.append(salience.flap_channel_scores(mlp_var, down))
     return LayerScores(heads, mlp)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from transact.arch import get_adapter
 from transact.core import salience
-from transact.core.metrics import LayerScores, Metric, register_metric
+from transact.core.metrics import LayerScores, Metric, no_heads, register_metric
 
 
 def magnitude_scores(model, stats, shape, recipe) -> LayerScores:
     heads, mlp = [], []
     for attn, ffn in get_adapter(model).layer_parts(model):
-        heads.append(salience.magnitude_head_scores(attn.q.weight, attn.o.weight, shape.head_dim).cpu())
+        heads.append(no_heads() if attn is None else
+                     salience.magnitude_head_scores(attn.q.weight, attn.o.weight, shape.head_dim).cpu())
         gate = ffn.gate.weight if ffn.gate is not None else None
         mlp.append(salience.magnitude_mlp_scores(gate, ffn.up.weight, ffn.down.weight).cpu())
     return LayerScores(heads, mlp)

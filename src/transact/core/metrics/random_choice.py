@@ -8,13 +8,16 @@ import torch
 
 from transact.arch import ModelShape
 from transact.core import salience
-from transact.core.metrics import LayerScores, Metric, register_metric
+from transact.core.metrics import LayerScores, Metric, no_heads, register_metric
 
 
 def random_layer_scores(shape: ModelShape, seed: int) -> LayerScores:
+    """Every layer draws head scores (a layer without softmax attention then drops them), so the draws of
+    each layer do not depend on which layers have attention."""
     generator = torch.Generator().manual_seed(seed)
     heads = [salience.random_scores(shape.num_heads, generator) for _ in range(shape.num_layers)]
     mlp = [salience.random_scores(shape.intermediate_size, generator) for _ in range(shape.num_layers)]
+    heads = [scores if shape.has_attention(i) else no_heads() for i, scores in enumerate(heads)]
     return LayerScores(heads, mlp)
 
 
@@ -24,8 +27,8 @@ def random_scores(model, stats, shape: ModelShape, recipe) -> LayerScores:
     if stats is None or stats.layer is None:
         return random_layer_scores(shape, recipe.seed)
     index, num_layers = stats.layer
-    every = random_layer_scores(replace(shape, num_layers=num_layers), recipe.seed)
-    return LayerScores([every.heads[index]], [every.mlp[index]])
+    every = random_layer_scores(replace(shape, num_layers=num_layers, attention_layers=None), recipe.seed)
+    return LayerScores([every.heads[index] if shape.has_attention(0) else no_heads()], [every.mlp[index]])
 
 
 METRIC = register_metric(Metric("random", "data-free control: seeded random scores (--seed)", random_scores))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from transact.arch import get_adapter
 from transact.core import salience
 from transact.core.correct.refit import damp_for
-from transact.core.metrics import LayerScores, Metric, register_metric
+from transact.core.metrics import LayerScores, Metric, no_heads, register_metric
 from transact.core.plan import resolve_targets
 
 
@@ -21,8 +21,8 @@ def refit_aware_scores(model, stats, shape, recipe) -> LayerScores:
     targets = resolve_targets(recipe, shape)
     heads, mlp = [], []
     for i, (attn, ffn) in enumerate(get_adapter(model).layer_parts(model)):
-        heads.append(salience.refit_removal_order(attn.o.weight, grams["attn"][i], shape.head_dim, damp,
-                                                  remove=shape.num_heads - targets.heads))
+        heads.append(no_heads() if attn is None else salience.refit_removal_order(
+            attn.o.weight, grams["attn"][i], shape.head_dim, damp, remove=shape.num_heads - targets.heads))
         mlp.append(salience.refit_removal_order(ffn.down.weight, grams["mlp"][i], 1, damp,
                                                 remove=shape.intermediate_size - targets.mlp))
     return LayerScores(heads, mlp)
