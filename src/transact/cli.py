@@ -360,7 +360,7 @@ def _cmd_eval(args) -> int:
         print(f"{name:<15} {r['metric']:<12} {score}  ({r['items']} items, {r['shots']}-shot, "
               f"{r['tokens_per_second'] or 0:.0f} tokens/s)")
         for category, part in r.get("categories", {}).items():  # MMLU's, as lm-eval aggregates them
-            print(f"  {category:<13} {r['metric']:<12} {part['score']:.4f}")
+            print(f"  {category:<15} {r['metric']:<12} {part['score']:.4f}")
     if "throughput" in result:
         t = result["throughput"]
         print(f"evaluation {t['eval_tokens_per_s']:.0f} tokens/s = {t['ratio']:.0%} of the raw forward "
