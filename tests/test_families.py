@@ -218,13 +218,10 @@ def _vision_state(model) -> dict[str, torch.Tensor]:
             if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
 
 
-@pytest.mark.parametrize("layerwise", [False, True])
-def test_gemma3_multimodal_prunes_its_language_model_only(tmp_path, corpus, layerwise):
-    """A Gemma3ForConditionalGeneration: the language model is pruned (calibrated through the full model's
-    own forward), the vision tower and projector come back bit for bit, image features are unchanged,
-    and the checkpoint reloads as the same multimodal class."""
+def _pruned_to_2_1_48(tmp_path, corpus, dense, layerwise: bool):
+    """``dense`` saved with the character tokenizer, pruned from the command line to 2 heads / 1 KV head /
+    48 channels, calibrated on ``corpus``. -> (base, out) directories."""
     base = tmp_path / "base"
-    dense = tiny_model("gemma3", heads=4, kv_heads=2, tie=True)
     dense.save_pretrained(base)
     char_tokenizer().save_pretrained(base)
     calib = tmp_path / "calib.txt"
@@ -233,6 +230,16 @@ def test_gemma3_multimodal_prunes_its_language_model_only(tmp_path, corpus, laye
     args = ["prune", str(base), "--out", str(out), "--heads", "2", "--kv-heads", "1", "--mlp", "48",
             "--calib", str(calib), "--samples", "8", "--seq-len", "32", "--quiet"]
     assert main(args + (["--layerwise"] if layerwise else [])) == 0
+    return base, out
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_gemma3_multimodal_prunes_its_language_model_only(tmp_path, corpus, layerwise):
+    """A Gemma3ForConditionalGeneration: the language model is pruned (calibrated through the full model's
+    own forward), the vision tower and projector come back bit for bit, image features are unchanged,
+    and the checkpoint reloads as the same multimodal class."""
+    dense = tiny_model("gemma3", heads=4, kv_heads=2, tie=True)
+    base, out = _pruned_to_2_1_48(tmp_path, corpus, dense, layerwise)
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(pruned).__name__ == "Gemma3ForConditionalGeneration"
     text = pruned.config.text_config
@@ -281,16 +288,8 @@ def test_qwen3_5_multimodal_prunes_mlp_everywhere_and_heads_in_softmax_layers(tm
     vanilla AutoModelForCausalLM reads its language model with the same text logits."""
     from transformers import AutoModelForImageTextToText
 
-    base = tmp_path / "base"
     dense = tiny_model("qwen3_5", heads=4, kv_heads=2, layers=4)
-    dense.save_pretrained(base)
-    char_tokenizer().save_pretrained(base)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(corpus))
-    out = tmp_path / "out"
-    args = ["prune", str(base), "--out", str(out), "--heads", "2", "--kv-heads", "1", "--mlp", "48",
-            "--calib", str(calib), "--samples", "8", "--seq-len", "32", "--quiet"]
-    assert main(args + (["--layerwise"] if layerwise else [])) == 0
+    _, out = _pruned_to_2_1_48(tmp_path, corpus, dense, layerwise)
 
     pruned = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert type(pruned).__name__ == "Qwen3_5ForConditionalGeneration"
