@@ -256,6 +256,9 @@ class FamilyAdapter:
       describes those other layers' blocks for cost estimates.
     - ``q_gated``: each query head's block of q_proj holds 2·head_dim rows, the query and then the gate
       its output is multiplied by (Qwen3.5); a head keeps or loses both.
+    - ``logit_transform(text_config)``: what the family's model does to the LM head's output before it
+      returns logits (Gemma's soft-capping, Granite's scaling; None: nothing), so that logits can be
+      computed from the final hidden states in chunks (``lm_logits``).
     - ``auto_class``: the transformers auto class that loads and builds the family's checkpoints with
       everything they hold (None: ``AutoModelForCausalLM``; a multimodal family whose causal-LM class
       would drop the vision tower names its image-text class).
@@ -286,6 +289,7 @@ class FamilyAdapter:
     linear_attention: Callable[[PretrainedConfig], LinearAttentionShape | None] | None = None
     q_gated: bool = False
     auto_class: type | None = None
+    logit_transform: Callable[[PretrainedConfig], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
 
     def model_class(self) -> type:
         """The auto class whose ``from_pretrained`` / ``from_config`` gives this family's full model."""
@@ -378,6 +382,13 @@ class FamilyAdapter:
         return self.gguf(self.text_config(config))
 
     # -- the modules
+    def lm_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits ``model`` computes from its final (normed) hidden states ``hidden`` (..., H) -> (..., V):
+        its LM head, then the family's transform."""
+        logits = model.get_output_embeddings()(hidden)
+        transform = self.logit_transform(self.text_config(model.config)) if self.logit_transform else None
+        return logits if transform is None else transform(logits)
+
     def layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.get_submodule(self.layers_path)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from transformers import PretrainedConfig
 
 from transact.arch import register
@@ -70,6 +71,12 @@ def gemma_notes(config: PretrainedConfig, layers_27b: int) -> tuple[str, ...]:
     return notes
 
 
+def soft_capping(config: PretrainedConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Gemma's final logit soft-capping, cap * tanh(logits / cap), where the config sets a cap."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return None if cap is None else lambda logits: torch.tanh(logits / cap) * cap
+
+
 def gemma2_notes(config: PretrainedConfig) -> tuple[str, ...]:
     return ("runs and calibrates with eager attention (transformers has no SDPA path with soft-capping)",
             *gemma_notes(config, GEMMA2_27B_LAYERS))
@@ -78,4 +85,5 @@ def gemma2_notes(config: PretrainedConfig) -> tuple[str, ...]:
 GEMMA2_27B_LAYERS = 46  # how llama.cpp recognises Gemma 2 27B
 
 ADAPTER = register(FamilyAdapter("gemma2", head_rule=heads_dividing_hidden,
-                                 gguf=gemma_gguf("gemma2", GEMMA2_27B_LAYERS), notes=gemma2_notes))
+                                 gguf=gemma_gguf("gemma2", GEMMA2_27B_LAYERS), notes=gemma2_notes,
+                                 logit_transform=soft_capping))

@@ -30,5 +30,10 @@ def granite_notes(config: PretrainedConfig) -> tuple[str, ...]:
             "GGUF export: only without head pruning (llama.cpp's granite converter ignores head_dim)")
 
 
+def logits_scaling(config: PretrainedConfig):
+    """Granite divides the LM head's output by ``logits_scaling``."""
+    return lambda logits: logits / config.logits_scaling
+
+
 ADAPTER = register(FamilyAdapter("granite", output_bias_flags=("attention_bias", "mlp_bias"), gguf=granite_gguf,
-                                 notes=granite_notes))
+                                 notes=granite_notes, logit_transform=logits_scaling))

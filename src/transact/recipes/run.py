@@ -67,17 +67,20 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """Knowledge distillation from the dense model: loss = T^2 KL(teacher_T || student_T) + lm_weight CE."""
+    """Knowledge distillation from the dense model: loss = T^2 KL(teacher_T || student_T) + lm_weight CE,
+    computed over chunks of ``chunk_tokens`` tokens (0: about 2^25 logits per chunk for the vocabulary)."""
 
     temperature: float = 1.0
     lm_weight: float = 0.5
     teacher_device: str = "same"
+    chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperature",
                            check_float("training.kd.temperature", self.temperature, 0.0, 100.0, open_low=True))
         object.__setattr__(self, "lm_weight", check_float("training.kd.lm_weight", self.lm_weight, 0.0, 100.0))
         check_str("training.kd.teacher_device", self.teacher_device)
+        check_int("training.kd.chunk_tokens", self.chunk_tokens, 0)
 
 
 @dataclass(frozen=True)

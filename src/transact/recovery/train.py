@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from transact.arch import get_adapter
 from transact.errors import TransactError
 from transact.recipes import Training
+from transact.recovery.chunked import chunk_tokens, chunked_distill_loss
 from transact.recovery.data import BlockStream
 
 
@@ -191,22 +193,34 @@ def _accumulate_gradients(accelerator, model: nn.Module, stream: BlockStream, tr
         ids = stream.take(training.batch_size).to(accelerator.device)  # (batch, seq_len)
         sync = micro == training.grad_accum - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            logits = model(input_ids=ids).logits  # (batch, seq_len, vocab)
-            loss = lm_loss(logits, ids)
-            if teacher is not None:
-                loss = _distill_objective(logits, ids, loss, teacher, training)
+            if teacher is None:
+                loss = lm_loss(model(input_ids=ids).logits, ids)  # logits (batch, seq_len, vocab)
+            else:
+                loss = _distill_objective(accelerator.unwrap_model(model), model, ids, teacher, training)
             accelerator.backward(loss / training.grad_accum)
         total += loss.detach() / training.grad_accum
     return total
 
 
-def _distill_objective(logits: torch.Tensor, ids: torch.Tensor, ce: torch.Tensor, teacher: nn.Module,
+def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The final (normed) hidden states (B, L, H) of ``model`` on ``ids``, through its own forward (so that
+    a DDP wrapper sees the pass), with the LM head applied to the last position only."""
+    return model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
+def _distill_objective(student: nn.Module, prepared: nn.Module, ids: torch.Tensor, teacher: nn.Module,
                        training: Training) -> torch.Tensor:
-    teacher_device = next(teacher.parameters()).device
+    """``distill_loss`` + lm_weight x ``lm_loss`` computed in chunks of tokens (``recovery.chunked``): neither
+    model's full logits are ever built. ``prepared`` is ``student`` as the accelerator wrapped it."""
+    hidden = final_hidden(prepared, ids)
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids.to(teacher_device)).logits.to(logits.device)
+        teacher_hidden = final_hidden(teacher, ids.to(next(teacher.parameters()).device))
     kd = training.kd
-    return distill_loss(logits, t_logits, kd.temperature) + kd.lm_weight * ce
+    vocab = student.get_output_embeddings().weight.shape[0]
+    loss, _ = chunked_distill_loss(hidden, teacher_hidden, ids, partial(get_adapter(student).lm_logits, student),
+                                   partial(get_adapter(teacher).lm_logits, teacher), temperature=kd.temperature,
+                                   lm_weight=kd.lm_weight, chunk=kd.chunk_tokens or chunk_tokens(vocab))
+    return loss
 
 
 def _check_health(loss: float, grad_norm: float, ema: float | None, steps_in: int, factor: float,

@@ -1,0 +1,71 @@
+"""Distillation without the full logits: the LM head, the KL to the teacher and the cross-entropy computed
+over chunks of tokens, forward and backward.
+
+With a 128K-152K vocabulary, the student's and the teacher's logits of a step (and their log-softmaxes)
+are several GiB in fp32 at a few thousand tokens. Here both models return only their final hidden states
+(B, L, H); each chunk of tokens goes through the two LM heads, the softmaxes and the loss terms inside a
+``torch.utils.checkpoint`` region, which keeps none of the chunk's intermediates for the backward pass and
+recomputes them there, one chunk at a time. So at most one chunk's logits exist at once. The result equals
+``distill_loss`` + ``lm_weight`` x ``lm_loss`` on the full logits up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Head = Callable[[torch.Tensor], torch.Tensor]  # final hidden states (N, H) -> logits (N, V)
+
+CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32): about 220 tokens at Qwen's 151,936-token vocabulary
+IGNORE = -100  # no next token to predict (the last position of each row)
+
+
+def chunk_tokens(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Tokens per chunk so that one chunk's logits hold about ``elements`` values."""
+    return max(1, elements // vocab_size)
+
+
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) token ids -> (B * L,) the next token at every position, IGNORE at each row's last."""
+    targets = torch.full_like(ids, IGNORE)
+    targets[:, :-1] = ids[:, 1:]
+    return targets.reshape(-1)
+
+
+def _chunk_terms(hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor, head: Head,
+                 teacher_head: Head, temperature: float) -> torch.Tensor:
+    """(sum over the chunk's positions of KL(teacher_T || student_T), sum of the next-token cross-entropy)
+    as a (2,) tensor. hidden, teacher_hidden: (n, H); targets: (n,)."""
+    logits = head(hidden).float()
+    with torch.no_grad():  # the teacher may sit on another device
+        log_t = F.log_softmax(teacher_head(teacher_hidden).float() / temperature, dim=-1).to(logits.device)
+    log_s = F.log_softmax(logits / temperature, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum()
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return torch.stack([kl, ce])
+
+
+def chunked_distill_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, ids: torch.Tensor, head: Head,
+                         teacher_head: Head, *, temperature: float, lm_weight: float,
+                         chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T^2 KL(teacher_T || student_T) averaged over all B x L positions, plus ``lm_weight`` x the next-token
+    cross-entropy averaged over the B x (L - 1) positions that have a next token; -> (that loss, the
+    cross-entropy). hidden, teacher_hidden: (B, L, H) final hidden states; ids: (B, L); ``head`` /
+    ``teacher_head`` map hidden states to logits (the family's LM head, ``FamilyAdapter.lm_logits``);
+    ``chunk``: tokens per chunk."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    batch, length, _ = hidden.shape
+    flat, teacher_flat = hidden.reshape(batch * length, -1), teacher_hidden.reshape(batch * length, -1)
+    targets = next_token_targets(ids).to(hidden.device)
+    total = hidden.new_zeros(2, dtype=torch.float32)
+    for start in range(0, batch * length, chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_terms, flat[part], teacher_flat[part], targets[part],
+                                   head, teacher_head, temperature, use_reentrant=False)
+    kl = total[0] / (batch * length) * temperature * temperature
+    ce = total[1] / (batch * (length - 1))
+    return kl + lm_weight * ce, ce
