@@ -247,8 +247,8 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
                      calibration_hash=calibration_hash, versions=library_versions(), corrections=corrections)
 
 
-def config_changes(source: PretrainedConfig, pruned_one: PretrainedConfig, index: int = 0) -> dict:
-    """The config values the pruned one-layer model of layer ``index`` changed (widths, head_dim, a
-    corrector's bias flags)."""
-    before, after = one_layer_config(source, index).to_dict(), pruned_one.to_dict()
+def config_changes(source: PretrainedConfig, pruned_first: PretrainedConfig) -> dict:
+    """The config values the pruned one-layer model of layer 0 changed (widths, head_dim, a corrector's bias
+    flags; per-layer values such as ``layer_types`` are compared with layer 0's own)."""
+    before, after = one_layer_config(source, 0).to_dict(), pruned_first.to_dict()
     return {k: v for k, v in after.items() if before.get(k) != v and k not in ("dtype", "torch_dtype")}

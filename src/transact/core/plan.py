@@ -263,7 +263,7 @@ def make_plan(
     mlp_scores[l]: (intermediate_size,)."""
     layers = []
     for h_scores, m_scores in zip(head_scores, mlp_scores, strict=True):
-        heads, groups = ((select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads))
+        heads, groups = (select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads)
                          if h_scores.numel() else ([], []))
         layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=select_channels(m_scores, targets.mlp)))
     plan = PrunePlan(source=shape, targets=targets, layers=layers, **provenance)

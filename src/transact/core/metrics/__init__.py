@@ -3,9 +3,9 @@
 A metric declares the statistics it needs (``transact.core.calibrate``: activation statistics from the
 hooked forward pass, or ``WEIGHT_X_GRAD`` from backward passes; none for a data-free metric) and turns
 them into per-layer scores of query heads and MLP channels (``no_heads()`` in a layer without softmax
-attention). Selection, correction and surgery are shared,
-so every metric yields the same kind of plan and checkpoint. Adding a metric is adding one module here
-(see docs/architecture.md); the recipe, the CLI's ``--metric`` choices and its help read this registry.
+attention). Selection, correction and surgery are shared, so every metric yields the same kind of plan and
+checkpoint. Adding a metric is adding one module here (see docs/architecture.md); the recipe, the CLI's
+``--metric`` choices and its help read this registry.
 """
 
 from __future__ import annotations
