@@ -6,7 +6,7 @@ import stat
 
 import pytest
 import torch
-from tiny import FAMILIES, HEADS_MUST_DIVIDE_HIDDEN, TIED, VOCAB, random_plan, tiny_model
+from tiny import EXPERT_WIDTH, FAMILIES, HEADS_MUST_DIVIDE_HIDDEN, TIED, VOCAB, load_kwargs, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import shape_of
@@ -52,11 +52,11 @@ def test_roundtrip_vanilla_reload_identical_logits(tmp_path, family, hidden, hea
     config = json.loads((out / "config.json").read_text())
     text = config.get("text_config", config)  # a multimodal checkpoint keeps the widths in its text config
     assert text["num_attention_heads"] == keep_heads and text["num_key_value_heads"] == keep_kv
-    assert text["head_dim"] == 16 and text["intermediate_size"] == 40
+    assert text["head_dim"] == 16 and text[EXPERT_WIDTH.get(family, "intermediate_size")] == 40
     expected_type = "mistral" if family == "llama" and indivisible else family
     assert config["model_type"] == expected_type
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, **load_kwargs(model.config)).eval()
     assert torch.equal(reloaded(x).logits, expected)
 
 

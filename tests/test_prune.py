@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import FAMILIES, HEADS_MUST_DIVIDE_HIDDEN, VOCAB, random_plan, tiny_model
 
-from transact.arch import get_adapter
+from transact.arch import get_adapter, shape_of
 from transact.core.plan import PrunePlan
 from transact.core.surgery import prune_
 from transact.errors import TransactError
@@ -30,9 +30,13 @@ def _zero_pruned_units(model, plan):
             attn = adapter.attention(layer, model.config)  # None in a linear-attention layer
             for h in set(range(plan.source.num_heads)) - set(kept.heads) if attn else ():
                 attn.o.weight[:, h * hd:(h + 1) * hd] = 0
-            down = adapter.mlp(layer, model.config).down
-            dropped = sorted(set(range(plan.source.intermediate_size)) - set(kept.mlp))
-            down.weight[:, dropped] = 0
+            mlp = adapter.mlp(layer, model.config)
+            if kept.experts is None:
+                dropped = sorted(set(range(plan.source.intermediate_size)) - set(kept.mlp))
+                mlp.down.weight[:, dropped] = 0
+                continue
+            for e, channels in zip(kept.experts, kept.expert_mlp, strict=True):  # each expert its own channels
+                mlp.down[e][:, sorted(set(range(plan.source.intermediate_size)) - set(channels))] = 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -45,7 +49,8 @@ def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads
         return
     x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     dense = model(x).logits
-    plan = random_plan(model, keep_heads, keep_kv, 40)
+    # every expert kept: dropping a routed expert changes the routing (see test_moe.py for that)
+    plan = random_plan(model, keep_heads, keep_kv, 40, experts=shape_of(model).num_experts)
     _zero_pruned_units(model, plan)
     zeroed = model(x).logits
     assert not torch.allclose(dense, zeroed, atol=1e-3)  # the units mattered, so the check below has teeth
@@ -57,7 +62,7 @@ def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads
     attn = next(a for a, _ in get_adapter(model).layer_parts(model) if a is not None)
     text = model.config.get_text_config()  # the config itself, or a multimodal model's language model's
     assert (text.num_attention_heads, text.num_key_value_heads) == (keep_heads, keep_kv)
-    assert text.head_dim == 16 and text.intermediate_size == 40
+    assert text.head_dim == 16 and get_adapter(model).mlp_width(text) == 40
     q_rows = 2 * 16 if family.startswith("qwen3_5") else 16  # Qwen3.5: each head's query and output gate
     assert attn.q.weight.shape == (keep_heads * q_rows, hidden) and attn.k.weight.shape == (keep_kv * 16, hidden)
     assert attn.o.weight.shape == (hidden, keep_heads * 16)
@@ -68,7 +73,7 @@ def test_pruning_zeroed_units_keeps_logits(family, hidden, heads, kv, keep_heads
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_model_generates_with_kv_cache(family):
     model = tiny_model(family, heads=6, kv_heads=2, hidden=96)
-    prune_(model, random_plan(model, 4, 2, 50))
+    prune_(model, random_plan(model, 4, 2, 48))
     x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
     cached = model.generate(x, max_new_tokens=8, do_sample=False, use_cache=True)
     uncached = model.generate(x, max_new_tokens=8, do_sample=False, use_cache=False)

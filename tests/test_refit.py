@@ -9,7 +9,7 @@ import torch
 from tiny import FAMILIES, VOCAB, saved_model_and_text, tiny_model
 from transformers import AutoModelForCausalLM
 
-from transact.arch import get_adapter, shape_of
+from transact.arch import ExpertParts, get_adapter, shape_of
 from transact.cli import main
 from transact.core.calibrate import collect_statistics
 from transact.core.correct.refit import gram, refit_columns
@@ -65,8 +65,12 @@ def _duplicated_units_model(family: str):
     model = tiny_model(family, heads=4, kv_heads=2, mlp=48)
     with torch.no_grad():
         for attn, mlp in get_adapter(model).layer_parts(model):
-            mlp.gate.weight[1::2] = mlp.gate.weight[0::2]
-            mlp.up.weight[1::2] = 2 * mlp.up.weight[0::2]
+            if isinstance(mlp, ExpertParts):  # in every expert: [gate | up] rows of gate_up_proj
+                mlp.gate_up[:, 1:48:2] = mlp.gate_up[:, 0:48:2]
+                mlp.gate_up[:, 49::2] = 2 * mlp.gate_up[:, 48::2]
+            else:
+                mlp.gate.weight[1::2] = mlp.gate.weight[0::2]
+                mlp.up.weight[1::2] = 2 * mlp.up.weight[0::2]
             hd = attn.q_head_rows if attn else 0  # a head's q rows (with its output gate's, in Qwen3.5)
             for h in (0, 2) if attn else ():
                 attn.q.weight[(h + 1) * hd:(h + 2) * hd] = attn.q.weight[h * hd:(h + 1) * hd]
@@ -79,8 +83,12 @@ def _even_units_plan(model):
     shape = shape_of(model)
     heads = [torch.tensor([1.0, 0.0, 1.0, 0.0]) if shape.has_attention(i) else no_heads()
              for i in range(shape.num_layers)]  # keep heads 0 and 2, one per KV group
-    mlp = [torch.tensor([1.0, 0.0] * 24)] * shape.num_layers  # keep the even channels
-    return make_plan(heads, mlp, Targets(2, 2, 24), shape)
+    mlp = [torch.tensor([1.0, 0.0] * 24)] * shape.num_layers  # keep the even channels (of every expert)
+    if not shape.is_moe:
+        return make_plan(heads, mlp, Targets(2, 2, 24), shape)
+    experts = shape.num_experts  # all kept: what a dropped expert carried is no combination of the others'
+    return make_plan(heads, [m.expand(experts, -1) for m in mlp], Targets(2, 2, 24, experts), shape,
+                     [torch.ones(experts)] * shape.num_layers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

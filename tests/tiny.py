@@ -28,7 +28,12 @@ FAMILY_SETTINGS = {
                      "linear_key_head_dim": 8, "linear_value_head_dim": 8,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                          "mrope_section": [2, 1, 1], "mrope_interleaved": True}},
+    # four experts, each token routed to two, renormalised among them as in the released Qwen3-MoE models
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
 }
+# Mixtures of experts whose experts' width is a config key of its own (``mlp`` sets it too).
+EXPERT_WIDTH = {"qwen3_moe": "moe_intermediate_size"}
 VOCAB = 128
 # Multimodal families: their text family, whose settings the language model takes, and a tiny vision tower.
 MULTIMODAL = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text"}
@@ -59,6 +64,8 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
                   pad_token_id=1)
     text_family = MULTIMODAL.get(family, family)
     kwargs.update(FAMILY_SETTINGS.get(text_family, {}))
+    if text_family in EXPERT_WIDTH:
+        kwargs[EXPERT_WIDTH[text_family]] = mlp
     kwargs.update(extra)
     if family not in MULTIMODAL:
         return AutoConfig.for_model(family, **kwargs)
@@ -74,15 +81,27 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
                                 tie_word_embeddings=tie)
 
 
-def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0):
-    """A plan keeping ``heads``/``kv_heads``/``mlp`` per layer, chosen by seeded random scores."""
+def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0, experts: int | None = None):
+    """A plan keeping ``heads``/``kv_heads``/``mlp`` per layer, chosen by seeded random scores; a mixture of
+    experts keeps ``experts`` experts (default: one fewer than it has) of ``mlp`` channels each."""
     from transact.arch import shape_of
     from transact.core.metrics.random_choice import random_layer_scores
     from transact.core.plan import Targets, make_plan
 
     shape = shape_of(model.config)
     scores = random_layer_scores(shape, seed)
-    return make_plan(scores.heads, scores.mlp, Targets(heads, kv_heads, mlp), shape)
+    if shape.is_moe and experts is None:
+        experts = shape.num_experts - 1
+    return make_plan(scores.heads, scores.mlp, Targets(heads, kv_heads, mlp, experts), shape, scores.experts)
+
+
+def load_kwargs(config) -> dict:
+    """How the tests load a tiny model: eager attention; torch's grouped matmul (transformers' default for
+    experts) needs 16-byte rows, so a hidden size that is no multiple of 4 fp32 values runs the experts'
+    eager loop instead."""
+    text = config.get_text_config()
+    odd_experts = get_adapter(config).is_moe and text.hidden_size % 4
+    return {"attn_implementation": "eager", **({"experts_implementation": "eager"} if odd_experts else {})}
 
 
 def tiny_model(family: str, seed: int = 0, **config_kwargs):
@@ -91,7 +110,7 @@ def tiny_model(family: str, seed: int = 0, **config_kwargs):
     config = tiny_config(family, **config_kwargs)
     torch.manual_seed(seed)
     model_class = get_adapter(config).model_class()  # a multimodal family's full class, vision tower included
-    model = model_class.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model = model_class.from_config(config, dtype=torch.float32, **load_kwargs(config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -17,8 +17,8 @@ from transact.core.layerwise import prune_by_layer
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, resolve_targets, valid_head_pairs
 from transact.core.step import (
-    check_correctors,
     check_reproducible,
+    check_step,
     needs_recalibration,
     prune_step,
     reapply_plan,
@@ -111,7 +111,7 @@ def run_prune(job: PruneJob) -> PruneResult:
     eval_texts = read_texts(job.eval_text.text, builtin="heldout") if job.eval_text else None
     prep = prepare_model(job.model, job.device, job.dtype)
     targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
-    check_correctors(prep.config, recipe, targets)
+    check_step(prep.config, recipe, targets)
     tokenizer = None
     if calib_texts is not None or eval_texts is not None:
         tokenizer = require_tokenizer(prep.source, calibration_purpose(recipe))
@@ -188,6 +188,11 @@ def model_info(model_spec: str) -> dict:
     info = model_summary(skeleton(prep.config, prep.save_dtype))
     shape = prep.shape
     info["prunable"] = {"heads_kv_pairs": valid_head_pairs(shape), "mlp": f"1..{shape.intermediate_size}"}
+    if shape.is_moe:
+        m = shape.mlp_multiple
+        info["prunable"]["mlp"] = f"{m}..{shape.intermediate_size} per expert, in multiples of {m}"
+        info["prunable"]["experts"] = (f"{shape.experts_per_token}..{shape.num_experts} (--experts; at least the "
+                                       f"{shape.experts_per_token} each token is routed to)")
     info["notes"] = get_adapter(prep.config).family_notes(prep.config)
     source = prep.source
     info["source"] = source.path + (f" ({source.gguf_file})" if source.gguf_file else "")

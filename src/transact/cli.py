@@ -122,7 +122,13 @@ def _prune_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
     p.add_argument("--heads", type=_width, help="query heads kept per layer: a count or a fraction in (0,1)")
     p.add_argument("--kv-heads", type=_width, help="KV heads (groups) kept per layer (default: keep the group size)")
-    p.add_argument("--mlp", type=_width, help="MLP channels kept per layer: a count or a fraction in (0,1)")
+    p.add_argument("--mlp", type=_width, help="MLP channels kept per layer (in a mixture of experts: per expert, "
+                   "a multiple of 8): a count or a fraction in (0,1)")
+    p.add_argument("--experts", type=_width, help="mixtures of experts: experts kept per layer, at least the number "
+                   "each token is routed to: a count or a fraction in (0,1)")
+    p.add_argument("--no-gate-weighting", dest="gate_weighted", action="store_false",
+                   help="mixtures of experts: score expert channels on their raw inputs rather than their "
+                   "router-weighted ones")
     p.add_argument("--metric", choices=METRICS.names(), default=default(PruneRecipe, "metric"), help=_metric_help())
     p.add_argument("--alpha", type=float, default=None, help="outlier weight in eq. 5 (default 10/head_dim)")
     p.add_argument("--correct", action="append", choices=CORRECTORS.names(), metavar="NAME",
@@ -280,7 +286,9 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
         ("family", before["model_type"],
          after["model_type"] + (f" (saved as {saved_as})" if saved_as and saved_as != after["model_type"] else ""), ""),
         ("heads / kv heads", "{heads} / {kv_heads}".format(**before), "{heads} / {kv_heads}".format(**after), ""),
-        counted("mlp channels", "mlp"),
+        counted("mlp channels" + (" per expert" if "experts" in before else ""), "mlp"),
+        *([counted("experts", "experts"), counted("active parameters", "active_params")] if "experts" in before
+          else []),
         counted("parameters", "params"),
         counted("KV cache bytes/token", "kv_cache_bytes_per_token"),
     ]
@@ -311,7 +319,8 @@ def _correctors(args) -> list[str]:
 def _cmd_prune(args) -> int:
     correctors = _correctors(args)
     recipe = PruneRecipe(
-        heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, metric=args.metric, alpha=args.alpha,
+        heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, experts=args.experts, gate_weighted=args.gate_weighted,
+        metric=args.metric, alpha=args.alpha,
         seed=args.seed, correctors=tuple(correctors), damp=args.damp,
         calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                 batch_size=args.batch_size),
@@ -321,6 +330,10 @@ def _cmd_prune(args) -> int:
                    layerwise=args.layerwise, sequential=args.sequential, resume=args.resume)
     result = run_prune(job)
     print(summary_table(result.report["before"], result.report["after"], result.report["saved_as"]))
+    routes = result.plan.dropped_expert_routes
+    if routes:
+        print(f"dropped experts   took {100 * sum(routes) / len(routes):.2f} % of the calibration tokens' routes "
+              f"(most in one layer: {100 * max(routes):.2f} %)")
     print(f"\nsaved {result.report['saved_as']} checkpoint, plan.json and report.json to {result.out}")
     return 0
 
@@ -432,11 +445,18 @@ def _cmd_info(args) -> int:
     print(f"layers            {info['layers']}   hidden {info['hidden_size']}")
     where = f" in {info['attention_layers']} of {info['layers']} layers" if "attention_layers" in info else ""
     print(f"attention         {info['heads']} heads / {info['kv_heads']} KV heads x head_dim {info['head_dim']}{where}")
-    print(f"mlp               {info['mlp']} channels")
+    if "experts" in info:
+        print(f"experts           {info['experts']} per layer of {info['mlp']} channels each, "
+              f"{info['experts_per_token']} active per token")
+        print(f"active parameters {info['active_params']:,} per token")
+    else:
+        print(f"mlp               {info['mlp']} channels")
     print(f"parameters        {info['params']:,} ({info['dtype']})")
     print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token")
     print(f"prunable heads    {info['prunable']['heads_kv_pairs']}")
     print(f"prunable mlp      {info['prunable']['mlp']}")
+    if "experts" in info["prunable"]:
+        print(f"prunable experts  {info['prunable']['experts']}")
     for note in info["notes"]:
         print(f"note              {note}")
     memory, cal = info["layerwise_memory_bytes"], Calibration()

@@ -36,7 +36,7 @@ from transact.core.layerwise import (
     run_layer,
 )
 from transact.core.plan import LayerPlan, PrunePlan, Targets, resolve_targets
-from transact.core.step import calibration_windows, check_correctors
+from transact.core.step import calibration_windows, check_step
 from transact.errors import TransactError
 from transact.io.checkpoint import outputs_match, save_tokenizer
 from transact.io.files import check_output_dir, replace_dir, write_json_atomic
@@ -160,11 +160,13 @@ def _write_layer(writer: ShardWriter, index: int, model, prefix: str, save_dtype
                  vanilla: LayerModels, stored_name: Callable[[str], str]) -> tuple[str, list[str]]:
     """Write layer ``index`` of the pruned model to its shard and check it: the shard read back into a
     one-layer model of the *saved* config must compute exactly what the in-memory layer computes."""
+    adapter = get_adapter(model)
     state = {k: v.to(save_dtype) for k, v in layer_of(model).state_dict().items()}
-    state = get_adapter(model).saved_state(state, model.config)  # the saved class's names
+    state = adapter.split_layer_state(adapter.saved_state(state, model.config))  # the saved class's names
     names = [stored_name(f"{prefix}.{index}.{k}") for k in state]  # the source checkpoint's layout
     file, reread = writer.write(index + 1, dict(zip(names, state.values(), strict=True)))
-    check = vanilla.with_layer(index, {k: reread[name] for k, name in zip(state, names, strict=True)})
+    check = vanilla.with_layer(index, adapter.fused_layer_state({k: reread[name] for k, name in zip(state, names,
+                                                                                                    strict=True)}))
     probe = _probe(shape_of(vanilla.config).hidden_size, vanilla.dtype, vanilla.device)
     expected, _ = run_layer(model, probe, 1)
     got, _ = run_layer(check, probe, 1)
@@ -188,7 +190,7 @@ def run_layerwise_prune(job: PruneJob) -> PruneResult:
     prep = prepare_model(job.model, job.device, job.dtype)
     weights = check_layerwise(job, prep)
     targets = resolve_targets(recipe, prep.shape)
-    check_correctors(prep.config, recipe, targets)
+    check_step(prep.config, recipe, targets)
     tokenizer = load_tokenizer(prep.source)
     texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
     if texts is not None and tokenizer is None:
@@ -208,7 +210,8 @@ def _prune_layers(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, t
                   windows: torch.Tensor | None, calibration_hash: str | None, writer: ShardWriter,
                   progress: dict) -> None:
     config, num_layers = prep.config, prep.shape.num_layers
-    prefix = get_adapter(config).layers_path
+    adapter = get_adapter(config)
+    prefix = adapter.layers_path
     models = LayerModels(config, prep.dtype, prep.device)
     store = _store_device(prep, windows)
     round_to = prep.save_dtype if prep.save_dtype != prep.dtype else None
@@ -218,7 +221,7 @@ def _prune_layers(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, t
     bar = tqdm(range(num_layers), desc="layers", unit="layer", initial=progress["done"], disable=not job.progress)
     for index in range(progress["done"], num_layers):
         t = time.perf_counter()
-        model = models.with_layer(index, weights.with_prefix(f"{prefix}.{index}."))
+        model = models.with_layer(index, adapter.fused_layer_state(weights.with_prefix(f"{prefix}.{index}.")))
         if index == 0 and windows is not None:
             rows = partial(weights.rows, _embedding_name(weights, config))
             hidden = embed_windows(model, rows, windows,

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 from transact.arch.base import (
     AttentionParts,
+    ExpertParts,
     FamilyAdapter,
     GgufTarget,
     HeadRule,
@@ -45,6 +46,7 @@ __all__ = [
     "FAMILIES",
     "SUPPORTED_MODEL_TYPES",
     "AttentionParts",
+    "ExpertParts",
     "FamilyAdapter",
     "GgufTarget",
     "HeadRule",

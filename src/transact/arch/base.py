@@ -114,6 +114,40 @@ class MlpParts:
         return _modules(self.gate, self.up, self.down)
 
 
+# transformers runs experts through torch's grouped matmul by default, which needs every row of the fused
+# expert weights to span a multiple of 16 bytes ("strides should be multiple of 16 bytes" otherwise): 8
+# channels in bf16/fp16. A pruned expert width is kept a multiple of it, as every released one is.
+EXPERT_WIDTH_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class ExpertParts:
+    """The routed experts of one mixture-of-experts block, as transformers fuses them: ``gate_up``
+    [E, 2I, H] (each expert's I gate rows, then its I up rows) and ``down`` [E, H, I] are parameters of the
+    ``experts`` module; the router's ``weight`` [E, H] scores the experts for each token, and each token goes
+    to its best ``top_k``. ``shared`` is an always-active plain MLP beside them (Qwen2-MoE), if any."""
+
+    experts: nn.Module
+    router: nn.Module
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    shared: MlpParts | None = None
+
+    @property
+    def gate_up(self) -> nn.Parameter:
+        return self.experts.gate_up_proj
+
+    @property
+    def down(self) -> nn.Parameter:
+        return self.experts.down_proj
+
+    @property
+    def linears(self) -> tuple[nn.Linear, ...]:
+        """The plain modules of the block pruning slices (the shared expert's; the experts are 3-D)."""
+        return self.shared.linears if self.shared is not None else ()
+
+
 @dataclass(frozen=True)
 class HeadRule:
     """The query-head counts a family's checkpoint can be saved with, and why no others."""
@@ -164,8 +198,11 @@ class ModelShape:
     ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
     measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts;
     ``linear_attention`` describes the other layers' blocks; ``q_gated``: q_proj also holds each head's
-    output gate (see ``AttentionParts.q_head_rows``). None of them is part of what a plan must match
-    (``compare=False``)."""
+    output gate (see ``AttentionParts.q_head_rows``); ``mlp_multiple``: pruned MLP (expert) widths must be
+    multiples of it. None of them is part of what a plan must match (``compare=False``).
+
+    A mixture of experts has ``num_experts`` experts per layer, each of ``intermediate_size`` channels, and
+    routes each token to ``experts_per_token`` of them."""
 
     model_type: str
     num_layers: int
@@ -180,6 +217,9 @@ class ModelShape:
     attention_layers: tuple[int, ...] | None = None
     linear_attention: LinearAttentionShape | None = field(default=None, compare=False)
     q_gated: bool = field(default=False, compare=False)
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    mlp_multiple: int = field(default=1, compare=False)
 
     def __post_init__(self) -> None:
         if self.attention_layers is not None:  # a plan read from JSON gives a list
@@ -188,6 +228,11 @@ class ModelShape:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the MLPs are routed experts (then ``intermediate_size`` is each expert's width)."""
+        return self.num_experts is not None
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer ``layer`` has softmax attention (query heads to prune)."""
@@ -205,6 +250,8 @@ class ModelShape:
         data = {name: getattr(self, name) for name in names}
         if self.attention_layers is not None:
             data["attention_layers"] = list(self.attention_layers)
+        if self.is_moe:
+            data.update(num_experts=self.num_experts, experts_per_token=self.experts_per_token)
         return data
 
 
@@ -262,6 +309,14 @@ class FamilyAdapter:
     - ``auto_class``: the transformers auto class that loads and builds the family's checkpoints with
       everything they hold (None: ``AutoModelForCausalLM``; a multimodal family whose causal-LM class
       would drop the vision tower names its image-text class).
+    - ``experts_name``: the module of the MLP block holding the routed experts (fused 3-D parameters, see
+      ``ExpertParts``) in a mixture-of-experts family (None: a dense MLP); ``router_name`` the block's router,
+      ``shared_expert_name`` its always-active plain MLP (None: none). The config states the expert count
+      under ``num_experts_key`` and each expert's width under ``expert_width_key``. ``moe_refusal(text_config)``
+      says why a model of the family cannot be pruned (None: it can), checked whenever its shape is read.
+      ``expert_files``: the names (within a decoder layer, ``{e}`` the expert) under which checkpoints store
+      each expert's gate, up and down projection: transformers fuses them on load and splits them on save,
+      and a layer-wise prune does the same for one layer (``fused_layer_state`` / ``split_layer_state``).
     """
 
     model_type: str
@@ -290,6 +345,14 @@ class FamilyAdapter:
     q_gated: bool = False
     auto_class: type | None = None
     logit_transform: Callable[[PretrainedConfig], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
+    experts_name: str | None = None
+    router_name: str = "gate"
+    shared_expert_name: str | None = None
+    num_experts_key: str = "num_experts"
+    expert_width_key: str = "moe_intermediate_size"
+    moe_refusal: Callable[[PretrainedConfig], str | None] | None = None
+    expert_files: tuple[str, str, str] = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
+                                          "mlp.experts.{e}.down_proj.weight")
 
     def model_class(self) -> type:
         """The auto class whose ``from_pretrained`` / ``from_config`` gives this family's full model."""
@@ -299,28 +362,45 @@ class FamilyAdapter:
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return getattr(config, self.text_config_name) if self.text_config_name else config
 
+    @property
+    def is_moe(self) -> bool:
+        return self.experts_name is not None
+
+    def mlp_width(self, text_config: PretrainedConfig) -> int:
+        """The width pruning keeps a count of: the MLP's, or each routed expert's in a mixture of experts."""
+        return int(getattr(text_config, self.expert_width_key if self.is_moe else "intermediate_size"))
+
     def shape(self, config: PretrainedConfig) -> ModelShape:
         text = self.text_config(config)
+        refusal = self.moe_refusal(text) if self.moe_refusal else None
+        if refusal:
+            raise TransactError(refusal)
         heads, kv_heads, head_dim = head_layout(text)
+        experts = (int(getattr(text, self.num_experts_key)), int(text.num_experts_per_tok)) if self.is_moe else (None,
+                                                                                                             None)
         return ModelShape(model_type=config.model_type, num_layers=text.num_hidden_layers,
                           hidden_size=text.hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                          intermediate_size=text.intermediate_size, vocab_size=getattr(text, "vocab_size", None),
+                          intermediate_size=self.mlp_width(text), vocab_size=getattr(text, "vocab_size", None),
                           max_positions=getattr(text, "max_position_embeddings", None),
                           head_rule=self.head_rule(text) if self.head_rule else None,
                           attention_layers=self.attention_layers(text) if self.attention_layers else None,
                           linear_attention=self.linear_attention(text) if self.linear_attention else None,
-                          q_gated=self.q_gated)
+                          q_gated=self.q_gated, num_experts=experts[0], experts_per_token=experts[1],
+                          mlp_multiple=EXPERT_WIDTH_MULTIPLE if self.is_moe else 1)
 
     def write_config(self, config: PretrainedConfig, *, num_heads: int, num_kv_heads: int,
-                     intermediate_size: int) -> None:
+                     intermediate_size: int, num_experts: int | None = None) -> None:
         """Record the pruned widths in ``config`` (in place); ``head_dim`` is always written explicitly,
-        because after pruning it no longer equals ``hidden_size // num_attention_heads``."""
+        because after pruning it no longer equals ``hidden_size // num_attention_heads``. In a mixture of
+        experts ``intermediate_size`` is each expert's width and ``num_experts`` the experts kept."""
         text = self.text_config(config)
         _, _, head_dim = head_layout(text)
         text.head_dim = head_dim
         text.num_attention_heads = num_heads
         text.num_key_value_heads = num_kv_heads
-        text.intermediate_size = intermediate_size
+        setattr(text, self.expert_width_key if self.is_moe else "intermediate_size", intermediate_size)
+        if num_experts is not None:
+            setattr(text, self.num_experts_key, num_experts)
 
     def one_layer_config(self, config: PretrainedConfig, index: int) -> PretrainedConfig:
         """``config`` cut down to its layer ``index``, for running that layer alone: one hidden layer, that
@@ -381,6 +461,41 @@ class FamilyAdapter:
             raise TransactError(f"no llama.cpp architecture is known for model_type {self.model_type!r}")
         return self.gguf(self.text_config(config))
 
+    # -- one decoder layer's tensors, as checkpoints store them
+    def _fused_names(self) -> tuple[str, str]:
+        experts = f"{self.mlp_name}.{self.experts_name}"
+        return f"{experts}.gate_up_proj", f"{experts}.down_proj"
+
+    def fused_layer_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A decoder layer's tensors as a checkpoint stores them (names within the layer) -> as the layer
+        module holds them: each expert's stored projections fused into the 3-D expert parameters."""
+        if not self.is_moe:
+            return state
+        gate, up, down = self.expert_files
+        state, count = dict(state), 0
+        while gate.format(e=count) in state:
+            count += 1
+        take = [[state.pop(name.format(e=e)) for e in range(count)] for name in (gate, up, down)]
+        gate_up_name, down_name = self._fused_names()
+        state[gate_up_name] = torch.stack([torch.cat([g, u]) for g, u in zip(take[0], take[1], strict=True)])
+        state[down_name] = torch.stack(take[2])
+        return state
+
+    def split_layer_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of ``fused_layer_state``: a layer module's tensors -> as its checkpoint stores them."""
+        if not self.is_moe:
+            return state
+        gate, up, down = self.expert_files
+        gate_up_name, down_name = self._fused_names()
+        state = dict(state)
+        gate_up, experts_down = state.pop(gate_up_name), state.pop(down_name)
+        width = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            state[gate.format(e=e)] = gate_up[e, :width].contiguous()
+            state[up.format(e=e)] = gate_up[e, width:].contiguous()
+            state[down.format(e=e)] = experts_down[e].contiguous()
+        return state
+
     # -- the modules
     def lm_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The logits ``model`` computes from its final (normed) hidden states ``hidden`` (..., H) -> (..., V):
@@ -417,9 +532,20 @@ class FamilyAdapter:
         return AttentionParts(q=q, k=k, v=v, o=getattr(attn, self.o_name), num_heads=heads, num_kv_heads=kv_heads,
                               head_dim=head_dim, q_gated=self.q_gated)
 
-    def mlp(self, layer: nn.Module, config: PretrainedConfig) -> MlpParts:
+    def mlp(self, layer: nn.Module, config: PretrainedConfig) -> MlpParts | ExpertParts:
+        """The MLP of ``layer``: its projections, or in a mixture of experts its experts and router."""
         mlp = self.mlp_module(layer)
-        size = self.text_config(config).intermediate_size
+        text = self.text_config(config)
+        if self.is_moe:
+            shared = getattr(mlp, self.shared_expert_name) if self.shared_expert_name else None
+            return ExpertParts(
+                experts=getattr(mlp, self.experts_name), router=getattr(mlp, self.router_name),
+                num_experts=int(getattr(text, self.num_experts_key)), top_k=int(text.num_experts_per_tok),
+                intermediate_size=self.mlp_width(text),
+                shared=None if shared is None else self._plain_mlp(shared, text.shared_expert_intermediate_size))
+        return self._plain_mlp(mlp, text.intermediate_size)
+
+    def _plain_mlp(self, mlp: nn.Module, size: int) -> MlpParts:
         if self.gate_up_name:
             fused = getattr(mlp, self.gate_up_name)
             gate, up = Rows(fused, 0, size), Rows(fused, size, size)
@@ -427,7 +553,7 @@ class FamilyAdapter:
             gate, up = getattr(mlp, self.gate_name) if self.gate_name else None, getattr(mlp, self.up_name)
         return MlpParts(gate=gate, up=up, down=getattr(mlp, self.down_name), intermediate_size=size)
 
-    def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts | None, MlpParts]]:
+    def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts | None, MlpParts | ExpertParts]]:
         """(attention, MLP) of every decoder layer, in order; attention is None in a layer without it."""
         return [(self.attention(layer, model.config), self.mlp(layer, model.config)) for layer in self.layers(model)]
 
@@ -451,6 +577,13 @@ class FamilyAdapter:
             if attn is not None and hasattr(attn, name):
                 setattr(attn, name, value)
         mlp = self.mlp_module(layer)
-        if hasattr(mlp, "intermediate_size"):
+        if self.is_moe:
+            experts, router = getattr(mlp, self.experts_name), getattr(mlp, self.router_name)
+            count = int(getattr(text, self.num_experts_key))
+            for module in (mlp, experts, router):
+                if hasattr(module, "num_experts"):
+                    module.num_experts = count
+            experts.intermediate_dim = self.mlp_width(text)
+        elif hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = text.intermediate_size
 

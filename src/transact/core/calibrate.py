@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transact.arch import get_adapter
-from transact.arch.base import Part, weight_grad
+from transact.arch.base import ExpertParts, Part, weight_grad
+from transact.core.experts import ExpertCall, recording_experts
 from transact.errors import TransactError
 from transact.io.text import token_stream
 
@@ -103,18 +104,24 @@ class ActivationStats:
     ``attn[name]`` / ``mlp[name]``: one tensor per layer for each statistic collected, (num_heads * head_dim,)
     for attention and (intermediate_size,) for the MLP for the built-in ones: ``sum_sq`` (sum over tokens of
     x^2), ``sum`` (sum over tokens of x), ``abs_mean_sq`` (sum over samples of the squared per-sample mean |x|).
+
+    In a mixture of experts, ``mlp[name][l]`` stacks one statistic per expert, (num_experts, ...), each over
+    the tokens routed to that expert (of its router-weighted inputs where calibration was gate-weighted), and
+    ``experts`` holds per layer (num_experts,): ``tokens`` (how many tokens were routed to each expert) and
+    ``contribution`` (sum over those tokens of the L2 norm of the expert's router-weighted output).
     """
 
     attn: dict[str, list[torch.Tensor]]
     mlp: dict[str, list[torch.Tensor]]
     tokens: int = 0
     samples: int = 0
+    experts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> ActivationStats:
         def move(group):
             return {name: [t.to(device) for t in values] for name, values in group.items()}
 
-        return ActivationStats(move(self.attn), move(self.mlp), self.tokens, self.samples)
+        return ActivationStats(move(self.attn), move(self.mlp), self.tokens, self.samples, move(self.experts))
 
     def merged(self, other: ActivationStats) -> ActivationStats:
         """The statistics of two disjoint sets of windows together (every statistic is a sum)."""
@@ -125,7 +132,7 @@ class ActivationStats:
             return {name: [x + y for x, y in zip(a[name], b[name], strict=True)] for name in a}
 
         return ActivationStats(add(self.attn, other.attn), add(self.mlp, other.mlp), self.tokens + other.tokens,
-                               self.samples + other.samples)
+                               self.samples + other.samples, add(self.experts, other.experts))
 
 
 def _accumulate(store: dict[str, list], index: int, module: nn.Module, args: tuple) -> None:
@@ -136,20 +143,50 @@ def _accumulate(store: dict[str, list], index: int, module: nn.Module, args: tup
         values[index].add_(reduced)
 
 
+EXPERT_STATISTICS = ("sum_sq", "sum", "gram")  # token sums: the only kind a set of routed tokens has
+
+
+def _accumulate_expert(stats: ActivationStats, index: int, num_experts: int, gate_weighted: bool,
+                       call: ExpertCall) -> None:
+    """Add one expert call to layer ``index``'s per-expert statistics."""
+    if gate_weighted and call.weights is None:
+        raise TransactError("this model's experts do not scale their outputs by the routing weights where transact "
+                            "can see it; calibrate without gate weighting")
+    inputs = call.inputs * call.weights if gate_weighted else call.inputs
+    outputs = call.outputs if call.weights is None else call.outputs * call.weights
+    for name, values in stats.mlp.items():
+        reduced = STATISTICS[name](inputs)
+        if values[index] is None:
+            values[index] = reduced.new_zeros((num_experts, *reduced.shape))
+        values[index][call.expert].add_(reduced)
+    stats.experts["tokens"][index][call.expert] += inputs.shape[0]
+    stats.experts["contribution"][index][call.expert] += outputs.float().norm(dim=-1).sum()
+
+
 @contextmanager
-def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("sum_sq",)) -> Iterator[ActivationStats]:
+def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("sum_sq",), *,
+                              gate_weighted: bool = True) -> Iterator[ActivationStats]:
     """Within the block, every forward pass adds into the yielded ActivationStats (token and sample counts
-    excluded: the caller knows what it fed). The hooks are removed on exit, also on error."""
+    excluded: the caller knows what it fed). The hooks are removed on exit, also on error. Experts are
+    measured on their router-weighted inputs where ``gate_weighted``, else on their raw inputs."""
     unknown = sorted(set(statistics) - set(STATISTICS))
     if unknown:
         raise ValueError(f"unknown statistics {unknown}; known: {', '.join(STATISTICS)}")
     parts = get_adapter(model).layer_parts(model)
+    routed = {i: mlp for i, (_, mlp) in enumerate(parts) if isinstance(mlp, ExpertParts)}
+    if routed and set(statistics) - set(EXPERT_STATISTICS):
+        raise TransactError(f"experts are measured by sums over their routed tokens ({', '.join(EXPERT_STATISTICS)}); "
+                            f"{', '.join(sorted(set(statistics) - set(EXPERT_STATISTICS)))} cannot be collected")
     inputs = {"attn": [attn.o if attn is not None else None for attn, _ in parts],
-              "mlp": [mlp.down for _, mlp in parts]}
+              "mlp": [None if i in routed else mlp.down for i, (_, mlp) in enumerate(parts)]}
     # a layer without softmax attention has no o_proj input: its statistics stay empty
     stats = ActivationStats({name: [None if o is not None else NO_CHANNELS for o in inputs["attn"]]
                              for name in statistics},
                             {name: [None] * len(parts) for name in statistics})
+    if routed:
+        stats.experts = {name: [torch.zeros(routed[i].num_experts) if i in routed else NO_CHANNELS
+                                for i in range(len(parts))] for name in ("tokens", "contribution")}
+    recorders = [partial(_accumulate_expert, stats, i, mlp.num_experts, gate_weighted) for i, mlp in routed.items()]
     handles = []
     try:
         for store, linears in ((stats.attn, inputs["attn"]), (stats.mlp, inputs["mlp"])):
@@ -157,7 +194,10 @@ def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("
                 if linear is None:
                     continue
                 handles.append(linear.register_forward_pre_hook(partial(_accumulate, store, i)))
-        yield stats
+        with ExitStack() as experts:
+            if routed:
+                experts.enter_context(recording_experts([mlp.experts for mlp in routed.values()], recorders))
+            yield stats
     finally:
         for handle in handles:
             handle.remove()
@@ -170,11 +210,11 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
-              statistics: tuple[str, ...] = ("sum_sq",)) -> ActivationStats:
+              statistics: tuple[str, ...] = ("sum_sq",), gate_weighted: bool = True) -> ActivationStats:
     """Run ``windows`` (n, seq_len) through the model in batches and return the statistics (on CPU)."""
     device = next(model.parameters()).device
     body = decoder_stack(model)
-    with record_transitional_stats(model, statistics) as stats, torch.inference_mode():
+    with record_transitional_stats(model, statistics, gate_weighted=gate_weighted) as stats, torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc="calibrating", unit="batch",
                           total=-(-len(windows) // batch_size), disable=not progress):
             batch = windows[start : start + batch_size].to(device)
@@ -262,9 +302,9 @@ class Statistics:
 
 
 def collect_statistics(model: nn.Module, windows: torch.Tensor | None, names: tuple[str, ...], *,
-                       batch_size: int = 4, progress: bool = True) -> Statistics:
+                       batch_size: int = 4, progress: bool = True, gate_weighted: bool = True) -> Statistics:
     """One hooked forward pass over ``windows`` for every activation statistic in ``names``, and backward
-    passes when ``WEIGHT_X_GRAD`` is among them."""
+    passes when ``WEIGHT_X_GRAD`` is among them. ``gate_weighted``: see ``record_transitional_stats``."""
     if not names:
         return Statistics()
     if windows is None:
@@ -275,5 +315,5 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor | None, names: tu
         stats.weight_x_grad = weight_x_grad(model, windows, batch_size=batch_size, progress=progress)
     if activation_names:
         stats.activations = calibrate(model, windows, batch_size=batch_size, progress=progress,
-                                      statistics=activation_names)
+                                      statistics=activation_names, gate_weighted=gate_weighted)
     return stats

@@ -35,7 +35,7 @@ from transact.core.calibrate import (
     windows_hash,
 )
 from transact.core.plan import LayerPlan, PrunePlan, Targets, resolve_targets
-from transact.core.step import apply_step, calibration_windows, check_correctors, plan_step
+from transact.core.step import apply_step, calibration_windows, check_step, plan_step
 from transact.core.surgery import round_to_
 from transact.recipes import PruneRecipe
 from transact.version import library_versions
@@ -223,7 +223,7 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
     own layer module, so the layer is pruned where it lives. -> the plan."""
     adapter, shape = get_adapter(model), shape_of(model)
     targets = targets or resolve_targets(recipe, shape)
-    check_correctors(model.config, recipe, targets)
+    check_step(model.config, recipe, targets)
     windows = calibration_windows(tokenizer, recipe, texts)
     calibration_hash = windows_hash(windows) if windows is not None else None
     param = next(model.parameters())

@@ -12,6 +12,11 @@ keep the best ``kv_heads`` groups. The sum (rather than the mean or max over all
 the total salience the pruned layer actually retains, so it is the group choice that maximises retained
 salience under the structural constraint; heads a group would lose anyway do not vote for it. For MHA
 (g = 1) this reduces to ranking heads directly.
+
+Mixtures of experts. A layer keeps its best ``experts`` experts (by their routed contribution), and each
+kept expert its own best ``mlp`` channels: the config has one expert width, so every expert keeps the same
+number, but not the same channels. ``LayerPlan.experts`` lists the kept experts, ``expert_mlp`` the kept
+channels of each of them (in the same order); ``mlp`` stays empty.
 """
 
 from __future__ import annotations
@@ -35,11 +40,25 @@ PLAN_FORMAT = 1
 
 @dataclass(frozen=True)
 class Targets:
-    """Resolved kept widths per layer."""
+    """Resolved kept widths per layer; in a mixture of experts ``mlp`` is each expert's width and ``experts``
+    the experts kept (None in a dense model)."""
 
     heads: int
     kv_heads: int
     mlp: int
+    experts: int | None = None
+
+    def to_json(self) -> dict[str, int]:
+        """The widths a plan records (``experts`` only for a mixture of experts, so other plans read as before)."""
+        data = asdict(self)
+        if self.experts is None:
+            del data["experts"]
+        return data
+
+    def describe(self) -> str:
+        """heads/kv/mlp, and the experts kept where there are experts."""
+        widths = f"{self.heads}/{self.kv_heads}/{self.mlp}"
+        return widths if self.experts is None else f"{widths}, {self.experts} experts"
 
 
 def resolve_targets(recipe: PruneRecipe, shape: ModelShape) -> Targets:
@@ -78,8 +97,16 @@ def resolve_targets(recipe: PruneRecipe, shape: ModelShape) -> Targets:
         kv = heads // g
 
     mlp = shape.intermediate_size if recipe.mlp is None else recipe.mlp.of(shape.intermediate_size)
-    check_targets(Targets(heads, kv, mlp), shape)
-    return Targets(heads, kv, mlp)
+    if recipe.mlp is not None and recipe.mlp.is_fraction:  # to the nearest width the family can hold
+        mlp = max(shape.mlp_multiple, shape.mlp_multiple * round(mlp / shape.mlp_multiple))
+    experts = recipe.experts if recipe.experts is not None else None
+    if experts is not None and not shape.is_moe:
+        raise TransactError("--experts: this model has no experts (its MLPs are dense); prune its channels with --mlp")
+    if shape.is_moe:
+        experts = shape.num_experts if experts is None else experts.of(shape.num_experts)
+    targets = Targets(heads, kv, mlp, experts)
+    check_targets(targets, shape)
+    return targets
 
 
 def check_targets(t: Targets, shape: ModelShape) -> None:
@@ -99,8 +126,25 @@ def check_targets(t: Targets, shape: ModelShape) -> None:
     rule = shape.head_rule
     if rule is not None and t.heads not in rule.counts:
         raise TransactError(f"heads {t.heads}: {rule.why} (valid pairs: {valid_head_pairs(shape)})")
+    what = "channels per expert" if shape.is_moe else "mlp"
     if not 1 <= t.mlp <= P:
-        raise TransactError(f"mlp {t.mlp}: must be between 1 and the model's {P}")
+        raise TransactError(f"{what} {t.mlp}: must be between 1 and the model's {P}")
+    if t.mlp % shape.mlp_multiple and t.mlp != P:
+        m = shape.mlp_multiple
+        nearest = ", ".join(map(str, _nearest_multiples(t.mlp, m, P)))
+        raise TransactError(f"{what} {t.mlp}: must be a multiple of {m} (transformers' grouped expert kernel needs "
+                            f"rows of whole 16-byte blocks); nearest: {nearest}")
+    if shape.is_moe != (t.experts is not None):
+        raise TransactError("expert counts apply to mixtures of experts only" if t.experts is not None else
+                            "a mixture of experts needs the number of experts to keep")
+    if shape.is_moe and not shape.experts_per_token <= t.experts <= shape.num_experts:
+        raise TransactError(f"experts {t.experts}: must be between the {shape.experts_per_token} experts each token "
+                            f"is routed to and the model's {shape.num_experts}")
+
+
+def _nearest_multiples(width: int, multiple: int, total: int) -> list[int]:
+    below = width // multiple * multiple
+    return [w for w in (below, below + multiple) if 1 <= w <= total]
 
 
 def head_pairs(shape: ModelShape) -> list[tuple[int, int]]:
@@ -154,11 +198,31 @@ def select_channels(scores: torch.Tensor, keep: int) -> list[int]:
     return _top_sorted(scores.tolist(), keep)
 
 
+def select_experts(expert_scores: torch.Tensor, channel_scores: torch.Tensor, keep_experts: int,
+                   keep_channels: int) -> tuple[list[int], list[list[int]]]:
+    """The ``keep_experts`` best experts of one layer (ascending) and each one's ``keep_channels`` best
+    channels. expert_scores: (E,); channel_scores: (E, I) -> (experts, channels per kept expert)."""
+    experts = _top_sorted(expert_scores.tolist(), keep_experts)
+    return experts, [select_channels(channel_scores[e], keep_channels) for e in experts]
+
+
 @dataclass(frozen=True)
 class LayerPlan:
+    """The units one layer keeps: query heads, KV groups, MLP channels; in a mixture of experts the kept
+    experts and each one's kept channels (``mlp`` then empty)."""
+
     heads: list[int]
     kv_heads: list[int]
     mlp: list[int]
+    experts: list[int] | None = None
+    expert_mlp: list[list[int]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return data if self.experts is not None else {k: v for k, v in data.items() if k not in _EXPERT_FIELDS}
+
+
+_EXPERT_FIELDS = ("experts", "expert_mlp")
 
 
 @dataclass(frozen=True)
@@ -174,12 +238,16 @@ class PrunePlan:
     # What each corrector did after selection ({"name": ..., ...}), in the order they ran.
     corrections: list[dict[str, Any]] = field(default_factory=list)
     format: int = PLAN_FORMAT
+    # A mixture of experts pruned to fewer experts: per layer, the share of the calibration tokens' routes
+    # (tokens x experts per token) that went to the experts the plan drops.
+    dropped_expert_routes: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source.to_json(), "targets": asdict(self.targets),
-                "layers": [asdict(layer) for layer in self.layers], "recipe": self.recipe,
+        return {"source": self.source.to_json(), "targets": self.targets.to_json(),
+                "layers": [layer.to_json() for layer in self.layers], "recipe": self.recipe,
                 "calibration_hash": self.calibration_hash, "versions": self.versions,
-                "corrections": self.corrections, "format": self.format}
+                "corrections": self.corrections, "format": self.format,
+                **({"dropped_expert_routes": self.dropped_expert_routes} if self.dropped_expert_routes else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PrunePlan:
@@ -194,6 +262,7 @@ class PrunePlan:
                 calibration_hash=data.get("calibration_hash"),
                 versions=data.get("versions", {}),
                 corrections=data.get("corrections", _legacy_corrections(data.get("recipe", {}))),
+                dropped_expert_routes=data.get("dropped_expert_routes"),
             )
         except (KeyError, TypeError) as e:
             raise TransactError(f"not a transact plan: {e}") from None
@@ -221,7 +290,7 @@ class PrunePlan:
         if len(self.layers) != s.num_layers:
             raise TransactError(f"plan has {len(self.layers)} layers, source model {s.num_layers}")
         for i, layer in enumerate(self.layers):
-            _check_indices(f"layer {i} mlp", layer.mlp, t.mlp, s.intermediate_size)
+            _check_mlp(i, layer, t, s)
             if not s.has_attention(i):
                 if layer.heads or layer.kv_heads:
                     raise TransactError(f"layer {i} has no softmax attention, but the plan keeps heads in it")
@@ -245,6 +314,23 @@ def _legacy_corrections(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": "flap_bias"}] if recipe.get("bias_compensation") else []
 
 
+def _check_mlp(i: int, layer: LayerPlan, t: Targets, s: ModelShape) -> None:
+    """A layer's MLP channels, or its kept experts and each one's channels."""
+    if not s.is_moe:
+        if layer.experts is not None or layer.expert_mlp is not None:
+            raise TransactError(f"layer {i} keeps experts, but the model has a dense MLP")
+        _check_indices(f"layer {i} mlp", layer.mlp, t.mlp, s.intermediate_size)
+        return
+    if layer.experts is None or layer.expert_mlp is None or layer.mlp:
+        raise TransactError(f"layer {i}: a mixture-of-experts plan lists kept experts and their channels "
+                            "(experts, expert_mlp) and no dense mlp channels")
+    _check_indices(f"layer {i} experts", layer.experts, t.experts, s.num_experts)
+    if len(layer.expert_mlp) != len(layer.experts):
+        raise TransactError(f"layer {i}: {len(layer.expert_mlp)} channel lists for {len(layer.experts)} kept experts")
+    for e, channels in zip(layer.experts, layer.expert_mlp, strict=True):
+        _check_indices(f"layer {i} expert {e} channels", channels, t.mlp, s.intermediate_size)
+
+
 def _check_indices(what: str, idx: list[int], count: int, total: int) -> None:
     if len(idx) != count:
         raise TransactError(f"{what}: {len(idx)} entries, expected {count}")
@@ -257,15 +343,23 @@ def make_plan(
     mlp_scores: Sequence[torch.Tensor],
     targets: Targets,
     shape: ModelShape,
+    expert_scores: Sequence[torch.Tensor] | None = None,
     **provenance: Any,
 ) -> PrunePlan:
     """Select per layer. head_scores[l]: (num_heads,) ((0,) in a layer without attention),
-    mlp_scores[l]: (intermediate_size,)."""
+    mlp_scores[l]: (intermediate_size,), in a mixture of experts (num_experts, intermediate_size) with
+    expert_scores[l]: (num_experts,)."""
+    if shape.is_moe and expert_scores is None:
+        raise TransactError("a mixture of experts needs scores of its experts")
     layers = []
-    for h_scores, m_scores in zip(head_scores, mlp_scores, strict=True):
+    for i, (h_scores, m_scores) in enumerate(zip(head_scores, mlp_scores, strict=True)):
         heads, groups = (select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads)
                          if h_scores.numel() else ([], []))
-        layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=select_channels(m_scores, targets.mlp)))
+        if shape.is_moe:
+            experts, channels = select_experts(expert_scores[i], m_scores, targets.experts, targets.mlp)
+            layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=[], experts=experts, expert_mlp=channels))
+        else:
+            layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=select_channels(m_scores, targets.mlp)))
     plan = PrunePlan(source=shape, targets=targets, layers=layers, **provenance)
     plan.validate()
     return plan
@@ -277,20 +371,26 @@ def can_follow(current: Targets, nxt: Targets) -> bool:
     """Whether one pruning step can take a model of widths ``current`` to ``nxt``: nothing grows, and each
     kept KV group keeps at most the query heads it has now."""
     return (nxt.kv_heads <= current.kv_heads and nxt.heads <= current.heads and nxt.mlp <= current.mlp
-            and nxt.heads // nxt.kv_heads <= current.heads // current.kv_heads)
+            and nxt.heads // nxt.kv_heads <= current.heads // current.kv_heads
+            and (nxt.experts or 0) <= (current.experts or 0))
+
+
+def dense_targets(shape: ModelShape) -> Targets:
+    """The widths of the unpruned model."""
+    return Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size, shape.num_experts)
 
 
 def linear_schedule(shape: ModelShape, target: Targets, shots: int) -> list[Targets]:
     """Widths after each of ``shots`` steps from the dense model to ``target``, shrinking linearly.
 
-    MLP channels interpolate directly. Attention interpolates its size, which is proportional to
+    MLP channels (and experts) interpolate directly. Attention interpolates its size, which is proportional to
     heads + kv_heads (a query head owns q and o slices, a KV head k and v slices of the same size), and each
     shot takes the valid (heads, kv_heads) pair nearest to it (ties to the larger; within the family's head
     rule) that the previous shot can reach and from which the target stays reachable. The last shot is
     exactly ``target``.
     """
     check_targets(target, shape)
-    dense = Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
+    dense = dense_targets(shape)
     pairs = head_pairs(shape)  # a family's head rule holds for every shot, not only the last
     steps, current = [], dense
     for i in range(1, shots + 1):
@@ -299,9 +399,10 @@ def linear_schedule(shape: ModelShape, target: Targets, shots: int) -> list[Targ
             break
         f = i / shots
         mlp = round(dense.mlp + (target.mlp - dense.mlp) * f)
+        experts = None if dense.experts is None else round(dense.experts + (target.experts - dense.experts) * f)
         size = (dense.heads + dense.kv_heads) + ((target.heads + target.kv_heads) - (dense.heads + dense.kv_heads)) * f
-        options = [Targets(h, k, mlp) for h, k in pairs
-                   if can_follow(current, Targets(h, k, mlp)) and can_follow(Targets(h, k, mlp), target)]
+        candidates = [Targets(h, k, mlp, experts) for h, k in pairs]
+        options = [t for t in candidates if can_follow(current, t) and can_follow(t, target)]
         current = min(options, key=lambda t: (abs(t.heads + t.kv_heads - size), -(t.heads + t.kv_heads)))
         steps.append(current)
     return steps
@@ -309,7 +410,7 @@ def linear_schedule(shape: ModelShape, target: Targets, shots: int) -> list[Targ
 
 def check_schedule(shape: ModelShape, steps: Sequence[Targets]) -> None:
     """Every step valid and reachable from the one before (starting from the dense model)."""
-    current = Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
+    current = dense_targets(shape)
     for i, step in enumerate(steps):
         try:
             check_targets(step, shape)
@@ -317,9 +418,8 @@ def check_schedule(shape: ModelShape, steps: Sequence[Targets]) -> None:
             raise TransactError(f"schedule shot {i + 1}: {e}") from None
         if not can_follow(current, step):
             raise TransactError(
-                f"schedule shot {i + 1}: {step.heads}/{step.kv_heads}/{step.mlp} cannot follow "
-                f"{current.heads}/{current.kv_heads}/{current.mlp} (widths may only shrink, and a KV group "
-                f"cannot gain query heads)")
+                f"schedule shot {i + 1}: {step.describe()} cannot follow {current.describe()} (widths may only "
+                "shrink, and a KV group cannot gain query heads)")
         current = step
 
 
@@ -328,8 +428,31 @@ def compose_plans(first: PrunePlan, then: PrunePlan, **provenance: Any) -> Prune
     indices (``then`` indexes the units ``first`` kept)."""
     if then.source.num_layers != first.source.num_layers:
         raise TransactError("plans cover different numbers of layers")
-    layers = [LayerPlan(heads=[a.heads[j] for j in b.heads], kv_heads=[a.kv_heads[j] for j in b.kv_heads],
-                        mlp=[a.mlp[j] for j in b.mlp]) for a, b in zip(first.layers, then.layers, strict=True)]
+    layers = [_compose_layers(a, b) for a, b in zip(first.layers, then.layers, strict=True)]
     plan = PrunePlan(source=first.source, targets=then.targets, layers=layers, **provenance)
     plan.validate()
     return plan
+
+
+def dropped_routes(plan: PrunePlan, routed: Sequence[torch.Tensor]) -> list[float] | None:
+    """Per layer, the share of routes (routed[l]: (num_experts,) tokens routed to each expert) that went to
+    the experts ``plan`` drops; None where it drops none."""
+    if not plan.source.is_moe or plan.targets.experts == plan.source.num_experts:
+        return None
+    shares = []
+    for kept, tokens in zip(plan.layers, routed, strict=True):
+        dropped = torch.ones(len(tokens), dtype=torch.bool)
+        dropped[kept.experts] = False
+        shares.append(round(float(tokens[dropped].sum() / tokens.sum().clamp_min(1)), 6))
+    return shares
+
+
+def _compose_layers(a: LayerPlan, b: LayerPlan) -> LayerPlan:
+    """Layer plan ``b`` (indexing the units ``a`` kept) in the indices ``a`` started from."""
+    experts = expert_mlp = None
+    if a.experts is not None:
+        experts = [a.experts[j] for j in b.experts]
+        expert_mlp = [[a.expert_mlp[j][c] for c in channels] for j, channels in zip(b.experts, b.expert_mlp,
+                                                                                    strict=True)]
+    return LayerPlan(heads=[a.heads[j] for j in b.heads], kv_heads=[a.kv_heads[j] for j in b.kv_heads],
+                     mlp=[a.mlp[j] for j in b.mlp], experts=experts, expert_mlp=expert_mlp)

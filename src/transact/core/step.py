@@ -17,8 +17,8 @@ from torch import nn
 from transact.arch import get_adapter, shape_of
 from transact.core.calibrate import Statistics, collect_statistics, sample_windows, windows_hash
 from transact.core.correct import get_corrector
-from transact.core.metrics import get_metric
-from transact.core.plan import PrunePlan, Targets, make_plan, resolve_targets
+from transact.core.metrics import METRICS, get_metric
+from transact.core.plan import PrunePlan, Targets, dropped_routes, make_plan, resolve_targets
 from transact.core.surgery import prune_
 from transact.errors import TransactError
 from transact.io.text import read_texts
@@ -42,14 +42,25 @@ def gather_statistics(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts
     """Everything the recipe's metric and correctors need, from one calibration of ``model``."""
     windows = calibration_windows(tokenizer, recipe, texts)
     return collect_statistics(model, windows, recipe.statistics, batch_size=recipe.calibration.batch_size,
-                              progress=progress)
+                              progress=progress, gate_weighted=recipe.gate_weighted)
 
 
-def check_correctors(config, recipe: PruneRecipe, targets: Targets) -> None:
-    """Each corrector's up-front check that the family's checkpoint can carry its result (no compute)."""
+def check_step(config, recipe: PruneRecipe, targets: Targets) -> None:
+    """The up-front checks of a step (no compute): the metric scores this model's kind of units, and each
+    corrector's check that the family's checkpoint can carry its result."""
+    check_metric(shape_of(config), recipe)
     adapter = get_adapter(config)
     for name in recipe.correctors:
         get_corrector(name).check(adapter, config, targets)
+
+
+def check_metric(shape, recipe: PruneRecipe) -> None:
+    """Refuse a metric that cannot score this model's units (no compute)."""
+    metric = get_metric(recipe.metric)
+    if shape.is_moe and not metric.experts:
+        able = [name for name, m in METRICS.items() if m.experts]
+        raise TransactError(f"metric {recipe.metric!r} does not score experts; for a mixture of experts use "
+                            f"{', '.join(able)}")
 
 
 def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targets | None = None,
@@ -60,15 +71,19 @@ def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targ
     recorded with the recipe in the plan."""
     shape = shape_of(model)
     targets = targets or resolve_targets(recipe, shape)
-    check_correctors(model.config, recipe, targets)
+    check_step(model.config, recipe, targets)
     if statistics is None:
         statistics = gather_statistics(model, tokenizer, recipe, texts=texts, progress=progress)
     missing = [name for name in recipe.statistics if not statistics.has(name)]
     if missing:
         raise TransactError(f"the given statistics lack {', '.join(missing)}, which this recipe needs")
     scores = get_metric(recipe.metric).score(model, statistics, shape, recipe)
-    plan = make_plan(scores.heads, scores.mlp, targets, shape, recipe={**(note or {}), **recipe.to_json()},
+    plan = make_plan(scores.heads, scores.mlp, targets, shape, scores.experts,
+                     recipe={**(note or {}), **recipe.to_json()},
                      calibration_hash=statistics.calibration_hash, versions=library_versions())
+    routed = statistics.activations.experts.get("tokens") if statistics.activations is not None else None
+    if routed is not None:
+        plan = replace(plan, dropped_expert_routes=dropped_routes(plan, routed))
     return plan, statistics
 
 
@@ -120,7 +135,8 @@ def recalibrate(model: nn.Module, tokenizer, plan: PrunePlan, recipe: PruneRecip
                             "was calibrated on (their hash differs), so its corrections cannot be recreated; run "
                             "transact prune again, or apply-plan with the same calibration text")
     names = tuple(dict.fromkeys(s for r in plan.corrections for s in get_corrector(r["name"]).statistics))
-    return collect_statistics(model, windows, names, batch_size=recipe.calibration.batch_size, progress=progress)
+    return collect_statistics(model, windows, names, batch_size=recipe.calibration.batch_size, progress=progress,
+                              gate_weighted=recipe.gate_weighted)
 
 
 def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, texts: list[str] | None = None,

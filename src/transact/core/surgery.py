@@ -3,7 +3,9 @@
 q/k/v/gate/up keep only the output rows (and bias entries) of kept units (in a fused projection such as
 Phi-3's qkv_proj, the kept rows of each part, in its layout); o/down keep only the matching input
 columns (a Qwen3.5 query head's q rows are its query and its output gate). Layers without softmax
-attention (a hybrid model's linear-attention layers) lose only MLP channels. Embeddings, norms (including
+attention (a hybrid model's linear-attention layers) lose only MLP channels. A mixture of experts keeps
+its kept experts' slices of the fused expert parameters (each with its own kept channels: gate and up rows,
+down columns) and their rows of the router. Embeddings, norms (including
 Qwen3's per-head q/k norms, which act on head_dim) and the hidden size are untouched. Slicing copies values
 exactly, so applying the same plan to the same base model always gives bit-identical weights.
 """
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
-from transact.arch.base import AttentionParts, Part, module_of
+from transact.arch.base import AttentionParts, ExpertParts, Part, module_of
 from transact.core.plan import PrunePlan
 
 
@@ -59,6 +61,27 @@ def _keep_heads(attn: AttentionParts, heads: list[int], kv_heads: list[int]) -> 
     _keep_columns(attn.o, unit_rows(heads, attn.head_dim, device))
 
 
+def _replace(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(owner, name)
+    setattr(owner, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+
+
+def _keep_experts(mlp: ExpertParts, experts: list[int], channels: list[list[int]]) -> None:
+    """Keep experts ``experts`` of one block, expert ``experts[j]`` with its channels ``channels[j]``: its
+    gate and up rows of ``gate_up_proj`` ([gate | up] per expert), its ``down_proj`` columns, its router row."""
+    device, width = mlp.down.device, mlp.intermediate_size
+    kept = [torch.tensor(c, dtype=torch.long, device=device) for c in channels]
+    gate_up, down = mlp.gate_up.detach(), mlp.down.detach()
+    pairs = list(zip(experts, kept, strict=True))
+    _replace(mlp.experts, "gate_up_proj", torch.stack([gate_up[e].index_select(0, torch.cat([c, c + width]))
+                                                       for e, c in pairs]))
+    _replace(mlp.experts, "down_proj", torch.stack([down[e].index_select(1, c) for e, c in pairs]))
+    rows = torch.tensor(experts, dtype=torch.long, device=device)
+    for name in ("weight", "bias"):
+        if getattr(mlp.router, name, None) is not None:
+            _replace(mlp.router, name, getattr(mlp.router, name).detach().index_select(0, rows))
+
+
 @torch.no_grad()
 def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Prune ``model`` in place to ``plan`` (which must have been made for this model's shape)."""
@@ -68,11 +91,15 @@ def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     for (attn, mlp), kept in zip(adapter.layer_parts(model), plan.layers, strict=True):
         if attn is not None:
             _keep_heads(attn, kept.heads, kept.kv_heads)
+        if isinstance(mlp, ExpertParts):
+            _keep_experts(mlp, kept.experts, kept.expert_mlp)
+            continue
         channels = torch.tensor(kept.mlp, dtype=torch.long, device=mlp.down.weight.device)
         _keep_part_rows([(part, channels) for part in (mlp.gate, mlp.up) if part is not None])
         _keep_columns(mlp.down, channels)
     t = plan.targets
-    adapter.write_config(config, num_heads=t.heads, num_kv_heads=t.kv_heads, intermediate_size=t.mlp)
+    adapter.write_config(config, num_heads=t.heads, num_kv_heads=t.kv_heads, intermediate_size=t.mlp,
+                         num_experts=t.experts)
     for layer in adapter.layers(model):
         adapter.sync_modules(layer, config)
     return model

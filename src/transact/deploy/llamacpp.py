@@ -293,6 +293,7 @@ def gguf_summary(path: str | Path) -> dict:
         "file_bytes": Path(path).stat().st_size,
         "tensor_bytes": sum(sizes.values()),
         "bytes_per_decode_step": step,
+        "expert_bytes": sum(size for name, size in sizes.items() if "_exps." in name),  # routed experts
         "matrix_types": sorted(types),
         "head_count": _field(reader, f"{arch}.attention.head_count"),
         "head_count_kv": _field(reader, f"{arch}.attention.head_count_kv"),

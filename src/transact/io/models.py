@@ -139,12 +139,25 @@ def saved_names(model: torch.nn.Module) -> dict[str, str]:
     writes some families in their original hub layout (a multimodal Gemma 3's ``model.language_model.*``
     as ``language_model.model.*``) and renames on load; the others keep their names. Tensors a conversion
     merges or splits (not renames) keep their own names here."""
+    probes, reverted = _reverted(model)
+    module_name = {id(t): name for name, t in probes.items()}
+    return {module_name[id(t)]: saved for saved, t in reverted.items() if id(t) in module_name}
+
+
+def split_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors ``save_pretrained`` writes by splitting (or merging) the model's own, by stored name ->
+    shape: a mixture of experts' fused expert parameters become one tensor per expert and projection."""
+    probes, reverted = _reverted(model)
+    kept = {id(t) for t in probes.values()}
+    return {name: tuple(t.shape) for name, t in reverted.items() if id(t) not in kept}
+
+
+def _reverted(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's state dict as meta tensors, and what transformers' conversion for saving makes of it."""
     from transformers.core_model_loading import revert_weight_conversion
 
     probes = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict().items()}
-    module_name = {id(t): name for name, t in probes.items()}
-    reverted = revert_weight_conversion(model, dict(probes))
-    return {module_name[id(t)]: saved for saved, t in reverted.items() if id(t) in module_name}
+    return probes, revert_weight_conversion(model, dict(probes))
 
 
 # ---------------------------------------------------------------- one loading path
@@ -248,9 +261,14 @@ def _check_against_config(headers: dict[str, tuple[Path, tuple[int, ...]]], conf
     model = skeleton(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = saved_names(model)
-    if not set(expected) & set(headers) and set(stored.values()) & set(headers):
-        # the layout save_pretrained writes for this family: check the tensors under those names
-        headers = {module: headers[name] for module, name in stored.items() if name in headers}
+    split = split_tensors(model)
+    if set(split) & set(headers):  # experts stored one by one, as save_pretrained writes them
+        _check_split_tensors(headers, split)
+        expected = {name: shape for name, shape in expected.items() if name in stored}
+    # the names save_pretrained writes for this family (where they differ from the modules'): check the
+    # tensors under those names
+    headers = {**headers, **{module: headers[name] for module, name in stored.items()
+                             if module not in headers and name in headers}}
     if not set(expected) & set(headers):
         return  # names the loader maps on its own (an older layout): leave the check to it
     for name, (path, shape) in sorted(headers.items()):
@@ -262,6 +280,18 @@ def _check_against_config(headers: dict[str, tuple[Path, tuple[int, ...]]], conf
         more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
         raise TransactError(f"{next(iter(headers.values()))[0].parent}: no weight file holds {absent[0]}{more}, "
                             "which the config needs")
+
+
+def _check_split_tensors(headers: dict[str, tuple[Path, tuple[int, ...]]], split: dict[str, tuple[int, ...]]) -> None:
+    """The tensors stored one per expert: each present, with the shape the config implies."""
+    for name, shape in sorted(split.items()):
+        if name not in headers:
+            folder = next(iter(headers.values()))[0].parent
+            raise TransactError(f"{folder}: no weight file holds {name}, which the config needs")
+        path, found = headers[name]
+        if found != shape:
+            raise TransactError(f"{path}: {name} has shape {list(found)} but the config implies {list(shape)}; the "
+                                "weights do not match config.json")
 
 
 def _tensor_names(model: torch.nn.Module, saved: dict) -> dict[int, list[str]]:

@@ -123,12 +123,13 @@ def measure_once(model: nn.Module, ids: torch.Tensor, gen: int) -> dict:
 
 def analytic(model: nn.Module, batch: int, context: int, gen: int) -> dict:
     """Costs a measurement should track: prefill FLOPs, and bytes a decode step must read (every weight
-    once, and each sequence's KV cache at its mean length during the decode)."""
+    once, in a mixture of experts only the experts the batch is routed to, and each sequence's KV cache at
+    its mean length during the decode)."""
     shape = shape_of(model)
     kv = costs.kv_cache_bytes_per_token(shape, next(model.parameters()).dtype)
     return {
         "prefill_flops": costs.prefill_flops(shape, context),
-        "decode_bytes_per_step": costs.weight_bytes(model) + batch * kv * (context + gen // 2),
+        "decode_bytes_per_step": costs.decode_weight_bytes(model, batch) + batch * kv * (context + gen // 2),
     }
 
 
@@ -259,12 +260,13 @@ class GgufModel:
 
 def gguf_analytic(model: GgufModel, batch: int, context: int, gen: int) -> dict:
     """As ``analytic``, for llama.cpp: the weights as the file stores them (quantized bytes), and the
-    KV cache in llama.cpp's dtype."""
+    KV cache in llama.cpp's dtype; of a mixture of experts only the experts the batch is routed to."""
     shape = shape_of(model.config)
     kv = costs.kv_cache_bytes_per_token(shape, LLAMACPP_KV_DTYPE)
+    idle = round(model.summary.get("expert_bytes", 0) * (1 - costs.experts_read(shape, batch)))
     return {
         "prefill_flops": costs.prefill_flops(shape, context),
-        "decode_bytes_per_step": model.summary["bytes_per_decode_step"] + batch * kv * (context + gen // 2),
+        "decode_bytes_per_step": model.summary["bytes_per_decode_step"] - idle + batch * kv * (context + gen // 2),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transact.arch import ModelShape, shape_of
+from transact.arch import ModelShape, get_adapter, shape_of
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -27,13 +27,14 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
 def flops_per_token(shape: ModelShape, context: int) -> int:
     """Forward FLOPs (2 per multiply-add) for one token attending to ``context`` tokens.
 
-    Counts the matmuls: q/k/v/o (q with each head's output gate where the family has one), gate/up/down,
-    the LM head, and attention scores and weighted sums (2 * heads * head_dim * context each); a hybrid
-    model's linear-attention layers count ``LinearAttentionShape.flops_per_token`` in place of attention.
-    Norms, RoPE, softmax and activations are ignored (< 1 %).
+    Counts the matmuls: q/k/v/o (q with each head's output gate where the family has one), gate/up/down
+    (in a mixture of experts the router and the experts each token is routed to), the LM head, and
+    attention scores and weighted sums (2 * heads * head_dim * context each); a hybrid model's
+    linear-attention layers count ``LinearAttentionShape.flops_per_token`` in place of attention. Norms,
+    RoPE, softmax, activations and the routing's top-k are ignored (< 1 %).
     """
     attention = 2 * (attention_parameters(shape) + 2 * shape.num_heads * shape.head_dim * context)
-    mlp = 2 * 3 * shape.hidden_size * shape.intermediate_size
+    mlp = 2 * mlp_parameters(shape, active=True)
     total = shape.num_attention_layers * attention + shape.num_layers * mlp + lm_head_flops(shape)
     if shape.linear_attention is not None:
         linear_layers = shape.num_layers - shape.num_attention_layers
@@ -46,6 +47,22 @@ def attention_parameters(shape: ModelShape) -> int:
     them)."""
     q_rows = shape.num_heads * shape.head_dim * (2 if shape.q_gated else 1)
     return shape.hidden_size * (q_rows + shape.head_dim * (shape.num_heads + 2 * shape.num_kv_heads))
+
+
+def mlp_parameters(shape: ModelShape, *, active: bool = False) -> int:
+    """Parameters of one layer's MLP: gate/up/down, or in a mixture of experts the router and every
+    expert's (``active``: only the experts one token is routed to)."""
+    one = 3 * shape.hidden_size * shape.intermediate_size
+    if not shape.is_moe:
+        return one
+    return shape.hidden_size * shape.num_experts + one * (shape.experts_per_token if active else shape.num_experts)
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token's forward pass uses: all but the experts it is not routed to."""
+    shape = shape_of(model)
+    idle = shape.num_layers * (mlp_parameters(shape) - mlp_parameters(shape, active=True))
+    return count_parameters(model) - idle
 
 
 def lm_head_flops(shape: ModelShape) -> int:
@@ -68,6 +85,31 @@ def prefill_flops(shape: ModelShape, seq_len: int) -> int:
     return forward_flops(shape, seq_len) - (seq_len - 1) * lm_head_flops(shape)
 
 
+def experts_read(shape: ModelShape, batch: int) -> float:
+    """The share of a layer's experts one decode step of ``batch`` sequences reads: each sequence's token
+    reads its ``experts_per_token``, so E * (1 - (1 - k/E) ** batch) distinct experts are expected under
+    uniform routing (k/E at batch 1). 1 for a dense model."""
+    if not shape.is_moe:
+        return 1.0
+    return 1 - (1 - shape.experts_per_token / shape.num_experts) ** batch
+
+
+def expert_bytes(model: nn.Module) -> int:
+    """Bytes of the routed experts' weights (0 for a dense model)."""
+    adapter = get_adapter(model)
+    if not adapter.is_moe:
+        return 0
+    return sum(p.numel() * p.element_size() for _, mlp in adapter.layer_parts(model)
+               for p in (mlp.gate_up, mlp.down))
+
+
+def decode_weight_bytes(model: nn.Module, batch: int) -> int:
+    """Weight bytes one decode step of ``batch`` sequences reads: every weight once, except the experts no
+    sequence is routed to (``experts_read``)."""
+    routed = expert_bytes(model)
+    return round(weight_bytes(model) - routed * (1 - experts_read(shape_of(model), batch)))
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the unique parameters (what a decode step reads at least once)."""
     return sum(p.numel() * p.element_size() for p in _unique_parameters(model))
@@ -78,6 +120,8 @@ def model_summary(model: nn.Module) -> dict:
     shape = shape_of(model)
     dtype = next(model.parameters()).dtype
     hybrid = {"attention_layers": shape.num_attention_layers} if shape.attention_layers is not None else {}
+    moe = {"experts": shape.num_experts, "experts_per_token": shape.experts_per_token,
+           "active_params": active_parameters(model)} if shape.is_moe else {}
     return {
         "model_type": shape.model_type,
         "layers": shape.num_layers,
@@ -86,8 +130,9 @@ def model_summary(model: nn.Module) -> dict:
         "kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
         **hybrid,  # a hybrid model: how many layers have softmax attention (heads)
-        "mlp": shape.intermediate_size,
+        "mlp": shape.intermediate_size,  # in a mixture of experts: each expert's width
         "params": count_parameters(model),
+        **moe,
         "dtype": str(dtype).removeprefix("torch."),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(shape, dtype),
         "flops_per_token": {str(c): flops_per_token(shape, c) for c in (256, 1024, 4096)},
@@ -107,7 +152,7 @@ def layer_parameters(shape: ModelShape) -> int:
     attn = attention_parameters(shape)
     if shape.linear_attention is not None:
         attn = max(attn, shape.linear_attention.parameters(shape.hidden_size))
-    return attn + 3 * shape.hidden_size * shape.intermediate_size
+    return attn + mlp_parameters(shape)
 
 
 def layerwise_memory(shape: ModelShape, dtype: torch.dtype, calibration, *, refit: bool = True) -> dict[str, int]:
@@ -119,8 +164,9 @@ def layerwise_memory(shape: ModelShape, dtype: torch.dtype, calibration, *, refi
     - hidden states: the calibration windows' inputs of the current layer and its outputs;
     - layer activations: one calibration batch inside the layer (q/k/v/o and gate/up/down widths, eager
       attention scores);
-    - statistics: with the refit, the fp32 Gram matrices of the o_proj and down_proj inputs, and the fp64
-      blocks of the larger solve (counted as if every channel stayed);
+    - statistics: with the refit, the fp32 Gram matrices of the o_proj and down_proj inputs (one per
+      expert in a mixture of experts), and the fp64 blocks of the larger solve (counted as if every channel
+      stayed);
     - runtime: interpreter, torch, transformers and the tokenizer (measured).
     """
     size = dtype.itemsize
@@ -132,7 +178,7 @@ def layerwise_memory(shape: ModelShape, dtype: torch.dtype, calibration, *, refi
     parts = {"layer weights": 2 * layer_parameters(shape) * size,
              "hidden states": 2 * tokens * shape.hidden_size * size,
              "layer activations": (batch_tokens * (widths + 2 * shape.hidden_size) + scores) * size,
-             "statistics": (4 * (attn_width ** 2 + shape.intermediate_size ** 2)
+             "statistics": (4 * (attn_width ** 2 + (shape.num_experts or 1) * shape.intermediate_size ** 2)
                             + 2 * 8 * shape.intermediate_size ** 2 if refit else 0),
              "runtime": RUNTIME_OVERHEAD_BYTES}
     return {**parts, "total": sum(parts.values())}

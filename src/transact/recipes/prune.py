@@ -59,11 +59,17 @@ class Width:
         return self.value
 
 
+WIDTHS = ("heads", "kv_heads", "mlp", "experts")
+
+
 @dataclass(frozen=True)
 class PruneRecipe:
     """One-shot pruning: target widths per layer, the salience metric, correctors, and calibration.
 
-    ``heads``/``kv_heads``/``mlp`` left as None keep that dimension whole; at least one must be given.
+    ``heads``/``kv_heads``/``mlp`` left as None keep that dimension whole; at least one (or ``experts``)
+    must be given. In a mixture of experts ``mlp`` is each expert's width and ``experts`` the experts each
+    layer keeps; ``gate_weighted`` measures the experts' channels on their router-weighted inputs (the
+    activation the expert's output is linear in) rather than the raw ones.
     ``metric`` and each of ``correctors`` (default: the least-squares refit) name registered plug-ins
     (``transact.core.metrics``, ``transact.core.correct``). ``alpha`` None means the default 10 / head_dim
     (paper eq. 5 with the authors' setting); it is an option of the metrics that declare it. ``seed`` draws
@@ -73,6 +79,8 @@ class PruneRecipe:
     heads: Width | None = None
     kv_heads: Width | None = None
     mlp: Width | None = None
+    experts: Width | None = None
+    gate_weighted: bool = True
     metric: str = "transact"
     alpha: float | None = None
     seed: int = 0
@@ -83,12 +91,14 @@ class PruneRecipe:
     damp: float | None = None  # the refit's damping (None: its default)
 
     def __post_init__(self) -> None:
-        for name in ("heads", "kv_heads", "mlp"):
+        for name in WIDTHS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Width):
                 object.__setattr__(self, name, Width.parse(value))
-        if self.heads is None and self.kv_heads is None and self.mlp is None:
-            raise TransactError("nothing to prune: give heads, kv_heads and/or mlp")
+        if all(getattr(self, name) is None for name in WIDTHS):
+            raise TransactError("nothing to prune: give heads, kv_heads, mlp and/or experts")
+        if not isinstance(self.gate_weighted, bool):
+            raise TransactError(f"gate_weighted must be true or false, got {self.gate_weighted!r}")
         metric = get_metric(self.metric)
         if self.alpha is not None and (not math.isfinite(self.alpha) or self.alpha < 0):
             raise TransactError(f"alpha must be a finite number >= 0, got {self.alpha}")
@@ -131,7 +141,7 @@ class PruneRecipe:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        for name in ("heads", "kv_heads", "mlp"):
+        for name in WIDTHS:
             width = getattr(self, name)
             out[name] = None if width is None else width.to_json()
         out["correctors"] = list(self.correctors)

@@ -13,7 +13,7 @@ from transact.core.metrics import get_metric, metric_names
 from transact.errors import TransactError
 from transact.io.text import BUILTIN
 from transact.recipes.checks import check_choice, check_float, check_int, check_str, fail, fields_from
-from transact.recipes.prune import PruneRecipe, Width
+from transact.recipes.prune import WIDTHS, PruneRecipe, Width
 from transact.recipes.text import Calibration, HeldoutText
 
 RECOVERY_METHODS = ("full", "lora", "kd")
@@ -22,12 +22,14 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass(frozen=True)
 class Widths:
-    """Per-layer widths of one shot: query heads, KV heads, MLP channels (counts, or fractions in (0, 1)
-    of the dense model; ``None`` keeps that dimension at its current width)."""
+    """Per-layer widths of one shot: query heads, KV heads, MLP channels (each expert's, in a mixture of
+    experts), experts (counts, or fractions in (0, 1) of the dense model; ``None`` keeps that dimension at
+    its current width)."""
 
     heads: Width | None = None
     kv_heads: Width | None = None
     mlp: Width | None = None
+    experts: Width | None = None
 
     @classmethod
     def parse(cls, data: Any, key: str) -> Widths:
@@ -39,15 +41,15 @@ class Widths:
             except TransactError as e:
                 raise fail(f"{key}.{name}", str(e)) from None
         widths = cls(**out)
-        if widths.heads is None and widths.kv_heads is None and widths.mlp is None:
-            raise fail(key, "give at least one of heads, kv_heads, mlp")
+        if all(getattr(widths, name) is None for name in WIDTHS):
+            raise fail(key, "give at least one of heads, kv_heads, mlp, experts")
         return widths
 
     def as_prune_recipe(self, **kwargs: Any) -> PruneRecipe:
-        return PruneRecipe(heads=self.heads, kv_heads=self.kv_heads, mlp=self.mlp, **kwargs)
+        return PruneRecipe(**{name: getattr(self, name) for name in WIDTHS}, **kwargs)
 
     def to_json(self) -> dict[str, Any]:
-        values = {n: getattr(self, n) for n in ("heads", "kv_heads", "mlp")}
+        values = {n: getattr(self, n) for n in WIDTHS if n != "experts" or self.experts is not None}
         return {n: None if w is None else w.to_json() for n, w in values.items()}
 
 

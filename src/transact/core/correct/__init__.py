@@ -50,11 +50,49 @@ get_corrector = CORRECTORS.get
 corrector_names = CORRECTORS.names
 
 
-def kept_inputs(model: nn.Module, plan: PrunePlan) -> Iterator[tuple[int, str, nn.Linear, torch.Tensor]]:
-    """What a corrector may change, layer by layer: (layer index, "attn" or "mlp", the projection that consumes
-    the transitional activations (o_proj or down_proj), the indices of its input columns the plan keeps,
-    on the CPU). A layer without softmax attention has only its MLP."""
+@dataclass(frozen=True)
+class ExpertDown:
+    """One expert's slice [H, I] of a fused ``down_proj`` [E, H, I], read like a bias-free ``nn.Linear``:
+    writing into ``weight`` writes into the fused parameter."""
+
+    down: torch.Tensor
+    expert: int
+    bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.down[self.expert]
+
+
+@dataclass(frozen=True)
+class KeptInput:
+    """One projection that consumes transitional activations (o_proj, down_proj, or one routed expert's
+    down projection), in layer ``layer`` of ``module`` ("attn" or "mlp"), and the indices of its input
+    columns the plan keeps (on the CPU). ``expert`` is the expert's index in a mixture of experts (None
+    otherwise): its statistics are that expert's row of the layer's stacked ones."""
+
+    layer: int
+    module: str
+    linear: nn.Linear | ExpertDown
+    cols: torch.Tensor
+    expert: int | None = None
+
+    def statistic(self, per_layer: list[torch.Tensor]) -> torch.Tensor:
+        """This projection's input statistic, from a per-layer statistic of its module."""
+        value = per_layer[self.layer]
+        return value if self.expert is None else value[self.expert]
+
+
+def kept_inputs(model: nn.Module, plan: PrunePlan) -> Iterator[KeptInput]:
+    """What a corrector may change, layer by layer: the projections that consume the transitional
+    activations, with the input columns the plan keeps. A layer without softmax attention has only its MLP;
+    a mixture of experts has one down projection per kept expert."""
+    cpu = torch.device("cpu")
     for i, ((attn, mlp), kept) in enumerate(zip(get_adapter(model).layer_parts(model), plan.layers, strict=True)):
         if attn is not None:
-            yield i, "attn", attn.o, unit_rows(kept.heads, plan.source.head_dim, torch.device("cpu"))
-        yield i, "mlp", mlp.down, torch.tensor(kept.mlp, dtype=torch.long)
+            yield KeptInput(i, "attn", attn.o, unit_rows(kept.heads, plan.source.head_dim, cpu))
+        if kept.experts is None:
+            yield KeptInput(i, "mlp", mlp.down, torch.tensor(kept.mlp, dtype=torch.long))
+            continue
+        for e, channels in zip(kept.experts, kept.expert_mlp, strict=True):
+            yield KeptInput(i, "mlp", ExpertDown(mlp.down, e), torch.tensor(channels, dtype=torch.long), e)

@@ -38,9 +38,9 @@ def add_compensation_biases_(model: nn.Module, plan, stats, recipe=None) -> dict
         _zero_bias(linear)
     tokens = stats.activations.tokens
     means = {m: [t / tokens for t in stats.activation(m, "sum")] for m in ("attn", "mlp")}  # per layer (C,)
-    for i, module, linear, cols in kept_inputs(model, plan):
-        shift = salience.compensation_bias(linear.weight, means[module][i], cols)
-        linear.bias += shift.to(linear.bias.dtype).to(linear.bias.device)
+    for kept in kept_inputs(model, plan):
+        shift = salience.compensation_bias(kept.linear.weight, kept.statistic(means[kept.module]), kept.cols)
+        kept.linear.bias += shift.to(kept.linear.bias.dtype).to(kept.linear.bias.device)
     adapter.enable_output_biases(model.config)
     return {}
 

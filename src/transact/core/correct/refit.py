@@ -69,18 +69,30 @@ def damp_for(stats, recipe=None) -> float:
     widest Gram matrix."""
     if recipe is not None and recipe.damp is not None:
         return recipe.damp
-    widest = max(g.shape[0] for m in ("attn", "mlp") for g in stats.activation(m, "gram"))
+    widest = max(g.shape[-1] for m in ("attn", "mlp") for g in stats.activation(m, "gram"))
     return default_damp(stats.activations.tokens, widest)
+
+
+def expert_damp(stats, kept, recipe=None) -> float:
+    """The damping of one routed expert's refit: the recipe's, else ``default_damp`` for the tokens routed
+    to that expert (a fraction of the calibration tokens) and its width."""
+    if recipe is not None and recipe.damp is not None:
+        return recipe.damp
+    routed = int(stats.activations.experts["tokens"][kept.layer][kept.expert])
+    return default_damp(routed, kept.linear.weight.shape[1])
 
 
 @torch.no_grad()
 def refit_consumers_(model: nn.Module, plan, stats, recipe=None) -> dict:
-    """Before the plan's slicing: refit the kept columns of every o_proj and down_proj in place."""
+    """Before the plan's slicing: refit the kept columns of every o_proj and down_proj (and every kept
+    expert's down projection, from the Gram matrix of its router-weighted inputs) in place."""
     grams = {m: stats.activation(m, "gram") for m in ("attn", "mlp")}
     damp = damp_for(stats, recipe)
-    for i, module, linear, cols in kept_inputs(model, plan):
-        refitted = refit_columns(linear.weight, grams[module][i], cols, damp)
-        linear.weight[:, cols.to(linear.weight.device)] = refitted.to(linear.weight.device)
+    for kept in kept_inputs(model, plan):
+        weight = kept.linear.weight
+        this_damp = damp if kept.expert is None else expert_damp(stats, kept, recipe)
+        refitted = refit_columns(weight, kept.statistic(grams[kept.module]), kept.cols, this_damp)
+        weight[:, kept.cols.to(weight.device)] = refitted.to(weight.device)
     return {"damp": damp}
 
 

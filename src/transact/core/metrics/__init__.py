@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LayerScores:
-    """Per-layer unit scores (higher = more important): heads[l] (num_heads,), mlp[l] (intermediate_size,)."""
+    """Per-layer unit scores (higher = more important): heads[l] (num_heads,), mlp[l] (intermediate_size,);
+    in a mixture of experts mlp[l] (num_experts, intermediate_size) and experts[l] (num_experts,)."""
 
     heads: list[torch.Tensor]
     mlp: list[torch.Tensor]
+    experts: list[torch.Tensor] | None = None
 
 
 def no_heads() -> torch.Tensor:
@@ -47,7 +49,8 @@ class Metric:
 
     ``statistics`` names what calibration must collect (empty: data-free); ``options`` names the recipe
     fields beyond the widths and seed that the metric reads (the recipe refuses them for other metrics);
-    ``summary`` is its one-line description in the CLI help.
+    ``summary`` is its one-line description in the CLI help; ``experts``: it scores the experts and expert
+    channels of a mixture of experts (other metrics are refused on such models before any work).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Metric:
     score: Scorer
     statistics: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
+    experts: bool = False
 
     @property
     def data_free(self) -> bool:

@@ -16,9 +16,14 @@ def random_layer_scores(shape: ModelShape, seed: int) -> LayerScores:
     each layer do not depend on which layers have attention."""
     generator = torch.Generator().manual_seed(seed)
     heads = [salience.random_scores(shape.num_heads, generator) for _ in range(shape.num_layers)]
-    mlp = [salience.random_scores(shape.intermediate_size, generator) for _ in range(shape.num_layers)]
+    experts = shape.num_experts or 1  # a mixture of experts draws every expert's channels, then the experts
+    mlp = [salience.random_scores(experts * shape.intermediate_size, generator).view(experts, -1).squeeze(0)
+           for _ in range(shape.num_layers)]
     heads = [scores if shape.has_attention(i) else no_heads() for i, scores in enumerate(heads)]
-    return LayerScores(heads, mlp)
+    if not shape.is_moe:
+        return LayerScores(heads, mlp)
+    mlp = [scores.view(experts, -1) for scores in mlp]
+    return LayerScores(heads, mlp, [salience.random_scores(experts, generator) for _ in range(shape.num_layers)])
 
 
 def random_scores(model, stats, shape: ModelShape, recipe) -> LayerScores:
@@ -28,7 +33,9 @@ def random_scores(model, stats, shape: ModelShape, recipe) -> LayerScores:
         return random_layer_scores(shape, recipe.seed)
     index, num_layers = stats.layer
     every = random_layer_scores(replace(shape, num_layers=num_layers, attention_layers=None), recipe.seed)
-    return LayerScores([every.heads[index] if shape.has_attention(0) else no_heads()], [every.mlp[index]])
+    return LayerScores([every.heads[index] if shape.has_attention(0) else no_heads()], [every.mlp[index]],
+                       None if every.experts is None else [every.experts[index]])
 
 
-METRIC = register_metric(Metric("random", "data-free control: seeded random scores (--seed)", random_scores))
+METRIC = register_metric(Metric("random", "data-free control: seeded random scores (--seed)", random_scores,
+                                experts=True))

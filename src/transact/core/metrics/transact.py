@@ -1,6 +1,10 @@
 """TransAct (paper eq. 5): a head's salience is the mean of its channels' L2 norms plus alpha times their
 max; an MLP channel's salience is its L2 norm. Norms are over the calibration tokens of the transitional
-activations (o_proj and down_proj inputs)."""
+activations (o_proj and down_proj inputs).
+
+In a mixture of experts each expert's channels are scored the same way over the tokens routed to it (their
+router-weighted inputs by default), and an expert by its routed contribution: the sum over its tokens of
+the L2 norm of its router-weighted output, which is how much of the layer's output it carried."""
 
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ def transact_scores(model, stats, shape, recipe) -> LayerScores:
         raise TransactError(f"statistics cover {len(attn)} layers, model has {shape.num_layers}")
     alpha = salience.default_alpha(shape.head_dim) if recipe.alpha is None else recipe.alpha
     heads = [salience.head_salience(salience.channel_norms(s), shape.head_dim, alpha) for s in attn]
-    return LayerScores(heads, [salience.mlp_salience(salience.channel_norms(s)) for s in mlp])
+    channels = [salience.mlp_salience(salience.channel_norms(s)) for s in mlp]  # (P,) or (experts, P)
+    experts = stats.activations.experts["contribution"] if shape.is_moe else None
+    return LayerScores(heads, channels, experts)
 
 
 METRIC = register_metric(Metric(
     "transact", "paper eq. 5 on the transitional activations (the default; --alpha weights the max)",
-    transact_scores, statistics=("sum_sq",), options=("alpha",)))
+    transact_scores, statistics=("sum_sq",), options=("alpha",), experts=True))

@@ -1,0 +1,12 @@
+"""Mixtral: the Mistral block with a mixture of experts in place of the MLP (``num_local_experts`` experts
+of ``intermediate_size`` channels, ``num_experts_per_tok`` per token). Its checkpoints name the experts
+``block_sparse_moe.experts.E.w1/w2/w3``; llama.cpp converts them as its ``llama`` architecture with experts,
+which reads the expert count and width from the GGUF."""
+
+from transact.arch import register
+from transact.arch.base import FamilyAdapter, GgufTarget
+
+ADAPTER = register(FamilyAdapter(
+    "mixtral", experts_name="experts", num_experts_key="num_local_experts", expert_width_key="intermediate_size",
+    expert_files=tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2")),
+    gguf=lambda config: GgufTarget("llama")))

@@ -1,0 +1,185 @@
+"""Mixtures of experts (Qwen3-MoE, Mixtral): per-expert statistics, expert channels and whole experts pruned
+exactly, refusals before any work, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import VOCAB, char_tokenizer, tiny_config, tiny_model
+
+from transact.api import PruneJob, model_info, run_prune
+from transact.arch import ExpertParts, get_adapter, shape_of
+from transact.cli import main
+from transact.core.calibrate import collect_statistics, record_transitional_stats
+from transact.core.plan import PrunePlan, resolve_targets
+from transact.core.step import prune_step
+from transact.errors import TransactError
+from transact.io.models import skeleton, split_tensors
+from transact.recipes import PruneRecipe
+from transact.recipes.text import Calibration
+
+MOE = ("qwen3_moe", "mixtral")
+
+
+def _blocks(model) -> list[ExpertParts]:
+    adapter = get_adapter(model)
+    return [adapter.mlp(layer, model.config) for layer in adapter.layers(model)]
+
+
+def _by_hand(block: ExpertParts, hidden: torch.Tensor, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert sum of squares of the router-weighted down-projection inputs, and tokens routed to each
+    expert, of one block computed from its weights: hidden (tokens, H) -> ((E, I), (E,))."""
+    probs = F.softmax(hidden @ block.router.weight.T, dim=-1)
+    top, chosen = probs.topk(block.top_k, dim=-1)
+    if normalise:
+        top = top / top.sum(-1, keepdim=True)
+    width = block.intermediate_size
+    sum_sq, routed = torch.zeros(block.num_experts, width), torch.zeros(block.num_experts)
+    for e in range(block.num_experts):
+        tokens, slot = torch.where(chosen == e)
+        gate_up = hidden[tokens] @ block.gate_up[e].T
+        x = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+        sum_sq[e] = (x * top[tokens, slot, None]).square().sum(0)
+        routed[e] = len(tokens)
+    return sum_sq, routed
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_statistics_equal_a_hand_computation(family):
+    model = tiny_model(family, layers=1)
+    block = _blocks(model)[0]
+    hidden = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(1))
+    mlp = get_adapter(model).mlp_module(get_adapter(model).layers(model)[0])
+    with record_transitional_stats(model, ("sum_sq",)) as stats, torch.no_grad():
+        out = mlp(hidden)
+    sum_sq, routed = _by_hand(block, hidden[0], normalise=True)  # Mixtral always, Qwen3-MoE as released
+    torch.testing.assert_close(stats.mlp["sum_sq"][0], sum_sq, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.experts["tokens"][0], routed) and routed.sum() == 40 * block.top_k
+    assert model.config._experts_implementation != "transact_record"  # the implementation is restored
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(hidden), out, rtol=0, atol=1e-6)  # recording changed nothing computed
+    with record_transitional_stats(model, ("sum_sq",), gate_weighted=False) as raw, torch.no_grad():
+        mlp(hidden)
+    assert (raw.mlp["sum_sq"][0] > stats.mlp["sum_sq"][0]).all()  # weights below one shrink every channel
+
+
+def _silence_channels(model, channels_of) -> None:
+    """Zero the up rows of channels ``channels_of(expert)`` in every expert: their down input is zero."""
+    with torch.no_grad():
+        for block in _blocks(model):
+            for e in range(block.num_experts):
+                block.gate_up[e, block.intermediate_size + torch.tensor(channels_of(e))] = 0
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_channels_each_expert_does_not_use_are_pruned_exactly(family):
+    model = tiny_model(family)
+    # each expert silences a different half of its 96 channels
+    _silence_channels(model, lambda e: [c for c in range(96) if (c // 8 + e) % 2])
+    x = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    dense = model(x).logits
+    recipe = PruneRecipe(mlp=48, calibration=Calibration(samples=4, seq_len=24))
+    stats = collect_statistics(model, x, recipe.statistics, progress=False)
+    plan = prune_step(model, None, recipe, statistics=stats)
+    for kept in plan.layers:
+        assert kept.experts == [0, 1, 2, 3]
+        assert kept.expert_mlp == [[c for c in range(96) if not (c // 8 + e) % 2] for e in range(4)]
+    torch.testing.assert_close(model(x).logits, dense, rtol=0, atol=2e-5)
+    assert shape_of(model).intermediate_size == 48 and model.model.layers[0].mlp.experts.down_proj.shape == (4, 64, 48)
+
+
+def _never_routed(model, expert: int) -> None:
+    """Make ``expert`` lose every routing decision: hidden dimension 0 holds a positive constant through the
+    whole model (its embedding column, and nothing writes to it), and the expert's router row is a large
+    negative multiple of that dimension, so its softmax weight underflows to zero for every token."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 3.0
+        for layer, block in zip(model.model.layers, _blocks(model), strict=True):
+            layer.self_attn.o_proj.weight[0] = 0
+            block.down[:, 0] = 0
+            block.router.weight[:, 0] = 0
+            block.router.weight[expert] = 0
+            block.router.weight[expert, 0] = -1e4
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_an_expert_the_router_never_picks_is_the_one_dropped_with_logits_unchanged(tmp_path, family):
+    model = tiny_model(family)
+    _never_routed(model, 2)
+    x = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    dense = model(x).logits
+    recipe = PruneRecipe(experts=3, calibration=Calibration(samples=4, seq_len=24))
+    stats = collect_statistics(model, x, recipe.statistics, progress=False)
+    assert all(t[2] == 0 and t.sum() == 4 * 24 * 2 for t in stats.activations.experts["tokens"])
+    plan = prune_step(model, None, recipe, statistics=stats)
+    assert [kept.experts for kept in plan.layers] == [[0, 1, 3]] * 2
+    assert plan.dropped_expert_routes == [0.0, 0.0]
+    torch.testing.assert_close(model(x).logits, dense, rtol=0, atol=2e-5)
+    # the plan survives JSON and reads back the same
+    plan.save(tmp_path / "plan.json")
+    assert PrunePlan.load(tmp_path / "plan.json") == plan
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_files_are_what_transformers_writes(family):
+    """The per-expert names a layer-wise prune reads and writes are save_pretrained's own."""
+    adapter = get_adapter(tiny_config(family))
+    stored = {name.split(".", 3)[3] for name in split_tensors(skeleton(tiny_config(family))) if ".layers.0." in name}
+    assert stored == {name.format(e=e) for name in adapter.expert_files for e in range(4)}
+
+
+def test_refusals_before_any_work(tmp_path):
+    shape = shape_of(tiny_config("qwen3_moe"))
+    with pytest.raises(TransactError, match="experts 1: must be between the 2 experts each token is routed to"):
+        resolve_targets(PruneRecipe(experts=1), shape)
+    with pytest.raises(TransactError, match="channels per expert 50: must be a multiple of 8 .* nearest: 48, 56"):
+        resolve_targets(PruneRecipe(mlp=50), shape)
+    assert resolve_targets(PruneRecipe(mlp=0.5, experts=0.75), shape).describe() == "4/2/48, 3 experts"
+    with pytest.raises(TransactError, match="this model has no experts"):
+        resolve_targets(PruneRecipe(experts=2), shape_of(tiny_config("qwen3")))
+    with pytest.raises(TransactError, match="layers \\[0\\] of this model have a dense MLP"):
+        shape_of(tiny_config("qwen3_moe", mlp_only_layers=[0]))
+    base = tmp_path / "base"
+    tiny_model("qwen3_moe").save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    for recipe, message in ((PruneRecipe(mlp=48, metric="flap"), "metric 'flap' does not score experts"),
+                            (PruneRecipe(mlp=48, correctors=("flap_bias",)), "cannot carry o_proj/down_proj biases")):
+        with pytest.raises(TransactError, match=message):
+            run_prune(PruneJob(model=str(base), out=str(tmp_path / "out"), recipe=recipe, progress=False))
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_cli_prunes_experts_and_channels_into_a_vanilla_checkpoint(tmp_path, capsys, corpus, family):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    tiny_model(family).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(corpus))
+    assert main(["info", str(base)]) == 0
+    info = capsys.readouterr().out
+    assert "experts           4 per layer of 96 channels each, 2 active per token" in info
+    assert "prunable experts  2..4" in info and "prunable mlp      8..96 per expert, in multiples of 8" in info
+    assert model_info(str(base))["active_params"] < model_info(str(base))["params"]
+    out = tmp_path / "out"
+    assert main(["prune", str(base), "--out", str(out), "--experts", "3", "--mlp", "0.5", "--heads", "2",
+                 "--kv-heads", "1", "--calib", str(calib), "--samples", "4", "--seq-len", "32", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "experts" in printed and "dropped experts   took" in printed
+    config = json.loads((out / "config.json").read_text())
+    width_key = "moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"
+    # (Qwen3MoeConfig writes its num_experts as num_local_experts, and reads either)
+    assert (config["num_local_experts"], config[width_key], config["num_attention_heads"]) == (3, 48, 2)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["targets"] == {"heads": 2, "kv_heads": 1, "mlp": 48, "experts": 3}
+    assert len(plan["dropped_expert_routes"]) == 2 and all(0 <= s < 1 for s in plan["dropped_expert_routes"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["experts"] == 3 and report["after"]["active_params"] < report["before"]["active_params"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # vanilla, the default experts implementation
+    x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert reloaded(x).logits.isfinite().all()
