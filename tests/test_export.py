@@ -6,10 +6,10 @@ import stat
 
 import pytest
 import torch
-from tiny import EXPERT_WIDTH, FAMILIES, HEADS_MUST_DIVIDE_HIDDEN, TIED, VOCAB, load_kwargs, random_plan, tiny_model
+from tiny import FAMILIES, HEADS_MUST_DIVIDE_HIDDEN, TIED, VOCAB, load_kwargs, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
-from transact.arch import shape_of
+from transact.arch import get_adapter, shape_of
 from transact.core.metrics.random_choice import random_layer_scores
 from transact.core.plan import Targets, make_plan
 from transact.core.surgery import prune_
@@ -52,7 +52,8 @@ def test_roundtrip_vanilla_reload_identical_logits(tmp_path, family, hidden, hea
     config = json.loads((out / "config.json").read_text())
     text = config.get("text_config", config)  # a multimodal checkpoint keeps the widths in its text config
     assert text["num_attention_heads"] == keep_heads and text["num_key_value_heads"] == keep_kv
-    assert text["head_dim"] == 16 and text[EXPERT_WIDTH.get(family, "intermediate_size")] == 40
+    adapter = get_adapter(model)
+    assert text["head_dim"] == 16 and text[adapter.expert_width_key if adapter.is_moe else "intermediate_size"] == 40
     expected_type = "mistral" if family == "llama" and indivisible else family
     assert config["model_type"] == expected_type
 

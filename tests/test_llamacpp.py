@@ -32,6 +32,9 @@ def _structure(family: str, structure: str) -> tuple[int, int, int, int]:
 EXPECTED_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "gemma2": "gemma2",
                  "gemma3_text": "gemma3", "gemma3": "gemma3", "smollm3": "smollm3", "qwen3_5_text": "qwen35",
                  "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+# Not in this matrix: qwen2_moe exports only with its heads kept (tests/test_moe.py), and qwen3_5_moe_text's
+# converter reads the vocabulary through transformers' Qwen3.5 tokenizer class, whose pre-tokenizer the
+# borrowed SmolLM2 vocabulary does not match (as with the multimodal qwen3_5).
 # What llama.cpp assumes of these families (arch/gemma2.py, gemma3.py, smollm3.py): an attention scale of
 # head_dim ** -0.5, every 6th layer full-attention, every 4th layer without rotary embedding.
 GEMMA3_GGUF = {"query_pre_attn_scalar": 16, "sliding_window_pattern": 6}

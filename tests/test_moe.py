@@ -1,5 +1,5 @@
-"""Mixtures of experts (Qwen3-MoE, Mixtral): per-expert statistics, expert channels and whole experts pruned
-exactly, refusals before any work, and the command line."""
+"""Mixtures of experts (Qwen3-MoE, Mixtral, Qwen2-MoE, Qwen3.5-MoE): per-expert statistics, expert channels,
+shared experts and whole experts pruned exactly, refusals before any work, and the command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import VOCAB, char_tokenizer, tiny_config, tiny_model
+from tiny import VOCAB, char_tokenizer, random_plan, tiny_config, tiny_model
+from transformers import AutoConfig
 
 from transact.api import PruneJob, model_info, run_prune
 from transact.arch import ExpertParts, get_adapter, shape_of
@@ -16,12 +17,13 @@ from transact.cli import main
 from transact.core.calibrate import collect_statistics, record_transitional_stats
 from transact.core.plan import PrunePlan, resolve_targets
 from transact.core.step import prune_step
+from transact.core.surgery import prune_
 from transact.errors import TransactError
 from transact.io.models import skeleton, split_tensors
 from transact.recipes import PruneRecipe
 from transact.recipes.text import Calibration
 
-MOE = ("qwen3_moe", "mixtral")
+MOE = ("qwen3_moe", "mixtral", "qwen2_moe", "qwen3_5_moe_text")
 
 
 def _blocks(model) -> list[ExpertParts]:
@@ -55,7 +57,8 @@ def test_expert_statistics_equal_a_hand_computation(family):
     mlp = get_adapter(model).mlp_module(get_adapter(model).layers(model)[0])
     with record_transitional_stats(model, ("sum_sq",)) as stats, torch.no_grad():
         out = mlp(hidden)
-    sum_sq, routed = _by_hand(block, hidden[0], normalise=True)  # Mixtral always, Qwen3-MoE as released
+    # Mixtral and Qwen3.5-MoE always renormalise the top-k weights; Qwen2/3-MoE as their config says
+    sum_sq, routed = _by_hand(block, hidden[0], normalise=getattr(model.config, "norm_topk_prob", True))
     torch.testing.assert_close(stats.mlp["sum_sq"][0], sum_sq, rtol=1e-5, atol=1e-6)
     assert torch.equal(stats.experts["tokens"][0], routed) and routed.sum() == 40 * block.top_k
     assert model.config._experts_implementation != "transact_record"  # the implementation is restored
@@ -67,11 +70,14 @@ def test_expert_statistics_equal_a_hand_computation(family):
 
 
 def _silence_channels(model, channels_of) -> None:
-    """Zero the up rows of channels ``channels_of(expert)`` in every expert: their down input is zero."""
+    """Zero the up rows of channels ``channels_of(expert)`` in every expert, and of ``channels_of(0)`` in the
+    shared expert where there is one: their down input is zero."""
     with torch.no_grad():
         for block in _blocks(model):
             for e in range(block.num_experts):
                 block.gate_up[e, block.intermediate_size + torch.tensor(channels_of(e))] = 0
+            if block.shared is not None:
+                block.shared.up.weight[channels_of(0)] = 0
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -87,6 +93,7 @@ def test_channels_each_expert_does_not_use_are_pruned_exactly(family):
     for kept in plan.layers:
         assert kept.experts == [0, 1, 2, 3]
         assert kept.expert_mlp == [[c for c in range(96) if not (c // 8 + e) % 2] for e in range(4)]
+        assert kept.mlp == ([c for c in range(96) if not (c // 8) % 2] if _blocks(model)[0].shared else [])
     torch.testing.assert_close(model(x).logits, dense, rtol=0, atol=2e-5)
     assert shape_of(model).intermediate_size == 48 and model.model.layers[0].mlp.experts.down_proj.shape == (4, 64, 48)
 
@@ -97,8 +104,10 @@ def _never_routed(model, expert: int) -> None:
     negative multiple of that dimension, so its softmax weight underflows to zero for every token."""
     with torch.no_grad():
         model.get_input_embeddings().weight[:, 0] = 3.0
-        for layer, block in zip(model.model.layers, _blocks(model), strict=True):
-            layer.self_attn.o_proj.weight[0] = 0
+        for layer, block in zip(get_adapter(model).layers(model), _blocks(model), strict=True):
+            for name, linear in layer.named_modules():  # everything that writes to the residual stream
+                if name.endswith(("o_proj", "out_proj", "down_proj")) and isinstance(linear, torch.nn.Linear):
+                    linear.weight[0] = 0
             block.down[:, 0] = 0
             block.router.weight[:, 0] = 0
             block.router.weight[expert] = 0
@@ -131,15 +140,25 @@ def test_expert_files_are_what_transformers_writes(family):
     assert stored == {name.format(e=e) for name in adapter.expert_files for e in range(4)}
 
 
+def test_an_iterative_schedule_keeps_expert_widths_whole_multiples():
+    from transact.core.plan import Targets, linear_schedule
+
+    shape = shape_of(tiny_config("qwen3_moe"))
+    steps = linear_schedule(shape, Targets(4, 2, 40, 2), 3)
+    assert [(t.mlp, t.experts) for t in steps] == [(80, 3), (56, 3), (40, 2)]  # 77.3 and 58.7 to multiples of 8
+
+
 def test_refusals_before_any_work(tmp_path):
     shape = shape_of(tiny_config("qwen3_moe"))
     with pytest.raises(TransactError, match="experts 1: must be between the 2 experts each token is routed to"):
         resolve_targets(PruneRecipe(experts=1), shape)
-    with pytest.raises(TransactError, match="channels per expert 50: must be a multiple of 8 .* nearest: 48, 56"):
+    with pytest.raises(TransactError, match=r"channels per expert 50: must be a multiple of 8 .* nearest: 48, 56"):
         resolve_targets(PruneRecipe(mlp=50), shape)
     assert resolve_targets(PruneRecipe(mlp=0.5, experts=0.75), shape).describe() == "4/2/48, 3 experts"
     with pytest.raises(TransactError, match="this model has no experts"):
         resolve_targets(PruneRecipe(experts=2), shape_of(tiny_config("qwen3")))
+    with pytest.raises(TransactError, match=r"'gpt_oss' is not supported; gpt-oss interleaves .* sinks"):
+        get_adapter(AutoConfig.for_model("gpt_oss"))
     with pytest.raises(TransactError, match="layers \\[0\\] of this model have a dense MLP"):
         shape_of(tiny_config("qwen3_moe", mlp_only_layers=[0]))
     base = tmp_path / "base"
@@ -163,7 +182,7 @@ def test_cli_prunes_experts_and_channels_into_a_vanilla_checkpoint(tmp_path, cap
     calib.write_text("\n\n".join(corpus))
     assert main(["info", str(base)]) == 0
     info = capsys.readouterr().out
-    assert "experts           4 per layer of 96 channels each, 2 active per token" in info
+    assert "experts           4 per layer of 96 channels each, 2 active per token" in info, info
     assert "prunable experts  2..4" in info and "prunable mlp      8..96 per expert, in multiples of 8" in info
     assert model_info(str(base))["active_params"] < model_info(str(base))["params"]
     out = tmp_path / "out"
@@ -171,15 +190,75 @@ def test_cli_prunes_experts_and_channels_into_a_vanilla_checkpoint(tmp_path, cap
                  "--kv-heads", "1", "--calib", str(calib), "--samples", "4", "--seq-len", "32", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "experts" in printed and "dropped experts   took" in printed
-    config = json.loads((out / "config.json").read_text())
-    width_key = "moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"
-    # (Qwen3MoeConfig writes its num_experts as num_local_experts, and reads either)
-    assert (config["num_local_experts"], config[width_key], config["num_attention_heads"]) == (3, 48, 2)
+    shape = shape_of(AutoConfig.from_pretrained(out))
+    assert (shape.num_experts, shape.intermediate_size, shape.num_heads, shape.num_kv_heads) == (3, 48, 2, 1)
+    assert shape.shared_expert_size == (48 if family in ("qwen2_moe", "qwen3_5_moe_text") else None)
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["targets"] == {"heads": 2, "kv_heads": 1, "mlp": 48, "experts": 3}
+    shared = {"shared_mlp": 48} if shape.shared_expert_size else {}
+    assert plan["targets"] == {"heads": 2, "kv_heads": 1, "mlp": 48, "experts": 3, **shared}
     assert len(plan["dropped_expert_routes"]) == 2 and all(0 <= s < 1 for s in plan["dropped_expert_routes"])
+    layerwise = tmp_path / "layerwise"  # the same prune one layer at a time: the same plan and weights
+    assert main(["prune", str(base), "--out", str(layerwise), "--experts", "3", "--mlp", "0.5", "--heads", "2",
+                 "--kv-heads", "1", "--calib", str(calib), "--samples", "4", "--seq-len", "32", "--quiet",
+                 "--layerwise", "--no-sequential"]) == 0
+    assert json.loads((layerwise / "plan.json").read_text())["layers"] == plan["layers"]
+    assert json.loads((layerwise / "plan.json").read_text())["dropped_expert_routes"] == plan["dropped_expert_routes"]
     report = json.loads((out / "report.json").read_text())
     assert report["after"]["experts"] == 3 and report["after"]["active_params"] < report["before"]["active_params"]
     reloaded = AutoModelForCausalLM.from_pretrained(out)  # vanilla, the default experts implementation
     x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     assert reloaded(x).logits.isfinite().all()
+
+
+def test_qwen2_moe_exports_to_llamacpp_with_its_heads_kept_and_refuses_pruned_heads(tmp_path, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from transact.deploy.gguf import GgufExportJob, run_gguf_export
+    from transact.io.checkpoint import write_checkpoint
+
+    model = tiny_model("qwen2_moe", vocab_size=49152)
+    plan = random_plan(model, 4, 2, 64)  # 3 of 4 experts, 64 of 96 channels, every head
+    prune_(model, plan)
+    write_checkpoint(model, AutoTokenizer.from_pretrained(smollm2_dir), tmp_path / "m", plan=plan, report={},
+                     save_dtype=torch.float32)
+    result = run_gguf_export(GgufExportJob(str(tmp_path / "m"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
+                                           progress=False))
+    check = result["verification"]
+    assert check["ok"] and check["agree"] >= 30 and check["max_logprob_diff"] < 0.01
+    prune_(model, random_plan(model, 2, 1, 64, experts=3))
+    with pytest.raises(TransactError, match="qwen2moe architecture sizes q_proj as hidden x hidden"):
+        get_adapter(model).gguf_target(model.config)
+
+
+def test_transact_run_prunes_experts_over_two_shots_and_trains_them(tmp_path, corpus):
+    """``transact run`` on a mixture of experts: two shots towards 2 of 4 experts with 48 of 96 channels,
+    each followed by full fine-tuning (the fused expert weights train like any other), into a vanilla
+    checkpoint whose plan maps back to the dense model's experts."""
+    from transformers import AutoModelForCausalLM
+
+    from transact.recipes import RunRecipe
+    from transact.recovery import loop
+
+    base = tmp_path / "base"
+    dense = tiny_model("qwen3_moe")
+    dense.save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(corpus))
+    recipe = RunRecipe.from_dict({
+        "model": str(base), "out": str(tmp_path / "out"), "device": "cpu",
+        "target": {"mlp": 48, "experts": 2}, "shots": 2,
+        "calibration": {"text": str(text), "samples": 6, "seq_len": 32, "seed": 0},
+        "training": {"data": str(text), "method": "full", "tokens_per_shot": 1024, "final_tokens": 0,
+                     "seq_len": 32, "batch_size": 4, "lr": 1e-3},
+        "heldout": {"text": str(text), "tokens": 512, "window": 128}})
+    result = loop.run(recipe, progress=False)
+    report = json.loads((result.out / "report.json").read_text())
+    assert [p["widths"] for p in report["phases"]] == [[4, 2, 72, 3], [4, 2, 48, 2]]
+    pruned = AutoModelForCausalLM.from_pretrained(result.out)
+    assert shape_of(pruned).num_experts == 2 and shape_of(pruned).intermediate_size == 48
+    plan = json.loads((result.out / "plan.json").read_text())
+    kept, channels = plan["layers"][0]["experts"], plan["layers"][0]["expert_mlp"]
+    original = dense.model.layers[0].mlp.experts.down_proj[kept[0]][:, channels[0]]
+    trained = pruned.model.layers[0].mlp.experts.down_proj[0]
+    assert trained.shape == original.shape and not torch.equal(trained, original)  # trained

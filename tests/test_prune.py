@@ -37,6 +37,8 @@ def _zero_pruned_units(model, plan):
                 continue
             for e, channels in zip(kept.experts, kept.expert_mlp, strict=True):  # each expert its own channels
                 mlp.down[e][:, sorted(set(range(plan.source.intermediate_size)) - set(channels))] = 0
+            if mlp.shared is not None:
+                mlp.shared.down.weight[:, sorted(set(range(plan.source.shared_expert_size)) - set(kept.mlp))] = 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

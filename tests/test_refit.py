@@ -68,7 +68,8 @@ def _duplicated_units_model(family: str):
             if isinstance(mlp, ExpertParts):  # in every expert: [gate | up] rows of gate_up_proj
                 mlp.gate_up[:, 1:48:2] = mlp.gate_up[:, 0:48:2]
                 mlp.gate_up[:, 49::2] = 2 * mlp.gate_up[:, 48::2]
-            else:
+                mlp = mlp.shared  # and the shared expert, where there is one
+            if mlp is not None:
                 mlp.gate.weight[1::2] = mlp.gate.weight[0::2]
                 mlp.up.weight[1::2] = 2 * mlp.up.weight[0::2]
             hd = attn.q_head_rows if attn else 0  # a head's q rows (with its output gate's, in Qwen3.5)
@@ -87,8 +88,9 @@ def _even_units_plan(model):
     if not shape.is_moe:
         return make_plan(heads, mlp, Targets(2, 2, 24), shape)
     experts = shape.num_experts  # all kept: what a dropped expert carried is no combination of the others'
-    return make_plan(heads, [m.expand(experts, -1) for m in mlp], Targets(2, 2, 24, experts), shape,
-                     [torch.ones(experts)] * shape.num_layers)
+    shared = None if shape.shared_expert_size is None else 24
+    return make_plan(heads, [m.expand(experts, -1) for m in mlp], Targets(2, 2, 24, experts, shared), shape,
+                     [torch.ones(experts)] * shape.num_layers, mlp if shared else None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -31,12 +31,17 @@ FAMILY_SETTINGS = {
     # four experts, each token routed to two, renormalised among them as in the released Qwen3-MoE models
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False},
 }
+# Qwen3.5-MoE: the Qwen3.5 hybrid stack with four experts, two per token, and a shared expert
+FAMILY_SETTINGS["qwen3_5_moe_text"] = {**FAMILY_SETTINGS["qwen3_5_text"], "num_experts": 4, "num_experts_per_tok": 2}
 # Mixtures of experts whose experts' width is a config key of its own (``mlp`` sets it too).
-EXPERT_WIDTH = {"qwen3_moe": "moe_intermediate_size"}
+EXPERT_WIDTH = dict.fromkeys(("qwen3_moe", "qwen2_moe", "qwen3_5_moe_text"), "moe_intermediate_size")
+# Mixtures of experts with a shared expert: ``mlp`` sets its width too.
+SHARED_WIDTH = dict.fromkeys(("qwen2_moe", "qwen3_5_moe_text"), "shared_expert_intermediate_size")
 VOCAB = 128
 # Multimodal families: their text family, whose settings the language model takes, and a tiny vision tower.
-MULTIMODAL = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text"}
+MULTIMODAL = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
                "image_size": 28, "patch_size": 14}
 TINY_QWEN3_5_VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
@@ -45,7 +50,7 @@ TINY_QWEN3_5_VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 48, "
 # class to save such a checkpoint as (arch/gemma2.py): those widths must be refused.
 HEADS_MUST_DIVIDE_HIDDEN = ("gemma2", "gemma3_text", "gemma3")
 # Families whose released checkpoints tie the input embedding and the LM head.
-TIED = ("qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_5_text", "qwen3_5")
+TIED = ("qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_5_text", "qwen3_5")  # (Qwen3.5-MoE: untied)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -66,12 +71,14 @@ def tiny_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int
     kwargs.update(FAMILY_SETTINGS.get(text_family, {}))
     if text_family in EXPERT_WIDTH:
         kwargs[EXPERT_WIDTH[text_family]] = mlp
+    if text_family in SHARED_WIDTH:
+        kwargs[SHARED_WIDTH[text_family]] = mlp
     kwargs.update(extra)
     if family not in MULTIMODAL:
         return AutoConfig.for_model(family, **kwargs)
     # The image tokens lie outside the text vocabulary, so no text input (random test ids included) holds one.
     text = AutoConfig.for_model(text_family, **kwargs).to_dict()
-    if family == "qwen3_5":
+    if family in ("qwen3_5", "qwen3_5_moe"):
         return AutoConfig.for_model(family, text_config=text, tie_word_embeddings=tie,
                                     vision_config={**TINY_QWEN3_5_VISION, "out_hidden_size": hidden},
                                     image_token_id=VOCAB + 3, video_token_id=VOCAB + 4,
@@ -86,13 +93,14 @@ def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0, exper
     experts keeps ``experts`` experts (default: one fewer than it has) of ``mlp`` channels each."""
     from transact.arch import shape_of
     from transact.core.metrics.random_choice import random_layer_scores
-    from transact.core.plan import Targets, make_plan
+    from transact.core.plan import Targets, make_plan, shared_width
 
     shape = shape_of(model.config)
     scores = random_layer_scores(shape, seed)
     if shape.is_moe and experts is None:
         experts = shape.num_experts - 1
-    return make_plan(scores.heads, scores.mlp, Targets(heads, kv_heads, mlp, experts), shape, scores.experts)
+    return make_plan(scores.heads, scores.mlp, Targets(heads, kv_heads, mlp, experts, shared_width(shape, mlp)), shape,
+                     scores.experts, scores.shared)
 
 
 def load_kwargs(config) -> dict:

@@ -114,7 +114,7 @@ def _start(job: PruneJob, work: Path, key: dict) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     progress = {"format": PROGRESS_FORMAT, "key": key, "done": 0, "layers": [], "corrections": None,
-                "config_changes": None, "hidden": None, "shards": [], "seconds": {}}
+                "config_changes": None, "hidden": None, "shards": [], "seconds": {}, "dropped_routes": []}
     write_json_atomic(progress_file, progress)
     return progress
 
@@ -236,6 +236,7 @@ def _prune_layers(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, t
                                   prep.device)
         file, names = _write_layer(writer, index, model, prefix, prep.save_dtype, vanilla, weights.stored_name)
         progress["layers"].append(result.kept.__dict__)
+        progress.setdefault("dropped_routes", []).append(result.dropped_routes)
         progress["shards"].append([file, names])
         progress["done"] = index + 1
         progress["seconds"]["layers"] = round(progress["seconds"].get("layers", 0) + time.perf_counter() - t, 3)
@@ -264,6 +265,12 @@ def _embedding_name(weights: LazyCheckpoint, config: PretrainedConfig) -> str:
         if name in held:
             return name
     raise TransactError(f"{weights.folder}: no tensor holds the input embedding ({' or '.join(names)})")
+
+
+def _routes(progress: dict) -> list[float] | None:
+    """Per layer, the share of routes to the experts it dropped (None unless every layer dropped some)."""
+    routes = progress.get("dropped_routes") or [None]
+    return None if None in routes or len(routes) != len(progress["layers"]) else routes
 
 
 def _other_tensors(weights: LazyCheckpoint, config: PretrainedConfig) -> list[str]:
@@ -295,7 +302,7 @@ def _finish(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, tokeniz
     plan = PrunePlan(source=prep.shape, targets=targets, layers=[LayerPlan(**kept) for kept in progress["layers"]],
                      recipe={**job.recipe.to_json(), "layerwise": True, "sequential": sequential},
                      calibration_hash=calibration_hash, versions=library_versions(),
-                     corrections=progress["corrections"] or [])
+                     corrections=progress["corrections"] or [], dropped_expert_routes=_routes(progress))
     plan.validate()
     plan.save(work / "plan.json")
     report = {"model": job.model, "device": str(prep.device), "compute_dtype": str(prep.dtype)[6:],

@@ -22,9 +22,21 @@ from transact.arch.base import (
 )
 from transact.registry import Registry
 
-FAMILIES: Registry[FamilyAdapter] = Registry(
-    "model family", __name__, key=lambda adapter: adapter.model_type,
-    unknown=lambda name, known: f"model_type {name!r} is not supported; transact supports: {', '.join(known)}")
+# Families transact knows it does not prune yet, and why (the refusal says so rather than only listing others).
+NOT_YET = {
+    "gpt_oss": "gpt-oss interleaves its experts' gate and up rows, gives experts biases and a clamped SwiGLU, "
+               "and adds per-head attention sinks that would have to be sliced with the heads; transact does "
+               "not prune it yet",
+}
+
+
+def _unknown_family(name: str, known: tuple[str, ...]) -> str:
+    why = f"{NOT_YET[name]}. " if name in NOT_YET else ""
+    return f"model_type {name!r} is not supported; {why}transact supports: {', '.join(known)}"
+
+
+FAMILIES: Registry[FamilyAdapter] = Registry("model family", __name__, key=lambda adapter: adapter.model_type,
+                                             unknown=_unknown_family)
 register = FAMILIES.register
 
 

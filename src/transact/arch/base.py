@@ -202,7 +202,8 @@ class ModelShape:
     multiples of it. None of them is part of what a plan must match (``compare=False``).
 
     A mixture of experts has ``num_experts`` experts per layer, each of ``intermediate_size`` channels, and
-    routes each token to ``experts_per_token`` of them."""
+    routes each token to ``experts_per_token`` of them; ``shared_expert_size`` is the width of the plain MLP
+    every token also goes through (Qwen2-MoE's shared expert; None: none)."""
 
     model_type: str
     num_layers: int
@@ -220,6 +221,7 @@ class ModelShape:
     num_experts: int | None = None
     experts_per_token: int | None = None
     mlp_multiple: int = field(default=1, compare=False)
+    shared_expert_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.attention_layers is not None:  # a plan read from JSON gives a list
@@ -252,6 +254,8 @@ class ModelShape:
             data["attention_layers"] = list(self.attention_layers)
         if self.is_moe:
             data.update(num_experts=self.num_experts, experts_per_token=self.experts_per_token)
+        if self.shared_expert_size is not None:
+            data["shared_expert_size"] = self.shared_expert_size
         return data
 
 
@@ -314,9 +318,10 @@ class FamilyAdapter:
       ``shared_expert_name`` its always-active plain MLP (None: none). The config states the expert count
       under ``num_experts_key`` and each expert's width under ``expert_width_key``. ``moe_refusal(text_config)``
       says why a model of the family cannot be pruned (None: it can), checked whenever its shape is read.
-      ``expert_files``: the names (within a decoder layer, ``{e}`` the expert) under which checkpoints store
-      each expert's gate, up and down projection: transformers fuses them on load and splits them on save,
-      and a layer-wise prune does the same for one layer (``fused_layer_state`` / ``split_layer_state``).
+      The shared expert's width is the config's ``shared_width_key``. ``expert_files``: the names (within a
+      decoder layer, ``{e}`` the expert) under which checkpoints store each expert's gate, up and down
+      projection: transformers fuses them on load and splits them on save, and a layer-wise prune does the
+      same for one layer (``fused_layer_state`` / ``split_layer_state``).
     """
 
     model_type: str
@@ -353,6 +358,7 @@ class FamilyAdapter:
     moe_refusal: Callable[[PretrainedConfig], str | None] | None = None
     expert_files: tuple[str, str, str] = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
                                           "mlp.experts.{e}.down_proj.weight")
+    shared_width_key: str = "shared_expert_intermediate_size"
 
     def model_class(self) -> type:
         """The auto class whose ``from_pretrained`` / ``from_config`` gives this family's full model."""
@@ -386,10 +392,15 @@ class FamilyAdapter:
                           attention_layers=self.attention_layers(text) if self.attention_layers else None,
                           linear_attention=self.linear_attention(text) if self.linear_attention else None,
                           q_gated=self.q_gated, num_experts=experts[0], experts_per_token=experts[1],
-                          mlp_multiple=EXPERT_WIDTH_MULTIPLE if self.is_moe else 1)
+                          mlp_multiple=EXPERT_WIDTH_MULTIPLE if self.is_moe else 1,
+                          shared_expert_size=self.shared_width(text))
+
+    def shared_width(self, text_config: PretrainedConfig) -> int | None:
+        """The shared expert's width (None: the family has none)."""
+        return int(getattr(text_config, self.shared_width_key)) if self.shared_expert_name else None
 
     def write_config(self, config: PretrainedConfig, *, num_heads: int, num_kv_heads: int,
-                     intermediate_size: int, num_experts: int | None = None) -> None:
+                     intermediate_size: int, num_experts: int | None = None, shared_size: int | None = None) -> None:
         """Record the pruned widths in ``config`` (in place); ``head_dim`` is always written explicitly,
         because after pruning it no longer equals ``hidden_size // num_attention_heads``. In a mixture of
         experts ``intermediate_size`` is each expert's width and ``num_experts`` the experts kept."""
@@ -401,6 +412,8 @@ class FamilyAdapter:
         setattr(text, self.expert_width_key if self.is_moe else "intermediate_size", intermediate_size)
         if num_experts is not None:
             setattr(text, self.num_experts_key, num_experts)
+        if shared_size is not None:
+            setattr(text, self.shared_width_key, shared_size)
 
     def one_layer_config(self, config: PretrainedConfig, index: int) -> PretrainedConfig:
         """``config`` cut down to its layer ``index``, for running that layer alone: one hidden layer, that
@@ -447,8 +460,14 @@ class FamilyAdapter:
     def family_notes(self, config: PretrainedConfig) -> list[str]:
         """The family's limits and traps for this model, in words: its head rule, its notes, and whether
         llama.cpp can take it as it is."""
-        rule = self.shape(config).head_rule
-        lines = [f"heads: {rule.why}"] if rule else []
+        shape = self.shape(config)
+        lines = [f"heads: {shape.head_rule.why}"] if shape.head_rule else []
+        if shape.is_moe:
+            lines.append(f"mixture of experts: --experts keeps each layer's best experts by routed contribution (at "
+                         f"least the {shape.experts_per_token} each token is routed to); --mlp keeps each kept "
+                         "expert's own best channels, measured on its router-weighted inputs")
+            lines.append("transact run: LoRA adapts attention (and a shared expert), not the routed experts' fused "
+                         "weights; method full trains them too")
         lines += self.notes(self.text_config(config))
         try:
             lines.append(f"GGUF: converts as llama.cpp's {self.gguf_target(config).architecture!r} architecture")
@@ -542,7 +561,7 @@ class FamilyAdapter:
                 experts=getattr(mlp, self.experts_name), router=getattr(mlp, self.router_name),
                 num_experts=int(getattr(text, self.num_experts_key)), top_k=int(text.num_experts_per_tok),
                 intermediate_size=self.mlp_width(text),
-                shared=None if shared is None else self._plain_mlp(shared, text.shared_expert_intermediate_size))
+                shared=None if shared is None else self._plain_mlp(shared, self.shared_width(text)))
         return self._plain_mlp(mlp, text.intermediate_size)
 
     def _plain_mlp(self, mlp: nn.Module, size: int) -> MlpParts:
@@ -584,6 +603,9 @@ class FamilyAdapter:
                 if hasattr(module, "num_experts"):
                     module.num_experts = count
             experts.intermediate_dim = self.mlp_width(text)
+            shared = getattr(mlp, self.shared_expert_name) if self.shared_expert_name else None
+            if shared is not None and hasattr(shared, "intermediate_size"):
+                shared.intermediate_size = self.shared_width(text)
         elif hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = text.intermediate_size
 

@@ -52,7 +52,7 @@ def qwen3_5_notes(config: PretrainedConfig) -> tuple[str, ...]:
             f"{config.linear_num_value_heads} value heads per layer could be removed exactly (the same number "
             f"from each of the {config.linear_num_key_heads} key heads' groups, in every such layer), which "
             "transact does not do yet",
-            "MLP channels are pruned in every layer",
+            "MLP channels (of every expert, in a mixture of experts) are pruned in every layer",
             "each query head's q_proj block holds its query and its output gate (2 x head_dim rows); a head "
             "keeps or loses both",
             "the multi-token-prediction head (mtp.*) of released checkpoints is not loaded by transformers, so "
@@ -72,3 +72,18 @@ ADAPTER = register(FamilyAdapter("qwen3_5_text", **_QWEN3_5))
 MULTIMODAL_ADAPTER = register(FamilyAdapter("qwen3_5", text_config_name="text_config",
                                             layers_path="model.language_model.layers",
                                             auto_class=AutoModelForImageTextToText, **_QWEN3_5))
+
+
+# Qwen3.5 / 3.6 mixtures of experts (Qwen3.5-35B-A3B and larger; ``qwen3_5_moe_text``, multimodal
+# ``qwen3_5_moe``): the same hybrid stack, with a mixture of experts and a shared expert in every layer's
+# MLP. llama.cpp converts them as its ``qwen35moe`` architecture.
+def qwen35moe_gguf(config: PretrainedConfig) -> GgufTarget:
+    return GgufTarget("qwen35moe", converter_args=("--no-mtp",))
+
+
+_QWEN3_5_MOE = {**_QWEN3_5, "gguf": qwen35moe_gguf, "experts_name": "experts", "shared_expert_name": "shared_expert"}
+
+MOE_ADAPTER = register(FamilyAdapter("qwen3_5_moe_text", **_QWEN3_5_MOE))
+MULTIMODAL_MOE_ADAPTER = register(FamilyAdapter("qwen3_5_moe", text_config_name="text_config",
+                                                layers_path="model.language_model.layers",
+                                                auto_class=AutoModelForImageTextToText, **_QWEN3_5_MOE))

@@ -109,6 +109,7 @@ class ActivationStats:
     the tokens routed to that expert (of its router-weighted inputs where calibration was gate-weighted), and
     ``experts`` holds per layer (num_experts,): ``tokens`` (how many tokens were routed to each expert) and
     ``contribution`` (sum over those tokens of the L2 norm of the expert's router-weighted output).
+    ``shared[name]`` holds the shared expert's statistics, as a dense MLP's, where there is one.
     """
 
     attn: dict[str, list[torch.Tensor]]
@@ -116,12 +117,14 @@ class ActivationStats:
     tokens: int = 0
     samples: int = 0
     experts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    shared: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> ActivationStats:
         def move(group):
             return {name: [t.to(device) for t in values] for name, values in group.items()}
 
-        return ActivationStats(move(self.attn), move(self.mlp), self.tokens, self.samples, move(self.experts))
+        return ActivationStats(move(self.attn), move(self.mlp), self.tokens, self.samples, move(self.experts),
+                               move(self.shared))
 
     def merged(self, other: ActivationStats) -> ActivationStats:
         """The statistics of two disjoint sets of windows together (every statistic is a sum)."""
@@ -132,7 +135,8 @@ class ActivationStats:
             return {name: [x + y for x, y in zip(a[name], b[name], strict=True)] for name in a}
 
         return ActivationStats(add(self.attn, other.attn), add(self.mlp, other.mlp), self.tokens + other.tokens,
-                               self.samples + other.samples, add(self.experts, other.experts))
+                               self.samples + other.samples, add(self.experts, other.experts),
+                               add(self.shared, other.shared))
 
 
 def _accumulate(store: dict[str, list], index: int, module: nn.Module, args: tuple) -> None:
@@ -178,7 +182,8 @@ def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("
         raise TransactError(f"experts are measured by sums over their routed tokens ({', '.join(EXPERT_STATISTICS)}); "
                             f"{', '.join(sorted(set(statistics) - set(EXPERT_STATISTICS)))} cannot be collected")
     inputs = {"attn": [attn.o if attn is not None else None for attn, _ in parts],
-              "mlp": [None if i in routed else mlp.down for i, (_, mlp) in enumerate(parts)]}
+              "mlp": [None if i in routed else mlp.down for i, (_, mlp) in enumerate(parts)],
+              "shared": [mlp.shared.down if i in routed and mlp.shared else None for i, (_, mlp) in enumerate(parts)]}
     # a layer without softmax attention has no o_proj input: its statistics stay empty
     stats = ActivationStats({name: [None if o is not None else NO_CHANNELS for o in inputs["attn"]]
                              for name in statistics},
@@ -186,10 +191,13 @@ def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("
     if routed:
         stats.experts = {name: [torch.zeros(routed[i].num_experts) if i in routed else NO_CHANNELS
                                 for i in range(len(parts))] for name in ("tokens", "contribution")}
+    if any(inputs["shared"]):
+        stats.shared = {name: [None] * len(parts) for name in statistics}
     recorders = [partial(_accumulate_expert, stats, i, mlp.num_experts, gate_weighted) for i, mlp in routed.items()]
     handles = []
     try:
-        for store, linears in ((stats.attn, inputs["attn"]), (stats.mlp, inputs["mlp"])):
+        for store, linears in ((stats.attn, inputs["attn"]), (stats.mlp, inputs["mlp"]),
+                               (stats.shared, inputs["shared"])):
             for i, linear in enumerate(linears):
                 if linear is None:
                     continue

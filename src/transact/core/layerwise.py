@@ -188,6 +188,7 @@ class LayerResult:
     kept: LayerPlan
     corrections: list[dict] = field(default_factory=list)
     next_hidden: torch.Tensor | None = None
+    dropped_routes: float | None = None  # the share of routes to the experts it drops (mixtures of experts)
 
 
 def prune_layer(model: nn.Module, index: int, num_layers: int, hidden: torch.Tensor | None, recipe: PruneRecipe,
@@ -208,7 +209,8 @@ def prune_layer(model: nn.Module, index: int, num_layers: int, hidden: torch.Ten
         round_to_(layer_of(model), round_to)
     if hidden is not None and sequential:
         outputs, _ = run_layer(model, hidden, batch)
-    return LayerResult(plan.layers[0], plan.corrections, outputs)
+    routes = plan.dropped_expert_routes[0] if plan.dropped_expert_routes else None
+    return LayerResult(plan.layers[0], plan.corrections, outputs, routes)
 
 
 # ---------------------------------------------------------------- a model in memory, layer by layer
@@ -228,7 +230,7 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
     calibration_hash = windows_hash(windows) if windows is not None else None
     param = next(model.parameters())
     models = LayerModels(model.config, param.dtype, param.device)
-    layers, hidden, kept, corrections, first = adapter.layers(model), None, [], [], None
+    layers, hidden, kept, corrections, first, routes = adapter.layers(model), None, [], [], None, []
     embedding = model.get_input_embeddings().weight
     for index in tqdm(range(shape.num_layers), desc="layers", unit="layer", disable=not progress):
         one = models.holding(index, layers[index])
@@ -238,13 +240,15 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
         result = prune_layer(one, index, shape.num_layers, hidden, recipe, targets, sequential=sequential,
                              calibration_hash=calibration_hash)
         kept.append(result.kept)
+        routes.append(result.dropped_routes)
         corrections, hidden = corrections or result.corrections, result.next_hidden
         first = first or one.config
     for key, value in config_changes(model.config, first).items():
         setattr(adapter.text_config(model.config), key, value)
     return PrunePlan(source=shape, targets=targets, layers=kept,
                      recipe={**(note or {}), **recipe.to_json(), "layerwise": True, "sequential": sequential},
-                     calibration_hash=calibration_hash, versions=library_versions(), corrections=corrections)
+                     calibration_hash=calibration_hash, versions=library_versions(), corrections=corrections,
+                     dropped_expert_routes=routes if None not in routes else None)
 
 
 def config_changes(source: PretrainedConfig, pruned_first: PretrainedConfig) -> dict:

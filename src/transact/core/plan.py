@@ -16,7 +16,8 @@ salience under the structural constraint; heads a group would lose anyway do not
 Mixtures of experts. A layer keeps its best ``experts`` experts (by their routed contribution), and each
 kept expert its own best ``mlp`` channels: the config has one expert width, so every expert keeps the same
 number, but not the same channels. ``LayerPlan.experts`` lists the kept experts, ``expert_mlp`` the kept
-channels of each of them (in the same order); ``mlp`` stays empty.
+channels of each of them (in the same order); ``mlp`` lists the kept channels of the shared expert where
+the model has one (Qwen2-MoE: a plain MLP every token goes through), and is empty otherwise.
 """
 
 from __future__ import annotations
@@ -47,18 +48,18 @@ class Targets:
     kv_heads: int
     mlp: int
     experts: int | None = None
+    shared_mlp: int | None = None  # the shared expert's width, where there is one
 
     def to_json(self) -> dict[str, int]:
-        """The widths a plan records (``experts`` only for a mixture of experts, so other plans read as before)."""
-        data = asdict(self)
-        if self.experts is None:
-            del data["experts"]
-        return data
+        """The widths a plan records (the experts' only for a mixture of experts, so other plans read as before)."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
 
     def describe(self) -> str:
         """heads/kv/mlp, and the experts kept where there are experts."""
         widths = f"{self.heads}/{self.kv_heads}/{self.mlp}"
-        return widths if self.experts is None else f"{widths}, {self.experts} experts"
+        if self.experts is not None:
+            widths += f", {self.experts} experts"
+        return widths if self.shared_mlp is None else f"{widths}, shared expert {self.shared_mlp}"
 
 
 def resolve_targets(recipe: PruneRecipe, shape: ModelShape) -> Targets:
@@ -104,9 +105,20 @@ def resolve_targets(recipe: PruneRecipe, shape: ModelShape) -> Targets:
         raise TransactError("--experts: this model has no experts (its MLPs are dense); prune its channels with --mlp")
     if shape.is_moe:
         experts = shape.num_experts if experts is None else experts.of(shape.num_experts)
-    targets = Targets(heads, kv, mlp, experts)
+    targets = Targets(heads, kv, mlp, experts, shared_width(shape, mlp))
     check_targets(targets, shape)
     return targets
+
+
+def shared_width(shape: ModelShape, mlp: int) -> int | None:
+    """The shared expert's kept width for experts of ``mlp`` channels: the same share of its own width, to
+    a multiple of ``mlp_multiple`` (None where there is no shared expert)."""
+    if shape.shared_expert_size is None:
+        return None
+    if mlp == shape.intermediate_size:
+        return shape.shared_expert_size
+    m = shape.mlp_multiple
+    return max(m, m * round(shape.shared_expert_size * mlp / shape.intermediate_size / m))
 
 
 def check_targets(t: Targets, shape: ModelShape) -> None:
@@ -137,6 +149,12 @@ def check_targets(t: Targets, shape: ModelShape) -> None:
     if shape.is_moe != (t.experts is not None):
         raise TransactError("expert counts apply to mixtures of experts only" if t.experts is not None else
                             "a mixture of experts needs the number of experts to keep")
+    if (shape.shared_expert_size is None) != (t.shared_mlp is None):
+        raise TransactError("a shared expert's width applies to models with one" if t.shared_mlp is not None else
+                            "a model with a shared expert needs its kept width")
+    if t.shared_mlp is not None and not 1 <= t.shared_mlp <= shape.shared_expert_size:
+        raise TransactError(f"shared expert {t.shared_mlp}: must be between 1 and the model's "
+                            f"{shape.shared_expert_size}")
     if shape.is_moe and not shape.experts_per_token <= t.experts <= shape.num_experts:
         raise TransactError(f"experts {t.experts}: must be between the {shape.experts_per_token} experts each token "
                             f"is routed to and the model's {shape.num_experts}")
@@ -321,9 +339,13 @@ def _check_mlp(i: int, layer: LayerPlan, t: Targets, s: ModelShape) -> None:
             raise TransactError(f"layer {i} keeps experts, but the model has a dense MLP")
         _check_indices(f"layer {i} mlp", layer.mlp, t.mlp, s.intermediate_size)
         return
-    if layer.experts is None or layer.expert_mlp is None or layer.mlp:
+    if layer.experts is None or layer.expert_mlp is None:
         raise TransactError(f"layer {i}: a mixture-of-experts plan lists kept experts and their channels "
-                            "(experts, expert_mlp) and no dense mlp channels")
+                            "(experts, expert_mlp)")
+    if s.shared_expert_size is not None:
+        _check_indices(f"layer {i} shared expert", layer.mlp, t.shared_mlp, s.shared_expert_size)
+    elif layer.mlp:
+        raise TransactError(f"layer {i}: the model has no shared expert, but the plan keeps mlp channels")
     _check_indices(f"layer {i} experts", layer.experts, t.experts, s.num_experts)
     if len(layer.expert_mlp) != len(layer.experts):
         raise TransactError(f"layer {i}: {len(layer.expert_mlp)} channel lists for {len(layer.experts)} kept experts")
@@ -344,20 +366,24 @@ def make_plan(
     targets: Targets,
     shape: ModelShape,
     expert_scores: Sequence[torch.Tensor] | None = None,
+    shared_scores: Sequence[torch.Tensor] | None = None,
     **provenance: Any,
 ) -> PrunePlan:
     """Select per layer. head_scores[l]: (num_heads,) ((0,) in a layer without attention),
     mlp_scores[l]: (intermediate_size,), in a mixture of experts (num_experts, intermediate_size) with
-    expert_scores[l]: (num_experts,)."""
+    expert_scores[l]: (num_experts,) and, where there is a shared expert, shared_scores[l]: (its width,)."""
     if shape.is_moe and expert_scores is None:
         raise TransactError("a mixture of experts needs scores of its experts")
+    if shape.shared_expert_size is not None and shared_scores is None:
+        raise TransactError("a model with a shared expert needs scores of its channels")
     layers = []
     for i, (h_scores, m_scores) in enumerate(zip(head_scores, mlp_scores, strict=True)):
         heads, groups = (select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads)
                          if h_scores.numel() else ([], []))
         if shape.is_moe:
             experts, channels = select_experts(expert_scores[i], m_scores, targets.experts, targets.mlp)
-            layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=[], experts=experts, expert_mlp=channels))
+            shared = [] if shared_scores is None else select_channels(shared_scores[i], targets.shared_mlp)
+            layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=shared, experts=experts, expert_mlp=channels))
         else:
             layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=select_channels(m_scores, targets.mlp)))
     plan = PrunePlan(source=shape, targets=targets, layers=layers, **provenance)
@@ -372,12 +398,13 @@ def can_follow(current: Targets, nxt: Targets) -> bool:
     kept KV group keeps at most the query heads it has now."""
     return (nxt.kv_heads <= current.kv_heads and nxt.heads <= current.heads and nxt.mlp <= current.mlp
             and nxt.heads // nxt.kv_heads <= current.heads // current.kv_heads
-            and (nxt.experts or 0) <= (current.experts or 0))
+            and (nxt.experts or 0) <= (current.experts or 0) and (nxt.shared_mlp or 0) <= (current.shared_mlp or 0))
 
 
 def dense_targets(shape: ModelShape) -> Targets:
     """The widths of the unpruned model."""
-    return Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size, shape.num_experts)
+    return Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size, shape.num_experts,
+                   shape.shared_expert_size)
 
 
 def linear_schedule(shape: ModelShape, target: Targets, shots: int) -> list[Targets]:
@@ -398,10 +425,11 @@ def linear_schedule(shape: ModelShape, target: Targets, shots: int) -> list[Targ
             steps.append(target)
             break
         f = i / shots
-        mlp = round(dense.mlp + (target.mlp - dense.mlp) * f)
+        m = shape.mlp_multiple  # expert widths in whole multiples (1 for a dense MLP)
+        mlp = m * round((dense.mlp + (target.mlp - dense.mlp) * f) / m)
         experts = None if dense.experts is None else round(dense.experts + (target.experts - dense.experts) * f)
         size = (dense.heads + dense.kv_heads) + ((target.heads + target.kv_heads) - (dense.heads + dense.kv_heads)) * f
-        candidates = [Targets(h, k, mlp, experts) for h, k in pairs]
+        candidates = [Targets(h, k, mlp, experts, shared_width(shape, mlp)) for h, k in pairs]
         options = [t for t in candidates if can_follow(current, t) and can_follow(t, target)]
         current = min(options, key=lambda t: (abs(t.heads + t.kv_heads - size), -(t.heads + t.kv_heads)))
         steps.append(current)

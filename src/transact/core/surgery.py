@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
-from transact.arch.base import AttentionParts, ExpertParts, Part, module_of
+from transact.arch.base import AttentionParts, ExpertParts, MlpParts, Part, module_of
 from transact.core.plan import PrunePlan
 
 
@@ -61,6 +61,13 @@ def _keep_heads(attn: AttentionParts, heads: list[int], kv_heads: list[int]) -> 
     _keep_columns(attn.o, unit_rows(heads, attn.head_dim, device))
 
 
+def _keep_channels(mlp: MlpParts, kept: list[int]) -> None:
+    """Keep channels ``kept`` of a plain MLP: their gate and up rows, their down columns."""
+    channels = torch.tensor(kept, dtype=torch.long, device=mlp.down.weight.device)
+    _keep_part_rows([(part, channels) for part in (mlp.gate, mlp.up) if part is not None])
+    _keep_columns(mlp.down, channels)
+
+
 def _replace(owner: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(owner, name)
     setattr(owner, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
@@ -93,13 +100,12 @@ def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
             _keep_heads(attn, kept.heads, kept.kv_heads)
         if isinstance(mlp, ExpertParts):
             _keep_experts(mlp, kept.experts, kept.expert_mlp)
-            continue
-        channels = torch.tensor(kept.mlp, dtype=torch.long, device=mlp.down.weight.device)
-        _keep_part_rows([(part, channels) for part in (mlp.gate, mlp.up) if part is not None])
-        _keep_columns(mlp.down, channels)
+            mlp = mlp.shared  # the shared expert, if any, is a plain MLP
+        if mlp is not None:
+            _keep_channels(mlp, kept.mlp)
     t = plan.targets
     adapter.write_config(config, num_heads=t.heads, num_kv_heads=t.kv_heads, intermediate_size=t.mlp,
-                         num_experts=t.experts)
+                         num_experts=t.experts, shared_size=t.shared_mlp)
     for layer in adapter.layers(model):
         adapter.sync_modules(layer, config)
     return model

@@ -50,12 +50,15 @@ def attention_parameters(shape: ModelShape) -> int:
 
 
 def mlp_parameters(shape: ModelShape, *, active: bool = False) -> int:
-    """Parameters of one layer's MLP: gate/up/down, or in a mixture of experts the router and every
-    expert's (``active``: only the experts one token is routed to)."""
+    """Parameters of one layer's MLP: gate/up/down, or in a mixture of experts the router, every expert's
+    (``active``: only the experts one token is routed to) and the shared expert with its gate, if any."""
     one = 3 * shape.hidden_size * shape.intermediate_size
     if not shape.is_moe:
         return one
-    return shape.hidden_size * shape.num_experts + one * (shape.experts_per_token if active else shape.num_experts)
+    routed = shape.hidden_size * shape.num_experts + one * (shape.experts_per_token if active else shape.num_experts)
+    if shape.shared_expert_size is None:
+        return routed
+    return routed + 3 * shape.hidden_size * shape.shared_expert_size + shape.hidden_size  # and its sigmoid gate
 
 
 def active_parameters(model: nn.Module) -> int:
@@ -122,6 +125,8 @@ def model_summary(model: nn.Module) -> dict:
     hybrid = {"attention_layers": shape.num_attention_layers} if shape.attention_layers is not None else {}
     moe = {"experts": shape.num_experts, "experts_per_token": shape.experts_per_token,
            "active_params": active_parameters(model)} if shape.is_moe else {}
+    if shape.shared_expert_size is not None:
+        moe["shared_expert_mlp"] = shape.shared_expert_size
     return {
         "model_type": shape.model_type,
         "layers": shape.num_layers,

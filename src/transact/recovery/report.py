@@ -11,7 +11,8 @@ from transact.measure.report import pyplot, save_figure
 
 def report_markdown(report: dict) -> str:
     d = report["dense"]
-    lines = ["| phase | widths (heads/kv/mlp) | params | ppl after pruning | train tokens | train s | tokens/s | ppl |",
+    lines = ["| phase | widths (heads/kv/mlp[/experts]) | params | ppl after pruning | train tokens | train s | "
+             "tokens/s | ppl |",
              "|---|---|---:|---:|---:|---:|---:|---:|",
              f"| dense | {d['heads']}/{d['kv_heads']}/{d['mlp']} | {d['params'] / 1e6:.1f} M | | | | | "
              f"{_num(d.get('perplexity'))} |"]

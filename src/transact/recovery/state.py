@@ -32,7 +32,7 @@ class PhaseRecord:
 
     phase: int
     params: int
-    widths: list[int] | None = None  # heads, kv_heads, mlp
+    widths: list[int] | None = None  # heads, kv_heads, mlp (and experts, in a mixture of experts)
     prune_seconds: float | None = None
     perplexity_pruned: float | None = None
     train_seconds: float = 0.0

@@ -67,7 +67,7 @@ class ExpertDown:
 @dataclass(frozen=True)
 class KeptInput:
     """One projection that consumes transitional activations (o_proj, down_proj, or one routed expert's
-    down projection), in layer ``layer`` of ``module`` ("attn" or "mlp"), and the indices of its input
+    down projection), in layer ``layer`` of ``module`` ("attn", "mlp" or "shared"), and the indices of its input
     columns the plan keeps (on the CPU). ``expert`` is the expert's index in a mixture of experts (None
     otherwise): its statistics are that expert's row of the layer's stacked ones."""
 
@@ -86,7 +86,7 @@ class KeptInput:
 def kept_inputs(model: nn.Module, plan: PrunePlan) -> Iterator[KeptInput]:
     """What a corrector may change, layer by layer: the projections that consume the transitional
     activations, with the input columns the plan keeps. A layer without softmax attention has only its MLP;
-    a mixture of experts has one down projection per kept expert."""
+    a mixture of experts has one down projection per kept expert, and its shared expert's ("shared")."""
     cpu = torch.device("cpu")
     for i, ((attn, mlp), kept) in enumerate(zip(get_adapter(model).layer_parts(model), plan.layers, strict=True)):
         if attn is not None:
@@ -96,3 +96,5 @@ def kept_inputs(model: nn.Module, plan: PrunePlan) -> Iterator[KeptInput]:
             continue
         for e, channels in zip(kept.experts, kept.expert_mlp, strict=True):
             yield KeptInput(i, "mlp", ExpertDown(mlp.down, e), torch.tensor(channels, dtype=torch.long), e)
+        if mlp.shared is not None:
+            yield KeptInput(i, "shared", mlp.shared.down, torch.tensor(kept.mlp, dtype=torch.long))

@@ -64,12 +64,17 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, 
     return (weight.detach().cpu()[:, keep].double() + correction.T).to(weight.dtype)
 
 
+def modules_of(stats) -> tuple[str, ...]:
+    """The statistics groups with consumers to refit (a shared expert's where there is one)."""
+    return ("attn", "mlp", "shared") if stats.activations.shared else ("attn", "mlp")
+
+
 def damp_for(stats, recipe=None) -> float:
     """The damping for these statistics: the recipe's, else ``default_damp`` for their token count and their
     widest Gram matrix."""
     if recipe is not None and recipe.damp is not None:
         return recipe.damp
-    widest = max(g.shape[-1] for m in ("attn", "mlp") for g in stats.activation(m, "gram"))
+    widest = max(g.shape[-1] for m in modules_of(stats) for g in stats.activation(m, "gram"))
     return default_damp(stats.activations.tokens, widest)
 
 
@@ -86,7 +91,7 @@ def expert_damp(stats, kept, recipe=None) -> float:
 def refit_consumers_(model: nn.Module, plan, stats, recipe=None) -> dict:
     """Before the plan's slicing: refit the kept columns of every o_proj and down_proj (and every kept
     expert's down projection, from the Gram matrix of its router-weighted inputs) in place."""
-    grams = {m: stats.activation(m, "gram") for m in ("attn", "mlp")}
+    grams = {m: stats.activation(m, "gram") for m in modules_of(stats)}
     damp = damp_for(stats, recipe)
     for kept in kept_inputs(model, plan):
         weight = kept.linear.weight

@@ -28,11 +28,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LayerScores:
     """Per-layer unit scores (higher = more important): heads[l] (num_heads,), mlp[l] (intermediate_size,);
-    in a mixture of experts mlp[l] (num_experts, intermediate_size) and experts[l] (num_experts,)."""
+    in a mixture of experts mlp[l] (num_experts, intermediate_size) and experts[l] (num_experts,), and where
+    it has a shared expert shared[l] (its width,)."""
 
     heads: list[torch.Tensor]
     mlp: list[torch.Tensor]
     experts: list[torch.Tensor] | None = None
+    shared: list[torch.Tensor] | None = None
 
 
 def no_heads() -> torch.Tensor:

@@ -23,7 +23,10 @@ def random_layer_scores(shape: ModelShape, seed: int) -> LayerScores:
     if not shape.is_moe:
         return LayerScores(heads, mlp)
     mlp = [scores.view(experts, -1) for scores in mlp]
-    return LayerScores(heads, mlp, [salience.random_scores(experts, generator) for _ in range(shape.num_layers)])
+    expert_scores = [salience.random_scores(experts, generator) for _ in range(shape.num_layers)]
+    shared = None if shape.shared_expert_size is None else \
+        [salience.random_scores(shape.shared_expert_size, generator) for _ in range(shape.num_layers)]
+    return LayerScores(heads, mlp, expert_scores, shared)
 
 
 def random_scores(model, stats, shape: ModelShape, recipe) -> LayerScores:
@@ -34,7 +37,8 @@ def random_scores(model, stats, shape: ModelShape, recipe) -> LayerScores:
     index, num_layers = stats.layer
     every = random_layer_scores(replace(shape, num_layers=num_layers, attention_layers=None), recipe.seed)
     return LayerScores([every.heads[index] if shape.has_attention(0) else no_heads()], [every.mlp[index]],
-                       None if every.experts is None else [every.experts[index]])
+                       None if every.experts is None else [every.experts[index]],
+                       None if every.shared is None else [every.shared[index]])
 
 
 METRIC = register_metric(Metric("random", "data-free control: seeded random scores (--seed)", random_scores,

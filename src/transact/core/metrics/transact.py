@@ -4,7 +4,8 @@ activations (o_proj and down_proj inputs).
 
 In a mixture of experts each expert's channels are scored the same way over the tokens routed to it (their
 router-weighted inputs by default), and an expert by its routed contribution: the sum over its tokens of
-the L2 norm of its router-weighted output, which is how much of the layer's output it carried."""
+the L2 norm of its router-weighted output, which is how much of the layer's output it carried. A shared
+expert's channels are scored as a dense MLP's."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ def transact_scores(model, stats, shape, recipe) -> LayerScores:
     heads = [salience.head_salience(salience.channel_norms(s), shape.head_dim, alpha) for s in attn]
     channels = [salience.mlp_salience(salience.channel_norms(s)) for s in mlp]  # (P,) or (experts, P)
     experts = stats.activations.experts["contribution"] if shape.is_moe else None
-    return LayerScores(heads, channels, experts)
+    shared = None
+    if shape.shared_expert_size is not None:  # a plain MLP, scored as one
+        shared = [salience.mlp_salience(salience.channel_norms(s)) for s in stats.activation("shared", "sum_sq")]
+    return LayerScores(heads, channels, experts, shared)
 
 
 METRIC = register_metric(Metric(
