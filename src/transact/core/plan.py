@@ -54,6 +54,9 @@ class Targets:
         """The widths a plan records (the experts' only for a mixture of experts, so other plans read as before)."""
         return {name: value for name, value in asdict(self).items() if value is not None}
 
+    def __repr__(self) -> str:  # the fields a dense model does not use are left out
+        return f"Targets({', '.join(f'{k}={v}' for k, v in self.to_json().items())})"
+
     def describe(self) -> str:
         """heads/kv/mlp, and the experts kept where there are experts."""
         widths = f"{self.heads}/{self.kv_heads}/{self.mlp}"
