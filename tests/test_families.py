@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import VOCAB, char_tokenizer, random_plan, tiny_model
+from tiny import VOCAB, char_tokenizer, random_plan, tiny_model, two_shot_run
 from transformers import AutoModelForCausalLM
 
 import transact.api
@@ -425,23 +425,8 @@ def test_qwen3_5_multimodal_recovers_with_lora_through_transact_run(tmp_path, co
     same class; the Gated DeltaNet blocks get no adapters and the vision tower is not trained."""
     from transformers import AutoModelForImageTextToText
 
-    from transact.recipes import RunRecipe
-    from transact.recovery import loop
-
-    base = tmp_path / "base"
     dense = tiny_model("qwen3_5", heads=4, kv_heads=2, layers=4)
-    dense.save_pretrained(base)
-    char_tokenizer().save_pretrained(base)
-    text = tmp_path / "train.txt"
-    text.write_text("\n\n".join(corpus))
-    recipe = RunRecipe.from_dict({
-        "model": str(base), "out": str(tmp_path / "out"), "device": "cpu",
-        "target": {"heads": 2, "kv_heads": 1, "mlp": 48}, "shots": 2,
-        "calibration": {"text": str(text), "samples": 6, "seq_len": 32, "seed": 0},
-        "training": {"data": str(text), "method": "lora", "tokens_per_shot": 1024, "final_tokens": 0,
-                     "seq_len": 32, "batch_size": 4, "lr": 3e-3},
-        "heldout": {"text": str(text), "tokens": 512, "window": 128}})
-    result = loop.run(recipe, progress=False)
+    result = two_shot_run(tmp_path, dense, corpus, {"heads": 2, "kv_heads": 1, "mlp": 48}, "lora", 3e-3)
     pruned = AutoModelForImageTextToText.from_pretrained(result.out).eval()
     assert type(pruned).__name__ == "Qwen3_5ForConditionalGeneration"
     assert pruned.config.text_config.num_attention_heads == 2

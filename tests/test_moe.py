@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import VOCAB, char_tokenizer, random_plan, tiny_config, tiny_model
+from tiny import VOCAB, char_tokenizer, random_plan, tiny_config, tiny_model, two_shot_run
 from transformers import AutoConfig
 
 from transact.api import PruneJob, model_info, run_prune
@@ -236,23 +236,8 @@ def test_transact_run_prunes_experts_over_two_shots_and_trains_them(tmp_path, co
     checkpoint whose plan maps back to the dense model's experts."""
     from transformers import AutoModelForCausalLM
 
-    from transact.recipes import RunRecipe
-    from transact.recovery import loop
-
-    base = tmp_path / "base"
     dense = tiny_model("qwen3_moe")
-    dense.save_pretrained(base)
-    char_tokenizer().save_pretrained(base)
-    text = tmp_path / "train.txt"
-    text.write_text("\n\n".join(corpus))
-    recipe = RunRecipe.from_dict({
-        "model": str(base), "out": str(tmp_path / "out"), "device": "cpu",
-        "target": {"mlp": 48, "experts": 2}, "shots": 2,
-        "calibration": {"text": str(text), "samples": 6, "seq_len": 32, "seed": 0},
-        "training": {"data": str(text), "method": "full", "tokens_per_shot": 1024, "final_tokens": 0,
-                     "seq_len": 32, "batch_size": 4, "lr": 1e-3},
-        "heldout": {"text": str(text), "tokens": 512, "window": 128}})
-    result = loop.run(recipe, progress=False)
+    result = two_shot_run(tmp_path, dense, corpus, {"mlp": 48, "experts": 2}, "full", 1e-3)
     report = json.loads((result.out / "report.json").read_text())
     assert [p["widths"] for p in report["phases"]] == [[4, 2, 72, 3], [4, 2, 48, 2]]
     pruned = AutoModelForCausalLM.from_pretrained(result.out)

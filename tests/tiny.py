@@ -137,3 +137,23 @@ def saved_model_and_text(tmp_path, family: str, corpus: list[str]):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(corpus))
     return base, calib
+
+
+def two_shot_run(tmp_path, dense, corpus: list[str], target: dict, method: str, lr: float):
+    """``transact run`` of ``dense`` (saved with the character tokenizer) to ``target`` in two shots of
+    1,024 training tokens each with ``method`` at ``lr``, calibrated, trained and scored on ``corpus``."""
+    from transact.recipes import RunRecipe
+    from transact.recovery import loop
+
+    base = tmp_path / "base"
+    dense.save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(corpus))
+    recipe = RunRecipe.from_dict({
+        "model": str(base), "out": str(tmp_path / "out"), "device": "cpu", "target": target, "shots": 2,
+        "calibration": {"text": str(text), "samples": 6, "seq_len": 32, "seed": 0},
+        "training": {"data": str(text), "method": method, "tokens_per_shot": 1024, "final_tokens": 0,
+                     "seq_len": 32, "batch_size": 4, "lr": lr},
+        "heldout": {"text": str(text), "tokens": 512, "window": 128}})
+    return loop.run(recipe, progress=False)

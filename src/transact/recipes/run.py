@@ -104,6 +104,7 @@ class Training:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    check_memory: bool = True  # estimate the peak before loading and refuse a run that cannot fit
     seed: int = 0
     shuffle_buffer: int = 256
     save_every: int = 500
@@ -134,8 +135,9 @@ class Training:
             raise fail(p + "betas", f"must be two numbers [beta1, beta2], got {betas!r}")
         object.__setattr__(self, "betas", tuple(check_float(p + "betas", b, 0.0, 0.9999999) for b in betas))
         check_choice(p + "precision", self.precision, PRECISIONS)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise fail(p + "gradient_checkpointing", f"must be true or false, got {self.gradient_checkpointing!r}")
+        for flag in ("gradient_checkpointing", "check_memory"):
+            if not isinstance(getattr(self, flag), bool):
+                raise fail(p + flag, f"must be true or false, got {getattr(self, flag)!r}")
         for name, cls in (("lora", LoraSettings), ("kd", DistillSettings)):
             value = getattr(self, name)
             if not isinstance(value, cls):

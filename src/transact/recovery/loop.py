@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,12 @@ from transact.errors import TransactError
 from transact.extras import require
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir, check_writable, move_into_place, write_json_atomic
-from transact.io.models import load_model, prepare_model, require_tokenizer, resolve_device
+from transact.io.models import load_model, prepare_model, require_tokenizer, resolve_device, skeleton
 from transact.io.text import read_texts, token_stream
 from transact.measure.costs import count_parameters, model_summary
 from transact.measure.perplexity import heldout_perplexity
 from transact.recipes import RunRecipe
+from transact.recovery import memory
 from transact.recovery.data import BlockStream, check_training_data
 from transact.recovery.distributed import Processes, weights_digest
 from transact.recovery.report import plot_training, report_markdown
@@ -149,10 +151,24 @@ class Run:
         self.accelerator = Accelerator(cpu=self.prep.device.type == "cpu", mixed_precision=self.mixed)
         self.procs = Processes(self.accelerator)
         self.teacher_device = _teacher_device(recipe, self.accelerator.device) if training.method == "kd" else None
+        self.memory = self._check_memory()
         self.teacher: nn.Module | None = None
         self.heldout_ids: torch.Tensor | None = None
         self.resumed_optimizer: dict | None = None  # moments to continue a phase with, after a resume
         self.end_optimizer: torch.optim.Optimizer | None = None  # the finished phase's, saved with its state
+
+    def _check_memory(self) -> memory.MemoryEstimate | None:
+        """The run's estimated peak, from the config alone; refused here where it cannot fit the device."""
+        training = self.recipe.training
+        if not (training.tokens_per_shot or training.final_tokens):
+            return None  # nothing trains
+        params = count_parameters(skeleton(self.prep.config))
+        teacher_here = self.teacher_device is not None and self.teacher_device == self.accelerator.device
+        if not training.check_memory:
+            return memory.estimate(self.prep.shape, params, training, device=self.accelerator.device.type,
+                                   teacher_here=teacher_here)
+        return memory.check_fits(self.prep.shape, params, training, self.accelerator.device,
+                                 teacher_here=teacher_here)
 
     def heldout_ppl(self, model: nn.Module) -> float | None:
         if self.heldout_ids is None:
@@ -303,6 +319,7 @@ class Run:
                 "schedule": [[t.heads, t.kv_heads, t.mlp] + ([t.experts] if t.experts else []) for t in self.schedule],
                 "processes": self.procs.count, "device": str(self.accelerator.device),
                 "mixed_precision": self.mixed, "weights_sha256_per_process": digests,
+                "memory_estimate": self.memory.parts if self.memory else None,
                 "seconds_this_process": round(seconds, 1), "versions": library_versions()}
 
     def _write_outputs(self, model: nn.Module, state: RunState, report: dict) -> None:
@@ -328,6 +345,8 @@ def run(recipe: RunRecipe, *, resume: bool = False, progress: bool = True) -> Ru
     """Prune iteratively with recovery training as ``recipe`` says; write the final checkpoint and report."""
     out = check_out(recipe, resume)
     r = Run(recipe, out, resume, progress)
+    if progress and r.memory is not None and r.procs.main:
+        print(f"memory: {r.memory.describe()}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     model, state = r.start()
     while state.phase <= r.phases:

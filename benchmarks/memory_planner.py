@@ -1,0 +1,97 @@
+"""The memory planner's estimate against measured peaks: each setup trains a few steps through transact's own
+training loop in a fresh process (peak resident memory, VmHWM), next to ``recovery.memory.estimate``.
+
+    python benchmarks/memory_planner.py [--steps 3] [--out docs/bench/memory_planner]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from common import machine, write_result
+
+# name -> (model: "smollm2" or a config of a random Llama, training settings)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152}
+WIDE_VOCAB = {**TINY, "vocab_size": 151936}
+SETUPS = {
+    "tiny, full, 4x128": (TINY, {"method": "full", "batch_size": 4, "seq_len": 128}),
+    "tiny, 152K vocabulary, full, 4x512": (WIDE_VOCAB, {"method": "full", "batch_size": 4, "seq_len": 512}),
+    "tiny, 152K vocabulary, kd, 4x512": (WIDE_VOCAB, {"method": "kd", "batch_size": 4, "seq_len": 512}),
+    "SmolLM2-135M, full, 4x256": ("smollm2", {"method": "full", "batch_size": 4, "seq_len": 256}),
+    "SmolLM2-135M, full, checkpointing, 4x256": ("smollm2", {"method": "full", "batch_size": 4, "seq_len": 256,
+                                                             "gradient_checkpointing": True}),
+    "SmolLM2-135M, lora, 4x256": ("smollm2", {"method": "lora", "batch_size": 4, "seq_len": 256}),
+    "SmolLM2-135M, kd, 4x256": ("smollm2", {"method": "kd", "batch_size": 4, "seq_len": 256}),
+}
+
+
+def one(name: str, steps: int) -> dict:
+    """Train setup ``name`` for ``steps`` steps here; -> measured peak and the estimate."""
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from transact.arch import shape_of
+    from transact.io.models import load_model, prepare_model, smollm2_dir
+    from transact.measure.costs import count_parameters
+    from transact.recipes.run import Training
+    from transact.recovery import memory
+    from transact.recovery.data import BlockStream
+    from transact.recovery.train import PhaseSpec, lora_wrap, train_phase
+
+    model_spec, settings = SETUPS[name]
+    training = Training(tokens_per_shot=1, **settings)
+    if model_spec == "smollm2":
+        model, tokenizer = load_model(prepare_model(str(smollm2_dir()), "cpu", "float32"))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **model_spec), dtype=torch.float32)
+    shape, params = shape_of(model), count_parameters(model)
+    estimate = memory.estimate(shape, params, training, device="cpu", teacher_here=True)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if training.method == "kd" else None
+    if training.method == "lora":
+        model = lora_wrap(model, training.lora, 0)
+    stream = BlockStream(tokenizer, "builtin", training.seq_len, 0, 16)
+    train_phase(Accelerator(cpu=True), model, stream, training, PhaseSpec(phase=1, total_steps=steps),
+                teacher=teacher, progress=False)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"setup": name, "measured_bytes": int(status["VmHWM"].split()[0]) * 1024, "estimate": estimate.parts,
+            "estimated_bytes": estimate.total, "params": params}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--setups", nargs="+", choices=tuple(SETUPS), default=list(SETUPS))
+    ap.add_argument("--one", choices=tuple(SETUPS), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="docs/bench/memory_planner")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.steps)))
+        return
+    rows = []
+    for name in args.setups:
+        done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)], check=True,
+                              capture_output=True, text=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(rows[-1], file=sys.stderr, flush=True)
+    gib = 2**30
+    lines = [f"Peak resident memory (VmHWM) of {args.steps} training steps through transact's training loop, fresh "
+             "process per setup, fp32 on CPU, next to `recovery.memory.estimate`.", "",
+             "| setup | parameters | estimated GiB | measured GiB | estimate / measured |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setup']} | {r['params'] / 1e6:.1f} M | {r['estimated_bytes'] / gib:.2f} | "
+                     f"{r['measured_bytes'] / gib:.2f} | {r['estimated_bytes'] / r['measured_bytes']:.2f} |")
+    write_result(args.out, {"machine": machine(), "args": vars(args), "rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

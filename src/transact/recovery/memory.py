@@ -1,0 +1,177 @@
+"""How much memory a recovery run will need, estimated from the model's shape and the recipe before any
+weights are read, and whether the device has it.
+
+The peak of ``transact run`` is a training step of the dense model (the first shot trains after the
+first prune, so the widest model that trains is the first shot's; the dense widths bound it from above):
+
+- weights: every parameter in fp32 (transact trains fp32 weights; bf16 is autocast, not storage);
+- gradients and optimizer: fp32 gradients and AdamW's two fp32 moments of every trainable parameter (all
+  of them, or LoRA's adapters);
+- teacher: a frozen fp32 copy of the dense model for ``method: kd`` on the same device;
+- activations: what one micro-batch's forward keeps for the backward pass, per token and layer (see
+  ``ACTIVATION_*``), or with gradient checkpointing only each layer's input plus one layer recomputed;
+- logits: the LM head's output and what the cross-entropy keeps of it (one chunk with ``kd``'s chunked
+  loss);
+- runtime: the interpreter and libraries (measured on CPU; on a GPU the CUDA context lives outside the
+  device memory counted here).
+
+Gradients and activations are not all alive at once: the backward pass frees each layer's activations as
+it writes that layer's gradients, so without checkpointing the peak holds the larger of the two (all
+activations and the logits when the backward starts, or all gradients when it ends), not their sum. With
+checkpointing a layer is recomputed while the gradients accumulate, and both are counted.
+
+The activation coefficients were fitted to measured peaks on the 2-core CPU machine of docs/results.md
+("Memory planner"), where the estimate is checked against measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from transact.arch import ModelShape
+from transact.measure.costs import RUNTIME_OVERHEAD_BYTES
+from transact.recovery.chunked import chunk_tokens
+
+GIB = 2**30
+FP32 = 4
+# Values one decoder layer keeps for the backward pass per token, in units of the widths they scale with:
+# hidden-wide (norm inputs and outputs, residual sums, the projections' outputs), attention-wide (q, k, v
+# before and after the rotary embedding, the heads' output) and MLP-wide (gate, up, the activation and the
+# product), and per query head one row of attention probabilities over the sequence.
+ACTIVATION_HIDDEN, ACTIVATION_ATTENTION, ACTIVATION_MLP, ACTIVATION_SCORES = 8, 3, 4, 2
+LOGIT_COPIES = 3  # the logits, their fp32 log-softmax in the cross-entropy, and its gradient
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak bytes of a run, part by part, and the bytes the device has free for it (None: unknown)."""
+
+    parts: dict[str, int]
+    device: str
+    available: int | None
+    overlap: bool = True  # gradients replace activations during the backward pass (no checkpointing)
+
+    @property
+    def total(self) -> int:
+        total = sum(self.parts.values())
+        if not self.overlap:
+            return total
+        dynamic = self.parts["activations"] + self.parts["logits"]
+        return total - dynamic - self.parts["gradients"] + max(dynamic, self.parts["gradients"])
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts.items() if value)
+        if self.overlap:
+            parts += "; gradients and activations not at once"
+        room = f" of {self.available / GIB:.1f} GiB available" if self.available is not None else ""
+        return f"estimated peak memory {self.total / GIB:.2f} GiB{room} on {self.device} ({parts} GiB)"
+
+
+def lora_parameters(shape: ModelShape, rank: int) -> int:
+    """Parameters of LoRA adapters of ``rank`` on every prunable projection (q/k/v/o in the softmax-attention
+    layers, gate/up/down of each dense MLP or shared expert; a mixture's routed experts get none)."""
+    h, a, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    q = a * (2 if shape.q_gated else 1)
+    attention = rank * ((h + q) + 2 * (h + kv) + (a + h))
+    width = shape.shared_expert_size if shape.is_moe else shape.intermediate_size
+    mlp = 3 * rank * (h + width) if width else 0
+    return shape.num_attention_layers * attention + shape.num_layers * mlp
+
+
+def layer_activation_values(shape: ModelShape, seq_len: int) -> int:
+    """Values one decoder layer keeps for the backward pass per token (see the ACTIVATION_* weights); in a
+    mixture of experts the MLP width is that of the experts a token is routed to (and a shared expert)."""
+    h, a = shape.hidden_size, shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    mlp = shape.intermediate_size
+    if shape.is_moe:
+        mlp = shape.experts_per_token * shape.intermediate_size + (shape.shared_expert_size or 0)
+    return (ACTIVATION_HIDDEN * h + ACTIVATION_ATTENTION * (a + 2 * kv) + ACTIVATION_MLP * mlp
+            + ACTIVATION_SCORES * shape.num_heads * seq_len)
+
+
+def estimate(shape: ModelShape, params: int, training, *, device: str = "cpu", teacher_here: bool = True,
+             available: int | None = None) -> MemoryEstimate:
+    """The estimated peak of training ``shape`` (``params`` parameters) with ``training`` (a
+    ``transact.recipes.Training``); ``teacher_here``: a ``kd`` teacher on the same device."""
+    method = training.method
+    trainable = lora_parameters(shape, training.lora.r) if method == "lora" else params
+    tokens = training.batch_size * training.seq_len
+    per_layer = layer_activation_values(shape, training.seq_len) * tokens * FP32
+    if training.gradient_checkpointing:
+        activations = shape.num_layers * tokens * shape.hidden_size * FP32 + per_layer
+    else:
+        activations = shape.num_layers * per_layer
+    vocab = shape.vocab_size or 0
+    if method == "kd":  # one chunk of both models' logits at a time, and the two final hidden states
+        chunk = min(tokens, training.kd.chunk_tokens or chunk_tokens(vocab))
+        logits = 2 * LOGIT_COPIES * chunk * vocab * FP32 + 2 * tokens * shape.hidden_size * FP32
+    else:
+        logits = LOGIT_COPIES * tokens * vocab * FP32
+    parts = {"weights": params * FP32, "gradients": trainable * FP32, "optimizer": 2 * trainable * FP32,
+             "teacher": params * FP32 if method == "kd" and teacher_here else 0, "activations": activations,
+             "logits": logits, "runtime": RUNTIME_OVERHEAD_BYTES if device == "cpu" else 0}
+    return MemoryEstimate(parts, device, available, overlap=not training.gradient_checkpointing)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory the run can still take: free GPU memory, or on a CPU the kernel's MemAvailable plus what this
+    process already holds (None where neither can be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        meminfo, status = _fields("/proc/meminfo"), _fields("/proc/self/status")
+        return (int(meminfo["MemAvailable"].split()[0]) + int(status["VmRSS"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def _fields(path: str) -> dict[str, str]:
+    """'Name: value' lines of a /proc file."""
+    with open(path) as f:
+        return dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+
+
+def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teacher_here: bool,
+                available: int) -> list[str]:
+    """Recipe changes that bring the estimate within ``available``, each with its estimate, in words."""
+    options = []
+    if not training.gradient_checkpointing:
+        options.append(("training.gradient_checkpointing: true", replace(training, gradient_checkpointing=True)))
+    batch, accum = training.batch_size, training.grad_accum
+    while batch > 1:
+        batch, accum = max(1, batch // 2), accum * 2
+        options.append((f"training.batch_size: {batch} with grad_accum: {accum} (the same tokens per step)",
+                        replace(training, batch_size=batch, grad_accum=accum)))
+    if training.method == "full":
+        options.append(("training.method: lora", replace(training, method="lora")))
+    found = []
+    for words, changed in options:
+        total = estimate(shape, params, changed, device=device, teacher_here=teacher_here).total
+        if total <= available:
+            found.append(f"{words} ({total / GIB:.2f} GiB)")
+    if training.method == "kd" and teacher_here and device != "cpu":
+        found.append("training.kd.teacher_device: cpu (the teacher's weights leave the GPU)")
+    return found
+
+
+def check_fits(shape: ModelShape, params: int, training, device: torch.device, *, teacher_here: bool) -> MemoryEstimate:
+    """The estimate for this run on ``device``; a TransactError naming what would fit where it does not."""
+    from transact.errors import TransactError
+
+    available = available_bytes(device)
+    result = estimate(shape, params, training, device=device.type, teacher_here=teacher_here, available=available)
+    if result.fits:
+        return result
+    ways = ways_to_fit(shape, params, training, device=device.type, teacher_here=teacher_here, available=available)
+    advice = ("; ".join(ways) if ways else "no single change of gradient checkpointing, micro-batch size or LoRA "
+              "is enough: use a smaller model, a shorter training.seq_len or a larger device")
+    raise TransactError(f"this run does not fit: {result.describe()}. What would fit: {advice}. "
+                        "(training.check_memory: false runs it anyway)")
