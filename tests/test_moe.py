@@ -20,8 +20,9 @@ from transact.core.step import prune_step
 from transact.core.surgery import prune_
 from transact.errors import TransactError
 from transact.io.models import skeleton, split_tensors
-from transact.recipes import PruneRecipe
+from transact.recipes import PruneRecipe, RunRecipe
 from transact.recipes.text import Calibration
+from transact.recovery import loop
 
 MOE = ("qwen3_moe", "mixtral", "qwen2_moe", "qwen3_5_moe_text")
 
@@ -169,6 +170,11 @@ def test_refusals_before_any_work(tmp_path):
         with pytest.raises(TransactError, match=message):
             run_prune(PruneJob(model=str(base), out=str(tmp_path / "out"), recipe=recipe, progress=False))
         assert not (tmp_path / "out").exists()
+    run = RunRecipe.from_dict({"model": str(base), "out": str(tmp_path / "run"), "target": {"experts": 3},
+                               "metric": "taylor"})
+    with pytest.raises(TransactError, match="metric 'taylor' does not score experts"):
+        loop.run(run, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("family", MOE)

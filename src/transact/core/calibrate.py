@@ -189,8 +189,8 @@ def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("
                              for name in statistics},
                             {name: [None] * len(parts) for name in statistics})
     if routed:
-        stats.experts = {name: [torch.zeros(routed[i].num_experts) if i in routed else NO_CHANNELS
-                                for i in range(len(parts))] for name in ("tokens", "contribution")}
+        stats.experts = {name: [torch.zeros(routed[i].num_experts, device=routed[i].down.device) if i in routed
+                                else NO_CHANNELS for i in range(len(parts))] for name in ("tokens", "contribution")}
     if any(inputs["shared"]):
         stats.shared = {name: [None] * len(parts) for name in statistics}
     recorders = [partial(_accumulate_expert, stats, i, mlp.num_experts, gate_weighted) for i, mlp in routed.items()]

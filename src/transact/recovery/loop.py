@@ -25,7 +25,7 @@ from torch import nn
 from transact.arch import ModelShape, get_adapter
 from transact.core.layerwise import prune_by_layer
 from transact.core.plan import PrunePlan, Targets, check_schedule, compose_plans, linear_schedule, resolve_targets
-from transact.core.step import apply_step, plan_step
+from transact.core.step import apply_step, check_step, plan_step
 from transact.errors import TransactError
 from transact.extras import require
 from transact.io.checkpoint import write_verified
@@ -141,6 +141,7 @@ class Run:
         self.prep = prepare_model(recipe.model, recipe.device, "float32")
         self.schedule = schedule_of(recipe, self.prep.shape)
         self.prune_recipe = recipe.prune_recipe(recipe.target or recipe.schedule[-1])
+        check_step(self.prep.config, self.prune_recipe, self.schedule[0])  # metric and correctors, before loading
         self.calib_texts = read_texts(recipe.calibration.text) if self.prune_recipe.needs_calibration else None
         self.heldout_texts = read_texts(recipe.heldout.text, builtin="heldout") if recipe.heldout.tokens else None
         self.phases = len(self.schedule) + (1 if training.final_tokens else 0)
