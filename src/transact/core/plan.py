@@ -41,8 +41,8 @@ PLAN_FORMAT = 1
 
 @dataclass(frozen=True)
 class Targets:
-    """Resolved kept widths per layer; in a mixture of experts ``mlp`` is each expert's width and ``experts``
-    the experts kept (None in a dense model)."""
+    """Resolved kept widths per layer; in a mixture of experts ``mlp`` is each expert's width, ``experts``
+    the experts kept and ``shared_mlp`` a shared expert's width (None where the model has no such part)."""
 
     heads: int
     kv_heads: int
@@ -103,7 +103,7 @@ def resolve_targets(recipe: PruneRecipe, shape: ModelShape) -> Targets:
     mlp = shape.intermediate_size if recipe.mlp is None else recipe.mlp.of(shape.intermediate_size)
     if recipe.mlp is not None and recipe.mlp.is_fraction:  # to the nearest width the family can hold
         mlp = max(shape.mlp_multiple, shape.mlp_multiple * round(mlp / shape.mlp_multiple))
-    experts = recipe.experts if recipe.experts is not None else None
+    experts = recipe.experts
     if experts is not None and not shape.is_moe:
         raise TransactError("--experts: this model has no experts (its MLPs are dense); prune its channels with --mlp")
     if shape.is_moe:
@@ -230,7 +230,7 @@ def select_experts(expert_scores: torch.Tensor, channel_scores: torch.Tensor, ke
 @dataclass(frozen=True)
 class LayerPlan:
     """The units one layer keeps: query heads, KV groups, MLP channels; in a mixture of experts the kept
-    experts and each one's kept channels (``mlp`` then empty)."""
+    experts and each one's kept channels (``mlp`` then holds a shared expert's channels, or nothing)."""
 
     heads: list[int]
     kv_heads: list[int]
