@@ -18,6 +18,18 @@ def machine() -> dict:
     return {**jobs.machine(), **library_versions()}
 
 
+def child_row(argv: list[str]) -> dict:
+    """Run one measurement in a fresh process (``argv``); -> the JSON object on its last line of output,
+    also echoed to stderr as progress."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(row, file=sys.stderr, flush=True)
+    return row
+
+
 def write_result(path: str | Path, result: dict, table: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import machine, write_result
+from common import child_row, machine, write_result
 
 VOCAB = 151_936
 BATCH = 4
@@ -75,10 +74,7 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         for mode in ("naive", "chunked"):
-            done = subprocess.run([sys.executable, __file__, "--child", mode, str(length)], capture_output=True,
-                                  text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], file=sys.stderr, flush=True)
+            rows.append(child_row([sys.executable, __file__, "--child", mode, str(length)]))
     lines = [f"One distillation step, vocabulary {VOCAB:,}, batch {BATCH}, random Qwen2 student and teacher "
              "(hidden 64, 2 layers), fp32 CPU; peak RSS of a fresh process, median of 3 steps after 1 warm-up.", "",
              "| tokens per step | path | peak RSS | step | tokens/s |", "|---:|---|---:|---:|---:|"]

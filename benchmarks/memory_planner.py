@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from common import machine, write_result
+from common import child_row, machine, write_result
 
 # name -> (model: "smollm2" or a config of a random Llama, training settings)
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -79,10 +78,7 @@ def main() -> None:
         return
     rows = []
     for name in args.setups:
-        done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)], check=True,
-                              capture_output=True, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(rows[-1], file=sys.stderr, flush=True)
+        rows.append(child_row([sys.executable, __file__, "--one", name, "--steps", str(args.steps)]))
     gib = 2**30
     lines = [f"Peak resident memory (VmHWM) of {args.steps} training steps through transact's training loop, fresh "
              "process per setup, fp32 on CPU, next to `recovery.memory.estimate`.", "",
