@@ -32,6 +32,7 @@ from transact.core.layerwise import (
     config_changes,
     embed_windows,
     layer_of,
+    layer_routes,
     prune_layer,
     run_layer,
 )
@@ -267,12 +268,6 @@ def _embedding_name(weights: LazyCheckpoint, config: PretrainedConfig) -> str:
     raise TransactError(f"{weights.folder}: no tensor holds the input embedding ({' or '.join(names)})")
 
 
-def _routes(progress: dict) -> list[float] | None:
-    """Per layer, the share of routes to the experts it dropped (None unless every layer dropped some)."""
-    routes = progress.get("dropped_routes") or [None]
-    return None if None in routes or len(routes) != len(progress["layers"]) else routes
-
-
 def _other_tensors(weights: LazyCheckpoint, config: PretrainedConfig) -> list[str]:
     """Every tensor of the model outside the decoder layers (embedding, final norm, LM head, a vision tower),
     by its stored name: copied as it is. Tensors the model class does not load (Qwen3.5's multi-token
@@ -302,7 +297,8 @@ def _finish(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, tokeniz
     plan = PrunePlan(source=prep.shape, targets=targets, layers=[LayerPlan(**kept) for kept in progress["layers"]],
                      recipe={**job.recipe.to_json(), "layerwise": True, "sequential": sequential},
                      calibration_hash=calibration_hash, versions=library_versions(),
-                     corrections=progress["corrections"] or [], dropped_expert_routes=_routes(progress))
+                     corrections=progress["corrections"] or [],
+                     dropped_expert_routes=layer_routes(progress.get("dropped_routes", []), prep.shape.num_layers))
     plan.validate()
     plan.save(work / "plan.json")
     report = {"model": job.model, "device": str(prep.device), "compute_dtype": str(prep.dtype)[6:],

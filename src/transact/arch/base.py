@@ -198,8 +198,8 @@ class ModelShape:
     ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
     measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts;
     ``linear_attention`` describes the other layers' blocks; ``q_gated``: q_proj also holds each head's
-    output gate (see ``AttentionParts.q_head_rows``); ``mlp_multiple``: pruned MLP (expert) widths must be
-    multiples of it. None of them is part of what a plan must match (``compare=False``).
+    output gate (see ``AttentionParts.q_head_rows``). None of them is part of what a plan must match
+    (``compare=False``).
 
     A mixture of experts has ``num_experts`` experts per layer, each of ``intermediate_size`` channels, and
     routes each token to ``experts_per_token`` of them; ``shared_expert_size`` is the width of the plain MLP
@@ -220,7 +220,6 @@ class ModelShape:
     q_gated: bool = field(default=False, compare=False)
     num_experts: int | None = None
     experts_per_token: int | None = None
-    mlp_multiple: int = field(default=1, compare=False)
     shared_expert_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -235,6 +234,11 @@ class ModelShape:
     def is_moe(self) -> bool:
         """Whether the MLPs are routed experts (then ``intermediate_size`` is each expert's width)."""
         return self.num_experts is not None
+
+    @property
+    def mlp_multiple(self) -> int:
+        """Pruned MLP widths must be multiples of this: ``EXPERT_WIDTH_MULTIPLE`` for experts, else 1."""
+        return EXPERT_WIDTH_MULTIPLE if self.is_moe else 1
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer ``layer`` has softmax attention (query heads to prune)."""
@@ -382,8 +386,7 @@ class FamilyAdapter:
         if refusal:
             raise TransactError(refusal)
         heads, kv_heads, head_dim = head_layout(text)
-        experts = (int(getattr(text, self.num_experts_key)), int(text.num_experts_per_tok)) if self.is_moe else (None,
-                                                                                                             None)
+        num_experts, experts_per_token = self.expert_counts(text) if self.is_moe else (None, None)
         return ModelShape(model_type=config.model_type, num_layers=text.num_hidden_layers,
                           hidden_size=text.hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                           intermediate_size=self.mlp_width(text), vocab_size=getattr(text, "vocab_size", None),
@@ -391,9 +394,12 @@ class FamilyAdapter:
                           head_rule=self.head_rule(text) if self.head_rule else None,
                           attention_layers=self.attention_layers(text) if self.attention_layers else None,
                           linear_attention=self.linear_attention(text) if self.linear_attention else None,
-                          q_gated=self.q_gated, num_experts=experts[0], experts_per_token=experts[1],
-                          mlp_multiple=EXPERT_WIDTH_MULTIPLE if self.is_moe else 1,
+                          q_gated=self.q_gated, num_experts=num_experts, experts_per_token=experts_per_token,
                           shared_expert_size=self.shared_width(text))
+
+    def expert_counts(self, text_config: PretrainedConfig) -> tuple[int, int]:
+        """(experts per layer, experts each token is routed to) of a mixture of experts."""
+        return int(getattr(text_config, self.num_experts_key)), int(text_config.num_experts_per_tok)
 
     def shared_width(self, text_config: PretrainedConfig) -> int | None:
         """The shared expert's width (None: the family has none)."""
@@ -557,10 +563,10 @@ class FamilyAdapter:
         text = self.text_config(config)
         if self.is_moe:
             shared = getattr(mlp, self.shared_expert_name) if self.shared_expert_name else None
+            num_experts, top_k = self.expert_counts(text)
             return ExpertParts(
                 experts=getattr(mlp, self.experts_name), router=getattr(mlp, self.router_name),
-                num_experts=int(getattr(text, self.num_experts_key)), top_k=int(text.num_experts_per_tok),
-                intermediate_size=self.mlp_width(text),
+                num_experts=num_experts, top_k=top_k, intermediate_size=self.mlp_width(text),
                 shared=None if shared is None else self._plain_mlp(shared, self.shared_width(text)))
         return self._plain_mlp(mlp, text.intermediate_size)
 
@@ -598,7 +604,7 @@ class FamilyAdapter:
         mlp = self.mlp_module(layer)
         if self.is_moe:
             experts, router = getattr(mlp, self.experts_name), getattr(mlp, self.router_name)
-            count = int(getattr(text, self.num_experts_key))
+            count, _ = self.expert_counts(text)
             for module in (mlp, experts, router):
                 if hasattr(module, "num_experts"):
                     module.num_experts = count

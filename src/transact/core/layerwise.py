@@ -248,7 +248,13 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
     return PrunePlan(source=shape, targets=targets, layers=kept,
                      recipe={**(note or {}), **recipe.to_json(), "layerwise": True, "sequential": sequential},
                      calibration_hash=calibration_hash, versions=library_versions(), corrections=corrections,
-                     dropped_expert_routes=routes if None not in routes else None)
+                     dropped_expert_routes=layer_routes(routes, shape.num_layers))
+
+
+def layer_routes(routes: list[float | None], num_layers: int) -> list[float] | None:
+    """The plan's ``dropped_expert_routes`` from each layer's ``LayerResult.dropped_routes``: None unless all
+    ``num_layers`` layers dropped experts."""
+    return routes if len(routes) == num_layers and None not in routes else None
 
 
 def config_changes(source: PretrainedConfig, pruned_first: PretrainedConfig) -> dict:

@@ -57,6 +57,10 @@ class Targets:
     def __repr__(self) -> str:  # the fields a dense model does not use are left out
         return f"Targets({', '.join(f'{k}={v}' for k, v in self.to_json().items())})"
 
+    def widths(self) -> list[int]:
+        """[heads, kv_heads, mlp], and the experts kept in a mixture of experts (how run reports record them)."""
+        return [self.heads, self.kv_heads, self.mlp] + ([self.experts] if self.experts is not None else [])
+
     def describe(self) -> str:
         """heads/kv/mlp, and the experts kept where there are experts."""
         widths = f"{self.heads}/{self.kv_heads}/{self.mlp}"

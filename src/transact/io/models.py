@@ -138,26 +138,28 @@ def saved_names(model: torch.nn.Module) -> dict[str, str]:
     """Each state-dict name of ``model`` -> the name ``save_pretrained`` stores it under. transformers 5
     writes some families in their original hub layout (a multimodal Gemma 3's ``model.language_model.*``
     as ``language_model.model.*``) and renames on load; the others keep their names. Tensors a conversion
-    merges or splits (not renames) keep their own names here."""
-    probes, reverted = _reverted(model)
-    module_name = {id(t): name for name, t in probes.items()}
-    return {module_name[id(t)]: saved for saved, t in reverted.items() if id(t) in module_name}
+    merges or splits (not renames) keep their own names here (see ``saved_layout``)."""
+    return saved_layout(model)[0]
 
 
 def split_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The tensors ``save_pretrained`` writes by splitting (or merging) the model's own, by stored name ->
-    shape: a mixture of experts' fused expert parameters become one tensor per expert and projection."""
-    probes, reverted = _reverted(model)
-    kept = {id(t) for t in probes.values()}
-    return {name: tuple(t.shape) for name, t in reverted.items() if id(t) not in kept}
+    """The tensors ``save_pretrained`` writes by splitting (or merging) the model's own (see ``saved_layout``)."""
+    return saved_layout(model)[1]
 
 
-def _reverted(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The model's state dict as meta tensors, and what transformers' conversion for saving makes of it."""
+def saved_layout(model: torch.nn.Module) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """How ``save_pretrained`` lays out ``model``'s tensors, from one run of transformers' conversion for
+    saving on meta tensors: (state-dict name -> stored name, for the tensors it stores whole; stored name ->
+    shape, for those it writes by splitting or merging: a mixture of experts' fused expert parameters become
+    one tensor per expert and projection)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     probes = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict().items()}
-    return probes, revert_weight_conversion(model, dict(probes))
+    reverted = revert_weight_conversion(model, dict(probes))
+    module_name = {id(t): name for name, t in probes.items()}
+    renamed = {module_name[id(t)]: saved for saved, t in reverted.items() if id(t) in module_name}
+    split = {saved: tuple(t.shape) for saved, t in reverted.items() if id(t) not in module_name}
+    return renamed, split
 
 
 # ---------------------------------------------------------------- one loading path
@@ -260,8 +262,7 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_against_config(headers: dict[str, tuple[Path, tuple[int, ...]]], config: PretrainedConfig) -> None:
     model = skeleton(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    stored = saved_names(model)
-    split = split_tensors(model)
+    stored, split = saved_layout(model)
     if set(split) & set(headers):  # experts stored one by one, as save_pretrained writes them
         _check_split_tensors(headers, split)
         expected = {name: shape for name, shape in expected.items() if name in stored}

@@ -236,8 +236,7 @@ class Run:
             self.procs.broadcast_parameters(get_adapter(model).prunable_linears(model))
         state.plans.append(plan.to_json())
         state.pruned, state.step = True, 0
-        widths = [targets.heads, targets.kv_heads, targets.mlp] + ([targets.experts] if targets.experts else [])
-        state.current = PhaseRecord(phase=shot, widths=widths,
+        state.current = PhaseRecord(phase=shot, widths=targets.widths(),
                                     prune_seconds=round(time.perf_counter() - t0, 2), params=count_parameters(model),
                                     perplexity_pruned=self.heldout_ppl(model))
 
@@ -317,7 +316,7 @@ class Run:
     def _report(self, model: nn.Module, state: RunState, digests: list[str], seconds: float) -> dict:
         return {"model": self.recipe.model, "recipe": self.recipe.to_json(), "dense": state.dense,
                 "final": model_summary(model), "phases": [p.to_json() for p in state.shots],
-                "schedule": [[t.heads, t.kv_heads, t.mlp] + ([t.experts] if t.experts else []) for t in self.schedule],
+                "schedule": [t.widths() for t in self.schedule],
                 "processes": self.procs.count, "device": str(self.accelerator.device),
                 "mixed_precision": self.mixed, "weights_sha256_per_process": digests,
                 "memory_estimate": self.memory.parts if self.memory else None,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from transact.arch import ModelShape
+from transact.errors import TransactError
 from transact.measure.costs import RUNTIME_OVERHEAD_BYTES
 from transact.recovery.chunked import chunk_tokens
 
@@ -164,8 +165,6 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
 
 def check_fits(shape: ModelShape, params: int, training, device: torch.device, *, teacher_here: bool) -> MemoryEstimate:
     """The estimate for this run on ``device``; a TransactError naming what would fit where it does not."""
-    from transact.errors import TransactError
-
     available = available_bytes(device)
     result = estimate(shape, params, training, device=device.type, teacher_here=teacher_here, available=available)
     if result.fits:

@@ -17,12 +17,11 @@ def random_layer_scores(shape: ModelShape, seed: int) -> LayerScores:
     generator = torch.Generator().manual_seed(seed)
     heads = [salience.random_scores(shape.num_heads, generator) for _ in range(shape.num_layers)]
     experts = shape.num_experts or 1  # a mixture of experts draws every expert's channels, then the experts
-    mlp = [salience.random_scores(experts * shape.intermediate_size, generator).view(experts, -1).squeeze(0)
-           for _ in range(shape.num_layers)]
+    mlp = [salience.random_scores(experts * shape.intermediate_size, generator) for _ in range(shape.num_layers)]
     heads = [scores if shape.has_attention(i) else no_heads() for i, scores in enumerate(heads)]
     if not shape.is_moe:
         return LayerScores(heads, mlp)
-    mlp = [scores.view(experts, -1) for scores in mlp]
+    mlp = [scores.view(experts, shape.intermediate_size) for scores in mlp]
     expert_scores = [salience.random_scores(experts, generator) for _ in range(shape.num_layers)]
     shared = None if shape.shared_expert_size is None else \
         [salience.random_scores(shape.shared_expert_size, generator) for _ in range(shape.num_layers)]
