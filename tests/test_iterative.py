@@ -496,6 +496,20 @@ def test_two_processes_share_the_refitted_weights(workdir):
     assert all(p["corrections"] == [{"name": "refit", "damp": 0.01}] for p in plans)
 
 
+def test_two_processes_share_the_refitted_expert_weights(workdir):
+    """The refit also corrects each kept expert's slice of the fused down projection: a mixture of experts'
+    replicas must receive those too."""
+    moe = workdir / "moe-model"
+    tiny_model("qwen3_moe", heads=4, kv_heads=2, mlp=96).save_pretrained(moe)
+    char_tokenizer().save_pretrained(moe)
+    data = recipe_dict(workdir, "ddp-moe-refit", tokens_per_shot=0, final_tokens=0) | {
+        "model": str(moe), "target": {"mlp": 48, "experts": 3}, "reconstruct": True}
+    torchrun(write_recipe(workdir, "ddp-moe-refit", data), 29519)
+    report = json.loads((workdir / "ddp-moe-refit" / "report.json").read_text())
+    digests = report["weights_sha256_per_process"]
+    assert report["processes"] == 2 and digests[0] == digests[1]
+
+
 def test_cli_reports_recipe_errors_with_exit_2(workdir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(CONTRACT + "colour: red\n")

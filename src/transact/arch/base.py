@@ -587,6 +587,12 @@ class FamilyAdapter:
         return [linear for attn, mlp in self.layer_parts(model)
                 for linear in ((*attn.linears, *mlp.linears) if attn else mlp.linears)]
 
+    def pruned_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every module whose weights pruning slices or a corrector changes: ``prunable_linears`` and each
+        mixture-of-experts block's fused experts module."""
+        experts = [mlp.experts for _, mlp in self.layer_parts(model) if isinstance(mlp, ExpertParts)]
+        return [*self.prunable_linears(model), *experts]
+
     def sync_modules(self, layer: nn.Module, config: PretrainedConfig) -> None:
         """Bring the per-module copies of head counts in line with ``config``.
 

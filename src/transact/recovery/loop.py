@@ -233,7 +233,7 @@ class Run:
         if not self.procs.main:
             apply_step(model, plan)
         if plan.corrections:  # the corrected weights exist on the main process only
-            self.procs.broadcast_parameters(get_adapter(model).prunable_linears(model))
+            self.procs.broadcast_parameters(get_adapter(model).pruned_modules(model))
         state.plans.append(plan.to_json())
         state.pruned, state.step = True, 0
         state.current = PhaseRecord(phase=shot, widths=targets.widths(),
