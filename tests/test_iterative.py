@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny import char_tokenizer, random_plan, tiny_model
+from tiny import WORDS, char_tokenizer, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import ModelShape
@@ -29,25 +29,9 @@ from transact.recovery.data import BlockStream, packed_blocks
 from transact.recovery.state import PhaseRecord, RunState
 
 BIN = Path(sys.executable).parent
-WORDS = "the cat sat on a mat and then it ran to the dog who was very happy about it".split()
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A tiny Llama (4 heads in 2 KV groups, MLP 96) with a character tokenizer, and a training text."""
-    root = tmp_path_factory.mktemp("iterative")
-    model = tiny_model("llama", heads=4, kv_heads=2, mlp=96)
-    model.save_pretrained(root / "model")
-    char_tokenizer().save_pretrained(root / "model")
-    import random
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(30)) + "." for _ in range(400)]
-    (root / "train.txt").write_text("\n".join(lines) + "\n")
-    return root
-
 
 def recipe_dict(root: Path, out: str, **training) -> dict:
     return {
@@ -228,6 +212,9 @@ def test_block_stream_resumes_at_its_position_and_splits_across_processes(tmp_pa
     shares = [s.take(2) for s in ranks]
     assert torch.equal(torch.stack([shares[0][0], shares[1][0], shares[0][1], shares[1][1]]), a)
     assert ranks[0].position == 4
+    # the global positions of each process's blocks (where stored teacher logits are looked up)
+    assert single.last_positions == [4, 5, 6, 7] and resumed.last_positions == [4, 5, 6, 7]
+    assert [s.last_positions for s in ranks] == [[0, 2], [1, 3]]
 
 
 def test_the_stream_cycles_with_a_new_order_when_the_corpus_ends(tmp_path):
@@ -359,17 +346,20 @@ def test_lora_and_distillation_end_as_plain_checkpoints(workdir, method):
         assert shot["perplexity"] < shot["perplexity_pruned"], method
 
 
-def test_resume_after_a_kill_ends_bit_identical(workdir):
+@pytest.mark.parametrize("weights, optimizer", [("fp32", "adamw"), ("bf16", "adamw_8bit")])
+def test_resume_after_a_kill_ends_bit_identical(workdir, weights, optimizer):
     """Kill a real run (SIGKILL) in the middle of shot 2's training, resume, compare with a run that was
-    never interrupted: same weights, same loss at every step."""
-    extra = {"tokens_per_shot": 16384}
-    path_a = write_recipe(workdir, "a", recipe_dict(workdir, "uninterrupted", **extra))
-    path_b = write_recipe(workdir, "b", recipe_dict(workdir, "killed", **extra))
+    never interrupted: same weights, same loss at every step. With bf16 weights the stochastic rounding's
+    draws and the 8-bit moments must come back exactly too."""
+    extra = {"tokens_per_shot": 16384, "weights": weights, "optimizer": optimizer}
+    done, killed = f"uninterrupted-{weights}", f"killed-{weights}"
+    path_a = write_recipe(workdir, f"a-{weights}", recipe_dict(workdir, done, **extra))
+    path_b = write_recipe(workdir, f"b-{weights}", recipe_dict(workdir, killed, **extra))
     assert cli("run", str(path_a), "--quiet").returncode == 0
 
     proc = subprocess.Popen([str(BIN / "transact"), "run", str(path_b), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = workdir / "killed" / "state" / "progress.json"
+    progress = workdir / killed / "state" / "progress.json"
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
         try:
@@ -388,12 +378,16 @@ def test_resume_after_a_kill_ends_bit_identical(workdir):
 
     resumed = cli("run", str(path_b), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(workdir / "uninterrupted" / "model.safetensors")
-    b = load_file(workdir / "killed" / "model.safetensors")
+    a = load_file(workdir / done / "model.safetensors")
+    b = load_file(workdir / killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    la = json.loads((workdir / "uninterrupted" / "losses.json").read_text())
-    lb = json.loads((workdir / "killed" / "losses.json").read_text())
+    la = json.loads((workdir / done / "losses.json").read_text())
+    lb = json.loads((workdir / killed / "losses.json").read_text())
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    report = json.loads((workdir / done / "report.json").read_text())
+    assert (report["weights"], report["optimizer"]) == ({"fp32": "float32", "bf16": "bfloat16"}[weights], optimizer)
+    for phase in report["phases"][:2]:
+        assert phase["perplexity"] < phase["perplexity_pruned"]  # the low-precision path trains too
 
 
 def test_run_state_round_trips_and_reads_the_earlier_layout(tmp_path):

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import char_tokenizer, tiny_config, tiny_model
 
 from transact.arch import shape_of
@@ -63,7 +64,7 @@ def _recipe(tmp_path, corpus, **training) -> RunRecipe:
 
 
 def test_a_run_that_cannot_fit_is_refused_before_loading_naming_what_would(tmp_path, corpus, monkeypatch):
-    recipe = _recipe(tmp_path, corpus)
+    recipe = _recipe(tmp_path, corpus, weights="fp32")
     params = count_parameters(tiny_model("llama"))
     full = memory.estimate(shape_of(tiny_config("llama")), params, recipe.training)
     checkpointed = memory.estimate(shape_of(tiny_config("llama")), params,
@@ -78,6 +79,21 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_naming_what_would(tmp_p
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
     with pytest.raises(TransactError, match=r"no single change .* is enough"):
         loop.run(recipe, progress=False)
+
+
+def test_auto_weights_fall_back_to_bf16_only_where_fp32_cannot_fit(tmp_path, corpus, monkeypatch):
+    recipe = _recipe(tmp_path, corpus)  # weights: auto
+    params, shape = count_parameters(tiny_model("llama")), shape_of(tiny_config("llama"))
+    fp32 = memory.estimate(shape, params, replace(recipe.training, weights="fp32")).total
+    bf16 = memory.estimate(shape, params, replace(recipe.training, weights="bf16")).total
+    out = tmp_path / "out"
+    monkeypatch.setattr(memory, "available_bytes", lambda device: fp32)
+    run = loop.Run(recipe, out, resume=False, progress=False)  # checks and plans; loads no weights
+    assert run.weights == run.prep.dtype == torch.float32 and run.memory.parts["weights"] == 4 * params
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (fp32 + bf16) // 2)
+    run = loop.Run(recipe, out, resume=False, progress=False)
+    assert run.weights == run.prep.dtype == torch.bfloat16 and run.memory.parts["weights"] == 2 * params
+    assert run.memory.total <= (fp32 + bf16) // 2
 
 
 def test_the_check_can_be_turned_off_and_the_estimate_is_reported(tmp_path, corpus, monkeypatch):

@@ -52,6 +52,9 @@ HEADS_MUST_DIVIDE_HIDDEN = ("gemma2", "gemma3_text", "gemma3")
 # Families whose released checkpoints tie the input embedding and the LM head.
 TIED = ("qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_5_text", "qwen3_5")  # (Qwen3.5-MoE: untied)
 
+# words of the training texts the run tests build
+WORDS = "the cat sat on a mat and then it ran to the dog who was very happy about it".split()
+
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per printable ASCII character; id 0 = <unk>, id 1 = </s>."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 
 from transact.api import ApplyPlanJob, PruneJob, model_info, run_apply_plan, run_prune
@@ -245,6 +246,19 @@ def _run_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _teach_parser(sub) -> None:
+    p = sub.add_parser("teach", help="write the dense model's top-k log-probabilities for a distillation recipe's "
+                       "training blocks (training.kd.teacher_logits), so transact run needs no teacher in memory")
+    p.add_argument("recipe", help="a transact run recipe with training.method: kd and training.kd.teacher_logits")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe keys to override, as for transact run")
+    p.add_argument("--k", type=int, default=64, help="log-probabilities kept per token (default 64; 4 + 6k bytes "
+                   "per token on disk)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes the run will train on (their batches consume the stream; default 1)")
+    p.add_argument("--resume", action="store_true", help="continue writing after the last complete shard")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="family, widths, parameters, KV cache and what can be pruned")
     p.add_argument("model", help=MODEL_HELP)
@@ -256,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "transitional activations, into plain Hugging Face checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_prune_parser, _apply_plan_parser, _eval_parser, _bench_parser, _compare_parser, _export_parser,
-                _run_parser, _info_parser):
+                _run_parser, _teach_parser, _info_parser):
         add(sub)
     return parser
 
@@ -435,6 +449,25 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_teach(args) -> int:
+    from transact.recipes import load_run_recipe
+    from transact.recovery.loop import teach
+
+    recipe = load_run_recipe(args.recipe, args.overrides)
+    meta = teach(recipe, k=args.k, processes=args.processes, resume=args.resume, progress=not args.quiet)
+    tokens = meta["blocks"] * meta["stream"]["seq_len"]
+    print(f"wrote the top {meta['k']} log-probabilities of {tokens:,} tokens ({meta['blocks']:,} blocks) to "
+          f"{recipe.training.kd.teacher_logits}: {meta['bytes_per_token']} bytes per token, "
+          f"{meta['bytes_per_token'] * tokens / 2**20:,.1f} MiB")
+    print(f"teacher probability outside the top {meta['k']}: mean {meta['tail_mass']['mean']:.4f}, "
+          f"largest {meta['tail_mass']['max']:.4f} (training blocks)")
+    if "heldout" in meta:
+        h = meta["heldout"]
+        print(f"held-out text ({h['tokens']:,} tokens): mass outside {h['tail_mass']:.4f}, "
+              f"KL(top-k renormalised || full) {h['kl_topk_vs_full']:.4f} nats per token")
+    return 0
+
+
 def _cmd_info(args) -> int:
     info = model_info(args.model)
     if args.json:
@@ -468,7 +501,8 @@ def _cmd_info(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "apply-plan": _cmd_apply_plan, "eval": _cmd_eval, "bench": _cmd_bench,
-            "compare": _cmd_compare, "export": _cmd_export, "run": _cmd_run, "info": _cmd_info}
+            "compare": _cmd_compare, "export": _cmd_export, "run": _cmd_run, "teach": _cmd_teach,
+            "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # torchao (which peft imports too) logs at import each GPU kernel library a CPU build lacks, and torch a
+    # deprecation of how torchao registers its enums; neither concerns the user.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except TransactError as e:

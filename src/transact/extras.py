@@ -10,7 +10,8 @@ from transact.errors import TransactError
 # extra -> {importable module: the distribution pyproject.toml installs it from}.
 EXTRAS: dict[str, dict[str, str]] = {
     "eval": {"lm_eval": "lm-eval"},
-    "train": {"accelerate": "accelerate", "peft": "peft", "datasets": "datasets", "pyarrow": "pyarrow"},
+    "train": {"accelerate": "accelerate", "peft": "peft", "datasets": "datasets", "pyarrow": "pyarrow",
+              "torchao": "torchao"},
     "gguf": {"gguf": "gguf", "xllamacpp": "xllamacpp", "sentencepiece": "sentencepiece", "google.protobuf": "protobuf"},
     "plots": {"matplotlib": "matplotlib"},
 }

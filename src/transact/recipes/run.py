@@ -18,6 +18,8 @@ from transact.recipes.text import Calibration, HeldoutText
 
 RECOVERY_METHODS = ("full", "lora", "kd")
 PRECISIONS = ("auto", "fp32", "bf16")
+WEIGHT_DTYPES = ("auto", "fp32", "bf16")  # what trained weights are held in (transact.recovery.optim)
+OPTIMIZERS = ("auto", "adamw", "adamw_8bit")
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,16 @@ class LoraSettings:
 @dataclass(frozen=True)
 class DistillSettings:
     """Knowledge distillation from the dense model: loss = T^2 KL(teacher_T || student_T) + lm_weight CE,
-    computed over chunks of ``chunk_tokens`` tokens (0: about 2^25 logits per chunk for the vocabulary)."""
+    computed over chunks of ``chunk_tokens`` tokens (0: about 2^25 logits per chunk for the vocabulary).
+    ``top_k`` > 0: the KL over the teacher's k most likely tokens only (its distribution renormalised over
+    them); ``teacher_logits``: a directory ``transact teach`` wrote, read instead of running the teacher."""
 
     temperature: float = 1.0
     lm_weight: float = 0.5
     teacher_device: str = "same"
     chunk_tokens: int = 0
+    top_k: int = 0
+    teacher_logits: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperature",
@@ -83,6 +89,9 @@ class DistillSettings:
         object.__setattr__(self, "lm_weight", check_float("training.kd.lm_weight", self.lm_weight, 0.0, 100.0))
         check_str("training.kd.teacher_device", self.teacher_device)
         check_int("training.kd.chunk_tokens", self.chunk_tokens, 0)
+        check_int("training.kd.top_k", self.top_k, 0)
+        if self.teacher_logits is not None:
+            check_str("training.kd.teacher_logits", self.teacher_logits)
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,9 @@ class Training:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "auto"
+    precision: str = "auto"  # autocast of fp32 weights
+    weights: str = "auto"  # fp32 on a CPU, bf16 (stochastic rounding) on a GPU
+    optimizer: str = "auto"  # adamw on a CPU, adamw_8bit on a GPU
     gradient_checkpointing: bool = False
     check_memory: bool = True  # estimate the peak before loading and refuse a run that cannot fit
     seed: int = 0
@@ -135,6 +146,8 @@ class Training:
             raise fail(p + "betas", f"must be two numbers [beta1, beta2], got {betas!r}")
         object.__setattr__(self, "betas", tuple(check_float(p + "betas", b, 0.0, 0.9999999) for b in betas))
         check_choice(p + "precision", self.precision, PRECISIONS)
+        check_choice(p + "weights", self.weights, WEIGHT_DTYPES)
+        check_choice(p + "optimizer", self.optimizer, OPTIMIZERS)
         for flag in ("gradient_checkpointing", "check_memory"):
             if not isinstance(getattr(self, flag), bool):
                 raise fail(p + flag, f"must be true or false, got {getattr(self, flag)!r}")

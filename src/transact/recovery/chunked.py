@@ -7,6 +7,10 @@ are several GiB in fp32 at a few thousand tokens. Here both models return only t
 ``torch.utils.checkpoint`` region, which keeps none of the chunk's intermediates for the backward pass and
 recomputes them there, one chunk at a time. So at most one chunk's logits exist at once. The result equals
 ``distill_loss`` + ``lm_weight`` x ``lm_loss`` on the full logits up to floating-point summation order.
+
+The top-k variant distils from the teacher's k most likely next tokens only (``teacher_topk``: computed
+online, or read back from what ``transact teach`` wrote): the teacher's distribution renormalised over those
+k tokens, against the student's full-vocabulary log-probabilities at them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ IGNORE = -100  # no next token to predict (the last position of each row)
 def chunk_tokens(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
     """Tokens per chunk so that one chunk's logits hold about ``elements`` values."""
     return max(1, elements // vocab_size)
+
+
+def final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The final (normed) hidden states (B, L, H) of ``model`` on ``ids``, through its own forward (so that
+    a DDP wrapper sees the pass), with the LM head applied to the last position only."""
+    return model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
 
 def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
@@ -66,6 +76,56 @@ def chunked_distill_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, ids
         part = slice(start, start + chunk)
         total = total + checkpoint(_chunk_terms, flat[part], teacher_flat[part], targets[part],
                                    head, teacher_head, temperature, use_reentrant=False)
+    kl = total[0] / (batch * length) * temperature * temperature
+    ce = total[1] / (batch * (length - 1))
+    return kl + lm_weight * ce, ce
+
+
+def teacher_topk(hidden: torch.Tensor, head: Head, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The k most likely next tokens at every position and their log-probabilities (full vocabulary,
+    temperature 1), rounded to fp16 as they are stored; chunk by chunk, without gradients. hidden: (N, H)
+    -> (indices (N, k) int64 by descending probability, log-probabilities (N, k) fp16, the summed
+    probability outside the top k over the N positions)."""
+    indices, logprobs, tail = [], [], 0.0
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], chunk):
+            log_p = F.log_softmax(head(hidden[start:start + chunk]).float(), dim=-1)
+            top, where = log_p.topk(k, dim=-1)
+            tail += (1.0 - top.exp().sum(-1)).clamp(min=0.0).sum().item()
+            indices.append(where)
+            logprobs.append(top.half())
+    return torch.cat(indices), torch.cat(logprobs), tail
+
+
+def _topk_chunk_terms(hidden: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor,
+                      head: Head, temperature: float) -> torch.Tensor:
+    """(sum over the chunk of KL(teacher top-k_T || student_T) on the teacher's k tokens, sum of the
+    cross-entropy) as a (2,) tensor. hidden: (n, H); indices, logprobs: (n, k); targets: (n,)."""
+    logits = head(hidden).float()
+    log_q = F.log_softmax(logprobs.float().to(logits.device) / temperature, dim=-1)  # renormalised over the k
+    log_s = F.log_softmax(logits / temperature, dim=-1).gather(-1, indices.to(logits.device))
+    kl = (log_q.exp() * (log_q - log_s)).sum()
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return torch.stack([kl, ce])
+
+
+def chunked_topk_distill_loss(hidden: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor,
+                              head: Head, *, temperature: float, lm_weight: float,
+                              chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_distill_loss`` with the teacher given as its top-k: indices (B, L, k) int64 and
+    log-probabilities (B, L, k); the KL runs over the k tokens, the teacher's probabilities renormalised over
+    them at temperature T. -> (loss, cross-entropy)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    batch, length, _ = hidden.shape
+    flat = hidden.reshape(batch * length, -1)
+    top, top_logprobs = indices.reshape(batch * length, -1), logprobs.reshape(batch * length, -1)
+    targets = next_token_targets(ids).to(hidden.device)
+    total = hidden.new_zeros(2, dtype=torch.float32)
+    for start in range(0, batch * length, chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_topk_chunk_terms, flat[part], top[part], top_logprobs[part], targets[part],
+                                   head, temperature, use_reentrant=False)
     kl = total[0] / (batch * length) * temperature * temperature
     ce = total[1] / (batch * (length - 1))
     return kl + lm_weight * ce, ce

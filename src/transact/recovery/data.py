@@ -70,6 +70,7 @@ class BlockStream:
                  position: int = 0, rank: int = 0, world: int = 1) -> None:
         self.position = 0
         self.rank, self.world = rank, world
+        self.last_positions: list[int] = []  # global positions of the blocks the last take gave this process
         self._blocks = packed_blocks(tokenizer, source, seq_len, seed, shuffle_buffer)
         for _ in range(position):  # a resumed run regenerates and skips what it used
             next(self._blocks)
@@ -78,5 +79,6 @@ class BlockStream:
     def take(self, per_process: int) -> torch.Tensor:
         """This process's share of the next global batch: (per_process, seq_len)."""
         rows = [next(self._blocks) for _ in range(per_process * self.world)]
+        self.last_positions = list(range(self.position + self.rank, self.position + len(rows), self.world))
         self.position += len(rows)
         return torch.stack(rows[self.rank :: self.world])

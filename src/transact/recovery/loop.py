@@ -15,7 +15,8 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ from transact.io.text import read_texts, token_stream
 from transact.measure.costs import count_parameters, model_summary
 from transact.measure.perplexity import heldout_perplexity
 from transact.recipes import RunRecipe
-from transact.recovery import memory
+from transact.recovery import memory, optim
+from transact.recovery import teacher as teacher_files
 from transact.recovery.data import BlockStream, check_training_data
 from transact.recovery.distributed import Processes, weights_digest
 from transact.recovery.report import plot_training, report_markdown
@@ -48,7 +50,8 @@ from transact.recovery.state import (
     mark_done,
     save_state,
 )
-from transact.recovery.train import PhaseSpec, lora_merge, lora_wrap, steps_for, train_phase
+from transact.recovery.teacher import OfflineTeacher, blocks_needed
+from transact.recovery.train import PhaseSpec, distill_chunk, lora_merge, lora_wrap, steps_for, train_phase
 from transact.version import library_versions
 
 
@@ -110,8 +113,21 @@ def check_out(recipe: RunRecipe, resume: bool) -> Path:
     return out
 
 
-def _mixed_precision(recipe: RunRecipe, device: torch.device) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def phase_steps(training, shots: int, processes: int) -> list[int]:
+    """Optimizer steps of every phase of a run with ``shots`` shots: the shots', then the final recovery's."""
+    tokens = [training.tokens_per_shot] * shots + ([training.final_tokens] if training.final_tokens else [])
+    return [steps_for(t, training, processes) for t in tokens]
+
+
+def _mixed_precision(recipe: RunRecipe, device: torch.device, weights: torch.dtype) -> str:
+    """Autocast of fp32 weights; weights held in bf16 compute in bf16 without it."""
     p = recipe.training.precision
+    if weights != torch.float32:
+        return "no"
     if p == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     return "bf16" if p == "bf16" else "no"
@@ -138,38 +154,60 @@ class Run:
 
         self.recipe, self.out, self.resume, self.progress_bars = recipe, out, resume, progress
         training = recipe.training
-        self.prep = prepare_model(recipe.model, recipe.device, "float32")
+        self.trains = bool(training.tokens_per_shot or training.final_tokens)
+        self.weights, self.optimizer = optim.resolve(training, resolve_device(recipe.device))
+        if not self.trains:
+            self.weights = torch.float32
+        optim.check_available(self.weights, self.optimizer if self.trains else "adamw")
+        self.prep = prepare_model(recipe.model, recipe.device, _dtype_name(self.weights))
         self.schedule = schedule_of(recipe, self.prep.shape)
         self.prune_recipe = recipe.prune_recipe(recipe.target or recipe.schedule[-1])
         check_step(self.prep.config, self.prune_recipe, self.schedule[0])  # metric and correctors, before loading
         self.calib_texts = read_texts(recipe.calibration.text) if self.prune_recipe.needs_calibration else None
         self.heldout_texts = read_texts(recipe.heldout.text, builtin="heldout") if recipe.heldout.tokens else None
         self.phases = len(self.schedule) + (1 if training.final_tokens else 0)
-        if training.tokens_per_shot or training.final_tokens:
+        if self.trains:
             check_training_data(training.data)
         self.tokenizer = require_tokenizer(self.prep.source, "calibration, training and perplexity")
-        self.mixed = _mixed_precision(recipe, self.prep.device)
+        self.mixed = _mixed_precision(recipe, self.prep.device, self.weights)
         self.accelerator = Accelerator(cpu=self.prep.device.type == "cpu", mixed_precision=self.mixed)
         self.procs = Processes(self.accelerator)
-        self.teacher_device = _teacher_device(recipe, self.accelerator.device) if training.method == "kd" else None
-        self.memory = self._check_memory()
+        self.offline = self._offline_teacher()
+        online = training.method == "kd" and self.offline is None
+        self.teacher_device = _teacher_device(recipe, self.accelerator.device) if online else None
+        self.memory = self._check_memory()  # also settles ``auto`` weights: fp32 unless only bf16 fits
+        if self.weights != self.prep.dtype:
+            optim.check_available(self.weights, self.optimizer)
+            self.prep = prepare_model(recipe.model, recipe.device, _dtype_name(self.weights))
         self.teacher: nn.Module | None = None
         self.heldout_ids: torch.Tensor | None = None
         self.resumed_optimizer: dict | None = None  # moments to continue a phase with, after a resume
         self.end_optimizer: torch.optim.Optimizer | None = None  # the finished phase's, saved with its state
 
+    def _offline_teacher(self) -> OfflineTeacher | None:
+        """The top-k logits ``transact teach`` wrote, checked against this run's stream and length."""
+        training = self.recipe.training
+        if training.method != "kd" or not training.kd.teacher_logits or not self.trains:
+            return None
+        offline = OfflineTeacher.open(training.kd.teacher_logits)
+        steps = phase_steps(training, len(self.schedule), self.procs.count)
+        offline.check(training, blocks_needed(steps, training, self.procs.count), self.prep.shape.vocab_size)
+        return offline
+
     def _check_memory(self) -> memory.MemoryEstimate | None:
         """The run's estimated peak, from the config alone; refused here where it cannot fit the device."""
         training = self.recipe.training
-        if not (training.tokens_per_shot or training.final_tokens):
-            return None  # nothing trains
-        params = count_parameters(skeleton(self.prep.config))
-        teacher_here = self.teacher_device is not None and self.teacher_device == self.accelerator.device
+        if not self.trains:
+            return None
+        params, shape, device = count_parameters(skeleton(self.prep.config)), self.prep.shape, self.accelerator.device
+        teacher_here = self.teacher_device is not None and self.teacher_device == device
+        available = memory.available_bytes(device) if training.check_memory else None
+        self.weights = memory.choose_weights(shape, params, training, device.type, teacher_here=teacher_here,
+                                             available=available)
+        chosen = replace(training, weights="bf16" if self.weights == torch.bfloat16 else "fp32")
         if not training.check_memory:
-            return memory.estimate(self.prep.shape, params, training, device=self.accelerator.device.type,
-                                   teacher_here=teacher_here)
-        return memory.check_fits(self.prep.shape, params, training, self.accelerator.device,
-                                 teacher_here=teacher_here)
+            return memory.estimate(shape, params, chosen, device=device.type, teacher_here=teacher_here)
+        return memory.check_fits(shape, params, chosen, device, teacher_here=teacher_here)
 
     def heldout_ppl(self, model: nn.Module) -> float | None:
         if self.heldout_ids is None:
@@ -275,8 +313,9 @@ class Run:
             self.save(unwrapped, optimizer, state)
             current.train_seconds -= time.perf_counter() - started  # time spent saving is not training
 
-        log, optimizer = train_phase(self.accelerator, model, stream, training, spec, teacher=self.teacher,
-                                     on_save=checkpoint, progress=self.progress_bars)
+        log, optimizer = train_phase(self.accelerator, model, stream, training, spec,
+                                     teacher=self.teacher or self.offline, on_save=checkpoint,
+                                     progress=self.progress_bars)
         current.train_seconds += time.perf_counter() - started
         state.step, state.data_position, state.losses = total, stream.position, base_losses + log.records
         return optimizer
@@ -300,13 +339,14 @@ class Run:
         report = self._report(model, state, digests, seconds)
         save_dtype = self.prep.save_dtype
         if save_dtype != torch.float32:
-            # Training left fp32 values the checkpoint's dtype cannot hold: round them in memory first, so the
-            # reload check compares like with like, and measure what is actually saved.
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.copy_(p.to(save_dtype).to(p.dtype))
-            report["final"]["perplexity_as_saved"] = self.heldout_ppl(model)
-            report["final"]["saved_dtype"] = str(save_dtype).removeprefix("torch.")
+            if any(p.dtype != save_dtype for p in model.parameters()):
+                # Training left values the checkpoint's dtype cannot hold: round them in memory first, so the
+                # reload check compares like with like, and measure what is actually saved.
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.copy_(p.to(save_dtype).to(p.dtype))
+                report["final"]["perplexity_as_saved"] = self.heldout_ppl(model)
+            report["final"]["saved_dtype"] = _dtype_name(save_dtype)
         if self.procs.main:
             self._write_outputs(model, state, report)
             mark_done(self.out, state)
@@ -318,9 +358,18 @@ class Run:
                 "final": model_summary(model), "phases": [p.to_json() for p in state.shots],
                 "schedule": [t.widths() for t in self.schedule],
                 "processes": self.procs.count, "device": str(self.accelerator.device),
-                "mixed_precision": self.mixed, "weights_sha256_per_process": digests,
+                "mixed_precision": self.mixed, "weights": _dtype_name(self.weights),
+                "optimizer": self.optimizer if self.trains else None, "weights_sha256_per_process": digests,
                 "memory_estimate": self.memory.parts if self.memory else None,
+                "teacher_logits": self._teacher_note(),
                 "seconds_this_process": round(seconds, 1), "versions": library_versions()}
+
+    def _teacher_note(self) -> dict | None:
+        if self.offline is None:
+            return None
+        meta = self.offline.meta
+        return {"path": str(self.offline.path), "teacher": meta["teacher"], "k": meta["k"],
+                "tail_mass": meta["tail_mass"], "heldout": meta.get("heldout")}
 
     def _write_outputs(self, model: nn.Module, state: RunState, report: dict) -> None:
         plans = [PrunePlan.from_json(p) for p in state.plans]
@@ -347,6 +396,14 @@ def run(recipe: RunRecipe, *, resume: bool = False, progress: bool = True) -> Ru
     r = Run(recipe, out, resume, progress)
     if progress and r.memory is not None and r.procs.main:
         print(f"memory: {r.memory.describe()}", file=sys.stderr, flush=True)
+    if progress and r.procs.main and r.recipe.training.weights == "auto" and r.weights == torch.bfloat16:
+        print("memory: training in bf16 weights: with fp32 weights the run would not fit (training.weights: auto)",
+              file=sys.stderr, flush=True)
+    if progress and r.offline is not None and r.procs.main:
+        note = r._teacher_note()
+        print(f"teacher: the top {note['k']} log-probabilities in {note['path']} (their teacher's probability outside "
+              f"them: {note['tail_mass']['mean']:.4f} on average over the training blocks)", file=sys.stderr,
+              flush=True)
     t0 = time.perf_counter()
     model, state = r.start()
     while state.phase <= r.phases:
@@ -356,3 +413,45 @@ def run(recipe: RunRecipe, *, resume: bool = False, progress: bool = True) -> Ru
         r.end_phase(model, state)
     report = r.finish(model, state, time.perf_counter() - t0)
     return RunResult(out, report, r.procs.main)
+
+
+# ---------------------------------------------------------------- transact teach
+
+def teach(recipe: RunRecipe, *, k: int = 64, processes: int = 1, resume: bool = False, progress: bool = True) -> dict:
+    """Write the dense model's top-``k`` next-token log-probabilities for every block the run of ``recipe``
+    (on ``processes`` processes) will train on, into its ``training.kd.teacher_logits``; measure the
+    truncation on the held-out text. -> teacher.json's content."""
+    training, kd = recipe.training, recipe.training.kd
+    if training.method != "kd" or not kd.teacher_logits:
+        raise TransactError("transact teach writes the teacher logits of a distillation recipe: set "
+                            "training.method: kd and training.kd.teacher_logits: DIR")
+    if k < 1 or (kd.top_k and kd.top_k != k):
+        raise TransactError(f"--k must be at least 1 and equal training.kd.top_k where that is set, got {k}")
+    if processes < 1:
+        raise TransactError(f"--processes must be at least 1, got {processes}")
+    device = resolve_device(recipe.device)
+    weights, _ = optim.resolve(training, device)
+    prep = prepare_model(recipe.model, recipe.device, _dtype_name(weights))
+    vocab = prep.shape.vocab_size
+    if k > vocab:
+        raise TransactError(f"--k {k} exceeds the vocabulary ({vocab:,} tokens)")
+    blocks = blocks_needed(phase_steps(training, len(schedule_of(recipe, prep.shape)), processes), training,
+                           processes)
+    if not blocks:
+        raise TransactError("the recipe trains nothing (tokens_per_shot and final_tokens are 0)")
+    check_training_data(training.data)
+    out = Path(kd.teacher_logits).expanduser().resolve()
+    header = {"teacher": recipe.model, "k": k, "stream": teacher_files.stream_settings(training),
+              "vocab_size": vocab, "processes": processes, "dtype": _dtype_name(prep.dtype)}
+    done = teacher_files.resume_point(out, header, resume)  # before any weights load
+    tokenizer = require_tokenizer(prep.source, "the training stream")
+    model, _ = load_model(prep, tokenizer=tokenizer)
+    head, chunk = partial(get_adapter(model).lm_logits, model), distill_chunk(model, kd)
+    stream = BlockStream(tokenizer, training.data, training.seq_len, training.seed, training.shuffle_buffer)
+    meta = teacher_files.write(model, head, stream, out=out, blocks=blocks, k=k, batch_size=training.batch_size,
+                               chunk=chunk, header=header, done_shards=done, progress=progress)
+    if recipe.heldout.tokens:
+        ids = token_stream(tokenizer, read_texts(recipe.heldout.text, builtin="heldout"), limit=recipe.heldout.tokens)
+        meta["heldout"] = teacher_files.truncation_cost(model, head, ids, recipe.heldout.window, k, chunk)
+    teacher_files.finish(out, meta)
+    return meta

@@ -4,12 +4,14 @@ weights are read, and whether the device has it.
 The peak of ``transact run`` is a training step of the dense model (the first shot trains after the
 first prune, so the widest model that trains is the first shot's; the dense widths bound it from above):
 
-- weights: every parameter in fp32 (transact trains fp32 weights; bf16 is autocast, not storage);
-- gradients and optimizer: fp32 gradients and AdamW's two fp32 moments of every trainable parameter (all
-  of them, or LoRA's adapters);
-- teacher: a frozen fp32 copy of the dense model for ``method: kd`` on the same device;
-- activations: what one micro-batch's forward keeps for the backward pass, per token and layer (see
-  ``ACTIVATION_*``), or with gradient checkpointing only each layer's input plus one layer recomputed;
+- weights: every parameter in the dtype training holds them in (``training.weights``: fp32, or bf16);
+- gradients and optimizer: gradients in the weights' dtype (LoRA's adapters in fp32) and AdamW's two
+  moments (fp32; bf16 beside bf16 weights; 8 bits plus a scale per 256 values with ``adamw_8bit``) of every
+  trainable parameter (all of them, or LoRA's adapters);
+- teacher: a frozen copy of the dense model in the weights' dtype for ``method: kd`` on the same device;
+- activations (in the weights' dtype): what one micro-batch's forward keeps for the backward pass, per
+  token and layer (see ``ACTIVATION_*``), or with gradient checkpointing only each layer's input plus one
+  layer recomputed;
 - logits: the LM head's output and what the cross-entropy keeps of it (one chunk with ``kd``'s chunked
   loss);
 - runtime: the interpreter and libraries (measured on CPU; on a GPU the CUDA context lives outside the
@@ -33,6 +35,7 @@ import torch
 from transact.arch import ModelShape
 from transact.errors import TransactError
 from transact.measure.costs import RUNTIME_OVERHEAD_BYTES
+from transact.recovery import optim
 from transact.recovery.chunked import chunk_tokens
 
 GIB = 2**30
@@ -102,21 +105,25 @@ def estimate(shape: ModelShape, params: int, training, *, device: str = "cpu", t
     """The estimated peak of training ``shape`` (``params`` parameters) with ``training`` (a
     ``transact.recipes.Training``); ``teacher_here``: a ``kd`` teacher on the same device."""
     method = training.method
+    weights, optimizer = optim.resolve(training, torch.device(device))
+    value = weights.itemsize  # weights, teacher and activations are held in the weights' dtype
     trainable = lora_parameters(shape, training.lora.r) if method == "lora" else params
+    trained = FP32 if method == "lora" else value  # peft keeps adapters in fp32 over bf16 weights
     tokens = training.batch_size * training.seq_len
-    per_layer = layer_activation_values(shape, training.seq_len) * tokens * FP32
+    per_layer = layer_activation_values(shape, training.seq_len) * tokens * value
     if training.gradient_checkpointing:
-        activations = shape.num_layers * tokens * shape.hidden_size * FP32 + per_layer
+        activations = shape.num_layers * tokens * shape.hidden_size * value + per_layer
     else:
         activations = shape.num_layers * per_layer
     vocab = shape.vocab_size or 0
     if method == "kd":  # one chunk of both models' logits at a time, and the two final hidden states
         chunk = min(tokens, training.kd.chunk_tokens or chunk_tokens(vocab))
-        logits = 2 * LOGIT_COPIES * chunk * vocab * FP32 + 2 * tokens * shape.hidden_size * FP32
+        logits = 2 * LOGIT_COPIES * chunk * vocab * FP32 + 2 * tokens * shape.hidden_size * value
     else:
         logits = LOGIT_COPIES * tokens * vocab * FP32
-    parts = {"weights": params * FP32, "gradients": trainable * FP32, "optimizer": 2 * trainable * FP32,
-             "teacher": params * FP32 if method == "kd" and teacher_here else 0, "activations": activations,
+    parts = {"weights": params * value, "gradients": trainable * trained,
+             "optimizer": optim.moment_bytes(trainable, torch.float32 if method == "lora" else weights, optimizer),
+             "teacher": params * value if method == "kd" and teacher_here else 0, "activations": activations,
              "logits": logits, "runtime": RUNTIME_OVERHEAD_BYTES if device == "cpu" else 0}
     return MemoryEstimate(parts, device, available, overlap=not training.gradient_checkpointing)
 
@@ -153,6 +160,14 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
                         replace(training, batch_size=batch, grad_accum=accum)))
     if training.method == "full":
         options.append(("training.method: lora", replace(training, method="lora")))
+    weights, optimizer = optim.resolve(training, torch.device(device))
+    if optimizer != "adamw_8bit":
+        options.append(("training.optimizer: adamw_8bit", replace(training, optimizer="adamw_8bit")))
+    if weights != torch.bfloat16:
+        options.append(("training.weights: bf16", replace(training, weights="bf16")))
+        if optimizer != "adamw_8bit":
+            options.append(("training.weights: bf16 with training.optimizer: adamw_8bit",
+                            replace(training, weights="bf16", optimizer="adamw_8bit")))
     found = []
     for words, changed in options:
         total = estimate(shape, params, changed, device=device, teacher_here=teacher_here).total
@@ -163,6 +178,18 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
     return found
 
 
+def choose_weights(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool,
+                   available: int | None) -> torch.dtype:
+    """The dtype to train in: the recipe's, or for ``auto`` fp32 unless only bf16 fits ``available`` bytes."""
+    if training.weights != "auto":
+        return optim.resolve(training, torch.device(device))[0]
+    fp32 = estimate(shape, params, replace(training, weights="fp32"), device=device, teacher_here=teacher_here)
+    if available is None or fp32.total <= available:
+        return torch.float32
+    bf16 = estimate(shape, params, replace(training, weights="bf16"), device=device, teacher_here=teacher_here)
+    return torch.bfloat16 if bf16.total <= available else torch.float32  # neither: check_fits says what would
+
+
 def check_fits(shape: ModelShape, params: int, training, device: torch.device, *, teacher_here: bool) -> MemoryEstimate:
     """The estimate for this run on ``device``; a TransactError naming what would fit where it does not."""
     available = available_bytes(device)
@@ -170,7 +197,8 @@ def check_fits(shape: ModelShape, params: int, training, device: torch.device, *
     if result.fits:
         return result
     ways = ways_to_fit(shape, params, training, device=device.type, teacher_here=teacher_here, available=available)
-    advice = ("; ".join(ways) if ways else "no single change of gradient checkpointing, micro-batch size or LoRA "
-              "is enough: use a smaller model, a shorter training.seq_len or a larger device")
+    advice = ("; ".join(ways) if ways else "no single change of gradient checkpointing, micro-batch size, LoRA, "
+              "bf16 weights or 8-bit optimizer moments is enough: use a smaller model, a shorter "
+              "training.seq_len or a larger device")
     raise TransactError(f"this run does not fit: {result.describe()}. What would fit: {advice}. "
                         "(training.check_memory: false runs it anyway)")

@@ -20,6 +20,7 @@ from torch import nn
 
 from transact.errors import TransactError
 from transact.io.files import old_dir, replace_dir, staging_dir, write_json_atomic
+from transact.recovery.optim import state_dict_from, state_tensors
 
 STATE_FORMAT = 1
 STATE = "state"
@@ -114,7 +115,7 @@ def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     try:
         save_model(model, str(tmp / "model.safetensors"))
         if optimizer is not None:
-            tensors, meta = _optimizer_tensors(optimizer)
+            tensors, meta = state_tensors(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
         (tmp / "progress.json").write_text(json.dumps(state.to_json(), indent=1) + "\n")
@@ -132,18 +133,9 @@ def mark_done(out: Path, state: RunState) -> None:
     write_json_atomic(out / STATE / "progress.json", state.to_json())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    keys = {str(i): list(s) for i, s in state["state"].items()}
-    return tensors, {"param_groups": state["param_groups"], "keys": keys}
-
-
 def load_optimizer_state(state: Path) -> dict | None:
     """The optimizer's state_dict saved in ``state`` (None if the state holds none)."""
     if not (state / "optimizer.safetensors").is_file():
         return None
-    tensors = load_file(str(state / "optimizer.safetensors"))
     meta = json.loads((state / "optimizer.json").read_text())
-    saved = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["keys"].items()}
-    return {"state": saved, "param_groups": meta["param_groups"]}
+    return state_dict_from(load_file(str(state / "optimizer.safetensors")), meta)

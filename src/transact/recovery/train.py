@@ -23,8 +23,16 @@ from tqdm.auto import tqdm
 from transact.arch import get_adapter
 from transact.errors import TransactError
 from transact.recipes import Training
-from transact.recovery.chunked import chunk_tokens, chunked_distill_loss
+from transact.recovery import optim
+from transact.recovery.chunked import (
+    chunk_tokens,
+    chunked_distill_loss,
+    chunked_topk_distill_loss,
+    final_hidden,
+    teacher_topk,
+)
 from transact.recovery.data import BlockStream
+from transact.recovery.teacher import OfflineTeacher
 
 
 class TrainingDiverged(TransactError):
@@ -106,12 +114,6 @@ class PhaseSpec:
     tokens_before: int = 0  # global tokens trained before this phase (for the loss curve's x axis)
 
 
-def make_optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay,
-                             foreach=False)
-
-
 @contextmanager
 def training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
     """Train mode without the KV cache (and with activation checkpointing if asked); restored after."""
@@ -136,7 +138,7 @@ def train_phase(
     training: Training,
     spec: PhaseSpec,
     *,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | OfflineTeacher | None = None,
     on_save: Callable[[nn.Module, torch.optim.Optimizer, int, PhaseLog], None] | None = None,
     progress: bool = True,
 ) -> tuple[PhaseLog, torch.optim.Optimizer]:
@@ -145,9 +147,10 @@ def train_phase(
     every ``training.save_every`` steps (not after the last; the caller saves the phase's end, with the
     optimizer returned)."""
     log = PhaseLog()
-    optimizer = make_optimizer(model, training)
+    _, kind = optim.resolve(training, accelerator.device)
+    optimizer = optim.make_optimizer(model, training, kind)
     if spec.optimizer_state is not None:
-        optimizer.load_state_dict(spec.optimizer_state)
+        optim.load_state(optimizer, spec.optimizer_state)
     world = accelerator.num_processes
     tokens_per_step = training.tokens_per_step * world
     ema = None
@@ -160,8 +163,7 @@ def train_phase(
             for step in range(spec.start_step, spec.total_steps):
                 torch.manual_seed(step_seed(training.seed, spec.phase, step, accelerator.process_index))
                 lr = training.lr * lr_factor(step, spec.total_steps, training.warmup, training.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                optim.set_lr(optimizer, lr)
                 loss = _accumulate_gradients(accelerator, prepared, stream, training, teacher)
                 grad_norm = accelerator.clip_grad_norm_(prepared.parameters(), training.max_grad_norm or math.inf)
                 loss = accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -186,7 +188,7 @@ def train_phase(
 
 
 def _accumulate_gradients(accelerator, model: nn.Module, stream: BlockStream, training: Training,
-                          teacher: nn.Module | None) -> torch.Tensor:
+                          teacher: nn.Module | OfflineTeacher | None) -> torch.Tensor:
     """Forward and backward ``grad_accum`` micro-batches; gradients sync only on the last. -> mean loss."""
     total = torch.zeros((), device=accelerator.device)
     for micro in range(training.grad_accum):
@@ -196,31 +198,39 @@ def _accumulate_gradients(accelerator, model: nn.Module, stream: BlockStream, tr
             if teacher is None:
                 loss = lm_loss(model(input_ids=ids).logits, ids)  # logits (batch, seq_len, vocab)
             else:
-                loss = _distill_objective(accelerator.unwrap_model(model), model, ids, teacher, training)
+                loss = _distill_objective(accelerator.unwrap_model(model), model, ids, teacher, training,
+                                          stream.last_positions)
             accelerator.backward(loss / training.grad_accum)
         total += loss.detach() / training.grad_accum
     return total
 
 
-def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The final (normed) hidden states (B, L, H) of ``model`` on ``ids``, through its own forward (so that
-    a DDP wrapper sees the pass), with the LM head applied to the last position only."""
-    return model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+def distill_chunk(model: nn.Module, kd) -> int:
+    """Tokens per chunk of the distillation loss (and of the teacher's top-k) for ``model``'s vocabulary."""
+    return kd.chunk_tokens or chunk_tokens(model.get_output_embeddings().weight.shape[0])
 
 
-def _distill_objective(student: nn.Module, prepared: nn.Module, ids: torch.Tensor, teacher: nn.Module,
-                       training: Training) -> torch.Tensor:
+def _distill_objective(student: nn.Module, prepared: nn.Module, ids: torch.Tensor, teacher: nn.Module | OfflineTeacher,
+                       training: Training, positions: list[int] | None = None) -> torch.Tensor:
     """``distill_loss`` + lm_weight x ``lm_loss`` computed in chunks of tokens (``recovery.chunked``): neither
-    model's full logits are ever built. ``prepared`` is ``student`` as the accelerator wrapped it."""
+    model's full logits are ever built. ``prepared`` is ``student`` as the accelerator wrapped it; the teacher
+    is a model, or the top-k ``transact teach`` wrote (read at the blocks' global ``positions``)."""
+    kd = training.kd
     hidden = final_hidden(prepared, ids)
+    head, chunk = partial(get_adapter(student).lm_logits, student), distill_chunk(student, kd)
+    settings = {"temperature": kd.temperature, "lm_weight": kd.lm_weight, "chunk": chunk}
+    if isinstance(teacher, OfflineTeacher):
+        indices, logprobs = teacher.topk(positions, ids)
+        return chunked_topk_distill_loss(hidden, indices, logprobs, ids, head, **settings)[0]
     with torch.no_grad():
         teacher_hidden = final_hidden(teacher, ids.to(next(teacher.parameters()).device))
-    kd = training.kd
-    vocab = student.get_output_embeddings().weight.shape[0]
-    loss, _ = chunked_distill_loss(hidden, teacher_hidden, ids, partial(get_adapter(student).lm_logits, student),
-                                   partial(get_adapter(teacher).lm_logits, teacher), temperature=kd.temperature,
-                                   lm_weight=kd.lm_weight, chunk=kd.chunk_tokens or chunk_tokens(vocab))
-    return loss
+    teacher_head = partial(get_adapter(teacher).lm_logits, teacher)
+    if not kd.top_k:
+        return chunked_distill_loss(hidden, teacher_hidden, ids, head, teacher_head, **settings)[0]
+    b, length, _ = teacher_hidden.shape
+    indices, logprobs, _ = teacher_topk(teacher_hidden.reshape(b * length, -1), teacher_head, kd.top_k, chunk)
+    return chunked_topk_distill_loss(hidden, indices.reshape(b, length, -1), logprobs.reshape(b, length, -1), ids,
+                                     head, **settings)[0]
 
 
 def _check_health(loss: float, grad_norm: float, ema: float | None, steps_in: int, factor: float,
