@@ -26,6 +26,12 @@ SETUPS = {
                                                              "gradient_checkpointing": True}),
     "SmolLM2-135M, lora, 4x256": ("smollm2", {"method": "lora", "batch_size": 4, "seq_len": 256}),
     "SmolLM2-135M, kd, 4x256": ("smollm2", {"method": "kd", "batch_size": 4, "seq_len": 256}),
+    "SmolLM2-135M, full, 8-bit AdamW, 4x256": ("smollm2", {"method": "full", "batch_size": 4, "seq_len": 256,
+                                                           "optimizer": "adamw_8bit"}),
+    "SmolLM2-135M, full, bf16 weights + 8-bit AdamW, 4x256": ("smollm2", {
+        "method": "full", "batch_size": 4, "seq_len": 256, "weights": "bf16", "optimizer": "adamw_8bit"}),
+    "SmolLM2-135M, kd, bf16 weights + 8-bit AdamW, 4x256": ("smollm2", {
+        "method": "kd", "batch_size": 4, "seq_len": 256, "weights": "bf16", "optimizer": "adamw_8bit"}),
 }
 
 
@@ -46,13 +52,14 @@ def one(name: str, steps: int) -> dict:
     from transact.recovery.train import PhaseSpec, lora_wrap, train_phase
 
     model_spec, settings = SETUPS[name]
-    training = Training(tokens_per_shot=1, **settings)
+    training = Training(tokens_per_shot=1, **{"weights": "fp32", "optimizer": "adamw", **settings})
+    dtype = torch.bfloat16 if training.weights == "bf16" else torch.float32
     if model_spec == "smollm2":
-        model, tokenizer = load_model(prepare_model(str(smollm2_dir()), "cpu", "float32"))
+        model, tokenizer = load_model(prepare_model(str(smollm2_dir()), "cpu", str(dtype).removeprefix("torch.")))
     else:
         tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **model_spec), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **model_spec), dtype=dtype)
     shape, params = shape_of(model), count_parameters(model)
     estimate = memory.estimate(shape, params, training, device="cpu", teacher_here=True)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if training.method == "kd" else None
@@ -64,6 +71,37 @@ def one(name: str, steps: int) -> dict:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return {"setup": name, "measured_bytes": int(status["VmHWM"].split()[0]) * 1024, "estimate": estimate.parts,
             "estimated_bytes": estimate.total, "params": params}
+
+
+def llama8b_estimates() -> list[dict]:
+    """The planner's estimates (not measured) for distillation at Llama-3.1-8B scale on one GPU: seq_len 4096,
+    micro-batch 1, gradient checkpointing; the dense 8B model as student (a first shot's upper bound) and a
+    4.9 B student (24/6 heads, MLP 7,168), with the 8B teacher in bf16 on the GPU or stored top-k logits."""
+    from transformers import LlamaConfig, MistralConfig
+
+    from transact.arch import shape_of
+    from transact.io.models import skeleton
+    from transact.measure.costs import count_parameters
+    from transact.recipes.run import Training
+    from transact.recovery import memory
+
+    common = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "tie_word_embeddings": False}
+    dense = LlamaConfig(intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, **common)
+    pruned = MistralConfig(intermediate_size=7168, num_attention_heads=24, num_key_value_heads=6, head_dim=128,
+                           **common)
+    teacher_params = count_parameters(skeleton(dense))
+    rows = []
+    for student, config in (("8.0 B (dense shape)", dense), ("4.9 B", pruned)):
+        shape, params = shape_of(config), count_parameters(skeleton(config))
+        for weights, optimizer in (("fp32", "adamw"), ("bf16", "adamw_8bit")):
+            training = Training(method="kd", seq_len=4096, batch_size=1, gradient_checkpointing=True,
+                                weights=weights, optimizer=optimizer)
+            est = memory.estimate(shape, params, training, device="cuda", teacher_here=False)
+            teacher = teacher_params * (2 if weights == "bf16" else 4)
+            for where, extra in (("on the GPU", teacher), ("stored top-k", 0)):
+                rows.append({"student": student, "weights": weights, "optimizer": optimizer, "teacher": where,
+                             "estimated_bytes": est.total + extra, "parts": {**est.parts, "teacher": extra}})
+    return rows
 
 
 def main() -> None:
@@ -81,12 +119,22 @@ def main() -> None:
         rows.append(child_row([sys.executable, __file__, "--one", name, "--steps", str(args.steps)]))
     gib = 2**30
     lines = [f"Peak resident memory (VmHWM) of {args.steps} training steps through transact's training loop, fresh "
-             "process per setup, fp32 on CPU, next to `recovery.memory.estimate`.", "",
+             "process per setup, on CPU (fp32 weights and torch's AdamW unless the setup names bf16 weights or "
+             "8-bit AdamW), next to `recovery.memory.estimate`.", "",
              "| setup | parameters | estimated GiB | measured GiB | estimate / measured |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['setup']} | {r['params'] / 1e6:.1f} M | {r['estimated_bytes'] / gib:.2f} | "
                      f"{r['measured_bytes'] / gib:.2f} | {r['estimated_bytes'] / r['measured_bytes']:.2f} |")
-    write_result(args.out, {"machine": machine(), "args": vars(args), "rows": rows}, "\n".join(lines))
+    large = llama8b_estimates()
+    lines += ["", "The planner's estimates (not measured) for distillation from Llama-3.1-8B on one GPU, "
+              "seq_len 4,096, micro-batch 1, gradient checkpointing (a student of the dense shape bounds a first "
+              "shot):", "",
+              "| student | weights | optimizer | teacher | estimated GiB |", "|---|---|---|---|---:|"]
+    for r in large:
+        lines.append(f"| {r['student']} | {r['weights']} | {r['optimizer']} | {r['teacher']} | "
+                     f"{r['estimated_bytes'] / gib:.1f} |")
+    write_result(args.out, {"machine": machine(), "args": vars(args), "rows": rows, "llama8b_estimates": large},
+                 "\n".join(lines))
 
 
 if __name__ == "__main__":
