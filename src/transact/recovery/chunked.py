@@ -45,17 +45,44 @@ def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
     return targets.reshape(-1)
 
 
-def _chunk_terms(hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor, head: Head,
+def _kl_and_ce(log_teacher: torch.Tensor, log_student: torch.Tensor, logits: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+    """(sum of KL(teacher || student) over the rows, sum of the next-token cross-entropy) as a (2,) tensor.
+    log_teacher, log_student: (n, m) log-probabilities over the same m tokens; logits: (n, V); targets: (n,)."""
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum()
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return torch.stack([kl, ce])
+
+
+def _chunk_terms(hidden: torch.Tensor, targets: torch.Tensor, teacher_hidden: torch.Tensor, head: Head,
                  teacher_head: Head, temperature: float) -> torch.Tensor:
-    """(sum over the chunk's positions of KL(teacher_T || student_T), sum of the next-token cross-entropy)
-    as a (2,) tensor. hidden, teacher_hidden: (n, H); targets: (n,)."""
+    """``_kl_and_ce`` over the full vocabulary at temperature T. hidden, teacher_hidden: (n, H); targets: (n,)."""
     logits = head(hidden).float()
     with torch.no_grad():  # the teacher may sit on another device
         log_t = F.log_softmax(teacher_head(teacher_hidden).float() / temperature, dim=-1).to(logits.device)
-    log_s = F.log_softmax(logits / temperature, dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum()
-    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-    return torch.stack([kl, ce])
+    return _kl_and_ce(log_t, F.log_softmax(logits / temperature, dim=-1), logits, targets)
+
+
+def _chunked(terms, hidden: torch.Tensor, teacher: tuple[torch.Tensor, ...], ids: torch.Tensor, constants: tuple,
+             *, temperature: float, lm_weight: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``terms(hidden rows, targets, *teacher rows, *constants)`` -> (KL sum, CE sum) over chunks of
+    ``chunk`` positions, each chunk recomputed in the backward pass; -> (T^2 mean KL over the B x L positions
+    + lm_weight x mean CE over the B x (L - 1) that have a next token, mean CE). hidden: (B, L, H); teacher:
+    tensors (B, L, ...) split into rows along with it; ids: (B, L)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    batch, length, _ = hidden.shape
+    flat = hidden.reshape(batch * length, -1)
+    rows = [t.reshape(batch * length, -1) for t in teacher]
+    targets = next_token_targets(ids).to(hidden.device)
+    total = hidden.new_zeros(2, dtype=torch.float32)
+    for start in range(0, batch * length, chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(terms, flat[part], targets[part], *(r[part] for r in rows), *constants,
+                                   use_reentrant=False)
+    kl = total[0] / (batch * length) * temperature * temperature
+    ce = total[1] / (batch * (length - 1))
+    return kl + lm_weight * ce, ce
 
 
 def chunked_distill_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, ids: torch.Tensor, head: Head,
@@ -66,19 +93,8 @@ def chunked_distill_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, ids
     cross-entropy). hidden, teacher_hidden: (B, L, H) final hidden states; ids: (B, L); ``head`` /
     ``teacher_head`` map hidden states to logits (the family's LM head, ``FamilyAdapter.lm_logits``);
     ``chunk``: tokens per chunk."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
-    batch, length, _ = hidden.shape
-    flat, teacher_flat = hidden.reshape(batch * length, -1), teacher_hidden.reshape(batch * length, -1)
-    targets = next_token_targets(ids).to(hidden.device)
-    total = hidden.new_zeros(2, dtype=torch.float32)
-    for start in range(0, batch * length, chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_terms, flat[part], teacher_flat[part], targets[part],
-                                   head, teacher_head, temperature, use_reentrant=False)
-    kl = total[0] / (batch * length) * temperature * temperature
-    ce = total[1] / (batch * (length - 1))
-    return kl + lm_weight * ce, ce
+    return _chunked(_chunk_terms, hidden, (teacher_hidden,), ids, (head, teacher_head, temperature),
+                    temperature=temperature, lm_weight=lm_weight, chunk=chunk)
 
 
 def teacher_topk(hidden: torch.Tensor, head: Head, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -97,16 +113,14 @@ def teacher_topk(hidden: torch.Tensor, head: Head, k: int, chunk: int) -> tuple[
     return torch.cat(indices), torch.cat(logprobs), tail
 
 
-def _topk_chunk_terms(hidden: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor,
+def _topk_chunk_terms(hidden: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
                       head: Head, temperature: float) -> torch.Tensor:
-    """(sum over the chunk of KL(teacher top-k_T || student_T) on the teacher's k tokens, sum of the
-    cross-entropy) as a (2,) tensor. hidden: (n, H); indices, logprobs: (n, k); targets: (n,)."""
+    """``_kl_and_ce`` over the teacher's k tokens, its probabilities renormalised over them at temperature T.
+    hidden: (n, H); indices, logprobs: (n, k); targets: (n,)."""
     logits = head(hidden).float()
-    log_q = F.log_softmax(logprobs.float().to(logits.device) / temperature, dim=-1)  # renormalised over the k
+    log_q = F.log_softmax(logprobs.float().to(logits.device) / temperature, dim=-1)
     log_s = F.log_softmax(logits / temperature, dim=-1).gather(-1, indices.to(logits.device))
-    kl = (log_q.exp() * (log_q - log_s)).sum()
-    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-    return torch.stack([kl, ce])
+    return _kl_and_ce(log_q, log_s, logits, targets)
 
 
 def chunked_topk_distill_loss(hidden: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor,
@@ -115,17 +129,5 @@ def chunked_topk_distill_loss(hidden: torch.Tensor, indices: torch.Tensor, logpr
     """``chunked_distill_loss`` with the teacher given as its top-k: indices (B, L, k) int64 and
     log-probabilities (B, L, k); the KL runs over the k tokens, the teacher's probabilities renormalised over
     them at temperature T. -> (loss, cross-entropy)."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
-    batch, length, _ = hidden.shape
-    flat = hidden.reshape(batch * length, -1)
-    top, top_logprobs = indices.reshape(batch * length, -1), logprobs.reshape(batch * length, -1)
-    targets = next_token_targets(ids).to(hidden.device)
-    total = hidden.new_zeros(2, dtype=torch.float32)
-    for start in range(0, batch * length, chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_topk_chunk_terms, flat[part], top[part], top_logprobs[part], targets[part],
-                                   head, temperature, use_reentrant=False)
-    kl = total[0] / (batch * length) * temperature * temperature
-    ce = total[1] / (batch * (length - 1))
-    return kl + lm_weight * ce, ce
+    return _chunked(_topk_chunk_terms, hidden, (indices, logprobs), ids, (head, temperature),
+                    temperature=temperature, lm_weight=lm_weight, chunk=chunk)
