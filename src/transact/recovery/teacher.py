@@ -112,17 +112,22 @@ class OfflineTeacher:
     def topk(self, positions: list[int], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored top-k of the blocks at global ``positions`` -> (indices (B, L, k) int64, log-probabilities
         (B, L, k) fp16); ``ids`` (B, L) must equal the stored blocks."""
-        rows = [self._row(p) for p in positions]
-        stored = torch.stack([r[0] for r in rows]).long()
-        if not torch.equal(stored, ids.cpu()):
+        by_shard: dict[int, list[int]] = {}  # positions ascend, so shards and rows come out in their order
+        for position in positions:
+            shard, row = divmod(position, self.meta["shard_blocks"])
+            by_shard.setdefault(shard, []).append(row)
+        parts = [self._rows(shard, rows) for shard, rows in by_shard.items()]
+        stored, indices, logprobs = (torch.cat([part[i] for part in parts]) for i in range(3))
+        if not torch.equal(stored.long(), ids.cpu()):
             raise TransactError(f"training.kd.teacher_logits: the blocks at positions {positions[0]}.. differ from "
                                 "the run's: the logits were written from other data or another tokenizer")
-        return torch.stack([r[1] for r in rows]).long(), torch.stack([r[2] for r in rows])
+        return indices.long(), logprobs
 
-    def _row(self, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        shard, row = divmod(position, self.meta["shard_blocks"])
+    def _rows(self, shard: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, indices, logprobs) of ``rows`` of one shard, read in one opening of its file."""
         with safe_open(str(self.path / shard_name(shard)), framework="pt") as f:
-            return tuple(f.get_slice(name)[row] for name in ("ids", "indices", "logprobs"))
+            return tuple(torch.stack([f.get_slice(name)[row] for row in rows])
+                         for name in ("ids", "indices", "logprobs"))
 
 
 # ---------------------------------------------------------------- writing
