@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -184,10 +184,20 @@ def prepare_model(spec: str, device: str = "cpu", dtype: str = "auto") -> Prepar
     stored = checkpoint_dtype(config, source)
     compute = resolve_dtype(dtype, stored)
     check_weight_files(source, config)
+    return PreparedModel(source, config, shape_of(config), resolve_device(device), compute,
+                         _save_dtype(stored, compute))
+
+
+def with_compute_dtype(prepared: PreparedModel, dtype: torch.dtype) -> PreparedModel:
+    """``prepared`` computing in ``dtype`` instead (its saved dtype follows), without reading anything again."""
+    stored = checkpoint_dtype(prepared.config, prepared.source)
+    return replace(prepared, dtype=dtype, save_dtype=_save_dtype(stored, dtype))
+
+
+def _save_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
     # Pruning only copies values, so an upcast compute dtype saves back exactly in the stored dtype;
     # a narrower compute dtype has already rounded the weights, so they are saved as they are.
-    save = stored if torch.finfo(compute).bits >= torch.finfo(stored).bits else compute
-    return PreparedModel(source, config, shape_of(config), resolve_device(device), compute, save)
+    return stored if torch.finfo(compute).bits >= torch.finfo(stored).bits else compute
 
 
 def load_model(prepared: PreparedModel, *, tokenizer=None, device: torch.device | None = None):

@@ -31,7 +31,14 @@ from transact.errors import TransactError
 from transact.extras import require
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir, check_writable, move_into_place, write_json_atomic
-from transact.io.models import load_model, prepare_model, require_tokenizer, resolve_device, skeleton
+from transact.io.models import (
+    load_model,
+    prepare_model,
+    require_tokenizer,
+    resolve_device,
+    skeleton,
+    with_compute_dtype,
+)
 from transact.io.text import read_texts, token_stream
 from transact.measure.costs import count_parameters, model_summary
 from transact.measure.perplexity import heldout_perplexity
@@ -178,7 +185,7 @@ class Run:
         self.memory = self._check_memory()  # also settles ``auto`` weights: fp32 unless only bf16 fits
         if self.weights != self.prep.dtype:
             optim.check_available(self.weights, self.optimizer)
-            self.prep = prepare_model(recipe.model, recipe.device, _dtype_name(self.weights))
+            self.prep = with_compute_dtype(self.prep, self.weights)
         self.teacher: nn.Module | None = None
         self.heldout_ids: torch.Tensor | None = None
         self.resumed_optimizer: dict | None = None  # moments to continue a phase with, after a resume
