@@ -23,6 +23,7 @@ from transact.measure.bench import BenchGrid, parse_int_list
 from transact.measure.jobs import ENGINES, BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
 from transact.measure.tasks import TASKS
 from transact.recipes import Calibration, HeldoutText, PruneRecipe, Width
+from transact.recovery.optim import IMPORT_LOGGERS
 
 MODEL_HELP = "a Hugging Face model directory, a hub id, a .gguf file, or builtin:smollm2"
 
@@ -512,9 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # torchao (which peft imports too) logs at import each GPU kernel library a CPU build lacks, and torch a
-    # deprecation of how torchao registers its enums; neither concerns the user.
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in IMPORT_LOGGERS:  # for the whole command: peft imports torchao too
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)

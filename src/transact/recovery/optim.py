@@ -39,6 +39,9 @@ from transact.errors import TransactError
 
 LOW_BIT_MIN_VALUES, LOW_BIT_BLOCK = 4096, 256  # torchao quantises tensors of at least 4,096 values
 _SUBCLASSES = {"OptimState8bit": "torchao.optim.subclass_8bit"}
+# torchao logs at import each GPU kernel library a CPU build lacks, and torch a deprecation of how torchao
+# registers its enums; neither concerns the user (peft imports torchao too, whenever it is installed).
+IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def resolve(training, device: torch.device) -> tuple[torch.dtype, str]:
@@ -62,8 +65,8 @@ def check_available(weights: torch.dtype, optimizer: str) -> None:
 
 
 def _torchao_optim():
-    """torchao.optim, or None; its import logs a warning per GPU kernel library a CPU build cannot load."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    """torchao.optim, or None, imported without its import-time logs (``IMPORT_LOGGERS``)."""
+    loggers = [logging.getLogger(name) for name in IMPORT_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
