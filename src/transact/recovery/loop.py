@@ -212,9 +212,7 @@ class Run:
         self.weights = memory.choose_weights(shape, params, training, device.type, teacher_here=teacher_here,
                                              available=available)
         chosen = replace(training, weights="bf16" if self.weights == torch.bfloat16 else "fp32")
-        if not training.check_memory:
-            return memory.estimate(shape, params, chosen, device=device.type, teacher_here=teacher_here)
-        return memory.check_fits(shape, params, chosen, device, teacher_here=teacher_here)
+        return memory.check_fits(shape, params, chosen, device.type, teacher_here=teacher_here, available=available)
 
     def heldout_ppl(self, model: nn.Module) -> float | None:
         if self.heldout_ids is None:

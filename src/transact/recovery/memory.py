@@ -190,13 +190,14 @@ def choose_weights(shape: ModelShape, params: int, training, device: str, *, tea
     return torch.bfloat16 if bf16.total <= available else torch.float32  # neither: check_fits says what would
 
 
-def check_fits(shape: ModelShape, params: int, training, device: torch.device, *, teacher_here: bool) -> MemoryEstimate:
-    """The estimate for this run on ``device``; a TransactError naming what would fit where it does not."""
-    available = available_bytes(device)
-    result = estimate(shape, params, training, device=device.type, teacher_here=teacher_here, available=available)
+def check_fits(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool,
+               available: int | None) -> MemoryEstimate:
+    """The estimate for this run on ``device`` with ``available`` bytes free (None: not checked); a
+    TransactError naming what would fit where it does not."""
+    result = estimate(shape, params, training, device=device, teacher_here=teacher_here, available=available)
     if result.fits:
         return result
-    ways = ways_to_fit(shape, params, training, device=device.type, teacher_here=teacher_here, available=available)
+    ways = ways_to_fit(shape, params, training, device=device, teacher_here=teacher_here, available=available)
     advice = ("; ".join(ways) if ways else "no single change of gradient checkpointing, micro-batch size, LoRA, "
               "bf16 weights or 8-bit optimizer moments is enough: use a smaller model, a shorter "
               "training.seq_len or a larger device")
