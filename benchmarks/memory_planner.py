@@ -44,7 +44,7 @@ def one(name: str, steps: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from transact.arch import shape_of
-    from transact.io.models import load_model, prepare_model, smollm2_dir
+    from transact.io.models import dtype_name, load_model, prepare_model, smollm2_dir
     from transact.measure.costs import count_parameters
     from transact.recipes.run import Training
     from transact.recovery import memory
@@ -55,7 +55,7 @@ def one(name: str, steps: int) -> dict:
     training = Training(tokens_per_shot=1, **{"weights": "fp32", "optimizer": "adamw", **settings})
     dtype = torch.bfloat16 if training.weights == "bf16" else torch.float32
     if model_spec == "smollm2":
-        model, tokenizer = load_model(prepare_model(str(smollm2_dir()), "cpu", str(dtype).removeprefix("torch.")))
+        model, tokenizer = load_model(prepare_model(str(smollm2_dir()), "cpu", dtype_name(dtype)))
     else:
         tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
         torch.manual_seed(0)

@@ -26,7 +26,7 @@ from transact.core.step import (
 from transact.core.surgery import round_to_
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir
-from transact.io.models import PreparedModel, load_model, prepare_model, require_tokenizer, skeleton
+from transact.io.models import PreparedModel, dtype_name, load_model, prepare_model, require_tokenizer, skeleton
 from transact.io.text import read_texts, token_stream
 from transact.layerwise_prune import run_layerwise_prune
 from transact.measure.costs import layerwise_memory, model_summary
@@ -118,8 +118,8 @@ def run_prune(job: PruneJob) -> PruneResult:
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(prep, tokenizer=tokenizer)
-    report: dict = {"model": job.model, "device": str(prep.device), "compute_dtype": str(prep.dtype)[6:],
-                    "saved_dtype": str(prep.save_dtype)[6:], "before": model_summary(model)}
+    report: dict = {"model": job.model, "device": str(prep.device), "compute_dtype": dtype_name(prep.dtype),
+                    "saved_dtype": dtype_name(prep.save_dtype), "before": model_summary(model)}
     eval_ids = token_stream(tokenizer, eval_texts, limit=job.eval_text.tokens or None) if eval_texts else None
     if eval_ids is not None:
         report["before"]["perplexity"] = _perplexity(model, eval_ids, job.eval_text, job.progress)

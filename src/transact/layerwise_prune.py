@@ -46,6 +46,7 @@ from transact.io.models import (
     ModelSource,
     PreparedModel,
     check_weight_files,
+    dtype_name,
     load_tokenizer,
     prepare_model,
     saved_names,
@@ -301,8 +302,8 @@ def _finish(job: PruneJob, prep: PreparedModel, weights: LazyCheckpoint, tokeniz
                      dropped_expert_routes=layer_routes(progress.get("dropped_routes", []), prep.shape.num_layers))
     plan.validate()
     plan.save(work / "plan.json")
-    report = {"model": job.model, "device": str(prep.device), "compute_dtype": str(prep.dtype)[6:],
-              "saved_dtype": str(prep.save_dtype)[6:], "layerwise": {"sequential": sequential},
+    report = {"model": job.model, "device": str(prep.device), "compute_dtype": dtype_name(prep.dtype),
+              "saved_dtype": dtype_name(prep.save_dtype), "layerwise": {"sequential": sequential},
               "before": model_summary(skeleton(prep.config, prep.save_dtype)),
               "after": model_summary(skeleton(config, prep.save_dtype)), "saved_as": shape_of(config).model_type,
               "prune_seconds": progress["seconds"].get("layers", 0.0),

@@ -19,7 +19,7 @@ from transact.arch import get_adapter, shape_of
 from transact.core.plan import PrunePlan
 from transact.errors import TransactError
 from transact.io.files import check_output_dir, replace_dir, staging_dir
-from transact.io.models import skeleton
+from transact.io.models import dtype_name, skeleton
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
@@ -102,7 +102,7 @@ def _save_cast(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
         state[name] = t
     model.save_pretrained(directory, state_dict=state, safe_serialization=True)
     config = json.loads((directory / "config.json").read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["dtype"] = dtype_name(dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

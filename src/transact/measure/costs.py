@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter, shape_of
+from transact.io.models import dtype_name
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -138,7 +139,7 @@ def model_summary(model: nn.Module) -> dict:
         "mlp": shape.intermediate_size,  # in a mixture of experts: each expert's width
         "params": count_parameters(model),
         **moe,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(shape, dtype),
         "flops_per_token": {str(c): flops_per_token(shape, c) for c in (256, 1024, 4096)},
     }

@@ -32,6 +32,7 @@ from transact.extras import require
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir, check_writable, move_into_place, write_json_atomic
 from transact.io.models import (
+    dtype_name,
     load_model,
     prepare_model,
     require_tokenizer,
@@ -120,10 +121,6 @@ def check_out(recipe: RunRecipe, resume: bool) -> Path:
     return out
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def phase_steps(training, shots: int, processes: int) -> list[int]:
     """Optimizer steps of every phase of a run with ``shots`` shots: the shots', then the final recovery's."""
     tokens = [training.tokens_per_shot] * shots + ([training.final_tokens] if training.final_tokens else [])
@@ -166,7 +163,7 @@ class Run:
         if not self.trains:
             self.weights = torch.float32
         optim.check_available(self.weights, self.optimizer if self.trains else "adamw")
-        self.prep = prepare_model(recipe.model, recipe.device, _dtype_name(self.weights))
+        self.prep = prepare_model(recipe.model, recipe.device, dtype_name(self.weights))
         self.schedule = schedule_of(recipe, self.prep.shape)
         self.prune_recipe = recipe.prune_recipe(recipe.target or recipe.schedule[-1])
         check_step(self.prep.config, self.prune_recipe, self.schedule[0])  # metric and correctors, before loading
@@ -351,7 +348,7 @@ class Run:
                     for p in model.parameters():
                         p.copy_(p.to(save_dtype).to(p.dtype))
                 report["final"]["perplexity_as_saved"] = self.heldout_ppl(model)
-            report["final"]["saved_dtype"] = _dtype_name(save_dtype)
+            report["final"]["saved_dtype"] = dtype_name(save_dtype)
         if self.procs.main:
             self._write_outputs(model, state, report)
             mark_done(self.out, state)
@@ -363,7 +360,7 @@ class Run:
                 "final": model_summary(model), "phases": [p.to_json() for p in state.shots],
                 "schedule": [t.widths() for t in self.schedule],
                 "processes": self.procs.count, "device": str(self.accelerator.device),
-                "mixed_precision": self.mixed, "weights": _dtype_name(self.weights),
+                "mixed_precision": self.mixed, "weights": dtype_name(self.weights),
                 "optimizer": self.optimizer if self.trains else None, "weights_sha256_per_process": digests,
                 "memory_estimate": self.memory.parts if self.memory else None,
                 "teacher_logits": self._teacher_note(),
@@ -436,7 +433,7 @@ def teach(recipe: RunRecipe, *, k: int = 64, processes: int = 1, resume: bool = 
         raise TransactError(f"--processes must be at least 1, got {processes}")
     device = resolve_device(recipe.device)
     weights, _ = optim.resolve(training, device)
-    prep = prepare_model(recipe.model, recipe.device, _dtype_name(weights))
+    prep = prepare_model(recipe.model, recipe.device, dtype_name(weights))
     vocab = prep.shape.vocab_size
     if k > vocab:
         raise TransactError(f"--k {k} exceeds the vocabulary ({vocab:,} tokens)")
@@ -447,7 +444,7 @@ def teach(recipe: RunRecipe, *, k: int = 64, processes: int = 1, resume: bool = 
     check_training_data(training.data)
     out = Path(kd.teacher_logits).expanduser().resolve()
     header = {"teacher": recipe.model, "k": k, "stream": teacher_files.stream_settings(training),
-              "vocab_size": vocab, "processes": processes, "dtype": _dtype_name(prep.dtype)}
+              "vocab_size": vocab, "processes": processes, "dtype": dtype_name(prep.dtype)}
     done = teacher_files.resume_point(out, header, resume)  # before any weights load
     tokenizer = require_tokenizer(prep.source, "the training stream")
     model, _ = load_model(prep, tokenizer=tokenizer)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from transact.errors import TransactError
+from transact.io.models import dtype_name
 
 LOW_BIT_MIN_VALUES, LOW_BIT_BLOCK = 4096, 256  # torchao quantises tensors of at least 4,096 values
 _SUBCLASSES = {"OptimState8bit": "torchao.optim.subclass_8bit"}
@@ -175,7 +176,7 @@ def load_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
 
 
 def _context_json(context) -> list:
-    return [str(c).removeprefix("torch.") if isinstance(c, torch.dtype) else c for c in context]
+    return [dtype_name(c) if isinstance(c, torch.dtype) else c for c in context]
 
 
 def _unpack(tensors: dict[str, torch.Tensor], name: str, info: dict):
