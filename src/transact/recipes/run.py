@@ -112,7 +112,7 @@ class Training:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: str = "auto"  # autocast of fp32 weights
-    weights: str = "auto"  # fp32 on a CPU, bf16 (stochastic rounding) on a GPU
+    weights: str = "auto"  # fp32 where the run fits that way, else bf16 (stochastic rounding)
     optimizer: str = "auto"  # adamw on a CPU, adamw_8bit on a GPU
     gradient_checkpointing: bool = False
     check_memory: bool = True  # estimate the peak before loading and refuse a run that cannot fit
