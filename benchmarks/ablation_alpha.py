@@ -53,7 +53,7 @@ def main() -> None:
     for heads, kv, mlp in args.widths:
         for alpha in args.alphas:
             model = copy.deepcopy(dense)
-            recipe = PruneRecipe(correctors=(), heads=heads, kv_heads=kv, mlp=mlp, alpha=alpha)
+            recipe = PruneRecipe(correctors=(), heads=heads, kv_heads=kv, mlp=mlp, metric_options={"alpha": alpha})
             prune_step(model, None, recipe, statistics=stats)
             ppl = run.perplexity(model)
             results[f"{heads}/{kv}/{mlp}@{alpha:g}"] = ppl

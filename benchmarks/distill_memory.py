@@ -29,7 +29,9 @@ def one_run(mode: str, length: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from transact.recipes import Training
-    from transact.recovery import train
+    from transact.recovery import losses
+    from transact.recovery.methods import MicroBatch
+    from transact.recovery.methods.kd import DenseTeacher, distill_objective
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -45,10 +47,12 @@ def one_run(mode: str, length: int) -> dict:
             logits = student(input_ids=ids).logits
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=ids).logits
-            loss = train.distill_loss(logits, teacher_logits, training.kd.temperature) \
-                + training.kd.lm_weight * train.lm_loss(logits, ids)
+            kd = training.settings_of("kd")
+            loss = losses.distill_loss(logits, teacher_logits, kd.temperature) \
+                + kd.lm_weight * losses.lm_loss(logits, ids)
         else:
-            loss = train._distill_objective(student, student, ids, teacher, training)
+            batch = MicroBatch(student, student, ids, None, training, DenseTeacher(ids.device, teacher))
+            loss = distill_objective(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -68,8 +68,9 @@ def build(folder: Path, family: str, layers: int) -> int:
 
 def measure(family: str, layers: int, tmp: Path) -> dict:
     from transact.cli import main
+    from transact.jobs.bench import BenchJob
+    from transact.jobs.bench import run as run_bench
     from transact.measure.bench import BenchGrid
-    from transact.measure.jobs import BenchJob, run_bench
 
     source, _, (heads, kv, mlp) = SHAPES[family]
     dense, pruned = tmp / f"{family}-dense", tmp / f"{family}-pruned"

@@ -48,9 +48,9 @@ def quality(args: argparse.Namespace) -> None:
             for metric in args.metrics:
                 for correctors in ((), ("refit",)) if args.plain else (("refit",),):
                     for stream in args.streams:
+                        damping = {"refit": {"damp": args.damp}} if correctors else {}
                         recipe = PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp, metric=metric, correctors=correctors,
-                                             damp=args.damp if correctors else None, seed=args.seed,
-                                             calibration=calibration)
+                                             corrector_options=damping, seed=args.seed, calibration=calibration)
                         out = Path(tmp) / "out"
                         t = time.perf_counter()
                         run_prune(PruneJob(args.model, str(out), recipe, layerwise=True, force=True,

@@ -37,7 +37,6 @@ SETUPS = {
 
 def one(name: str, steps: int) -> dict:
     """Train setup ``name`` for ``steps`` steps here; -> measured peak and the estimate."""
-    import copy
 
     import torch
     from accelerate import Accelerator
@@ -49,7 +48,8 @@ def one(name: str, steps: int) -> dict:
     from transact.recipes.run import Training
     from transact.recovery import memory
     from transact.recovery.data import BlockStream
-    from transact.recovery.train import PhaseSpec, lora_wrap, train_phase
+    from transact.recovery.methods import RunFacts, get_method
+    from transact.recovery.train import PhaseSpec, train_phase
 
     model_spec, settings = SETUPS[name]
     training = Training(tokens_per_shot=1, **{"weights": "fp32", "optimizer": "adamw", **settings})
@@ -62,9 +62,11 @@ def one(name: str, steps: int) -> dict:
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **model_spec), dtype=dtype)
     shape, params = shape_of(model), count_parameters(model)
     estimate = memory.estimate(shape, params, training, device="cpu", teacher_here=True)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if training.method == "kd" else None
-    if training.method == "lora":
-        model = lora_wrap(model, training.lora, 0)
+    method = get_method(training.method)  # as transact run does: the method's teacher, then its wrap
+    teacher = method.teacher(RunFacts(training, torch.device("cpu"), 1, [steps], shape.vocab_size))
+    if teacher is not None:
+        teacher.attach(model)
+    model = method.wrap(model, training.settings_of(method.name) if method.settings else None, 0)
     stream = BlockStream(tokenizer, "builtin", training.seq_len, 0, 16)
     train_phase(Accelerator(cpu=True), model, stream, training, PhaseSpec(phase=1, total_steps=steps),
                 teacher=teacher, progress=False)

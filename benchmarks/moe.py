@@ -42,8 +42,9 @@ def build(folder: Path, layers: int) -> None:
 
 def main() -> None:
     from transact.cli import main as cli
+    from transact.jobs.bench import BenchJob
+    from transact.jobs.bench import run as run_bench
     from transact.measure.bench import BenchGrid
-    from transact.measure.jobs import BenchJob, run_bench
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)

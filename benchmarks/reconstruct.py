@@ -30,6 +30,12 @@ from transact.recipes import Calibration, PruneRecipe
 DEFAULT_METRICS = ("transact", "flap", "minitron", "taylor", "random", "magnitude")
 
 
+def _damp(recipe: PruneRecipe) -> float | None:
+    """The refit's damping the recipe sets (None: the refit's default, or no refit)."""
+    options = recipe.options_of("refit")
+    return None if options is None else options.damp
+
+
 def variants(metrics: list[str], damps: list[float], default: float) -> list[tuple[str, str, tuple[str, ...],
                                                                                 float | None]]:
     """(label, metric, correctors, damp) of every variant measured at each width; the refit rows use the
@@ -87,7 +93,8 @@ def main() -> None:
     dense, tok = run.model, run.tokenizer
     calibration = Calibration(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
     def recipe(metric, correctors=(), damp=None):
-        return PruneRecipe(heads=run.shape.num_heads, metric=metric, correctors=correctors, damp=damp,
+        options = {"refit": {"damp": damp}} if "refit" in correctors else {}
+        return PruneRecipe(heads=run.shape.num_heads, metric=metric, correctors=correctors, corrector_options=options,
                            seed=args.seed, calibration=calibration)
 
     corrections = {m: [(), ("refit",)] + ([("flap_bias",)] if m == "flap" else []) for m in args.metrics}
@@ -111,7 +118,7 @@ def main() -> None:
             prune_step(model, tok, dataclasses.replace(recipe, heads=heads, kv_heads=kv, mlp=mlp), statistics=stats)
             seconds = time.perf_counter() - t
             rows.append({"variant": label, "widths": width, "metric": recipe.metric,
-                         "correctors": list(recipe.correctors), "damp": recipe.damp, "step_seconds": seconds,
+                         "correctors": list(recipe.correctors), "damp": _damp(recipe), "step_seconds": seconds,
                          "perplexity": run.perplexity(model)})
             print(f"{width} {label}: ppl {rows[-1]['perplexity']:.2f} ({seconds:.1f} s)", flush=True)
 

@@ -20,7 +20,8 @@ from common import machine, write_result
 from transact.io.models import load_model, prepare_model
 from transact.recipes import Training
 from transact.recovery.data import BlockStream
-from transact.recovery.train import PhaseSpec, lm_loss, train_phase
+from transact.recovery.losses import lm_loss
+from transact.recovery.train import PhaseSpec, train_phase
 
 
 def raw_step(model: torch.nn.Module, ids: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from tiny import VOCAB, char_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-import transact.api
+import transact.jobs.apply_plan
+import transact.jobs.prune
 from transact.cli import main
 
 
@@ -32,7 +33,8 @@ def no_model_loading(monkeypatch):
     """Bad input must be rejected before any weights are loaded."""
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was validated")
-    monkeypatch.setattr(transact.api, "load_model", refuse)
+    monkeypatch.setattr(transact.jobs.prune, "load_model", refuse)
+    monkeypatch.setattr(transact.jobs.apply_plan, "load_model", refuse)
 
 
 def _prune_args(model_dir, out, calib_file, *extra):

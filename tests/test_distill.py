@@ -6,15 +6,15 @@ import torch
 from tiny import FAMILIES, VOCAB, tiny_model
 
 from transact.arch import get_adapter
-from transact.recovery import train
-from transact.recovery.chunked import chunk_tokens, chunked_distill_loss, next_token_targets
+from transact.recovery import losses
+from transact.recovery.chunked import chunk_tokens, chunked_distill_loss, final_hidden, next_token_targets
 
 QWEN_VOCAB = 151_936
 
 
 def _naive(student_logits, teacher_logits, ids, temperature, lm_weight):
-    ce = train.lm_loss(student_logits, ids)
-    return train.distill_loss(student_logits, teacher_logits, temperature) + lm_weight * ce, ce
+    ce = losses.lm_loss(student_logits, ids)
+    return losses.distill_loss(student_logits, teacher_logits, temperature) + lm_weight * ce, ce
 
 
 def test_next_token_targets_by_hand():
@@ -62,10 +62,10 @@ def test_every_family_gives_its_logits_from_its_final_hidden_states(family):
     model = tiny_model(family, **extra)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        hidden = train.final_hidden(model, ids)
+        hidden = final_hidden(model, ids)
         torch.testing.assert_close(get_adapter(model).lm_logits(model, hidden), model(input_ids=ids).logits,
                                    rtol=0, atol=1e-6)
-    assert train.final_hidden(model, ids).shape == (2, 12, 64)
+    assert final_hidden(model, ids).shape == (2, 12, 64)
 
 
 def test_gemma_soft_capping_is_what_the_transform_applies():
@@ -83,16 +83,17 @@ def test_the_training_objective_equals_the_full_logits_one_on_a_model(family):
     forward, heads and loss in chunks of 5 tokens) equals the loss on both models' full logits, with the
     same gradients, on families whose logits are transformed after the head."""
     from transact.recipes import Training
-    from transact.recipes.run import DistillSettings
+    from transact.recovery.methods import MicroBatch
+    from transact.recovery.methods.kd import DenseTeacher, DistillSettings, distill_objective
 
     student, teacher = tiny_model(family, seed=0), tiny_model(family, seed=1).requires_grad_(False)
-    training = Training(method="kd", kd=DistillSettings(temperature=2.0, lm_weight=0.3, chunk_tokens=5))
+    training = Training(method="kd", methods={"kd": DistillSettings(temperature=2.0, lm_weight=0.3, chunk_tokens=5)})
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
     loss, _ = _naive(student(input_ids=ids).logits, teacher(input_ids=ids).logits, ids, 2.0, 0.3)
     loss.backward()
     expected = {name: p.grad.clone() for name, p in student.named_parameters()}
     student.zero_grad(set_to_none=True)
-    got = train._distill_objective(student, student, ids, teacher, training)
+    got = distill_objective(MicroBatch(student, student, ids, None, training, DenseTeacher(ids.device, teacher)))
     got.backward()
     torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
     for name, p in student.named_parameters():
@@ -101,7 +102,7 @@ def test_the_training_objective_equals_the_full_logits_one_on_a_model(family):
 
 def test_chunk_size_must_be_a_count():
     from transact.errors import TransactError
-    from transact.recipes.run import DistillSettings
+    from transact.recovery.methods.kd import DistillSettings
 
     with pytest.raises(TransactError, match=r"training\.kd\.chunk_tokens"):
         DistillSettings(chunk_tokens=-1)

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter, shape_of
 from transact.core.metrics.random_choice import random_layer_scores
-from transact.core.plan import Targets, make_plan
+from transact.core.select import make_plan
 from transact.core.surgery import prune_
+from transact.core.targets import Targets
 from transact.errors import TransactError
 from transact.io.checkpoint import reload_and_compare, write_checkpoint
 from transact.io.files import check_output_dir, write_json_atomic
@@ -53,7 +54,7 @@ def test_roundtrip_vanilla_reload_identical_logits(tmp_path, family, hidden, hea
     text = config.get("text_config", config)  # a multimodal checkpoint keeps the widths in its text config
     assert text["num_attention_heads"] == keep_heads and text["num_key_value_heads"] == keep_kv
     adapter = get_adapter(model)
-    assert text["head_dim"] == 16 and text[adapter.expert_width_key if adapter.is_moe else "intermediate_size"] == 40
+    assert text["head_dim"] == 16 and text[adapter.mlp_layout.width_key] == 40
     expected_type = "mistral" if family == "llama" and indivisible else family
     assert config["model_type"] == expected_type
 

@@ -9,7 +9,7 @@ import torch
 from tiny import VOCAB, char_tokenizer, random_plan, tiny_model, two_shot_run
 from transformers import AutoModelForCausalLM
 
-import transact.api
+import transact.jobs.prune
 from transact.arch import get_adapter, shape_of
 from transact.cli import main
 from transact.core.surgery import prune_
@@ -38,7 +38,7 @@ def test_gemma_info_lists_only_head_counts_that_divide_the_hidden_size(tmp_path,
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_gemma_head_count_that_cannot_be_saved_is_refused_before_loading(tmp_path, capsys, monkeypatch, family):
     base = _saved(tmp_path, family, hidden=90, heads=6, kv_heads=2)
-    monkeypatch.setattr(transact.api, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(transact.jobs.prune, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     out = tmp_path / "out"
     assert main(["prune", str(base), "--out", str(out), "--heads", "4", "--kv-heads", "2", "--quiet",
                  "--no-reconstruct"]) == 2
@@ -259,7 +259,8 @@ def test_gemma3_multimodal_prunes_its_language_model_only(tmp_path, corpus, laye
 def test_an_iterative_schedule_keeps_to_the_head_rule():
     """Gemma 3 270M's shape (640 wide, 4 heads in 1 KV group): 4 -> 2 heads in two shots cannot pass
     through 3 heads, which Gemma3TextConfig refuses; the schedule takes 4 or 2 instead."""
-    from transact.core.plan import Targets, check_schedule, linear_schedule
+    from transact.core.targets import Targets
+    from transact.recovery.schedule import check_schedule, linear_schedule
 
     shape = shape_of(tiny_model("gemma3_text", hidden=640, heads=4, kv_heads=1, head_dim=16, mlp=64))
     assert shape.head_rule.counts == (1, 2, 4)
@@ -382,7 +383,9 @@ def test_qwen3_5_deltanet_value_heads_can_be_removed_exactly():
     zeroed = model(x).logits
     assert (zeroed - dense).abs().max() > 1e-3  # the dropped heads mattered
     sliced = _drop_value_heads(model, keep)
-    torch.testing.assert_close(sliced(x).logits, zeroed, rtol=0, atol=2e-5)
+    # fp32 rounding of differently shaped matmuls: up to 2.6e-5 seen on an AMD EPYC CPU (1e-3 is what the dropped
+    # heads move, asserted above)
+    torch.testing.assert_close(sliced(x).logits, zeroed, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("metric", ["transact", "flap", "minitron", "magnitude", "random", "taylor", "refit_aware"])

@@ -20,12 +20,15 @@ from tiny import WORDS, char_tokenizer, random_plan, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import ModelShape
-from transact.core.plan import Targets, check_schedule, compose_plans, linear_schedule
 from transact.core.surgery import prune_
+from transact.core.targets import Targets
 from transact.errors import TransactError
+from transact.jobs import run as run_job
 from transact.recipes import RunRecipe, Training, apply_overrides, load_run_recipe
-from transact.recovery import distributed, loop, train
+from transact.recovery import distributed, loop, losses, train
 from transact.recovery.data import BlockStream, packed_blocks
+from transact.recovery.methods import get_method
+from transact.recovery.schedule import check_schedule, compose_plans, linear_schedule
 from transact.recovery.state import PhaseRecord, RunState
 
 BIN = Path(sys.executable).parent
@@ -74,7 +77,7 @@ def test_the_contract_example_parses_with_the_papers_defaults(tmp_path):
     path.write_text(CONTRACT)
     r = load_run_recipe(path)
     assert (r.target.heads.value, r.target.kv_heads.value, r.target.mlp.value) == (4, 2, 768)
-    assert r.num_shots == 2 and r.calibration.samples == 32 and r.calibration_seed == 0
+    assert r.num_shots == 2 and r.prune.calibration.samples == 32 and r.prune.seed == 0
     t = r.training
     assert (t.method, t.tokens_per_shot, t.seq_len, t.lr) == ("full", 200000, 256, 5e-5)
     assert t.betas == (0.9, 0.95) and t.warmup == 0.03  # the paper's Table 4
@@ -120,7 +123,7 @@ def test_overrides_read_values_as_yaml_and_exponents_without_a_dot():
 
 def test_target_impossible_for_the_model_fails_before_weights_load(workdir, monkeypatch):
     data = recipe_dict(workdir, "never") | {"target": {"heads": 3, "kv_heads": 2}}
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(run_job, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(TransactError, match=r"recipe key 'target'.*not a multiple"):
         loop.run(RunRecipe.from_dict(data), progress=False)
     assert not (workdir / "never").exists()
@@ -128,7 +131,7 @@ def test_target_impossible_for_the_model_fails_before_weights_load(workdir, monk
 
 def test_missing_training_data_fails_before_weights_load(workdir, monkeypatch):
     data = recipe_dict(workdir, "never", data=str(workdir / "nope.txt"))
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(run_job, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(TransactError, match=r"training data .*nope.txt does not exist"):
         loop.run(RunRecipe.from_dict(data), progress=False)
     assert not (workdir / "never").exists()
@@ -243,13 +246,13 @@ def test_losses_match_hand_computation():
     model = tiny_model("llama")
     ids = torch.randint(2, 120, (2, 12))
     logits = model(input_ids=ids).logits
-    assert train.lm_loss(logits, ids).item() == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-6)
-    assert train.distill_loss(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.lm_loss(logits, ids).item() == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-6)
+    assert losses.distill_loss(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.randn_like(logits)
     t = 2.0
     p_t = F.softmax(other / t, -1)
     manual = (p_t * (F.log_softmax(other / t, -1) - F.log_softmax(logits / t, -1))).sum(-1).mean() * t * t
-    assert train.distill_loss(logits, other, t).item() == pytest.approx(manual.item(), rel=1e-5)
+    assert losses.distill_loss(logits, other, t).item() == pytest.approx(manual.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- end to end
@@ -309,7 +312,7 @@ def test_every_shot_can_be_refitted(workdir):
     assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], b["model.layers.0.mlp.down_proj.weight"])
     with pytest.raises(TransactError, match="recipe key 'damp'"):
         RunRecipe.from_dict(recipe_dict(workdir, "never") | {"damp": 0.1, "reconstruct": False})
-    assert RunRecipe.from_dict(recipe_dict(workdir, "default")).reconstruct  # the refit is the default
+    assert RunRecipe.from_dict(recipe_dict(workdir, "default")).prune.correctors == ("refit",)  # the default
 
 
 def test_shots_pruned_layer_by_layer(workdir):
@@ -424,14 +427,14 @@ def test_resume_refuses_a_changed_recipe(workdir):
 
 def test_diverging_loss_stops_with_the_last_good_state_intact(workdir, monkeypatch):
     calls = {"n": 0}
-    real = train.lm_loss
+    real = losses.lm_loss
 
     def poisoned(logits, ids):
         calls["n"] += 1
         loss = real(logits, ids)
         return loss * float("nan") if calls["n"] > 16 + 8 else loss  # shot 2, step 9
 
-    monkeypatch.setattr(train, "lm_loss", poisoned)
+    monkeypatch.setattr(losses, "lm_loss", poisoned)
     data = recipe_dict(workdir, "nan")
     with pytest.raises(train.TrainingDiverged, match=r"phase 2, step 9 of 16: loss nan"):
         loop.run(RunRecipe.from_dict(data), progress=False)
@@ -442,7 +445,7 @@ def test_diverging_loss_stops_with_the_last_good_state_intact(workdir, monkeypat
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (workdir / "nan" / "model.safetensors").exists()
 
-    monkeypatch.setattr(train, "lm_loss", real)
+    monkeypatch.setattr(losses, "lm_loss", real)
     result = loop.run(RunRecipe.from_dict(data), resume=True, progress=False)  # and it can go on
     assert math.isfinite(result.report["phases"][-1]["perplexity"])
 
@@ -521,16 +524,17 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_gradients(tmp_pat
     tok = char_tokenizer()
     (tmp_path / "t.txt").write_text(" ".join(WORDS * 100))
     accelerator = Accelerator(cpu=True)
-    grads, losses = [], []
+    grads, seen = [], []
     for batch, accum, ckpt in ((4, 1, False), (2, 2, False), (4, 1, True)):
         model = tiny_model("qwen3")
         training = Training(data=str(tmp_path / "t.txt"), seq_len=32, batch_size=batch, grad_accum=accum,
                             gradient_checkpointing=ckpt)
         stream = BlockStream(tok, training.data, 32, seed=0, shuffle_buffer=1)
         with train.training_mode(model, ckpt):
-            losses.append(train._accumulate_gradients(accelerator, model, stream, training, None).item())
+            seen.append(train._accumulate_gradients(accelerator, model, stream, training, get_method("full"),
+                                                      None).item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] == pytest.approx(losses[2], rel=1e-6)
+    assert seen[0] == pytest.approx(seen[1], rel=1e-6) and seen[0] == pytest.approx(seen[2], rel=1e-6)
     for other in grads[1:]:
         for name, g in grads[0].items():
             torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-7)

@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 from tiny import FAMILIES, char_tokenizer, saved_model_and_text, tiny_model
 from transformers import AutoModelForCausalLM
 
-import transact.layerwise_prune as layerwise_prune
+import transact.core.layerwise
+import transact.jobs.prune_layerwise
 from transact.api import PruneJob, run_prune
 from transact.arch import get_adapter
 from transact.cli import main
 from transact.core.calibrate import collect_statistics, sample_windows
-from transact.core.layerwise import LayerModels, embed_windows, run_layer
+from transact.core.layers import LayerModels, embed_windows, run_layer
 from transact.errors import TransactError
 from transact.io.lazy import LazyCheckpoint, release_freed_memory
 from transact.recipes import Calibration, PruneRecipe
@@ -29,8 +30,10 @@ def corpus():
     return [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i % 4) for i in range(40)]
 
 
-def _recipe(calib, **kw) -> PruneRecipe:
+def _recipe(calib, damp=None, **kw) -> PruneRecipe:
     widths = {"heads": 2, "kv_heads": 1, "mlp": 40} | {k: kw.pop(k) for k in ("heads", "kv_heads", "mlp") if k in kw}
+    if damp is not None:
+        kw["corrector_options"] = {"refit": {"damp": damp}}
     return PruneRecipe(**widths, calibration=Calibration(text=str(calib), **CAL), **kw)
 
 
@@ -172,7 +175,8 @@ def test_an_interrupted_run_resumes_bit_identically(tmp_path, corpus, monkeypatc
     recipe = _recipe(calib, correctors=("refit",))
     _prune(base, tmp_path / "straight", recipe, layerwise=True, sequential=True)
 
-    original, calls = getattr(layerwise_prune, fail_in), []
+    owner = transact.core.layerwise if fail_in == "prune_layer" else transact.jobs.prune_layerwise
+    original, calls = getattr(owner, fail_in), []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -180,11 +184,11 @@ def test_an_interrupted_run_resumes_bit_identically(tmp_path, corpus, monkeypatc
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(layerwise_prune, fail_in, interrupted)
+    monkeypatch.setattr(owner, fail_in, interrupted)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         _prune(base, out, recipe, layerwise=True, sequential=True)
-    monkeypatch.setattr(layerwise_prune, fail_in, original)
+    monkeypatch.setattr(owner, fail_in, original)
     assert not out.exists()
     with pytest.raises(TransactError, match="--resume"):
         run_prune(PruneJob(str(base), str(out), recipe, progress=False, layerwise=True))
@@ -211,7 +215,7 @@ def test_layerwise_never_loads_the_whole_model(tmp_path, corpus, monkeypatch):
 
 def test_refusals_come_before_any_work(tmp_path, corpus, monkeypatch):
     base, calib = saved_model_and_text(tmp_path, "llama", corpus)
-    monkeypatch.setattr(layerwise_prune, "prune_layer", lambda *a, **k: pytest.fail("compute started"))
+    monkeypatch.setattr(transact.core.layerwise, "prune_layer", lambda *a, **k: pytest.fail("compute started"))
     out = tmp_path / "out"
     cases = [
         (dict(recipe=_recipe(calib, metric="taylor"), layerwise=True), "gradients of the whole model"),

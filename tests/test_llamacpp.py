@@ -9,14 +9,16 @@ import torch
 from tiny import HEADS_MUST_DIVIDE_HIDDEN, TIED, random_plan, tiny_config, tiny_model
 from transformers import AutoTokenizer
 
+import transact.jobs.export
 from transact.cli import main
 from transact.core.surgery import prune_
-from transact.deploy import gguf, llamacpp
+from transact.deploy import llamacpp
 from transact.deploy.gguf import GgufExportJob, compare_predictions, run_gguf_export
 from transact.errors import TransactError
 from transact.io.checkpoint import write_checkpoint
+from transact.jobs.bench import BenchJob
+from transact.jobs.bench import run as run_bench
 from transact.measure.bench import BenchGrid
-from transact.measure.jobs import BenchJob, run_bench
 
 # llama.cpp's converter recognises a vocabulary by hashing how its tokenizer splits a probe text, so the
 # tiny models borrow a real tokenizer (SmolLM2's) and its vocabulary size.
@@ -160,7 +162,7 @@ def test_failed_verification_writes_nothing(tmp_path, gguf_tokenizer, monkeypatc
     failing = {"ok": False, "tolerance": 0.05, "prompts": [
         {"ok": False, "prompt": "x", "agree": 0, "steps": 8, "max_margin": 3.0, "max_logprob_diff": 2.0,
          "tokenizer_agrees": True}]}
-    monkeypatch.setattr(gguf, "compare_predictions", lambda *a, **k: failing)
+    monkeypatch.setattr(transact.jobs.export, "compare_predictions", lambda *a, **k: failing)
     with pytest.raises(TransactError, match="disagree with transformers"):
         run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "out" / "m.gguf"), progress=False))
     assert list((tmp_path / "out").iterdir()) == []

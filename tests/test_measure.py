@@ -6,15 +6,16 @@ import pytest
 import torch
 from tiny import char_tokenizer, random_plan, tiny_model
 
-import transact.measure.jobs
+import transact.jobs.eval
 import transact.measure.tasks
 from transact.arch import shape_of
 from transact.cli import main
 from transact.core.surgery import prune_
 from transact.errors import TransactError
 from transact.io.models import load_model, prepare_model
+from transact.jobs.eval import EvalJob
+from transact.jobs.eval import run as run_eval
 from transact.measure import bench, costs
-from transact.measure.jobs import EvalJob, run_eval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -79,7 +80,7 @@ def test_eval_bad_input_fails_before_loading_and_writes_nothing(tmp_path, dense_
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was validated")
 
-    monkeypatch.setattr(transact.measure.jobs, "load_model", refuse)
+    monkeypatch.setattr(transact.jobs.eval, "load_model", refuse)
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     out = tmp_path / "r.json"

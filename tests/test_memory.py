@@ -15,6 +15,7 @@ from tiny import char_tokenizer, tiny_config, tiny_model
 
 from transact.arch import shape_of
 from transact.errors import TransactError
+from transact.jobs import run as run_job
 from transact.measure.costs import RUNTIME_OVERHEAD_BYTES, count_parameters
 from transact.recipes import RunRecipe
 from transact.recipes.run import Training
@@ -40,14 +41,13 @@ def test_estimate_by_hand():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_5_text", "qwen2_moe"])
 def test_lora_parameters_equal_what_peft_trains(family):
-    from transact.recipes.run import LoraSettings
-    from transact.recovery.train import lora_wrap
+    from transact.recovery.methods.lora import LoraSettings, lora_parameters, lora_wrap
 
     model = tiny_model(family, layers=4)
     shape = shape_of(model)
     wrapped = lora_wrap(model, LoraSettings(r=4), 0)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    assert memory.lora_parameters(shape, 4) == trainable
+    assert lora_parameters(shape, 4) == trainable
 
 
 def _recipe(tmp_path, corpus, **training) -> RunRecipe:
@@ -71,7 +71,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_naming_what_would(tmp_p
                                    replace(recipe.training, gradient_checkpointing=True))
     assert checkpointed.total < full.total
     monkeypatch.setattr(memory, "available_bytes", lambda device: (full.total + checkpointed.total) // 2)
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(run_job, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(TransactError, match=r"does not fit: estimated peak memory .* What would fit: "
                                             r"training.gradient_checkpointing: true \(0.\d\d GiB\)"):
         loop.run(recipe, progress=False)

@@ -85,7 +85,7 @@ def test_weight_x_grad_equals_autograd_by_hand_and_restores_the_model():
 
 def test_alpha_belongs_to_transact_only():
     with pytest.raises(TransactError, match="alpha"):
-        PruneRecipe(heads=2, metric="flap", alpha=0.5)
+        PruneRecipe(heads=2, metric="flap", metric_options={"alpha": 0.5})
 
 
 @pytest.mark.parametrize("metric", ["flap", "minitron", "taylor", "refit_aware"])

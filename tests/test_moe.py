@@ -15,9 +15,10 @@ from transact.api import PruneJob, model_info, run_prune
 from transact.arch import ExpertParts, get_adapter, shape_of
 from transact.cli import main
 from transact.core.calibrate import collect_statistics, record_transitional_stats
-from transact.core.plan import PrunePlan, resolve_targets
+from transact.core.plan import PrunePlan
 from transact.core.step import prune_step
 from transact.core.surgery import prune_
+from transact.core.targets import resolve_targets
 from transact.errors import TransactError
 from transact.io.models import skeleton, split_tensors
 from transact.recipes import PruneRecipe, RunRecipe
@@ -138,11 +139,12 @@ def test_expert_files_are_what_transformers_writes(family):
     """The per-expert names a layer-wise prune reads and writes are save_pretrained's own."""
     adapter = get_adapter(tiny_config(family))
     stored = {name.split(".", 3)[3] for name in split_tensors(skeleton(tiny_config(family))) if ".layers.0." in name}
-    assert stored == {name.format(e=e) for name in adapter.expert_files for e in range(4)}
+    assert stored == {name.format(e=e) for name in adapter.mlp_layout.files for e in range(4)}
 
 
 def test_an_iterative_schedule_keeps_expert_widths_whole_multiples():
-    from transact.core.plan import Targets, linear_schedule
+    from transact.core.targets import Targets
+    from transact.recovery.schedule import linear_schedule
 
     shape = shape_of(tiny_config("qwen3_moe"))
     steps = linear_schedule(shape, Targets(4, 2, 40, 2), 3)

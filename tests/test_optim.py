@@ -17,6 +17,7 @@ from transact.errors import TransactError
 from transact.measure.costs import count_parameters
 from transact.recipes import RunRecipe, Training
 from transact.recovery import memory, optim
+from transact.recovery.methods.lora import lora_parameters
 
 SETUPS = [(torch.float32, "adamw"), (torch.float32, "adamw_8bit"), (torch.bfloat16, "adamw"),
           (torch.bfloat16, "adamw_8bit")]
@@ -126,7 +127,7 @@ def test_planner_counts_bytes_per_parameter_of_each_setup():
         assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (w * params, g * params, moments)
         assert parts["activations"] == fp32.parts["activations"] * w // 4
     lora = memory.estimate(shape, params, Training(method="lora", weights="bf16", optimizer="adamw")).parts
-    adapters = memory.lora_parameters(shape, 16)
+    adapters = lora_parameters(shape, 16)
     assert (lora["gradients"], lora["optimizer"]) == (4 * adapters, 8 * adapters)  # peft's fp32 adapters
 
 

@@ -14,8 +14,9 @@ from transact.cli import main
 from transact.core.calibrate import collect_statistics
 from transact.core.correct.refit import gram, refit_columns
 from transact.core.metrics import no_heads
-from transact.core.plan import Targets, make_plan
+from transact.core.select import make_plan
 from transact.core.step import apply_step
+from transact.core.targets import Targets
 from transact.errors import TransactError
 from transact.recipes import PruneRecipe
 
@@ -103,7 +104,7 @@ def test_refit_recovers_units_that_are_combinations_of_kept_ones(family):
     sliced = copy.deepcopy(model)  # the same model, sliced without the refit
     apply_step(sliced, plan)
     refitted = apply_step(model, plan, stats, PruneRecipe(heads=2, kv_heads=2, mlp=24, correctors=("refit",),
-                                                          damp=0.0))
+                                                          corrector_options={"refit": {"damp": 0.0}}))
     assert refitted.corrections == [{"name": "refit", "damp": 0.0}]
     assert (sliced(x).logits - dense).abs().max() > 1e-2  # slicing alone loses what the odd units carried
     torch.testing.assert_close(model(x).logits, dense, rtol=0, atol=2e-5)  # fp32 rounding of the solve
@@ -127,10 +128,11 @@ def test_units_whose_contribution_was_zeroed_are_still_removed_exactly():
 
 def test_recipe_rules():
     assert PruneRecipe(heads=2).correctors == ("refit",)  # the default
-    with pytest.raises(TransactError, match="add the refit corrector"):
-        PruneRecipe(heads=2, damp=0.1, correctors=())
-    with pytest.raises(TransactError, match="damp must be a finite number >= 0"):
-        PruneRecipe(heads=2, correctors=("refit",), damp=-1.0)
+    with pytest.raises(TransactError, match="options are given for the corrector 'refit', which this recipe does "
+                                            "not run"):
+        PruneRecipe(heads=2, corrector_options={"refit": {"damp": 0.1}}, correctors=())
+    with pytest.raises(TransactError, match=r"corrector 'refit': option 'damp' must be >= 0\.0, got -1\.0"):
+        PruneRecipe(heads=2, correctors=("refit",), corrector_options={"refit": {"damp": -1.0}})
     with pytest.raises(TransactError, match="refit and flap_bias both compensate"):
         PruneRecipe(heads=2, correctors=("refit", "flap_bias"))
     recipe = PruneRecipe(heads=2, metric="random", correctors=("refit",))
@@ -145,7 +147,8 @@ def test_reconstruct_from_the_command_line_with_every_metric(tmp_path, corpus, c
     assert main(["prune", str(base), "--out", str(tmp_path / "plain"), *args, "--no-reconstruct"]) == 0
     assert main(["prune", str(base), "--out", str(tmp_path / "refit"), *args, "--reconstruct", "--damp", "0.05"]) == 0
     plan = json.loads((tmp_path / "refit" / "plan.json").read_text())
-    assert plan["corrections"] == [{"name": "refit", "damp": 0.05}] and plan["recipe"]["damp"] == 0.05
+    assert plan["corrections"] == [{"name": "refit", "damp": 0.05}]
+    assert plan["recipe"]["corrector_options"] == {"refit": {"damp": 0.05}}
     plain = json.loads((tmp_path / "plain" / "plan.json").read_text())
     assert plan["layers"] == plain["layers"]  # the refit changes weights, not the selection
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")

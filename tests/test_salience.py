@@ -5,7 +5,8 @@ import torch
 
 from transact.arch import ModelShape
 from transact.core import salience
-from transact.core.plan import Targets, resolve_targets, select_channels, select_heads
+from transact.core.select import select_channels, select_heads
+from transact.core.targets import Targets, resolve_targets
 from transact.errors import TransactError
 from transact.recipes import PruneRecipe, Width
 
@@ -113,12 +114,12 @@ def test_width_parse_accepts():
 
 
 def test_recipe_rejects_bad_fields():
-    with pytest.raises(TransactError, match="nothing to prune"):
-        PruneRecipe()
+    with pytest.raises(TransactError, match="nothing to prune"):  # a recipe without widths says only how
+        resolve_targets(PruneRecipe(), ModelShape("llama", 2, 64, 4, 2, 16, 96))
     with pytest.raises(TransactError, match="metric"):
         PruneRecipe(heads=2, metric="taylorish")
-    with pytest.raises(TransactError, match="alpha"):
-        PruneRecipe(heads=2, alpha=-1.0)
+    with pytest.raises(TransactError, match=r"metric 'transact': option 'alpha' must be >= 0.0, got -1.0"):
+        PruneRecipe(heads=2, metric_options={"alpha": -1.0})
 
 
 def _joint_removal_error(w: torch.Tensor, hinv: torch.Tensor, removed: list[int]) -> float:

@@ -48,8 +48,8 @@ def test_pruned_smollm2_reloads_with_identical_logits(pruned_runs):
     with torch.no_grad():
         logits = model(ids).logits
     # Rebuild the pruned model from the dense weights and the plan (the refit recalibrated), in memory, and compare.
+    from transact.api import reapply_plan
     from transact.core.plan import PrunePlan
-    from transact.core.step import reapply_plan
 
     dense = AutoModelForCausalLM.from_pretrained(smollm2_dir()).eval()
     plan = reapply_plan(dense, PrunePlan.load(out / "plan.json"), tok, progress=False)

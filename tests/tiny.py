@@ -96,7 +96,8 @@ def random_plan(model, heads: int, kv_heads: int, mlp: int, seed: int = 0, exper
     experts keeps ``experts`` experts (default: one fewer than it has) of ``mlp`` channels each."""
     from transact.arch import shape_of
     from transact.core.metrics.random_choice import random_layer_scores
-    from transact.core.plan import Targets, make_plan, shared_width
+    from transact.core.select import make_plan
+    from transact.core.targets import Targets, shared_width
 
     shape = shape_of(model.config)
     scores = random_layer_scores(shape, seed)

@@ -1,10 +1,11 @@
 """transact: structured pruning of decoder LLMs by transitional activations (TransAct).
 
 The pipeline lives in subpackages whose names follow the data: ``core`` (calibrate -> metrics -> plan ->
-correct -> surgery, joined by ``core.step``), ``recovery`` (training between shots, ``transact run``),
-``measure`` (perplexity, costs, tasks, bench, report), ``deploy`` (llama.cpp), ``io`` (models, assets,
-text, checkpoints), ``arch`` (one adapter per model family) and ``recipes``. ``api`` and ``cli`` sit on
-top; the names below are the public API.
+correct -> surgery, joined by ``core.step``; ``core.layerwise`` one layer at a time), ``recovery`` (training
+between shots: data, phases, recovery methods, state), ``measure`` (perplexity, costs, tasks, bench, report),
+``deploy`` (llama.cpp), ``io`` (models, assets, text, checkpoints), ``arch`` (one adapter per model family)
+and ``recipes``. ``jobs`` holds one module per command; ``api`` (models in memory) and ``cli`` sit on top; the
+names below are the public API.
 """
 
 from transact.version import __version__  # noqa: I001  (first: the rest record it)
@@ -14,13 +15,16 @@ from transact.arch import SUPPORTED_MODEL_TYPES, FamilyAdapter, ModelShape, get_
 from transact.core.calibrate import ActivationStats, Statistics, calibrate, record_transitional_stats
 from transact.core.correct import Corrector, corrector_names, get_corrector, register_corrector
 from transact.core.metrics import LayerScores, Metric, get_metric, metric_names, register_metric
-from transact.core.plan import PrunePlan, make_plan, resolve_targets
+from transact.core.plan import PrunePlan
+from transact.core.select import make_plan
+from transact.core.targets import resolve_targets
 from transact.core.step import apply_step, gather_statistics, plan_step, prune_step
 from transact.core.surgery import prune_
 from transact.errors import TransactError
 from transact.measure.jobs import BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
 from transact.measure.perplexity import perplexity
 from transact.recipes import Calibration, HeldoutText, PruneRecipe, RunRecipe, Width
+from transact.recovery.methods import RecoveryMethod, get_method, method_names, register_method
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -39,6 +43,7 @@ __all__ = [
     "PruneJob",
     "PrunePlan",
     "PruneRecipe",
+    "RecoveryMethod",
     "RunRecipe",
     "Statistics",
     "TransactError",
@@ -50,9 +55,11 @@ __all__ = [
     "gather_statistics",
     "get_adapter",
     "get_corrector",
+    "get_method",
     "get_metric",
     "load",
     "make_plan",
+    "method_names",
     "metric_names",
     "model_info",
     "perplexity",
@@ -62,6 +69,7 @@ __all__ = [
     "prune_step",
     "record_transitional_stats",
     "register_corrector",
+    "register_method",
     "register_metric",
     "resolve_targets",
     "run_apply_plan",

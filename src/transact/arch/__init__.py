@@ -9,17 +9,10 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-from transact.arch.base import (
-    AttentionParts,
-    ExpertParts,
-    FamilyAdapter,
-    GgufTarget,
-    HeadRule,
-    LinearAttentionShape,
-    MlpParts,
-    ModelShape,
-    head_layout,
-)
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, HybridStack, ModuleNames, head_layout
+from transact.arch.mlp import DenseMlp, ExpertMlp
+from transact.arch.parts import AttentionParts, ExpertParts, MlpParts
+from transact.arch.shape import HeadRule, LinearAttentionShape, ModelShape
 from transact.registry import Registry
 
 # Families transact knows it does not prune yet, and why (the refusal says so rather than only listing others).
@@ -58,13 +51,18 @@ __all__ = [
     "FAMILIES",
     "SUPPORTED_MODEL_TYPES",
     "AttentionParts",
+    "CheckpointRules",
+    "DenseMlp",
+    "ExpertMlp",
     "ExpertParts",
     "FamilyAdapter",
     "GgufTarget",
     "HeadRule",
+    "HybridStack",
     "LinearAttentionShape",
     "MlpParts",
     "ModelShape",
+    "ModuleNames",
     "get_adapter",
     "head_layout",
     "register",

@@ -23,7 +23,8 @@ import torch
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget, HeadRule, head_layout
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, head_layout
+from transact.arch.shape import HeadRule
 from transact.errors import TransactError
 
 
@@ -84,6 +85,6 @@ def gemma2_notes(config: PretrainedConfig) -> tuple[str, ...]:
 
 GEMMA2_27B_LAYERS = 46  # how llama.cpp recognises Gemma 2 27B
 
-ADAPTER = register(FamilyAdapter("gemma2", head_rule=heads_dividing_hidden,
+ADAPTER = register(FamilyAdapter("gemma2", checkpoint=CheckpointRules(head_rule=heads_dividing_hidden),
                                  gguf=gemma_gguf("gemma2", GEMMA2_27B_LAYERS), notes=gemma2_notes,
                                  logit_transform=soft_capping))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, ModuleNames
 from transact.arch.gemma2 import gemma_gguf, gemma_notes, heads_dividing_hidden, soft_capping
 
 LLAMACPP_PERIOD = 6  # llama.cpp's gemma3: layers 6, 12, ... (1-based) attend to the full context
@@ -37,11 +37,11 @@ def llamacpp_layer_pattern(config: PretrainedConfig) -> str | None:
 
 GEMMA3_27B_LAYERS = 62  # how llama.cpp recognises Gemma 3 27B
 
-_GEMMA3 = dict(head_rule=heads_dividing_hidden,
+_GEMMA3 = dict(checkpoint=CheckpointRules(head_rule=heads_dividing_hidden),
                gguf=gemma_gguf("gemma3", GEMMA3_27B_LAYERS, check=llamacpp_layer_pattern),
                notes=lambda config: gemma_notes(config, GEMMA3_27B_LAYERS))
 
 # Gemma3ForCausalLM soft-caps its logits where the config sets a cap; Gemma3ForConditionalGeneration does not
 ADAPTER = register(FamilyAdapter("gemma3_text", logit_transform=soft_capping, **_GEMMA3))
-MULTIMODAL_ADAPTER = register(FamilyAdapter("gemma3", text_config_name="text_config",
-                                            layers_path="model.language_model.layers", **_GEMMA3))
+MULTIMODAL_ADAPTER = register(FamilyAdapter(
+    "gemma3", names=ModuleNames(layers="model.language_model.layers", text_config="text_config"), **_GEMMA3))

@@ -12,7 +12,7 @@ the hidden size (MLP-only pruning) are exported.
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget, head_layout
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, head_layout
 from transact.errors import TransactError
 
 
@@ -35,5 +35,6 @@ def logits_scaling(config: PretrainedConfig):
     return lambda logits: logits / config.logits_scaling
 
 
-ADAPTER = register(FamilyAdapter("granite", output_bias_flags=("attention_bias", "mlp_bias"), gguf=granite_gguf,
-                                 notes=granite_notes, logit_transform=logits_scaling))
+ADAPTER = register(FamilyAdapter(
+    "granite", checkpoint=CheckpointRules(output_bias_flags=("attention_bias", "mlp_bias")), gguf=granite_gguf,
+    notes=granite_notes, logit_transform=logits_scaling))

@@ -21,7 +21,7 @@ from __future__ import annotations
 from transformers import MistralConfig, PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget
 from transact.errors import TransactError
 
 # Keys that only LlamaConfig knows, or that save_pretrained rewrites itself.
@@ -59,7 +59,6 @@ def llama_output_bias_rule(config: PretrainedConfig, num_heads: int) -> str | No
     return None
 
 
-ADAPTER = register(FamilyAdapter("llama", portable_config=llama_portable_config,
-                                 output_bias_flags=("attention_bias", "mlp_bias"),
-                                 output_bias_rule=llama_output_bias_rule,
-                                 gguf=lambda config: GgufTarget("llama")))
+ADAPTER = register(FamilyAdapter("llama", checkpoint=CheckpointRules(
+    portable_config=llama_portable_config, output_bias_flags=("attention_bias", "mlp_bias"),
+    output_bias_rule=llama_output_bias_rule), gguf=lambda config: GgufTarget("llama")))

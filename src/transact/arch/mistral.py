@@ -6,7 +6,7 @@ exported: llama.cpp's ``llama`` architecture has no longrope."""
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget
+from transact.arch.adapter import FamilyAdapter, GgufTarget
 from transact.errors import TransactError
 
 

@@ -4,9 +4,12 @@ of ``intermediate_size`` channels, ``num_experts_per_tok`` per token). Its check
 which reads the expert count and width from the GGUF."""
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget
+from transact.arch.adapter import FamilyAdapter, GgufTarget
+from transact.arch.mlp import ExpertMlp
+
+# Mixtral's checkpoints keep the original layout: block_sparse_moe.experts.E.w1 (gate), w3 (up), w2 (down)
+EXPERT_FILES = tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2"))
 
 ADAPTER = register(FamilyAdapter(
-    "mixtral", experts_name="experts", num_experts_key="num_local_experts", expert_width_key="intermediate_size",
-    expert_files=tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2")),
+    "mixtral", mlp_layout=ExpertMlp(count_key="num_local_experts", width_key="intermediate_size", files=EXPERT_FILES),
     gguf=lambda config: GgufTarget("llama")))

@@ -22,7 +22,9 @@ import torch
 from transformers import MistralConfig, PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget, HeadRule, head_layout
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, ModuleNames, head_layout
+from transact.arch.mlp import DenseMlp
+from transact.arch.shape import HeadRule
 from transact.errors import TransactError
 
 
@@ -113,6 +115,8 @@ def phi3_notes(config: PretrainedConfig) -> tuple[str, ...]:
     return notes
 
 
-ADAPTER = register(FamilyAdapter("phi3", qkv_name="qkv_proj", gate_up_name="gate_up_proj",
-                                 head_rule=phi3_head_rule, portable_config=phi3_portable_config,
-                                 portable_state=phi3_portable_state, gguf=phi3_gguf, notes=phi3_notes))
+ADAPTER = register(FamilyAdapter(
+    "phi3", names=ModuleNames(qkv="qkv_proj"), mlp_layout=DenseMlp(gate_up="gate_up_proj"),
+    checkpoint=CheckpointRules(head_rule=phi3_head_rule, portable_config=phi3_portable_config,
+                               portable_state=phi3_portable_state),
+    gguf=phi3_gguf, notes=phi3_notes))

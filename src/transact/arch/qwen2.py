@@ -11,7 +11,7 @@ Mistral, whose converter path is Llama's); an unpruned one keeps ``qwen2``.
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget, head_layout
+from transact.arch.adapter import FamilyAdapter, GgufTarget, head_layout
 from transact.errors import TransactError
 
 # The Llama path reads the same keys; the q/k/v biases are optional tensors there. Qwen2 states a window it

@@ -9,7 +9,8 @@ attention projections by the hidden size, so only a checkpoint whose heads were 
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget, head_layout
+from transact.arch.adapter import FamilyAdapter, GgufTarget, head_layout
+from transact.arch.mlp import ExpertMlp
 from transact.arch.qwen3_moe import mixed_layers_refusal
 from transact.errors import TransactError
 
@@ -29,5 +30,5 @@ def qwen2_moe_notes(config: PretrainedConfig) -> tuple[str, ...]:
             "GGUF export: only without head pruning (llama.cpp's qwen2moe sizes attention by the hidden size)")
 
 
-ADAPTER = register(FamilyAdapter("qwen2_moe", experts_name="experts", shared_expert_name="shared_expert",
-                                 moe_refusal=mixed_layers_refusal, gguf=qwen2moe_gguf, notes=qwen2_moe_notes))
+ADAPTER = register(FamilyAdapter("qwen2_moe", mlp_layout=ExpertMlp(shared="shared_expert", rule=mixed_layers_refusal),
+                                 gguf=qwen2moe_gguf, notes=qwen2_moe_notes))

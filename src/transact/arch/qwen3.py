@@ -2,6 +2,6 @@
 llama.cpp's ``qwen3`` architecture sizes the query projection by heads × head size, so pruned heads load."""
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget
+from transact.arch.adapter import FamilyAdapter, GgufTarget
 
 ADAPTER = register(FamilyAdapter("qwen3", gguf=lambda config: GgufTarget("qwen3")))

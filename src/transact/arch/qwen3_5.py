@@ -29,7 +29,9 @@ from __future__ import annotations
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget, LinearAttentionShape
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, HybridStack, ModuleNames
+from transact.arch.mlp import ExpertMlp
+from transact.arch.shape import LinearAttentionShape
 
 FULL_ATTENTION = "full_attention"
 
@@ -65,13 +67,14 @@ def qwen35_gguf(config: PretrainedConfig) -> GgufTarget:
     return GgufTarget("qwen35", converter_args=("--no-mtp",))
 
 
-_QWEN3_5 = dict(attention_layers=full_attention_layers, linear_attention=gated_deltanet, q_gated=True,
-                notes=qwen3_5_notes, gguf=qwen35_gguf)
+_QWEN3_5 = dict(hybrid=HybridStack(full_attention_layers, gated_deltanet), q_gated=True, notes=qwen3_5_notes,
+                gguf=qwen35_gguf)
+# A multimodal checkpoint: its language model's layers, and the class that loads the vision tower too.
+_MULTIMODAL = dict(names=ModuleNames(layers="model.language_model.layers", text_config="text_config"),
+                   checkpoint=CheckpointRules(auto_class=AutoModelForImageTextToText))
 
 ADAPTER = register(FamilyAdapter("qwen3_5_text", **_QWEN3_5))
-MULTIMODAL_ADAPTER = register(FamilyAdapter("qwen3_5", text_config_name="text_config",
-                                            layers_path="model.language_model.layers",
-                                            auto_class=AutoModelForImageTextToText, **_QWEN3_5))
+MULTIMODAL_ADAPTER = register(FamilyAdapter("qwen3_5", **_MULTIMODAL, **_QWEN3_5))
 
 
 # Qwen3.5 / 3.6 mixtures of experts (Qwen3.5-35B-A3B and larger; ``qwen3_5_moe_text``, multimodal
@@ -81,9 +84,7 @@ def qwen35moe_gguf(config: PretrainedConfig) -> GgufTarget:
     return GgufTarget("qwen35moe", converter_args=("--no-mtp",))
 
 
-_QWEN3_5_MOE = {**_QWEN3_5, "gguf": qwen35moe_gguf, "experts_name": "experts", "shared_expert_name": "shared_expert"}
+_QWEN3_5_MOE = {**_QWEN3_5, "gguf": qwen35moe_gguf, "mlp_layout": ExpertMlp(shared="shared_expert")}
 
 MOE_ADAPTER = register(FamilyAdapter("qwen3_5_moe_text", **_QWEN3_5_MOE))
-MULTIMODAL_MOE_ADAPTER = register(FamilyAdapter("qwen3_5_moe", text_config_name="text_config",
-                                                layers_path="model.language_model.layers",
-                                                auto_class=AutoModelForImageTextToText, **_QWEN3_5_MOE))
+MULTIMODAL_MOE_ADAPTER = register(FamilyAdapter("qwen3_5_moe", **_MULTIMODAL, **_QWEN3_5_MOE))

@@ -6,7 +6,8 @@ token routed to its best ``num_experts_per_tok``. Expert channels and whole expe
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget
+from transact.arch.adapter import FamilyAdapter, GgufTarget
+from transact.arch.mlp import ExpertMlp
 
 
 def dense_layers(config: PretrainedConfig) -> list[int]:
@@ -24,5 +25,5 @@ def mixed_layers_refusal(config: PretrainedConfig) -> str | None:
     return None
 
 
-ADAPTER = register(FamilyAdapter("qwen3_moe", experts_name="experts", moe_refusal=mixed_layers_refusal,
+ADAPTER = register(FamilyAdapter("qwen3_moe", mlp_layout=ExpertMlp(rule=mixed_layers_refusal),
                                  gguf=lambda config: GgufTarget("qwen3moe")))

@@ -9,7 +9,7 @@ itself (every fourth, no GGUF key says otherwise), so a checkpoint with another 
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.base import FamilyAdapter, GgufTarget
+from transact.arch.adapter import FamilyAdapter, GgufTarget
 from transact.errors import TransactError
 
 LLAMACPP_NOPE_STEP = 4

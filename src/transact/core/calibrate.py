@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transact.arch import get_adapter
-from transact.arch.base import ExpertParts, Part, weight_grad
+from transact.arch.parts import ExpertParts, Part, weight_grad
 from transact.core.experts import ExpertCall, recording_experts
 from transact.errors import TransactError
 from transact.io.text import token_stream

@@ -1,185 +1,49 @@
-"""Layer-wise pruning: one decoder layer in memory at a time, from a checkpoint larger than memory.
+"""The layer-by-layer pipeline: the pruning step on one decoder layer at a time, for models larger than memory
+and for calibration on the pruned layers' own outputs.
 
-The calibration windows enter layer 0 once (only the embedding is read for that); then for each layer
-its weights are read from the safetensors files, the stored hidden states are run through it with the
-calibration hooks, and the same pruning step as the whole-model path (score, select, correct, slice) runs
-on it. The next layer's inputs are the outputs of either the dense layer (``sequential=False``: the
-statistics, and so the result, equal the whole-model path's) or the pruned one (``sequential=True``:
-layer l is calibrated on what the pruned layers 0..l-1 produce, the way GPTQ-style tools work).
+A *source* hands out each layer inside a one-layer model (``transact.core.layers``): the layers of a model
+in memory (``ModelLayers``: the layer module itself, pruned where it lives) or of a checkpoint read lazily
+(``CheckpointLayers``: the layer's tensors read from its safetensors files). The calibration windows enter
+layer 0 once (only the embedding rows they use are read); then each layer runs on the stored hidden states
+with the calibration hooks, and the same step as the whole-model path (score, select, correct, slice) prunes
+it. A *sink* takes each pruned layer: ``InPlace`` (nothing to write: the model in memory holds it) or
+``ShardSink`` (a shard of the new checkpoint, read back into a one-layer model of the saved config and
+checked). The next layer's inputs are the outputs of either the dense layer (``sequential=False``: the
+statistics, and so the result, equal the whole-model path's) or the pruned one (``sequential=True``: layer l
+is calibrated on what the pruned layers 0..l-1 produce, the way GPTQ-style tools work).
 
-A layer runs inside a *one-layer model*: the family's own transformers class built from the config with
-one layer (that layer's entries of every per-layer list such as ``layer_types``) and a one-token
-vocabulary. Its forward computes the position embeddings and attention masks exactly as the full model
-does for that layer type; a pre-hook swaps the stored hidden states in for the placeholder embeddings, and
-a hook takes the layer's output. So nothing transformers passes between layers is rebuilt here.
+What the layers decided so far (``LayerwiseState``) is a plain value with a JSON form, so a job can record it
+after every layer and continue an interrupted run from it.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from transact.arch import get_adapter, shape_of
-from transact.core.calibrate import (
-    ActivationStats,
-    Statistics,
-    decoder_stack,
-    record_transitional_stats,
-    windows_hash,
-)
-from transact.core.plan import LayerPlan, PrunePlan, Targets, resolve_targets
-from transact.core.step import apply_step, calibration_windows, check_step, plan_step
+from transact.core.calibrate import Statistics, windows_hash
+from transact.core.layers import LayerModels, embed_windows, layer_of, one_layer_config, run_layer
+from transact.core.plan import LayerPlan, PrunePlan
+from transact.core.step import apply_step, calibration_windows, check_step, plan_step, prune_step
 from transact.core.surgery import round_to_
-from transact.recipes import PruneRecipe
+from transact.core.targets import Targets, resolve_targets
+from transact.errors import TransactError
+from transact.io.checkpoint import outputs_match
+from transact.io.lazy import LazyCheckpoint, ShardWriter, embedding_name, release_freed_memory
 from transact.version import library_versions
 
-# ---------------------------------------------------------------- one-layer models
-
-
-def one_layer_config(config: PretrainedConfig, index: int) -> PretrainedConfig:
-    """``config`` cut down to its layer ``index`` (see ``FamilyAdapter.one_layer_config``)."""
-    return get_adapter(config).one_layer_config(config, index)
-
-
-class LayerModels:
-    """One-layer models of a config, built once per distinct layer configuration and copied per layer
-    with their decoder layer on the meta device (no weights), ready to receive one layer's tensors."""
-
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> None:
-        self.config, self.dtype, self.device = config, dtype, device
-        self._empty: dict[str, nn.Module] = {}
-
-    def empty(self, index: int) -> nn.Module:
-        one = one_layer_config(self.config, index)
-        key = one.to_json_string()
-        if key not in self._empty:
-            model = AutoModelForCausalLM.from_config(one, dtype=self.dtype).to(self.device).eval()
-            get_adapter(model).layers(model)[0].to("meta")
-            self._empty[key] = model
-        return copy.deepcopy(self._empty[key])
-
-    def holding(self, index: int, layer: nn.Module) -> nn.Module:
-        """The one-layer model of layer ``index`` running ``layer`` itself (not a copy): pruning it there
-        prunes the layer where it lives."""
-        model = self.empty(index)
-        get_adapter(model).layers(model)[0] = layer
-        return model
-
-    def with_layer(self, index: int, state: dict[str, torch.Tensor]) -> nn.Module:
-        """The one-layer model of layer ``index`` holding ``state`` (the layer's tensors by local name)."""
-        model = self.empty(index)
-        layer = get_adapter(model).layers(model)[0]
-        layer.load_state_dict({k: v.to(self.device, self.dtype) for k, v in state.items()}, assign=True,
-                              strict=True)
-        return model
-
-
-def layer_of(model: nn.Module) -> nn.Module:
-    return get_adapter(model).layers(model)[0]
-
-
-# ---------------------------------------------------------------- running one layer on stored inputs
-
-
-@dataclass
-class _Tap:
-    """What the hooks on the layer swap in (``feed``) and take out (``inputs``, ``output``)."""
-
-    feed: torch.Tensor | None = None
-    inputs: torch.Tensor | None = None
-    output: torch.Tensor | None = None
-
-
-@contextmanager
-def tapped(layer: nn.Module) -> Iterator[_Tap]:
-    """Hooks on a decoder layer: the hidden states it is called with are replaced by ``tap.feed`` (when set)
-    or recorded in ``tap.inputs``; its output is kept in ``tap.output``. Removed on exit, also on error."""
-    tap = _Tap()
-
-    def before(module, args, kwargs):
-        if tap.feed is None:
-            tap.inputs = args[0] if args else kwargs["hidden_states"]
-            return None
-        if args:
-            return (tap.feed, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": tap.feed}
-
-    def after(module, args, kwargs, output):
-        tap.output = output[0] if isinstance(output, tuple) else output
-
-    handles = [layer.register_forward_pre_hook(before, with_kwargs=True),
-               layer.register_forward_hook(after, with_kwargs=True)]
-    try:
-        yield tap
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _batches(count: int, batch_size: int) -> range:
-    return range(0, count, batch_size)
-
-
-@torch.inference_mode()
-def embed_windows(model: nn.Module, rows: Callable[[list[int]], torch.Tensor], windows: torch.Tensor,
-                  batch_size: int, store: torch.device) -> torch.Tensor:
-    """The hidden states that enter layer 0 for ``windows`` (n, T): -> (n, T, hidden) on ``store``.
-
-    ``model`` is the one-layer model of layer 0; ``rows(ids)`` reads those rows of the input embedding
-    (len(ids), hidden). Only the rows of tokens that occur are read: the model's embedding module gets
-    exactly those rows and the windows are renumbered to them, so its forward (with any scaling the family
-    applies) computes what the full embedding would.
-    """
-    used, renumbered = torch.unique(windows, return_inverse=True)
-    emb = model.get_input_embeddings()
-    weight = rows(used.tolist()).to(emb.weight.device, emb.weight.dtype)
-    emb.weight = nn.Parameter(weight, requires_grad=False)
-    emb.num_embeddings = weight.shape[0]
-    out = []
-    with tapped(layer_of(model)) as tap:
-        for start in _batches(len(windows), batch_size):
-            batch = renumbered[start:start + batch_size].to(emb.weight.device)
-            decoder_stack(model)(input_ids=batch, use_cache=False)
-            out.append(tap.inputs.to(store))
-    return torch.cat(out)
-
-
-@torch.inference_mode()
-def run_layer(model: nn.Module, hidden: torch.Tensor, batch_size: int, *, statistics: tuple[str, ...] = (),
-              keep_outputs: bool = True) -> tuple[torch.Tensor | None, ActivationStats | None]:
-    """Run the one-layer ``model`` over ``hidden`` (n, T, hidden) in batches: -> (its outputs, (n, T,
-    hidden) on hidden's device, or None; the transitional statistics asked for, or None)."""
-    param = next(model.parameters())
-    outputs = []
-    body = decoder_stack(model)
-    recording = record_transitional_stats(model, statistics) if statistics else _nothing()
-    with recording as stats, tapped(layer_of(model)) as tap:
-        for start in _batches(len(hidden), batch_size):
-            tap.feed = hidden[start:start + batch_size].to(param.device)
-            placeholder = torch.zeros_like(tap.feed)
-            body(inputs_embeds=placeholder, use_cache=False)
-            if keep_outputs:
-                outputs.append(tap.output.to(hidden.device))
-            if stats is not None:
-                stats.tokens += tap.feed.shape[0] * tap.feed.shape[1]
-                stats.samples += tap.feed.shape[0]
-    return (torch.cat(outputs) if keep_outputs else None), (stats.to("cpu") if stats is not None else None)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
+if TYPE_CHECKING:
+    from transact.recipes import PruneRecipe
 
 
 # ---------------------------------------------------------------- one layer's pruning step
-
 
 @dataclass
 class LayerResult:
@@ -213,7 +77,225 @@ def prune_layer(model: nn.Module, index: int, num_layers: int, hidden: torch.Ten
     return LayerResult(plan.layers[0], plan.corrections, outputs, routes)
 
 
-# ---------------------------------------------------------------- a model in memory, layer by layer
+def config_changes(source: PretrainedConfig, pruned_first: PretrainedConfig) -> dict:
+    """The config values the pruned one-layer model of layer 0 changed (widths, head_dim, a corrector's bias
+    flags; per-layer values such as ``layer_types`` are compared with layer 0's own)."""
+    before, after = one_layer_config(source, 0).to_dict(), pruned_first.to_dict()
+    return {k: v for k, v in after.items() if before.get(k) != v and k not in ("dtype", "torch_dtype")}
+
+
+# ---------------------------------------------------------------- what the layers decided
+
+@dataclass
+class LayerwiseState:
+    """The layers pruned so far: each one's kept units and its share of routes to dropped experts; what the
+    correctors did and how the config changes (the same for every layer, recorded from the first)."""
+
+    kept: list[LayerPlan] = field(default_factory=list)
+    routes: list[float | None] = field(default_factory=list)
+    corrections: list[dict] | None = None
+    config_changes: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> int:
+        return len(self.kept)
+
+    def record(self, result: LayerResult, model: nn.Module, source: PretrainedConfig) -> None:
+        if self.config_changes is None:
+            self.config_changes = config_changes(source, model.config)
+            self.corrections = result.corrections
+        self.kept.append(result.kept)
+        self.routes.append(result.dropped_routes)
+
+    def plan(self, source: PretrainedConfig, targets: Targets, recipe: dict[str, Any],
+             calibration_hash: str | None) -> PrunePlan:
+        """The plan of the whole model (every layer pruned); ``recipe``: what the plan records of how."""
+        shape = shape_of(source)
+        routes = self.routes if len(self.routes) == shape.num_layers and None not in self.routes else None
+        plan = PrunePlan(source=shape, targets=targets, layers=list(self.kept), recipe=recipe,
+                         calibration_hash=calibration_hash, versions=library_versions(),
+                         corrections=self.corrections or [], dropped_expert_routes=routes)
+        plan.validate()
+        return plan
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layers": [kept.__dict__ for kept in self.kept], "dropped_routes": self.routes,
+                "corrections": self.corrections, "config_changes": self.config_changes}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LayerwiseState:
+        return cls([LayerPlan(**kept) for kept in data["layers"]], list(data["dropped_routes"]),
+                   data["corrections"], data["config_changes"])
+
+
+# ---------------------------------------------------------------- sources
+
+class LayerSource(Protocol):
+    """Where the layers come from: the model's ``config``; ``layer(index)``, the one-layer model running layer
+    ``index``; ``rows(ids)``, those rows of the input embedding; ``store``, where hidden states live; whether
+    the memory of a finished layer should be handed back (``frees_layers``)."""
+
+    config: PretrainedConfig
+    store: torch.device
+    frees_layers: bool
+
+    def layer(self, index: int) -> nn.Module: ...
+
+    def rows(self, ids: list[int]) -> torch.Tensor: ...
+
+
+class ModelLayers:
+    """The layers of a model in memory: each runs inside a one-layer model that holds the model's own layer
+    module, so pruning it there prunes it where it lives."""
+
+    frees_layers = False
+
+    def __init__(self, model: nn.Module) -> None:
+        param = next(model.parameters())
+        self.config, self.store = model.config, param.device
+        self._layers = get_adapter(model).layers(model)
+        self._models = LayerModels(model.config, param.dtype, param.device)
+        self._embedding = model.get_input_embeddings().weight
+
+    def layer(self, index: int) -> nn.Module:
+        return self._models.holding(index, self._layers[index])
+
+    def rows(self, ids: list[int]) -> torch.Tensor:
+        return self._embedding[ids]
+
+
+class CheckpointLayers:
+    """The layers of a checkpoint, each read from its safetensors files when its turn comes; hidden states
+    live on ``store``."""
+
+    frees_layers = True
+
+    def __init__(self, weights: LazyCheckpoint, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+                 store: torch.device) -> None:
+        self.config, self.store, self._weights = config, store, weights
+        self._models = LayerModels(config, dtype, device)
+        self._adapter = get_adapter(config)
+
+    def layer(self, index: int) -> nn.Module:
+        prefix = f"{self._adapter.layers_path}.{index}."
+        return self._models.with_layer(index, self._adapter.fused_layer_state(self._weights.with_prefix(prefix)))
+
+    def rows(self, ids: list[int]) -> torch.Tensor:
+        return self._weights.rows(embedding_name(self._weights, self.config), ids)
+
+
+def hidden_store(device: torch.device, dtype: torch.dtype, windows: torch.Tensor | None, hidden_size: int) -> \
+        torch.device:
+    """Where a layer-by-layer run over ``windows`` keeps its hidden states: on the compute device when its
+    inputs and outputs fit in half of the device's free memory, else in CPU memory."""
+    if device.type != "cuda" or windows is None:
+        return torch.device("cpu")
+    need = 2 * windows.numel() * hidden_size * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < free // 2 else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- sinks
+
+class LayerSink(Protocol):
+    """Where each pruned layer goes: ``write(index, model, state, hidden)`` after layer ``index`` is pruned in
+    the one-layer ``model`` (``state`` includes it; ``hidden``: the next layer's inputs, None after the last)."""
+
+    def write(self, index: int, model: nn.Module, state: LayerwiseState, hidden: torch.Tensor | None) -> None: ...
+
+
+class InPlace:
+    """A model in memory holds its pruned layers already: nothing to write."""
+
+    def write(self, index: int, model: nn.Module, state: LayerwiseState, hidden: torch.Tensor | None) -> None:
+        return None
+
+
+def _probe(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 32, hidden_size, generator=generator).to(device, dtype)
+
+
+class ShardSink:
+    """Each pruned layer as its own shard of a new checkpoint (``writer``'s shard ``index + 1``), in
+    ``save_dtype`` under the names the source checkpoint stores them by (``stored_name``), then read back into
+    a one-layer model of the *saved* config (``saved(config_changes)``), which must compute exactly what the
+    pruned layer computes. ``layers``: where the source model keeps its decoder layers (a multimodal model's
+    language model's, not the one-layer model's); ``after(index, file, names, state, hidden)`` is told of every
+    shard written."""
+
+    def __init__(self, writer: ShardWriter, save_dtype: torch.dtype, stored_name: Callable[[str], str], layers: str,
+                 saved: Callable[[dict[str, Any]], PretrainedConfig], dtype: torch.dtype, device: torch.device,
+                 after: Callable[..., None]) -> None:
+        self.writer, self.save_dtype, self.stored_name, self.after = writer, save_dtype, stored_name, after
+        self.layers = layers
+        self._saved, self._dtype, self._device = saved, dtype, device
+        self._vanilla: LayerModels | None = None
+
+    def write(self, index: int, model: nn.Module, state: LayerwiseState, hidden: torch.Tensor | None) -> None:
+        if self._vanilla is None:
+            self._vanilla = LayerModels(self._saved(state.config_changes), self._dtype, self._device)
+        adapter = get_adapter(model)
+        layers = f"{self.layers}.{index}."
+        tensors = {k: v.to(self.save_dtype) for k, v in layer_of(model).state_dict().items()}
+        tensors = adapter.split_layer_state(adapter.saved_state(tensors, model.config))  # the saved class's names
+        names = [self.stored_name(layers + k) for k in tensors]  # the source checkpoint's layout
+        file, reread = self.writer.write(index + 1, dict(zip(names, tensors.values(), strict=True)))
+        check = self._vanilla.with_layer(index, adapter.fused_layer_state(
+            {k: reread[name] for k, name in zip(tensors, names, strict=True)}))
+        probe = _probe(shape_of(self._vanilla.config).hidden_size, self._vanilla.dtype, self._vanilla.device)
+        expected, _ = run_layer(model, probe, 1)
+        got, _ = run_layer(check, probe, 1)
+        if not outputs_match(expected, got, exact=not adapter.relayouts(model.config)):
+            raise TransactError(f"layer {index} as written to {file} does not compute what the pruned layer computes")
+        self.after(index, file, names, state, hidden)
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass(frozen=True)
+class LayerwiseRun:
+    """One layer-by-layer run: the recipe and its resolved widths, the calibration windows (None: the step
+    needs no data) and their hash, which statistics feed each layer (``sequential``), and the dtype the result
+    is saved in where narrower than the compute dtype (``round_to``)."""
+
+    recipe: PruneRecipe
+    targets: Targets
+    windows: torch.Tensor | None
+    calibration_hash: str | None
+    sequential: bool
+    round_to: torch.dtype | None = None
+
+
+def prune_layers(source: LayerSource, sink: LayerSink, run: LayerwiseRun, *, state: LayerwiseState | None = None,
+                 hidden: torch.Tensor | None = None, progress: bool = True) -> LayerwiseState:
+    """Prune every layer of ``source`` from ``state.done`` on (a fresh state: from layer 0, whose inputs are
+    embedded from the windows; else ``hidden`` holds the inputs of the first layer still to prune), handing
+    each to ``sink``; -> the state with every layer."""
+    state = state or LayerwiseState()
+    num_layers = shape_of(source.config).num_layers
+    with tqdm(range(num_layers), desc="layers", unit="layer", initial=state.done, disable=not progress) as bar:
+        for index in range(state.done, num_layers):
+            hidden = _prune_one(source, sink, run, state, index, hidden)
+            if source.frees_layers:
+                release_freed_memory()
+            bar.update(1)
+    return state
+
+
+def _prune_one(source: LayerSource, sink: LayerSink, run: LayerwiseRun, state: LayerwiseState, index: int,
+               hidden: torch.Tensor | None) -> torch.Tensor | None:
+    """Prune layer ``index`` on its inputs ``hidden``, record it, hand it to the sink; -> the next inputs."""
+    num_layers = shape_of(source.config).num_layers
+    model = source.layer(index)
+    if index == 0 and run.windows is not None:
+        hidden = embed_windows(model, source.rows, run.windows, run.recipe.calibration.batch_size, source.store)
+    result = prune_layer(model, index, num_layers, hidden, run.recipe, run.targets, sequential=run.sequential,
+                         calibration_hash=run.calibration_hash, round_to=run.round_to)
+    state.record(result, model, source.config)
+    following = result.next_hidden if index + 1 < num_layers else None
+    sink.write(index, model, state, following)
+    return result.next_hidden
 
 
 def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequential: bool,
@@ -221,44 +303,30 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
                    progress: bool = True) -> PrunePlan:
     """The pruning step on a model in memory, in place, one decoder layer at a time: each layer calibrated on
     what the already-pruned layers before it produce (``sequential``) or on the dense model's activations
-    (the same statistics as ``prune_step``). Each layer runs inside a one-layer model that holds the model's
-    own layer module, so the layer is pruned where it lives. -> the plan."""
-    adapter, shape = get_adapter(model), shape_of(model)
-    targets = targets or resolve_targets(recipe, shape)
+    (the same statistics as ``prune_step``). -> the plan."""
+    targets = targets or resolve_targets(recipe, shape_of(model))
     check_step(model.config, recipe, targets)
     windows = calibration_windows(tokenizer, recipe, texts)
     calibration_hash = windows_hash(windows) if windows is not None else None
-    param = next(model.parameters())
-    models = LayerModels(model.config, param.dtype, param.device)
-    layers, hidden, kept, corrections, first, routes = adapter.layers(model), None, [], [], None, []
-    embedding = model.get_input_embeddings().weight
-    for index in tqdm(range(shape.num_layers), desc="layers", unit="layer", disable=not progress):
-        one = models.holding(index, layers[index])
-        if index == 0 and windows is not None:
-            hidden = embed_windows(one, lambda ids: embedding[ids], windows, recipe.calibration.batch_size,
-                                   param.device)
-        result = prune_layer(one, index, shape.num_layers, hidden, recipe, targets, sequential=sequential,
-                             calibration_hash=calibration_hash)
-        kept.append(result.kept)
-        routes.append(result.dropped_routes)
-        corrections, hidden = corrections or result.corrections, result.next_hidden
-        first = first or one.config
-    for key, value in config_changes(model.config, first).items():
-        setattr(adapter.text_config(model.config), key, value)
-    return PrunePlan(source=shape, targets=targets, layers=kept,
-                     recipe={**(note or {}), **recipe.to_json(), "layerwise": True, "sequential": sequential},
-                     calibration_hash=calibration_hash, versions=library_versions(), corrections=corrections,
-                     dropped_expert_routes=layer_routes(routes, shape.num_layers))
+    run = LayerwiseRun(recipe, targets, windows, calibration_hash, sequential)
+    state = prune_layers(ModelLayers(model), InPlace(), run, progress=progress)
+    plan = state.plan(model.config, targets, layerwise_recipe(recipe, sequential, note), calibration_hash)
+    get_adapter(model).apply_changes(model.config, state.config_changes)
+    return plan
 
 
-def layer_routes(routes: list[float | None], num_layers: int) -> list[float] | None:
-    """The plan's ``dropped_expert_routes`` from each layer's ``LayerResult.dropped_routes``: None unless all
-    ``num_layers`` layers dropped experts."""
-    return routes if len(routes) == num_layers and None not in routes else None
+def layerwise_recipe(recipe: PruneRecipe, sequential: bool, note: dict | None = None) -> dict[str, Any]:
+    """What a layer-wise plan records of how it was made: the recipe, and that it went layer by layer."""
+    return {**(note or {}), **recipe.to_json(), "layerwise": True, "sequential": sequential}
 
 
-def config_changes(source: PretrainedConfig, pruned_first: PretrainedConfig) -> dict:
-    """The config values the pruned one-layer model of layer 0 changed (widths, head_dim, a corrector's bias
-    flags; per-layer values such as ``layer_types`` are compared with layer 0's own)."""
-    before, after = one_layer_config(source, 0).to_dict(), pruned_first.to_dict()
-    return {k: v for k, v in after.items() if before.get(k) != v and k not in ("dtype", "torch_dtype")}
+
+def prune_model(model: nn.Module, tokenizer, recipe: PruneRecipe, *, layerwise: bool = False,
+                sequential: bool = False, targets: Targets | None = None, texts: list[str] | None = None,
+                note: dict | None = None, progress: bool = True) -> PrunePlan:
+    """The pruning step on a model in memory, in place: the whole model at once, or one layer at a time
+    (``layerwise``; ``sequential``: each layer calibrated on the pruned layers' outputs). -> the plan."""
+    if layerwise or sequential:
+        return prune_by_layer(model, tokenizer, recipe, sequential=sequential, targets=targets, texts=texts, note=note,
+                              progress=progress)
+    return prune_step(model, tokenizer, recipe, targets=targets, texts=texts, note=note, progress=progress)

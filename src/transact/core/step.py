@@ -10,6 +10,7 @@ once (``gather_statistics``) and hands them to every step.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,12 +19,16 @@ from transact.arch import get_adapter, shape_of
 from transact.core.calibrate import Statistics, collect_statistics, sample_windows, windows_hash
 from transact.core.correct import get_corrector
 from transact.core.metrics import METRICS, get_metric
-from transact.core.plan import PrunePlan, Targets, dropped_routes, make_plan, resolve_targets
+from transact.core.plan import PrunePlan, dropped_routes
+from transact.core.select import make_plan
 from transact.core.surgery import prune_
+from transact.core.targets import Targets, resolve_targets
 from transact.errors import TransactError
 from transact.io.text import read_texts
-from transact.recipes import PruneRecipe
 from transact.version import library_versions
+
+if TYPE_CHECKING:
+    from transact.recipes import PruneRecipe
 
 
 def calibration_windows(tokenizer, recipe: PruneRecipe, texts: list[str] | None = None) -> torch.Tensor | None:
@@ -94,7 +99,8 @@ def apply_step(model: nn.Module, plan: PrunePlan, statistics: Statistics | None 
     records = []
     for name in recipe.correctors if recipe is not None else ():
         corrector = get_corrector(name)
-        records.append({"name": name, **corrector.apply(model, plan, statistics or Statistics(), recipe)})
+        records.append({"name": name, **corrector.apply(model, plan, statistics or Statistics(),
+                                                        recipe.options_of(name))})
     if records:
         plan = replace(plan, corrections=[*plan.corrections, *records])
     prune_(model, plan)
@@ -139,12 +145,17 @@ def recalibrate(model: nn.Module, tokenizer, plan: PrunePlan, recipe: PruneRecip
                               gate_weighted=recipe.gate_weighted)
 
 
-def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, texts: list[str] | None = None,
-                 progress: bool = True) -> PrunePlan:
-    """``plan`` on its base model again: bit-identical weights to the first time. Corrections that depend on
-    calibration statistics are recomputed from the same calibration windows (checked by their hash)."""
+def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, recipe: PruneRecipe | None = None,
+                 texts: list[str] | None = None, progress: bool = True) -> PrunePlan:
+    """``plan`` on its base model again: bit-identical weights to the first time. ``recipe`` is the recipe the
+    plan records, read back (needed where it has corrections: they run again with its options; see
+    ``transact.api.reapply_plan``); corrections that depend on calibration statistics are recomputed from the
+    same calibration windows (checked by their hash)."""
     check_reproducible(plan)
-    recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections else None
+    if plan.corrections and recipe is None:
+        raise TransactError("this plan's corrections run again with the options of its recipe: give "
+                            "recipe=PruneRecipe.from_json(plan.recipe), or call transact.api.reapply_plan")
+    recipe = recipe if plan.corrections else None
     stats = recalibrate(model, tokenizer, plan, recipe, texts=texts, progress=progress) \
         if needs_recalibration(plan) else None
     return apply_step(model, replace(plan, corrections=[]), stats, recipe)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
-from transact.arch.base import AttentionParts, ExpertParts, MlpParts, Part, module_of
+from transact.arch.parts import AttentionParts, ExpertParts, MlpParts, Part, module_of
 from transact.core.plan import PrunePlan
 
 

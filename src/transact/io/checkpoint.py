@@ -11,15 +11,18 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
-from transact.core.plan import PrunePlan
 from transact.errors import TransactError
 from transact.io.files import check_output_dir, replace_dir, staging_dir
 from transact.io.models import dtype_name, skeleton
+
+if TYPE_CHECKING:
+    from transact.core.plan import PrunePlan
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:

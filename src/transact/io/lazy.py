@@ -20,9 +20,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import PretrainedConfig
 
+from transact.arch import get_adapter
 from transact.errors import TransactError
 from transact.io.files import move_into_place, staging_file
+from transact.io.models import saved_names, skeleton
 
 INDEX = "model.safetensors.index.json"
 
@@ -215,3 +218,39 @@ def _header_bytes(header: dict) -> bytes:
 
 def _as_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+# ---------------------------------------------------------------- a model's checkpoint, layer by layer
+
+def checkpoint_of(folder: str | Path, config: PretrainedConfig) -> LazyCheckpoint:
+    """The tensors of the local checkpoint of a model with ``config``, by the names its modules give them,
+    checked to hold the family's decoder layers under their module names."""
+    weights = LazyCheckpoint(folder, saved_names(skeleton(config)))
+    prefix = get_adapter(config).layers_path
+    if not any(name.startswith(f"{prefix}.0.") for name in weights.names):
+        raise TransactError(f"{folder}: no tensor is named {prefix}.0.*; the checkpoint's layout is not the one "
+                            "this family's modules use")
+    return weights
+
+
+def embedding_name(weights: LazyCheckpoint, config: PretrainedConfig) -> str:
+    """The checkpoint name of the input embedding, from the family's own module layout (a tied embedding may
+    be stored under the LM head's name)."""
+    model = skeleton(config)
+    target = model.get_input_embeddings().weight
+    names = [name for name, param in model.named_parameters(remove_duplicate=False) if param is target]
+    held = set(weights.names)
+    for name in names:
+        if name in held:
+            return name
+    raise TransactError(f"{weights.folder}: no tensor holds the input embedding ({' or '.join(names)})")
+
+
+def non_layer_tensors(weights: LazyCheckpoint, config: PretrainedConfig) -> list[str]:
+    """Every tensor of the model outside the decoder layers (embedding, final norm, LM head, a vision tower),
+    by its stored name. Tensors the model class does not load (Qwen3.5's multi-token prediction head) are left
+    out, as transformers' own save of a model leaves them out."""
+    prefix = get_adapter(config).layers_path
+    model_names = set(skeleton(config).state_dict())
+    return [weights.stored_name(name) for name in weights.names
+            if not name.startswith(f"{prefix}.") and name in model_names]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transact.arch import ModelShape, get_adapter, shape_of
+from transact.arch import LinearAttentionShape, ModelShape, get_adapter, shape_of
 from transact.io.models import dtype_name
+
+DELTA_RULE_CHUNK = 64  # tokens per chunk of the gated delta rule in transformers and flash-linear-attention
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -31,7 +33,7 @@ def flops_per_token(shape: ModelShape, context: int) -> int:
     Counts the matmuls: q/k/v/o (q with each head's output gate where the family has one), gate/up/down
     (in a mixture of experts the router and the experts each token is routed to), the LM head, and
     attention scores and weighted sums (2 * heads * head_dim * context each); a hybrid model's
-    linear-attention layers count ``LinearAttentionShape.flops_per_token`` in place of attention. Norms,
+    linear-attention layers count ``linear_attention_flops`` in place of attention. Norms,
     RoPE, softmax, activations and the routing's top-k are ignored (< 1 %).
     """
     attention = 2 * (attention_parameters(shape) + 2 * shape.num_heads * shape.head_dim * context)
@@ -39,8 +41,28 @@ def flops_per_token(shape: ModelShape, context: int) -> int:
     total = shape.num_attention_layers * attention + shape.num_layers * mlp + lm_head_flops(shape)
     if shape.linear_attention is not None:
         linear_layers = shape.num_layers - shape.num_attention_layers
-        total += linear_layers * shape.linear_attention.flops_per_token(shape.hidden_size)
+        total += linear_layers * linear_attention_flops(shape.linear_attention, shape.hidden_size)
     return total
+
+
+def linear_attention_parameters(block: LinearAttentionShape, hidden_size: int) -> int:
+    """Parameters of one linear-attention block's projections and convolution (per-head scalars are
+    negligible)."""
+    keys, values = block.key_heads * block.key_dim, block.value_heads * block.value_dim
+    conv = 2 * keys + values
+    return hidden_size * (conv + values + 2 * block.value_heads) + values * hidden_size + conv * block.conv_kernel
+
+
+def linear_attention_flops(block: LinearAttentionShape, hidden_size: int) -> int:
+    """Forward FLOPs of one linear-attention block for one token of a prefill: its projections and
+    convolution, and the chunked gated delta rule as transformers' and flash-linear-attention's kernels
+    compute it (chunks of ``DELTA_RULE_CHUNK`` tokens): per value head and token, the in-chunk q·k and k·k
+    products (2 x chunk x key_dim each), the in-chunk attention on the values (chunk x value_dim), and
+    reading, correcting and writing the key_dim x value_dim state (3 x key_dim x value_dim); 2 FLOPs per
+    multiply-add. Independent of the context; the triangular solves within each chunk are left out."""
+    chunk = DELTA_RULE_CHUNK
+    per_head = 2 * chunk * block.key_dim + chunk * block.value_dim + 3 * block.key_dim * block.value_dim
+    return 2 * linear_attention_parameters(block, hidden_size) + 2 * block.value_heads * per_head
 
 
 def attention_parameters(shape: ModelShape) -> int:
@@ -157,7 +179,7 @@ def layer_parameters(shape: ModelShape) -> int:
     negligible)."""
     attn = attention_parameters(shape)
     if shape.linear_attention is not None:
-        attn = max(attn, shape.linear_attention.parameters(shape.hidden_size))
+        attn = max(attn, linear_attention_parameters(shape.linear_attention, shape.hidden_size))
     return attn + mlp_parameters(shape)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,9 @@ from tqdm.auto import tqdm
 
 from transact.arch import shape_of
 from transact.errors import TransactError
-from transact.recipes import HeldoutText
+
+if TYPE_CHECKING:
+    from transact.recipes import HeldoutText
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,6 @@ shot, ``RunRecipe`` (a YAML file) for iterative pruning with recovery training."
 from transact.recipes.prune import PruneRecipe, Width
 from transact.recipes.run import (
     PRECISIONS,
-    RECOVERY_METHODS,
-    DistillSettings,
-    LoraSettings,
     RunRecipe,
     Training,
     Widths,
@@ -17,11 +14,8 @@ from transact.recipes.text import Calibration, HeldoutText
 
 __all__ = [
     "PRECISIONS",
-    "RECOVERY_METHODS",
     "Calibration",
-    "DistillSettings",
     "HeldoutText",
-    "LoraSettings",
     "PruneRecipe",
     "RunRecipe",
     "Training",

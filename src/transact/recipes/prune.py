@@ -6,9 +6,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from transact.checks import fields_from
 from transact.core.correct import get_corrector
-from transact.core.metrics import METRICS, get_metric
+from transact.core.metrics import get_metric
 from transact.errors import TransactError
+from transact.options import build_options, options_json
 from transact.recipes.text import Calibration
 
 
@@ -66,14 +68,15 @@ WIDTHS = ("heads", "kv_heads", "mlp", "experts")
 class PruneRecipe:
     """One-shot pruning: target widths per layer, the salience metric, correctors, and calibration.
 
-    ``heads``/``kv_heads``/``mlp`` left as None keep that dimension whole; at least one (or ``experts``)
-    must be given. In a mixture of experts ``mlp`` is each expert's width and ``experts`` the experts each
-    layer keeps; ``gate_weighted`` measures the experts' channels on their router-weighted inputs (the
-    activation the expert's output is linear in) rather than the raw ones.
+    ``heads``/``kv_heads``/``mlp`` left as None keep that dimension whole; a step needs at least one of them
+    (or ``experts``): a recipe without widths says only *how* to prune (the ``prune`` section of a
+    ``transact run`` recipe, whose shots bring the widths). In a mixture of experts ``mlp`` is each expert's
+    width and ``experts`` the experts each layer keeps; ``gate_weighted`` measures the experts' channels on
+    their router-weighted inputs (the activation the expert's output is linear in) rather than the raw ones.
     ``metric`` and each of ``correctors`` (default: the least-squares refit) name registered plug-ins
-    (``transact.core.metrics``, ``transact.core.correct``). ``alpha`` None means the default 10 / head_dim
-    (paper eq. 5 with the authors' setting); it is an option of the metrics that declare it. ``seed`` draws
-    the calibration windows (and the random metric's scores).
+    (``transact.core.metrics``, ``transact.core.correct``); ``metric_options`` and ``corrector_options`` (by
+    corrector name) hold their own options, given as mappings or as their options values (None or absent:
+    the plug-in's defaults). ``seed`` draws the calibration windows (and the random metric's scores).
     """
 
     heads: Width | None = None
@@ -82,35 +85,34 @@ class PruneRecipe:
     experts: Width | None = None
     gate_weighted: bool = True
     metric: str = "transact"
-    alpha: float | None = None
+    metric_options: Any = None
     seed: int = 0
     calibration: Calibration = field(default_factory=Calibration)
     # The least-squares refit by default: it lowered one-shot perplexity for every metric at every width
     # measured (docs/results.md, "Least-squares refit"); () prunes by slicing alone.
     correctors: tuple[str, ...] = ("refit",)
-    damp: float | None = None  # the refit's damping (None: its default)
+    corrector_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in WIDTHS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Width):
                 object.__setattr__(self, name, Width.parse(value))
-        if all(getattr(self, name) is None for name in WIDTHS):
-            raise TransactError("nothing to prune: give heads, kv_heads, mlp and/or experts")
         if not isinstance(self.gate_weighted, bool):
             raise TransactError(f"gate_weighted must be true or false, got {self.gate_weighted!r}")
         metric = get_metric(self.metric)
-        if self.alpha is not None and (not math.isfinite(self.alpha) or self.alpha < 0):
-            raise TransactError(f"alpha must be a finite number >= 0, got {self.alpha}")
-        if self.alpha is not None and "alpha" not in metric.options:
-            owners = [m.name for _, m in METRICS.items() if "alpha" in m.options]
-            raise TransactError(f"alpha is an option of the {', '.join(owners)} metric; "
-                                f"metric {self.metric!r} has none")
+        object.__setattr__(self, "metric_options",
+                           build_options(metric.options, self.metric_options, f"metric {self.metric!r}"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TransactError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.calibration, Calibration):
+            object.__setattr__(self, "calibration", Calibration(**fields_from(Calibration, self.calibration,
+                                                                              "calibration")))
         self._check_correctors()
 
     def _check_correctors(self) -> None:
+        if isinstance(self.correctors, str) or not isinstance(self.correctors, (list, tuple)):
+            raise TransactError(f"correctors must be a list of corrector names, got {self.correctors!r}")
         object.__setattr__(self, "correctors", tuple(self.correctors))
         correctors = [get_corrector(name) for name in self.correctors]
         if len(set(self.correctors)) != len(self.correctors):
@@ -120,12 +122,25 @@ class PruneRecipe:
             if clash:
                 raise TransactError(f"the correctors {c.name} and {clash[0]} both compensate the removed channels; "
                                     "choose one")
-        if self.damp is not None:
-            if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not \
-                    (math.isfinite(self.damp) and self.damp >= 0):
-                raise TransactError(f"damp must be a finite number >= 0, got {self.damp!r}")
-            if not any("damp" in c.options for c in correctors):
-                raise TransactError("damp weighs the refit's damping; add the refit corrector (--reconstruct)")
+        given = self.corrector_options or {}
+        if not isinstance(given, dict):
+            raise TransactError(f"corrector_options must map corrector names to their options, got {given!r}")
+        idle = [name for name in given if name not in self.correctors]
+        if idle:
+            get_corrector(idle[0])  # an unknown name is refused as such
+            raise TransactError(f"options are given for the corrector {idle[0]!r}, which this recipe does not run "
+                                f"(correctors: {', '.join(self.correctors) or 'none'})")
+        object.__setattr__(self, "corrector_options", {
+            c.name: build_options(c.options, given.get(c.name), f"corrector {c.name!r}") for c in correctors})
+
+    def options_of(self, corrector: str) -> Any:
+        """The options of a corrector this recipe runs (None where it does not run it)."""
+        return self.corrector_options.get(corrector)
+
+    @property
+    def has_widths(self) -> bool:
+        """Whether the recipe names any width to prune to (a recipe without says only how to prune)."""
+        return any(getattr(self, name) is not None for name in WIDTHS)
 
     @property
     def statistics(self) -> tuple[str, ...]:
@@ -140,20 +155,35 @@ class PruneRecipe:
         return bool(self.statistics)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        for name in WIDTHS:
-            width = getattr(self, name)
-            out[name] = None if width is None else width.to_json()
-        out["correctors"] = list(self.correctors)
+        out = {name: None if getattr(self, name) is None else getattr(self, name).to_json() for name in WIDTHS}
+        out.update(gate_weighted=self.gate_weighted, metric=self.metric,
+                   metric_options=options_json(self.metric_options), seed=self.seed,
+                   calibration=asdict(self.calibration), correctors=list(self.correctors),
+                   corrector_options={name: options_json(o) for name, o in self.corrector_options.items()})
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PruneRecipe:
-        data = dict(data)
-        calibration = Calibration(**data.pop("calibration", {}))
-        data.setdefault("correctors", [])  # plans written before correctors existed had none
-        if data.pop("bias_compensation", False):  # how plans written before correctors recorded FLAP's bias
-            data["correctors"] = [*data.get("correctors", ()), "flap_bias"]
+        """A recipe from its JSON (as plans record it); records written before plug-ins owned their options
+        (``alpha``, ``damp`` beside the widths, ``bias_compensation``) are read as the same recipe."""
+        data = _with_owned_options(dict(data))
         for note in ("shot", "layerwise", "sequential"):  # how the plan was made, noted beside the recipe
             data.pop(note, None)
-        return cls(calibration=calibration, **data)
+        return cls(**data)
+
+
+def _with_owned_options(data: dict[str, Any]) -> dict[str, Any]:
+    """A recipe record in today's layout: the metric's ``alpha`` and the refit's ``damp``, once fields of the
+    recipe itself, become the plug-ins' options (a None was the default, and is dropped); plans written before
+    correctors existed have none, or FLAP's bias as ``bias_compensation``."""
+    data.setdefault("correctors", [])
+    if data.pop("bias_compensation", False):
+        data["correctors"] = [*data["correctors"], "flap_bias"]
+    alpha, damp = data.pop("alpha", None), data.pop("damp", None)
+    if alpha is not None:
+        data["metric_options"] = {**(data.get("metric_options") or {}), "alpha": alpha}
+    if damp is not None:
+        options = dict(data.get("corrector_options") or {})
+        options["refit"] = {**options.get("refit", {}), "damp": damp}
+        data["corrector_options"] = options
+    return data

@@ -4,19 +4,18 @@ bad value an error naming its key."""
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from transact.checks import check_choice, check_float, check_int, check_str, fail, fields_from
 from transact.core.calibrate import WEIGHT_X_GRAD
-from transact.core.metrics import get_metric, metric_names
 from transact.errors import TransactError
 from transact.io.text import BUILTIN
-from transact.recipes.checks import check_choice, check_float, check_int, check_str, fail, fields_from
 from transact.recipes.prune import WIDTHS, PruneRecipe, Width
 from transact.recipes.text import Calibration, HeldoutText
+from transact.recovery.methods import METHODS, method_names
 
-RECOVERY_METHODS = ("full", "lora", "kd")
 PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHT_DTYPES = ("auto", "fp32", "bf16")  # what trained weights are held in (transact.recovery.optim)
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit")
@@ -47,51 +46,9 @@ class Widths:
             raise fail(key, "give at least one of heads, kv_heads, mlp, experts")
         return widths
 
-    def as_prune_recipe(self, **kwargs: Any) -> PruneRecipe:
-        return PruneRecipe(**{name: getattr(self, name) for name in WIDTHS}, **kwargs)
-
     def to_json(self) -> dict[str, Any]:
         values = {n: getattr(self, n) for n in WIDTHS if n != "experts" or self.experts is not None}
         return {n: None if w is None else w.to_json() for n, w in values.items()}
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA adapters on every prunable projection, merged into the dense weights after each phase."""
-
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-
-    def __post_init__(self) -> None:
-        check_int("training.lora.r", self.r, 1)
-        object.__setattr__(self, "alpha", check_float("training.lora.alpha", self.alpha, 0.0, open_low=True))
-        object.__setattr__(self, "dropout", check_float("training.lora.dropout", self.dropout, 0.0, 0.99))
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """Knowledge distillation from the dense model: loss = T^2 KL(teacher_T || student_T) + lm_weight CE,
-    computed over chunks of ``chunk_tokens`` tokens (0: about 2^25 logits per chunk for the vocabulary).
-    ``top_k`` > 0: the KL over the teacher's k most likely tokens only (its distribution renormalised over
-    them); ``teacher_logits``: a directory ``transact teach`` wrote, read instead of running the teacher."""
-
-    temperature: float = 1.0
-    lm_weight: float = 0.5
-    teacher_device: str = "same"
-    chunk_tokens: int = 0
-    top_k: int = 0
-    teacher_logits: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "temperature",
-                           check_float("training.kd.temperature", self.temperature, 0.0, 100.0, open_low=True))
-        object.__setattr__(self, "lm_weight", check_float("training.kd.lm_weight", self.lm_weight, 0.0, 100.0))
-        check_str("training.kd.teacher_device", self.teacher_device)
-        check_int("training.kd.chunk_tokens", self.chunk_tokens, 0)
-        check_int("training.kd.top_k", self.top_k, 0)
-        if self.teacher_logits is not None:
-            check_str("training.kd.teacher_logits", self.teacher_logits)
 
 
 @dataclass(frozen=True)
@@ -121,13 +78,14 @@ class Training:
     save_every: int = 500
     log_every: int = 10
     explode_factor: float = 4.0
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    kd: DistillSettings = field(default_factory=DistillSettings)
+    # Each recovery method's settings by its name (``training.lora``, ``training.kd`` in a recipe), every
+    # registered method's present (its defaults where the recipe gives none).
+    methods: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         p = "training."
         check_str(p + "data", self.data)
-        check_choice(p + "method", self.method, RECOVERY_METHODS)
+        check_choice(p + "method", self.method, method_names())
         check_int(p + "tokens_per_shot", self.tokens_per_shot, 0)
         check_int(p + "final_tokens", self.final_tokens, 0)
         check_int(p + "seq_len", self.seq_len, 2)
@@ -151,10 +109,27 @@ class Training:
         for flag in ("gradient_checkpointing", "check_memory"):
             if not isinstance(getattr(self, flag), bool):
                 raise fail(p + flag, f"must be true or false, got {getattr(self, flag)!r}")
-        for name, cls in (("lora", LoraSettings), ("kd", DistillSettings)):
-            value = getattr(self, name)
-            if not isinstance(value, cls):
-                object.__setattr__(self, name, cls(**fields_from(cls, value, p + name)))
+        object.__setattr__(self, "methods", _method_settings(self.methods))
+
+    def settings_of(self, method: str) -> Any:
+        """The settings of recovery method ``method`` (its ``training.<method>`` section)."""
+        return self.methods[method]
+
+    @classmethod
+    def from_dict(cls, data: Any, key: str = "training") -> Training:
+        """The ``training`` section of a recipe: its keys, and each recovery method's settings under the
+        method's name."""
+        names = tuple(n for n, m in METHODS.items() if m.settings is not None)
+        kwargs = fields_from(cls, data, key, also=names)
+        if "methods" in kwargs:
+            raise fail(f"{key}.methods", f"unknown key (each method's settings go under its name: {', '.join(names)})")
+        kwargs["methods"] = {name: kwargs.pop(name) for name in names if name in kwargs}
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "methods"}
+        out["betas"] = list(self.betas)
+        return {**out, **{name: asdict(settings) for name, settings in self.methods.items()}}
 
     @property
     def tokens_per_step(self) -> int:
@@ -165,23 +140,20 @@ class Training:
 @dataclass(frozen=True)
 class RunRecipe:
     """Iterative pruning: prune to ``target`` in ``shots`` steps (or along ``schedule``), re-calibrating on
-    the current model and training between shots, then an optional final recovery phase."""
+    the current model and training between shots, then an optional final recovery phase. ``prune`` says how
+    every shot prunes (a ``PruneRecipe`` without widths: metric and its options, correctors and theirs,
+    calibration, seed); ``layerwise``: each shot one decoder layer at a time, ``sequential``: each layer
+    calibrated on what the already-pruned layers produce (else on the current model's activations, the same
+    statistics as the whole-model step)."""
 
     model: str
     out: str
     target: Widths | None = None
     shots: int | None = None
     schedule: tuple[Widths, ...] | None = None
-    metric: str = "transact"
-    alpha: float | None = None
-    reconstruct: bool = True  # the least-squares refit of o_proj/down_proj after every shot's selection
-    damp: float | None = None
-    # Each shot one decoder layer at a time; ``sequential``: each layer calibrated on what the already-pruned
-    # layers produce (else on the current model's activations, the same statistics as the whole-model step).
+    prune: PruneRecipe = field(default_factory=PruneRecipe)
     layerwise: bool = False
     sequential: bool = False
-    calibration: Calibration = field(default_factory=Calibration)
-    calibration_seed: int = 0
     training: Training = field(default_factory=Training)
     heldout: HeldoutText = field(default_factory=HeldoutText)
     device: str = "auto"
@@ -189,7 +161,6 @@ class RunRecipe:
     def __post_init__(self) -> None:
         check_str("model", self.model)
         check_str("out", self.out)
-        check_choice("metric", self.metric, metric_names())
         if self.target is None and self.schedule is None:
             raise fail("target", "give the target widths (or an explicit schedule)")
         if self.schedule is not None and self.shots is not None and self.shots != len(self.schedule):
@@ -198,39 +169,29 @@ class RunRecipe:
             check_int("shots", self.shots, 1)
         if self.schedule is not None and not self.schedule:
             raise fail("schedule", "must list at least one shot")
-        if self.alpha is not None:
-            object.__setattr__(self, "alpha", check_float("alpha", self.alpha, 0.0))
-            if "alpha" not in get_metric(self.metric).options:
-                raise fail("alpha", f"metric {self.metric!r} has no alpha")
-        check_int("calibration.seed", self.calibration_seed, 0)
+        if self.prune.has_widths:
+            raise fail("prune", "the widths of every shot come from target or schedule, not from prune")
         check_str("device", self.device)
-        if not isinstance(self.reconstruct, bool):
-            raise fail("reconstruct", f"must be true or false, got {self.reconstruct!r}")
         for key in ("layerwise", "sequential"):
             if not isinstance(getattr(self, key), bool):
                 raise fail(key, f"must be true or false, got {getattr(self, key)!r}")
         if self.sequential and not self.layerwise:
             raise fail("sequential", "belongs to a layer-wise shot; set layerwise: true")
-        if self.layerwise and WEIGHT_X_GRAD in get_metric(self.metric).statistics:
-            raise fail("layerwise", f"metric {self.metric!r} needs the whole model's loss; use it without layerwise")
-        if self.damp is not None:
-            object.__setattr__(self, "damp", check_float("damp", self.damp, 0.0))
-            if not self.reconstruct:
-                raise fail("damp", "weighs the refit's damping; set reconstruct: true")
+        if self.layerwise and WEIGHT_X_GRAD in self.prune.statistics:
+            raise fail("layerwise", f"metric {self.prune.metric!r} needs the whole model's loss; use it without "
+                       "layerwise")
 
     @property
     def num_shots(self) -> int:
         return len(self.schedule) if self.schedule is not None else (self.shots or 1)
 
     def prune_recipe(self, widths: Widths) -> PruneRecipe:
-        return widths.as_prune_recipe(metric=self.metric, alpha=self.alpha, seed=self.calibration_seed,
-                                      calibration=self.calibration, damp=self.damp,
-                                      correctors=("refit",) if self.reconstruct else ())
+        """The recipe of a shot to ``widths``: the ``prune`` section with those widths."""
+        return replace(self.prune, **{name: getattr(widths, name) for name in WIDTHS})
 
     @classmethod
     def from_dict(cls, data: Any) -> RunRecipe:
-        kwargs = fields_from(cls, data, "recipe")
-        kwargs.pop("calibration_seed", None)  # spelled calibration.seed in the file
+        kwargs = fields_from(cls, data, "recipe", also=LEGACY_PRUNE_KEYS)
         for required in ("model", "out"):
             if required not in kwargs:
                 raise fail(required, "is required")
@@ -240,29 +201,95 @@ class RunRecipe:
             if not isinstance(kwargs["schedule"], list):
                 raise fail("schedule", "must be a list of {heads, kv_heads, mlp} mappings")
             kwargs["schedule"] = tuple(Widths.parse(w, f"schedule[{i}]") for i, w in enumerate(kwargs["schedule"]))
-        cal = kwargs.pop("calibration", None) or {}
-        if not isinstance(cal, dict):
-            raise fail("calibration", f"must be a mapping, got {cal!r}")
-        cal = dict(cal)
-        seed = cal.pop("seed", 0)
-        try:
-            kwargs["calibration"] = Calibration(**fields_from(Calibration, cal, "calibration"))
-        except TransactError as e:
-            raise fail("calibration", str(e)) from None
-        kwargs["calibration_seed"] = seed
-        kwargs["training"] = Training(**fields_from(Training, kwargs.get("training"), "training"))
+        kwargs["prune"] = prune_section(kwargs.pop("prune", None), legacy_prune_keys(kwargs))
+        kwargs["training"] = Training.from_dict(kwargs.get("training"))
         kwargs["heldout"] = HeldoutText(**fields_from(HeldoutText, kwargs.get("heldout"), "heldout"))
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:
+        prune = {k: v for k, v in self.prune.to_json().items() if k not in WIDTHS}
         out = {"model": self.model, "out": self.out, "target": self.target.to_json() if self.target else None,
                "shots": self.shots, "schedule": [w.to_json() for w in self.schedule] if self.schedule else None,
-               "metric": self.metric, "alpha": self.alpha, "reconstruct": self.reconstruct, "damp": self.damp,
-               "layerwise": self.layerwise, "sequential": self.sequential,
-               "calibration": {**asdict(self.calibration), "seed": self.calibration_seed},
-               "training": asdict(self.training), "heldout": asdict(self.heldout), "device": self.device}
-        out["training"]["betas"] = list(self.training.betas)
+               "prune": prune, "layerwise": self.layerwise, "sequential": self.sequential,
+               "training": self.training.to_json(), "heldout": asdict(self.heldout), "device": self.device}
         return out
+
+
+# Keys a run recipe had before its ``prune`` section held them; still read, as the same recipe.
+LEGACY_PRUNE_KEYS = ("metric", "alpha", "reconstruct", "damp", "calibration")
+
+
+def _method_settings(given: Any) -> dict[str, Any]:
+    """Every registered method's settings: as given (a mapping of its keys, or its settings value), else its
+    defaults; a name that is no method with settings is refused."""
+    if not isinstance(given, dict):
+        raise fail("training", f"method settings must be a mapping by method name, got {given!r}")
+    out = {}
+    for name, method in METHODS.items():
+        if method.settings is None:
+            continue
+        value = given.get(name)
+        out[name] = value if isinstance(value, method.settings) else \
+            method.settings(**fields_from(method.settings, value, f"training.{name}"))
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+        raise fail(f"training.{unknown[0]}", f"unknown key (methods with settings: {', '.join(out)})")
+    return out
+
+
+def legacy_prune_keys(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``prune`` section that the keys of ``LEGACY_PRUNE_KEYS`` in ``kwargs`` (removed from it) describe:
+    ``metric``; ``alpha`` (the metric's option); ``reconstruct`` (false: no correctors) with ``damp`` (the
+    refit's option); ``calibration`` with its ``seed``."""
+    section: dict[str, Any] = {}
+    if "metric" in kwargs:
+        section["metric"] = kwargs.pop("metric")
+    alpha = kwargs.pop("alpha", None)
+    if alpha is not None:
+        section["metric_options"] = {"alpha": check_float("alpha", alpha, 0.0)}
+    reconstruct, damp = kwargs.pop("reconstruct", None), kwargs.pop("damp", None)
+    if reconstruct is not None and not isinstance(reconstruct, bool):
+        raise fail("reconstruct", f"must be true or false, got {reconstruct!r}")
+    if reconstruct is False:
+        section["correctors"] = []
+    if damp is not None:
+        if reconstruct is False:
+            raise fail("damp", "weighs the refit's damping; set reconstruct: true")
+        section["corrector_options"] = {"refit": {"damp": check_float("damp", damp, 0.0)}}
+    if "calibration" in kwargs:
+        cal = kwargs.pop("calibration") or {}
+        if not isinstance(cal, dict):
+            raise fail("calibration", f"must be a mapping, got {cal!r}")
+        cal = dict(cal)
+        section["seed"] = cal.pop("seed", 0)
+        section["calibration"] = _calibration(cal, "calibration")
+    return section
+
+
+def prune_section(data: Any, legacy: dict[str, Any]) -> PruneRecipe:
+    """The ``prune`` section (every ``PruneRecipe`` key but the widths) with what ``legacy`` keys said; a
+    key given both ways is refused."""
+    section = fields_from(PruneRecipe, data, "prune")
+    widths = [k for k in section if k in WIDTHS]
+    if widths:
+        raise fail(f"prune.{widths[0]}", "the widths of every shot come from target or schedule")
+    both = sorted(set(section) & set(legacy))
+    if both:
+        raise fail(f"prune.{both[0]}", "is also given by an older top-level key; give it once, under prune")
+    if isinstance(section.get("calibration"), dict):
+        section["calibration"] = _calibration(section["calibration"], "prune.calibration")
+    try:
+        return PruneRecipe(**section, **legacy)
+    except TransactError as e:
+        raise fail("prune", str(e)) from None
+
+
+def _calibration(data: dict[str, Any], key: str) -> Calibration:
+    values = fields_from(Calibration, data, key)
+    try:
+        return Calibration(**values)
+    except TransactError as e:
+        raise fail(key, str(e)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transact.checks import check_int, check_str, fail
 from transact.errors import TransactError
 from transact.io.text import BUILTIN
-from transact.recipes.checks import check_int, check_str, fail
 
 
 @dataclass(frozen=True)

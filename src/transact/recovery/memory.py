@@ -36,16 +36,14 @@ from transact.arch import ModelShape
 from transact.errors import TransactError
 from transact.measure.costs import RUNTIME_OVERHEAD_BYTES
 from transact.recovery import optim
-from transact.recovery.chunked import chunk_tokens
+from transact.recovery.methods import MemoryInputs, get_method
 
 GIB = 2**30
-FP32 = 4
 # Values one decoder layer keeps for the backward pass per token, in units of the widths they scale with:
 # hidden-wide (norm inputs and outputs, residual sums, the projections' outputs), attention-wide (q, k, v
 # before and after the rotary embedding, the heads' output) and MLP-wide (gate, up, the activation and the
 # product), and per query head one row of attention probabilities over the sequence.
 ACTIVATION_HIDDEN, ACTIVATION_ATTENTION, ACTIVATION_MLP, ACTIVATION_SCORES = 8, 3, 4, 2
-LOGIT_COPIES = 3  # the logits, their fp32 log-softmax in the cross-entropy, and its gradient
 
 
 @dataclass(frozen=True)
@@ -77,17 +75,6 @@ class MemoryEstimate:
         return f"estimated peak memory {self.total / GIB:.2f} GiB{room} on {self.device} ({parts} GiB)"
 
 
-def lora_parameters(shape: ModelShape, rank: int) -> int:
-    """Parameters of LoRA adapters of ``rank`` on every prunable projection (q/k/v/o in the softmax-attention
-    layers, gate/up/down of each dense MLP or shared expert; a mixture's routed experts get none)."""
-    h, a, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    q = a * (2 if shape.q_gated else 1)
-    attention = rank * ((h + q) + 2 * (h + kv) + (a + h))
-    width = shape.shared_expert_size if shape.is_moe else shape.intermediate_size
-    mlp = 3 * rank * (h + width) if width else 0
-    return shape.num_attention_layers * attention + shape.num_layers * mlp
-
-
 def layer_activation_values(shape: ModelShape, seq_len: int) -> int:
     """Values one decoder layer keeps for the backward pass per token (see the ACTIVATION_* weights); in a
     mixture of experts the MLP width is that of the experts a token is routed to (and a shared expert)."""
@@ -104,27 +91,19 @@ def estimate(shape: ModelShape, params: int, training, *, device: str = "cpu", t
              available: int | None = None) -> MemoryEstimate:
     """The estimated peak of training ``shape`` (``params`` parameters) with ``training`` (a
     ``transact.recipes.Training``); ``teacher_here``: a ``kd`` teacher on the same device."""
-    method = training.method
     weights, optimizer = optim.resolve(training, torch.device(device))
     value = weights.itemsize  # weights, teacher and activations are held in the weights' dtype
-    trainable = lora_parameters(shape, training.lora.r) if method == "lora" else params
-    trained = FP32 if method == "lora" else value  # peft keeps adapters in fp32 over bf16 weights
     tokens = training.batch_size * training.seq_len
+    method = get_method(training.method).memory(MemoryInputs(shape, params, training, weights, tokens, teacher_here))
     per_layer = layer_activation_values(shape, training.seq_len) * tokens * value
     if training.gradient_checkpointing:
         activations = shape.num_layers * tokens * shape.hidden_size * value + per_layer
     else:
         activations = shape.num_layers * per_layer
-    vocab = shape.vocab_size or 0
-    if method == "kd":  # one chunk of both models' logits at a time, and the two final hidden states
-        chunk = min(tokens, training.kd.chunk_tokens or chunk_tokens(vocab))
-        logits = 2 * LOGIT_COPIES * chunk * vocab * FP32 + 2 * tokens * shape.hidden_size * value
-    else:
-        logits = LOGIT_COPIES * tokens * vocab * FP32
-    parts = {"weights": params * value, "gradients": trainable * trained,
-             "optimizer": optim.moment_bytes(trainable, torch.float32 if method == "lora" else weights, optimizer),
-             "teacher": params * value if method == "kd" and teacher_here else 0, "activations": activations,
-             "logits": logits, "runtime": RUNTIME_OVERHEAD_BYTES if device == "cpu" else 0}
+    parts = {"weights": params * value, "gradients": method.trainable * method.gradient_bytes,
+             "optimizer": optim.moment_bytes(method.trainable, method.moments_dtype, optimizer),
+             "teacher": method.teacher, "activations": activations,
+             "logits": method.logits, "runtime": RUNTIME_OVERHEAD_BYTES if device == "cpu" else 0}
     return MemoryEstimate(parts, device, available, overlap=not training.gradient_checkpointing)
 
 
@@ -158,8 +137,8 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
         batch, accum = max(1, batch // 2), accum * 2
         options.append((f"training.batch_size: {batch} with grad_accum: {accum} (the same tokens per step)",
                         replace(training, batch_size=batch, grad_accum=accum)))
-    if training.method == "full":
-        options.append(("training.method: lora", replace(training, method="lora")))
+    for lighter in get_method(training.method).lighter:
+        options.append((f"training.method: {lighter}", replace(training, method=lighter)))
     weights, optimizer = optim.resolve(training, torch.device(device))
     if optimizer != "adamw_8bit":
         options.append(("training.optimizer: adamw_8bit", replace(training, optimizer="adamw_8bit")))
@@ -173,9 +152,7 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
         total = estimate(shape, params, changed, device=device, teacher_here=teacher_here).total
         if total <= available:
             found.append(f"{words} ({total / GIB:.2f} GiB)")
-    if training.method == "kd" and teacher_here and device != "cpu":
-        found.append("training.kd.teacher_device: cpu (the teacher's weights leave the GPU)")
-    return found
+    return found + get_method(training.method).advice(training, device, teacher_here)
 
 
 def choose_weights(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool,

@@ -105,8 +105,9 @@ class OfflineTeacher:
         if self.meta["vocab_size"] != vocab_size:
             raise TransactError(f"training.kd.teacher_logits: {self.path} has a vocabulary of "
                                 f"{self.meta['vocab_size']:,} tokens, the model {vocab_size:,}")
-        if training.kd.top_k and training.kd.top_k != self.k:
-            raise TransactError(f"training.kd.top_k is {training.kd.top_k}, but {self.path} holds the top "
+        top_k = training.settings_of("kd").top_k
+        if top_k and top_k != self.k:
+            raise TransactError(f"training.kd.top_k is {top_k}, but {self.path} holds the top "
                                 f"{self.k}; leave top_k at 0 or set it to {self.k}")
 
     def topk(self, positions: list[int], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

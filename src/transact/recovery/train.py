@@ -1,7 +1,7 @@
 """Recovery training between pruning shots: one phase of AdamW steps on packed blocks, through Hugging Face
 ``accelerate`` (one CPU, one GPU, or many processes with DDP/FSDP/DeepSpeed as ``accelerate launch``
-configures them). Methods: full fine-tuning, LoRA merged back into the weights, and distillation from the
-dense model.
+configures them). The loss is the recovery method's (``transact.recovery.methods``: full fine-tuning, LoRA,
+distillation from the dense model).
 
 Every step reseeds torch from (seed, phase, step, rank), so a phase resumed from a saved step draws the
 same random numbers (LoRA dropout) as an uninterrupted one without carrying generator state around.
@@ -13,26 +13,19 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from transact.arch import get_adapter
 from transact.errors import TransactError
-from transact.recipes import Training
 from transact.recovery import optim
-from transact.recovery.chunked import (
-    chunk_tokens,
-    chunked_distill_loss,
-    chunked_topk_distill_loss,
-    final_hidden,
-    teacher_topk,
-)
 from transact.recovery.data import BlockStream
-from transact.recovery.teacher import OfflineTeacher
+from transact.recovery.methods import MicroBatch, RecoveryMethod, Teacher, get_method
+
+if TYPE_CHECKING:
+    from transact.recipes import Training
 
 
 class TrainingDiverged(TransactError):
@@ -59,41 +52,6 @@ def steps_for(tokens: int, training: Training, world: int) -> int:
 
 def step_seed(seed: int, phase: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + phase * 10_007 + step) * 64 + rank
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy. logits (B, L, V), ids (B, L) -> scalar (mean over B * (L - 1))."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher_T || student_T), mean over positions. student, teacher: (B, L, V) -> scalar."""
-    t = temperature
-    log_s = F.log_softmax(student.float() / t, dim=-1)
-    log_t = F.log_softmax(teacher.float() / t, dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, L)
-    return kl.mean() * t * t
-
-
-# ---------------------------------------------------------------- LoRA
-
-def lora_wrap(model: nn.Module, settings, seed: int) -> nn.Module:
-    """The model with LoRA adapters on every prunable projection (q/k/v/o, gate/up/down) of the text
-    model, named in full: a vision tower's projections of the same names, and a hybrid model's
-    linear-attention blocks, get none."""
-    from peft import LoraConfig, get_peft_model
-
-    wanted = {id(m) for m in get_adapter(model).prunable_linears(model)}
-    names = [name for name, m in model.named_modules() if id(m) in wanted]
-    torch.manual_seed(seed)  # adapter initialisation
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=names, bias="none")
-    return get_peft_model(model, config)
-
-
-def lora_merge(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the weights; the result is the plain transformers model again."""
-    return model.merge_and_unload()
 
 
 # ---------------------------------------------------------------- one phase
@@ -138,15 +96,16 @@ def train_phase(
     training: Training,
     spec: PhaseSpec,
     *,
-    teacher: nn.Module | OfflineTeacher | None = None,
+    teacher: Teacher | None = None,
     on_save: Callable[[nn.Module, torch.optim.Optimizer, int, PhaseLog], None] | None = None,
     progress: bool = True,
 ) -> tuple[PhaseLog, torch.optim.Optimizer]:
     """Run optimizer steps ``spec.start_step`` .. ``spec.total_steps`` of one phase on ``model`` (already on
     the accelerator's device, not yet prepared). ``on_save(model, optimizer, steps_done, log)`` is called
     every ``training.save_every`` steps (not after the last; the caller saves the phase's end, with the
-    optimizer returned)."""
+    optimizer returned). The loss is ``training.method``'s, learning from ``teacher`` where it has one."""
     log = PhaseLog()
+    method = get_method(training.method)
     _, kind = optim.resolve(training, accelerator.device)
     optimizer = optim.make_optimizer(model, training, kind)
     if spec.optimizer_state is not None:
@@ -164,7 +123,7 @@ def train_phase(
                 torch.manual_seed(step_seed(training.seed, spec.phase, step, accelerator.process_index))
                 lr = training.lr * lr_factor(step, spec.total_steps, training.warmup, training.min_lr_ratio)
                 optim.set_lr(optimizer, lr)
-                loss = _accumulate_gradients(accelerator, prepared, stream, training, teacher)
+                loss = _accumulate_gradients(accelerator, prepared, stream, training, method, teacher)
                 grad_norm = accelerator.clip_grad_norm_(prepared.parameters(), training.max_grad_norm or math.inf)
                 loss = accelerator.reduce(loss.detach(), reduction="mean").item()
                 grad_norm = float(grad_norm)
@@ -188,49 +147,18 @@ def train_phase(
 
 
 def _accumulate_gradients(accelerator, model: nn.Module, stream: BlockStream, training: Training,
-                          teacher: nn.Module | OfflineTeacher | None) -> torch.Tensor:
+                          method: RecoveryMethod, teacher: Teacher | None) -> torch.Tensor:
     """Forward and backward ``grad_accum`` micro-batches; gradients sync only on the last. -> mean loss."""
     total = torch.zeros((), device=accelerator.device)
+    student = accelerator.unwrap_model(model)
     for micro in range(training.grad_accum):
         ids = stream.take(training.batch_size).to(accelerator.device)  # (batch, seq_len)
         sync = micro == training.grad_accum - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            if teacher is None:
-                loss = lm_loss(model(input_ids=ids).logits, ids)  # logits (batch, seq_len, vocab)
-            else:
-                loss = _distill_objective(accelerator.unwrap_model(model), model, ids, teacher, training,
-                                          stream.last_positions)
+            loss = method.loss(MicroBatch(student, model, ids, stream.last_positions, training, teacher))
             accelerator.backward(loss / training.grad_accum)
         total += loss.detach() / training.grad_accum
     return total
-
-
-def distill_chunk(model: nn.Module, kd) -> int:
-    """Tokens per chunk of the distillation loss (and of the teacher's top-k) for ``model``'s vocabulary."""
-    return kd.chunk_tokens or chunk_tokens(model.get_output_embeddings().weight.shape[0])
-
-
-def _distill_objective(student: nn.Module, prepared: nn.Module, ids: torch.Tensor, teacher: nn.Module | OfflineTeacher,
-                       training: Training, positions: list[int] | None = None) -> torch.Tensor:
-    """``distill_loss`` + lm_weight x ``lm_loss`` computed in chunks of tokens (``recovery.chunked``): neither
-    model's full logits are ever built. ``prepared`` is ``student`` as the accelerator wrapped it; the teacher
-    is a model, or the top-k ``transact teach`` wrote (read at the blocks' global ``positions``)."""
-    kd = training.kd
-    hidden = final_hidden(prepared, ids)
-    head, chunk = partial(get_adapter(student).lm_logits, student), distill_chunk(student, kd)
-    settings = {"temperature": kd.temperature, "lm_weight": kd.lm_weight, "chunk": chunk}
-    if isinstance(teacher, OfflineTeacher):
-        indices, logprobs = teacher.topk(positions, ids)
-        return chunked_topk_distill_loss(hidden, indices, logprobs, ids, head, **settings)[0]
-    with torch.no_grad():
-        teacher_hidden = final_hidden(teacher, ids.to(next(teacher.parameters()).device))
-    teacher_head = partial(get_adapter(teacher).lm_logits, teacher)
-    if not kd.top_k:
-        return chunked_distill_loss(hidden, teacher_hidden, ids, head, teacher_head, **settings)[0]
-    b, length, _ = teacher_hidden.shape
-    indices, logprobs, _ = teacher_topk(teacher_hidden.reshape(b * length, -1), teacher_head, kd.top_k, chunk)
-    return chunked_topk_distill_loss(hidden, indices.reshape(b, length, -1), logprobs.reshape(b, length, -1), ids,
-                                     head, **settings)[0]
 
 
 def _check_health(loss: float, grad_norm: float, ema: float | None, steps_in: int, factor: float,

@@ -19,29 +19,34 @@ from transformers import PretrainedConfig
 
 from transact.arch import FamilyAdapter, get_adapter
 from transact.core.surgery import unit_rows
+from transact.options import NoOptions
 from transact.registry import Registry
 
 if TYPE_CHECKING:
     from transact.core.calibrate import Statistics
-    from transact.core.plan import PrunePlan, Targets
-    from transact.recipes import PruneRecipe
+    from transact.core.plan import PrunePlan
+    from transact.core.targets import Targets
 
 
 @dataclass(frozen=True)
 class Corrector:
     """``check(adapter, config, targets)`` raises TransactError where the result could not be saved;
-    ``apply(model, plan, statistics, recipe)`` changes the unpruned model's weights in place (the plan's
-    slicing follows) and returns what plan.json records beyond the name. ``options`` names the recipe fields
-    it reads (the recipe refuses them without it); ``conflicts`` the correctors it cannot run with."""
+    ``apply(model, plan, statistics, options)`` changes the unpruned model's weights in place (the plan's
+    slicing follows; ``options`` is the corrector's own options value, see ``transact.options``) and returns
+    what plan.json records beyond the name. ``options`` is the frozen dataclass of its options (the recipe
+    holds a value of it in ``corrector_options``, and ``transact prune`` offers a flag per field);
+    ``conflicts`` names the correctors it cannot run with; ``flag``: a command-line switch that means
+    ``--correct NAME`` (``--no-FLAG``: without it), kept where users know it by that name."""
 
     name: str
     summary: str
-    apply: Callable[[nn.Module, PrunePlan, Statistics, PruneRecipe], dict[str, Any]]
+    apply: Callable[[nn.Module, PrunePlan, Statistics, Any], dict[str, Any]]
     check: Callable[[FamilyAdapter, PretrainedConfig, Targets], None]
     statistics: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()
+    options: type = NoOptions
     conflicts: tuple[str, ...] = ()
     reproducible: bool = False  # whether apply-plan can redo it from plan.json and the base model alone
+    flag: str | None = None
 
 
 CORRECTORS: Registry[Corrector] = Registry("corrector", __name__, key=lambda corrector: corrector.name)

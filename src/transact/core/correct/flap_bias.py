@@ -29,7 +29,7 @@ def _zero_bias(linear: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def add_compensation_biases_(model: nn.Module, plan, stats, recipe=None) -> dict:
+def add_compensation_biases_(model: nn.Module, plan, stats, options=None) -> dict:
     """Before the plan's slicing: give o_proj/down_proj the mean output of the channels the plan removes, and
     every other projection the zero bias the config flags imply."""
     adapter = get_adapter(model)
@@ -46,5 +46,6 @@ def add_compensation_biases_(model: nn.Module, plan, stats, recipe=None) -> dict
 
 
 CORRECTOR = register_corrector(Corrector(
-    "flap_bias", "FLAP's bias compensation: the removed channels' mean output kept as o_proj/down_proj biases",
-    apply=add_compensation_biases_, check=check_bias_compensation, statistics=("sum",)))
+    "flap_bias", "FLAP's bias compensation: the removed channels' mean output kept as o_proj/down_proj biases "
+    "(Llama only, saved with attention_bias/mlp_bias; --flap-bias)",
+    apply=add_compensation_biases_, check=check_bias_compensation, statistics=("sum",), flag="flap-bias"))

@@ -14,17 +14,30 @@ Only o_proj and down_proj change, so the checkpoint stays a vanilla one for ever
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from transact.core.calibrate import register_statistic
 from transact.core.correct import Corrector, kept_inputs, register_corrector
+from transact.options import check_options, option
 
 DEFAULT_DAMP = 0.01
 # With few calibration tokens per channel the Gram matrix is a noisy estimate and a stronger pull toward the
 # original weights pays: on SmolLM2 damping 0.1 was best at 2,048 and 4,096 tokens for 1,536 MLP channels,
 # 0.01 within 2 % of the best from 8,192 tokens on (docs/results.md, "Least-squares refit").
 FEW_TOKENS_PER_CHANNEL, FEW_TOKENS_DAMP = 4, 0.1
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    damp: float | None = option(None, f"the refit's damping, relative to the mean diagonal of the Gram matrix "
+                                f"(default {DEFAULT_DAMP}; {FEW_TOKENS_DAMP} with fewer than {FEW_TOKENS_PER_CHANNEL} "
+                                "calibration tokens per channel)", low=0.0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def default_damp(tokens: int, channels: int) -> float:
@@ -69,33 +82,33 @@ def modules_of(stats) -> tuple[str, ...]:
     return ("attn", "mlp", "shared") if stats.activations.shared else ("attn", "mlp")
 
 
-def damp_for(stats, recipe=None) -> float:
-    """The damping for these statistics: the recipe's, else ``default_damp`` for their token count and their
+def damp_for(stats, options: RefitOptions | None = None) -> float:
+    """The damping for these statistics: the options', else ``default_damp`` for their token count and their
     widest Gram matrix."""
-    if recipe is not None and recipe.damp is not None:
-        return recipe.damp
+    if options is not None and options.damp is not None:
+        return options.damp
     widest = max(g.shape[-1] for m in modules_of(stats) for g in stats.activation(m, "gram"))
     return default_damp(stats.activations.tokens, widest)
 
 
-def expert_damp(stats, kept, recipe=None) -> float:
-    """The damping of one routed expert's refit: the recipe's, else ``default_damp`` for the tokens routed
+def expert_damp(stats, kept, options: RefitOptions | None = None) -> float:
+    """The damping of one routed expert's refit: the options', else ``default_damp`` for the tokens routed
     to that expert (a fraction of the calibration tokens) and its width."""
-    if recipe is not None and recipe.damp is not None:
-        return recipe.damp
+    if options is not None and options.damp is not None:
+        return options.damp
     routed = int(stats.activations.experts["tokens"][kept.layer][kept.expert])
     return default_damp(routed, kept.linear.weight.shape[1])
 
 
 @torch.no_grad()
-def refit_consumers_(model: nn.Module, plan, stats, recipe=None) -> dict:
+def refit_consumers_(model: nn.Module, plan, stats, options: RefitOptions | None = None) -> dict:
     """Before the plan's slicing: refit the kept columns of every o_proj and down_proj (and every kept
     expert's down projection, from the Gram matrix of its router-weighted inputs) in place."""
     grams = {m: stats.activation(m, "gram") for m in modules_of(stats)}
-    damp = damp_for(stats, recipe)
+    damp = damp_for(stats, options)
     for kept in kept_inputs(model, plan):
         weight = kept.linear.weight
-        this_damp = damp if kept.expert is None else expert_damp(stats, kept, recipe)
+        this_damp = damp if kept.expert is None else expert_damp(stats, kept, options)
         refitted = refit_columns(weight, kept.statistic(grams[kept.module]), kept.cols, this_damp)
         weight[:, kept.cols.to(weight.device)] = refitted.to(weight.device)
     return {"damp": damp}
@@ -107,6 +120,7 @@ def _carried_by_every_family(adapter, config, targets) -> None:
 
 CORRECTOR = register_corrector(Corrector(
     "refit", "least-squares refit of the o_proj/down_proj columns that stay, from the Gram matrix of their inputs "
-    f"(--damp; default {DEFAULT_DAMP}, {FEW_TOKENS_DAMP} below {FEW_TOKENS_PER_CHANNEL} calibration tokens a channel)",
-    apply=refit_consumers_, check=_carried_by_every_family, statistics=("gram",), options=("damp",),
-    conflicts=("flap_bias",)))
+    f"(--damp; default {DEFAULT_DAMP}, {FEW_TOKENS_DAMP} below {FEW_TOKENS_PER_CHANNEL} calibration tokens a channel; "
+    "every family, the checkpoint stays vanilla; --reconstruct / --no-reconstruct: with or without it)",
+    apply=refit_consumers_, check=_carried_by_every_family, statistics=("gram",), options=RefitOptions,
+    conflicts=("flap_bias",), flag="reconstruct"))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from transact.arch import ModelShape
+from transact.options import NoOptions
 from transact.registry import Registry
 
 if TYPE_CHECKING:
@@ -49,17 +50,18 @@ Scorer = Callable[[nn.Module, "Statistics", ModelShape, "PruneRecipe"], LayerSco
 class Metric:
     """A salience metric: ``score(model, statistics, shape, recipe)`` -> LayerScores.
 
-    ``statistics`` names what calibration must collect (empty: data-free); ``options`` names the recipe
-    fields beyond the widths and seed that the metric reads (the recipe refuses them for other metrics);
-    ``summary`` is its one-line description in the CLI help; ``experts``: it scores the experts and expert
-    channels of a mixture of experts (other metrics are refused on such models before any work).
+    ``statistics`` names what calibration must collect (empty: data-free); ``options`` is the frozen dataclass
+    of the metric's own options (``transact.options``: help and bounds on its fields; the recipe holds a
+    value of it as ``metric_options``, and ``transact prune`` offers a flag per field); ``summary`` is its
+    one-line description in the CLI help; ``experts``: it scores the experts and expert channels of a mixture
+    of experts (other metrics are refused on such models before any work).
     """
 
     name: str
     summary: str
     score: Scorer
     statistics: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()
+    options: type = NoOptions
     experts: bool = False
 
     @property

@@ -12,12 +12,12 @@ from transact.arch import get_adapter
 from transact.core import salience
 from transact.core.correct.refit import damp_for
 from transact.core.metrics import LayerScores, Metric, no_heads, register_metric
-from transact.core.plan import resolve_targets
+from transact.core.targets import resolve_targets
 
 
 def refit_aware_scores(model, stats, shape, recipe) -> LayerScores:
     grams = {m: stats.activation(m, "gram") for m in ("attn", "mlp")}
-    damp = damp_for(stats, recipe)
+    damp = damp_for(stats, recipe.options_of("refit"))
     targets = resolve_targets(recipe, shape)
     heads, mlp = [], []
     for i, (attn, ffn) in enumerate(get_adapter(model).layer_parts(model)):

@@ -9,16 +9,29 @@ expert's channels are scored as a dense MLP's."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from transact.core import salience
 from transact.core.metrics import LayerScores, Metric, register_metric
 from transact.errors import TransactError
+from transact.options import check_options, option
+
+
+@dataclass(frozen=True)
+class TransactOptions:
+    alpha: float | None = option(None, "outlier weight in eq. 5: a head's salience is the mean of its channels' "
+                                 "norms + alpha x their max (default 10/head_dim, the authors' setting)", low=0.0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def transact_scores(model, stats, shape, recipe) -> LayerScores:
     attn, mlp = stats.activation("attn", "sum_sq"), stats.activation("mlp", "sum_sq")
     if len(attn) != shape.num_layers:
         raise TransactError(f"statistics cover {len(attn)} layers, model has {shape.num_layers}")
-    alpha = salience.default_alpha(shape.head_dim) if recipe.alpha is None else recipe.alpha
+    alpha = recipe.metric_options.alpha
+    alpha = salience.default_alpha(shape.head_dim) if alpha is None else alpha
     heads = [salience.head_salience(salience.channel_norms(s), shape.head_dim, alpha) for s in attn]
     channels = [salience.mlp_salience(salience.channel_norms(s)) for s in mlp]  # (P,) or (experts, P)
     experts = stats.activations.experts["contribution"] if shape.is_moe else None
@@ -30,4 +43,4 @@ def transact_scores(model, stats, shape, recipe) -> LayerScores:
 
 METRIC = register_metric(Metric(
     "transact", "paper eq. 5 on the transitional activations (the default; --alpha weights the max)",
-    transact_scores, statistics=("sum_sq",), options=("alpha",), experts=True))
+    transact_scores, statistics=("sum_sq",), options=TransactOptions, experts=True))

@@ -47,14 +47,15 @@ def check_str(key: str, value: Any) -> str:
     return value
 
 
-def fields_from(cls: type, data: Any, prefix: str) -> dict[str, Any]:
-    """``data`` as keyword arguments of dataclass ``cls``; unknown keys are errors that name them."""
+def fields_from(cls: type, data: Any, prefix: str, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` as keyword arguments of dataclass ``cls`` (and the keys ``also`` names); unknown keys are errors
+    that name them."""
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise fail(prefix, f"must be a mapping, got {data!r}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known - set(also))
     if unknown:
         raise fail(f"{prefix}.{unknown[0]}", f"unknown key (known under {prefix!r}: {', '.join(sorted(known))})")
     return dict(data)

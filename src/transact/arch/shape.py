@@ -1,0 +1,109 @@
+"""The prunable dimensions of a model as plain values: ``ModelShape`` (what plans record and costs are computed
+from), the head counts a family allows (``HeadRule``), and the linear-attention blocks of a hybrid stack
+(``LinearAttentionShape``; their costs are in ``transact.measure.costs``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# transformers runs experts through torch's grouped matmul by default, which needs every row of the fused
+# expert weights to span a multiple of 16 bytes ("strides should be multiple of 16 bytes" otherwise): 8
+# channels in bf16/fp16. A pruned expert width is kept a multiple of it, as every released one is.
+EXPERT_WIDTH_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class HeadRule:
+    """The query-head counts a family's checkpoint can be saved with, and why no others."""
+
+    counts: tuple[int, ...]
+    why: str
+
+
+@dataclass(frozen=True)
+class LinearAttentionShape:
+    """The linear-attention (Gated DeltaNet) blocks of a hybrid model, which pruning leaves as they are: per
+    layer ``key_heads`` query/key heads of ``key_dim`` and ``value_heads`` value heads of ``value_dim``, a
+    causal convolution of ``conv_kernel`` taps over q, k and v."""
+
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    conv_kernel: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The prunable dimensions of a model's text stack, as plans record them. The widths are the same in
+    every layer that has the part; ``attention_layers`` lists the layers with softmax attention where a
+    hybrid model has others (None: every layer), and only those layers have heads to prune.
+
+    ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
+    measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts;
+    ``linear_attention`` describes the other layers' blocks; ``q_gated``: q_proj also holds each head's
+    output gate (see ``AttentionParts.q_head_rows``). None of them is part of what a plan must match
+    (``compare=False``).
+
+    A mixture of experts has ``num_experts`` experts per layer, each of ``intermediate_size`` channels, and
+    routes each token to ``experts_per_token`` of them; ``shared_expert_size`` is the width of the plain MLP
+    every token also goes through (Qwen2-MoE's shared expert; None: none)."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int | None = field(default=None, compare=False)
+    max_positions: int | None = field(default=None, compare=False)
+    head_rule: HeadRule | None = field(default=None, compare=False)
+    attention_layers: tuple[int, ...] | None = None
+    linear_attention: LinearAttentionShape | None = field(default=None, compare=False)
+    q_gated: bool = field(default=False, compare=False)
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    shared_expert_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_layers is not None:  # a plan read from JSON gives a list
+            object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the MLPs are routed experts (then ``intermediate_size`` is each expert's width)."""
+        return self.num_experts is not None
+
+    @property
+    def mlp_multiple(self) -> int:
+        """Pruned MLP widths must be multiples of this: ``EXPERT_WIDTH_MULTIPLE`` for experts, else 1."""
+        return EXPERT_WIDTH_MULTIPLE if self.is_moe else 1
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether layer ``layer`` has softmax attention (query heads to prune)."""
+        return self.attention_layers is None or layer in self.attention_layers
+
+    @property
+    def num_attention_layers(self) -> int:
+        return self.num_layers if self.attention_layers is None else len(self.attention_layers)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields a plan records (the measurement-only ones are left out; ``attention_layers`` only
+        for hybrid models, so plans of the others read as before)."""
+        names = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size")
+        data = {name: getattr(self, name) for name in names}
+        if self.attention_layers is not None:
+            data["attention_layers"] = list(self.attention_layers)
+        if self.is_moe:
+            data.update(num_experts=self.num_experts, experts_per_token=self.experts_per_token)
+        if self.shared_expert_size is not None:
+            data["shared_expert_size"] = self.shared_expert_size
+        return data
+

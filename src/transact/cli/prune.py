@@ -1,0 +1,107 @@
+"""``transact prune``, ``apply-plan`` and ``info``: flags -> jobs (``transact.jobs.prune``, ``apply_plan``,
+``info``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, width
+from transact.cli.plugins import add_plugin_flags, chosen_correctors, routed_options
+from transact.errors import TransactError
+from transact.jobs import apply_plan, info, prune
+from transact.recipes import Calibration, HeldoutText, PruneRecipe
+
+
+def add(sub) -> None:
+    _prune_parser(sub)
+    p = sub.add_parser("apply-plan", help="recreate a pruned model from its base and plan.json")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("plan", help="plan.json written by 'transact prune' (a plan with corrections that depend on "
+                   "calibration, such as the refit, is recalibrated on the same text, checked by its hash)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--no-verify", action="store_true")
+    add_runtime(p, default(apply_plan.ApplyPlanJob, "device"), default(apply_plan.ApplyPlanJob, "dtype"))
+    p.set_defaults(handler=_apply_plan)
+    p = sub.add_parser("info", help="family, widths, parameters, KV cache and what can be pruned")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=lambda args: info.run(info.InfoJob(args.model, json=args.json)))
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="calibrate, score, prune and save a smaller model")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
+    p.add_argument("--heads", type=width, help="query heads kept per layer: a count or a fraction in (0,1)")
+    p.add_argument("--kv-heads", type=width, help="KV heads (groups) kept per layer (default: keep the group size)")
+    p.add_argument("--mlp", type=width, help="MLP channels kept per layer (in a mixture of experts: per expert, "
+                   "a multiple of 8): a count or a fraction in (0,1)")
+    p.add_argument("--experts", type=width, help="mixtures of experts: experts kept per layer, at least the number "
+                   "each token is routed to: a count or a fraction in (0,1)")
+    p.add_argument("--no-gate-weighting", dest="gate_weighted", action="store_false",
+                   help="mixtures of experts: score expert channels on their raw inputs rather than their "
+                   "router-weighted ones")
+    add_plugin_flags(p, default(PruneRecipe, "metric"))
+    cal = Calibration()
+    p.add_argument("--calib", default=cal.text, metavar="PATH",
+                   help="calibration text: .txt/.jsonl file, directory, or 'builtin' (default)")
+    p.add_argument("--samples", type=int, default=cal.samples, help=f"calibration sequences (default {cal.samples})")
+    p.add_argument("--seq-len", type=int, default=cal.seq_len,
+                   help=f"tokens per calibration sequence (default {cal.seq_len})")
+    p.add_argument("--batch-size", type=int, default=cal.batch_size,
+                   help=f"calibration batch size (default {cal.batch_size})")
+    p.add_argument("--seed", type=int, default=default(PruneRecipe, "seed"))
+    p.add_argument("--layerwise", action="store_true",
+                   help="one decoder layer in memory at a time, its weights read lazily from the safetensors files "
+                   "and the output written shard by shard (for models larger than memory; see transact info)")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --layerwise: calibrate each layer on what the already-pruned layers produce (the "
+                   "default); --no-sequential: on the dense model's activations, the same statistics and result as "
+                   "without --layerwise")
+    p.add_argument("--resume", action="store_true",
+                   help="with --layerwise: continue an interrupted run from its last finished layer")
+    tokens, window = default(HeldoutText, "tokens"), default(HeldoutText, "window")
+    p.add_argument("--eval-text", default=None, metavar="PATH",
+                   help="held-out text for perplexity: .txt/.jsonl file, directory, or 'builtin' (LAMBADA passages)")
+    p.add_argument("--eval-tokens", type=at_least(0), default=tokens,
+                   help=f"use at most this many tokens of the held-out text (0 = all; default {tokens})")
+    p.add_argument("--window", type=at_least(2), default=window, help=f"perplexity window in tokens (default {window})")
+    p.add_argument("--stride", type=at_least(1), default=None,
+                   help="window stride (default: the window, i.e. disjoint)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
+    add_runtime(p, default(prune.PruneJob, "device"), default(prune.PruneJob, "dtype"))
+    p.set_defaults(handler=_prune)
+
+
+def _eval_text(args) -> HeldoutText | None:
+    if args.eval_text is None:
+        return None
+    if args.stride is not None and args.stride > args.window:
+        raise TransactError(f"--stride {args.stride} is longer than --window {args.window}")
+    return HeldoutText(text=args.eval_text, tokens=args.eval_tokens, window=args.window, stride=args.stride)
+
+
+def recipe_of(args) -> PruneRecipe:
+    """The prune recipe the flags describe."""
+    correctors = chosen_correctors(args)
+    metric_options, corrector_options = routed_options(args, args.metric, correctors)
+    return PruneRecipe(heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, experts=args.experts,
+                       gate_weighted=args.gate_weighted, metric=args.metric, metric_options=metric_options,
+                       seed=args.seed, correctors=tuple(correctors), corrector_options=corrector_options,
+                       calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
+                                               batch_size=args.batch_size))
+
+
+def _prune(args) -> prune.PruneResult:
+    return prune.run(prune.PruneJob(
+        model=args.model, out=args.out, recipe=recipe_of(args), device=args.device, dtype=args.dtype,
+        eval_text=_eval_text(args), force=args.force, verify=not args.no_verify, progress=not args.quiet,
+        layerwise=args.layerwise, sequential=args.sequential, resume=args.resume))
+
+
+def _apply_plan(args) -> prune.PruneResult:
+    return apply_plan.run(apply_plan.ApplyPlanJob(model=args.model, plan=args.plan, out=args.out, device=args.device,
+                                                  dtype=args.dtype, force=args.force, verify=not args.no_verify,
+                                                  progress=not args.quiet))

@@ -1,0 +1,140 @@
+"""What the jobs that write a pruned checkpoint share (``transact prune``, whole-model and layer-wise, and
+``apply-plan``): the prune's inputs checked before any weights are read, the report of a written checkpoint,
+and the before/after table the commands print."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from transact.arch import get_adapter
+from transact.core.metrics import get_metric
+from transact.core.plan import PrunePlan
+from transact.core.step import check_step
+from transact.core.surgery import round_to_
+from transact.core.targets import Targets, resolve_targets
+from transact.errors import TransactError
+from transact.io.files import check_output_dir
+from transact.io.models import PreparedModel, dtype_name, prepare_model, require_tokenizer
+from transact.io.text import read_texts
+from transact.recipes import PruneRecipe
+from transact.version import library_versions
+
+if TYPE_CHECKING:
+    from transact.jobs.prune import PruneJob
+
+
+@dataclass
+class PruneResult:
+    """A pruned checkpoint written to ``out``: its plan and report (what ``transact prune`` and
+    ``apply-plan`` print)."""
+
+    out: Path
+    plan: PrunePlan
+    report: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [summary_table(self.report["before"], self.report["after"], self.report["saved_as"])]
+        routes = self.plan.dropped_expert_routes
+        if routes:
+            lines.append(f"dropped experts   took {100 * sum(routes) / len(routes):.2f} % of the calibration tokens' "
+                         f"routes (most in one layer: {100 * max(routes):.2f} %)")
+        lines.append(f"\nsaved {self.report['saved_as']} checkpoint, plan.json and report.json to {self.out}")
+        return "\n".join(lines)
+
+
+def calibration_purpose(recipe: PruneRecipe) -> str:
+    """What calibration is for, as a missing tokenizer's error names it."""
+    if get_metric(recipe.metric).data_free:
+        return f"calibration for the {'/'.join(recipe.correctors)} corrector (--no-reconstruct prunes by weights alone)"
+    return "calibration and perplexity"
+
+
+@dataclass(frozen=True)
+class PruneInputs:
+    """A prune's inputs, every one checked before any weights are read: the output directory, the prepared
+    model, the resolved widths, the calibration texts (None: the step needs none) and the tokenizer (None
+    where nothing needs one)."""
+
+    out: Path
+    prep: PreparedModel
+    targets: Targets
+    texts: list[str] | None
+    tokenizer: object | None
+
+
+def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None] | None = None, *,
+                 tokenizer_for: str | None = None) -> PruneInputs:
+    """Check a prune's inputs in order (output, recipe, texts, model and weight files, ``check(job, prep)``
+    for the path's own limits, widths, metric and correctors, tokenizer): -> them. ``tokenizer_for``: why a
+    tokenizer is needed even without calibration (held-out text), if it is."""
+    recipe = job.recipe
+    if not recipe.has_widths:
+        raise TransactError("nothing to prune: give heads, kv_heads, mlp and/or experts")
+    out = check_output_dir(job.out, force=job.force, inputs=(job.model,))
+    texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
+    prep = prepare_model(job.model, job.device, job.dtype)
+    if check is not None:
+        check(job, prep)
+    targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
+    check_step(prep.config, recipe, targets)
+    tokenizer = None
+    if texts is not None or tokenizer_for:
+        tokenizer = require_tokenizer(prep.source, calibration_purpose(recipe) if texts is not None else tokenizer_for)
+    return PruneInputs(out, prep, targets, texts, tokenizer)
+
+
+def checkpoint_report(job_model: str, prep: PreparedModel, **parts: object) -> dict:
+    """report.json of a written checkpoint: the model and how it was computed and saved, then ``parts``
+    (before/after summaries, timings, the class it is saved as), then the library versions."""
+    return {"model": job_model, "device": str(prep.device), "compute_dtype": dtype_name(prep.dtype),
+            "saved_dtype": dtype_name(prep.save_dtype), **parts, "versions": library_versions()}
+
+
+def as_saved(model: nn.Module, plan: PrunePlan, prep: PreparedModel) -> None:
+    """Corrected weights are saved, and measured, as the checkpoint holds them: rounded to the saved dtype
+    where it is narrower than the compute dtype (plain slicing only copies values that already fit)."""
+    if plan.corrections and prep.save_dtype != prep.dtype:
+        round_to_(model, prep.save_dtype)
+
+
+def saved_model_type(model: nn.Module) -> str:
+    """The ``model_type`` the checkpoint will carry (see ``transact.arch.llama``)."""
+    return get_adapter(model).saved_model_type(model.config)
+
+
+
+# ---------------------------------------------------------------- what the command prints
+
+def _fmt_ratio(before: float, after: float) -> str:
+    return f"{after / before:.2f}x" if before else "-"
+
+
+def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str:
+    """The before/after table printed at the end of a prune."""
+    def counted(label: str, key: str) -> tuple[str, str, str, str]:
+        return label, f"{before[key]:,}", f"{after[key]:,}", _fmt_ratio(before[key], after[key])
+
+    moe = "experts" in before
+    rows = [
+        ("family", before["model_type"],
+         after["model_type"] + (f" (saved as {saved_as})" if saved_as and saved_as != after["model_type"] else ""), ""),
+        ("heads / kv heads", "{heads} / {kv_heads}".format(**before), "{heads} / {kv_heads}".format(**after), ""),
+        counted("mlp channels" + (" per expert" if moe else ""), "mlp"),
+        *([counted("experts", "experts"), counted("active parameters", "active_params")] if moe else []),
+        counted("parameters", "params"),
+        counted("KV cache bytes/token", "kv_cache_bytes_per_token"),
+    ]
+    for ctx in before["flops_per_token"]:
+        b, a = before["flops_per_token"][ctx], after["flops_per_token"][ctx]
+        rows.append((f"GFLOPs/token @{ctx} ctx", f"{b / 1e9:.3f}", f"{a / 1e9:.3f}", _fmt_ratio(b, a)))
+    if "perplexity" in before and "perplexity" in after:
+        b, a = before["perplexity"]["perplexity"], after["perplexity"]["perplexity"]
+        rows.append((f"perplexity ({after['perplexity']['tokens']} tokens)", f"{b:.2f}", f"{a:.2f}", _fmt_ratio(b, a)))
+    header = ("", "before", "after", "after/before")
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows])
