@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import transact.jobs.prune
 from transact.arch import get_adapter, shape_of
 from transact.cli import main
+from transact.core.metrics import metric_names
 from transact.core.surgery import prune_
 from transact.errors import TransactError
 from transact.io.checkpoint import write_checkpoint
@@ -388,7 +389,7 @@ def test_qwen3_5_deltanet_value_heads_can_be_removed_exactly():
     torch.testing.assert_close(sliced(x).logits, zeroed, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("metric", ["transact", "flap", "minitron", "magnitude", "random", "taylor", "refit_aware"])
+@pytest.mark.parametrize("metric", metric_names())
 def test_every_metric_prunes_a_hybrid_model(tmp_path, corpus, metric):
     """Each metric scores heads only where the layer has softmax attention (the others have none), and the
     checkpoint passes its reload check."""

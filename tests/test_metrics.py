@@ -12,6 +12,7 @@ from transact.arch import get_adapter
 from transact.cli import main
 from transact.core import salience
 from transact.core.calibrate import calibrate, weight_x_grad
+from transact.core.metrics import metric_names
 from transact.errors import TransactError
 from transact.recipes import Calibration, PruneRecipe
 
@@ -88,7 +89,7 @@ def test_alpha_belongs_to_transact_only():
         PruneRecipe(heads=2, metric="flap", metric_options={"alpha": 0.5})
 
 
-@pytest.mark.parametrize("metric", ["flap", "minitron", "taylor", "refit_aware"])
+@pytest.mark.parametrize("metric", metric_names())
 def test_each_metric_end_to_end(tmp_path, corpus, metric):
     base, calib = saved_model_and_text(tmp_path, "qwen3", corpus)
     out = tmp_path / "out"

@@ -43,7 +43,8 @@ def add_plugin_flags(p: argparse.ArgumentParser, default_metric: str) -> None:
         if spec.kind is bool:
             p.add_argument(spec.flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            p.add_argument(spec.flag, type=spec.kind, choices=spec.choices, metavar=name.upper(), **kwargs)
+            metavar = None if spec.choices else name.upper()  # choices show themselves
+            p.add_argument(spec.flag, type=spec.kind, choices=spec.choices, metavar=metavar, **kwargs)
 
 
 def chosen_correctors(args) -> list[str]:
