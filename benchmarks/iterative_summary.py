@@ -41,8 +41,9 @@ def summarise(run_dir: Path, eval_name: str) -> dict:
            "params": report["final"]["params"], "dense_run_perplexity": report["dense"].get("perplexity")}
     if not row["train_tokens"]:
         row["method"] = "none"
-    if recipe.get("reconstruct"):  # the least-squares refit after every shot
-        row["method"] += " + refit"
+    # the correctors after every shot: the recipe's prune section, or (runs written before it) reconstruct
+    correctors = recipe["prune"]["correctors"] if "prune" in recipe else ["refit"] * bool(recipe.get("reconstruct"))
+    row["method"] += "".join(f" + {name}" for name in correctors)
     row["train_tokens_per_s"] = round(row["train_tokens"] / row["train_seconds"], 1) if row["train_seconds"] else None
     eval_path = run_dir / eval_name
     if eval_path.is_file():
