@@ -22,11 +22,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' tiny models and their killed-run helper
 
 
 def transact(*args: str, timeout: int = 1800) -> None:
@@ -81,7 +81,6 @@ def output_digest(folder: Path) -> dict:
 
 def tiny_inputs(work: Path) -> None:
     """A tiny Llama (4 heads in 2 KV groups) and a tiny Qwen3-MoE with a character tokenizer, and a text."""
-    sys.path.insert(0, str(HERE.parent / "tests"))
     from tiny import WORDS, char_tokenizer, tiny_model
 
     for name, family, kwargs in (("llama", "llama", {"heads": 4, "kv_heads": 2, "mlp": 96}),
@@ -109,22 +108,9 @@ def run_recipe(work: Path, out: str, method: str, **extra) -> Path:
 
 def killed_and_resumed(recipe: Path, out: Path) -> None:
     """Start the run, SIGKILL it once shot 2 has trained 10 steps, then resume it to the end."""
-    proc = subprocess.Popen([str(BIN / "transact"), "run", str(recipe), "--quiet"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    progress = out / "state" / "progress.json"
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            p = json.loads(progress.read_text())
-            if (p["phase"], p["step"]) >= (2, 10):
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode != -signal.SIGKILL:
+    from tiny import run_killed_at
+
+    if run_killed_at(BIN / "transact", recipe, out, phase=2, step=10, timeout=600) != -signal.SIGKILL:
         raise SystemExit(f"{recipe.name}: the run ended before it could be killed")
     transact("run", str(recipe), "--resume")
 

@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny import WORDS, char_tokenizer, random_plan, tiny_model
+from tiny import WORDS, char_tokenizer, random_plan, run_killed_at, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import ModelShape
@@ -360,23 +359,9 @@ def test_resume_after_a_kill_ends_bit_identical(workdir, weights, optimizer):
     path_b = write_recipe(workdir, f"b-{weights}", recipe_dict(workdir, killed, **extra))
     assert cli("run", str(path_a), "--quiet").returncode == 0
 
-    proc = subprocess.Popen([str(BIN / "transact"), "run", str(path_b), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = workdir / killed / "state" / "progress.json"
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            p = json.loads(progress.read_text())
-            if (p["phase"], p["step"]) >= (2, 10):
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    saved = json.loads(progress.read_text())
+    returncode = run_killed_at(BIN / "transact", path_b, workdir / killed, phase=2, step=10)
+    assert returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = json.loads((workdir / killed / "state" / "progress.json").read_text())
     assert (saved["phase"], saved["step"]) >= (2, 10) and not saved["done"]
 
     resumed = cli("run", str(path_b), "--resume", "--quiet")

@@ -161,3 +161,29 @@ def two_shot_run(tmp_path, dense, corpus: list[str], target: dict, method: str, 
                      "seq_len": 32, "batch_size": 4, "lr": lr},
         "heldout": {"text": str(text), "tokens": 512, "window": 128}})
     return loop.run(recipe, progress=False)
+
+
+def run_killed_at(transact_bin, recipe, out, phase: int = 2, step: int = 10, timeout: float = 240) -> int:
+    """Start ``transact run RECIPE`` and SIGKILL it once its saved state (``OUT/state/progress.json``) is at
+    least ``step`` steps into ``phase``; -> the process's return code (-SIGKILL when it was killed, not ended)."""
+    import json
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen([str(transact_bin), "run", str(recipe), "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    progress = Path(out) / "state" / "progress.json"
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            saved = json.loads(progress.read_text())
+            if (saved["phase"], saved["step"]) >= (phase, step):
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
