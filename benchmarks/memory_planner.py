@@ -66,7 +66,7 @@ def one(name: str, steps: int) -> dict:
     teacher = method.teacher(RunFacts(training, torch.device("cpu"), 1, [steps], shape.vocab_size))
     if teacher is not None:
         teacher.attach(model)
-    model = method.wrap(model, training.settings_of(method.name) if method.settings else None, 0)
+    model = method.wrap(model, training.settings_of(method.name), 0)
     stream = BlockStream(tokenizer, "builtin", training.seq_len, 0, 16)
     train_phase(Accelerator(cpu=True), model, stream, training, PhaseSpec(phase=1, total_steps=steps),
                 teacher=teacher, progress=False)

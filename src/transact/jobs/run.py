@@ -216,9 +216,8 @@ class Run:
     def _wrap(self, model: nn.Module, phase: int) -> nn.Module:
         """The model as the method trains it in ``phase`` (seeded by the run's seed and the phase)."""
         training = self.recipe.training
-        settings = training.settings_of(self.method.name) if self.method.settings else None
         self.wrapped = True
-        return self.method.wrap(model, settings, training.seed * 1_000_003 + phase)
+        return self.method.wrap(model, training.settings_of(self.method.name), training.seed * 1_000_003 + phase)
 
     def prune_shot(self, model: nn.Module, state: RunState) -> None:
         """Calibrate the current model, plan this shot's widths, prune (every process the same plan)."""

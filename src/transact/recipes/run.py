@@ -112,8 +112,9 @@ class Training:
         object.__setattr__(self, "methods", _method_settings(self.methods))
 
     def settings_of(self, method: str) -> Any:
-        """The settings of recovery method ``method`` (its ``training.<method>`` section)."""
-        return self.methods[method]
+        """The settings of recovery method ``method`` (its ``training.<method>`` section; None for a method
+        that has none)."""
+        return self.methods.get(method)
 
     @classmethod
     def from_dict(cls, data: Any, key: str = "training") -> Training:
