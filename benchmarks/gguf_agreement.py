@@ -17,7 +17,7 @@ from pathlib import Path
 from common import machine, write_result
 
 from transact.deploy import llamacpp
-from transact.deploy.gguf import TOLERANCE, compare_predictions
+from transact.deploy.agreement import TOLERANCE, compare_predictions
 from transact.io.models import load_model, prepare_model
 
 

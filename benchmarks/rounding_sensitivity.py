@@ -16,7 +16,7 @@ import copy
 import torch
 from common import machine, write_result
 
-from transact.deploy.gguf import VERIFY_PROMPTS
+from transact.deploy.agreement import VERIFY_PROMPTS
 from transact.io.models import load_model, prepare_model
 
 

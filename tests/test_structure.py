@@ -323,3 +323,28 @@ def test_functions_are_short():
             for p in SRC.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60]
     assert long == []
+
+
+def test_former_import_paths_still_work():
+    """Names users may hold from before the jobs moved are the jobs' own (or keep their former signatures)."""
+    import inspect
+
+    import transact.api
+    import transact.deploy.gguf
+    import transact.jobs.bench
+    import transact.jobs.eval
+    import transact.jobs.export
+    import transact.jobs.prune
+    import transact.jobs.prune_layerwise
+    import transact.layerwise_prune
+    import transact.measure.jobs
+    import transact.recovery.loop
+
+    assert transact.api.run_prune is transact.jobs.prune.run is transact.run_prune
+    assert transact.layerwise_prune.run_layerwise_prune is transact.jobs.prune_layerwise.run
+    assert transact.measure.jobs.run_eval is transact.jobs.eval.run is transact.run_eval
+    assert transact.measure.jobs.run_bench is transact.jobs.bench.run
+    assert transact.deploy.gguf.run_gguf_export is transact.jobs.export.run
+    assert list(inspect.signature(transact.recovery.loop.run).parameters) == ["recipe", "resume", "progress"]
+    assert list(inspect.signature(transact.recovery.loop.teach).parameters) == ["recipe", "k", "processes", "resume",
+                                                                                "progress"]
