@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from transact.measure import jobs
+from transact.measure import records
 from transact.version import library_versions
 
 
 def machine() -> dict:
     """The machine (as ``transact`` reports it) and the library versions."""
-    return {**jobs.machine(), **library_versions()}
+    return {**records.machine(), **library_versions()}
 
 
 def child_row(argv: list[str]) -> dict:

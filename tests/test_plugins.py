@@ -143,7 +143,8 @@ def test_an_option_no_chosen_plug_in_takes_is_refused(tmp_path, corpus, capsys):
     base, calib = saved_model_and_text(tmp_path, "llama", corpus)
     common = ["prune", str(base), "--out", str(tmp_path / "x"), "--heads", "2", "--calib", str(calib), "--quiet"]
     assert main([*common, "--metric", "flap", "--alpha", "0.3"]) == 2
-    assert "--alpha is an option of metric 'transact'; this prune uses metric 'flap'" in capsys.readouterr().err
+    assert ("--alpha is an option of metric 'transact_residual' and metric 'transact'; this prune uses metric "
+            "'flap'") in capsys.readouterr().err
     assert main([*common, "--no-reconstruct", "--damp", "0.1"]) == 2
     assert "--damp is an option of corrector 'refit'" in capsys.readouterr().err
     assert main([*common, "--no-reconstruct", "--correct", "refit"]) == 2
@@ -186,7 +187,7 @@ def test_the_prune_section_and_the_keys_it_replaces(workdir):
     legacy = {k: v for k, v in data.items() if k != "prune"} | {
         "calibration": {**data["prune"]["calibration"], "seed": 3}, "metric": "transact", "alpha": 0.2,
         "damp": 0.05}
-    new = data | {"prune": data["prune"] | {"seed": 3, "metric_options": {"alpha": 0.2},
+    new = data | {"prune": data["prune"] | {"seed": 3, "metric": "transact", "metric_options": {"alpha": 0.2},
                                             "corrector_options": {"refit": {"damp": 0.05}}}}
     assert RunRecipe.from_dict(legacy) == RunRecipe.from_dict(new)
     assert RunRecipe.from_dict(RunRecipe.from_dict(legacy).to_json()) == RunRecipe.from_dict(new)

@@ -13,7 +13,7 @@ from transact.arch import ExpertParts, get_adapter, shape_of
 from transact.cli import main
 from transact.core.calibrate import collect_statistics
 from transact.core.correct.refit import gram, refit_columns
-from transact.core.metrics import metric_names, no_heads
+from transact.core.metrics import get_metric, metric_names, no_heads
 from transact.core.select import make_plan
 from transact.core.step import apply_step
 from transact.core.targets import Targets
@@ -139,8 +139,8 @@ def test_recipe_rules():
     assert recipe.needs_calibration and recipe.statistics == ("gram",)  # a data-free metric still calibrates
 
 
-# refit_aware shares the refit's damping, so --damp moves its selection; every other metric's is the same
-@pytest.mark.parametrize("metric", [name for name in metric_names() if name != "refit_aware"])
+# a corrector-aware metric scores what the refit leaves, so the refit moves its selection; the others' is the same
+@pytest.mark.parametrize("metric", [name for name in metric_names() if not get_metric(name).corrector_aware])
 def test_reconstruct_from_the_command_line_with_every_metric(tmp_path, corpus, capsys, metric):
     base, calib = saved_model_and_text(tmp_path, "qwen2", corpus)  # a family that cannot carry FLAP's biases
     args = ["--heads", "2", "--kv-heads", "1", "--mlp", "48", "--metric", metric, "--calib", str(calib),

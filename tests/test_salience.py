@@ -118,7 +118,7 @@ def test_recipe_rejects_bad_fields():
         resolve_targets(PruneRecipe(), ModelShape("llama", 2, 64, 4, 2, 16, 96))
     with pytest.raises(TransactError, match="metric"):
         PruneRecipe(heads=2, metric="taylorish")
-    with pytest.raises(TransactError, match=r"metric 'transact': option 'alpha' must be >= 0.0, got -1.0"):
+    with pytest.raises(TransactError, match=r"metric 'transact_residual': option 'alpha' must be >= 0.0, got -1.0"):
         PruneRecipe(heads=2, metric_options={"alpha": -1.0})
 
 

@@ -94,9 +94,8 @@ def test_benchmarks_step_equals_the_cli_step(corpus):
     plan_b = prune_step(b, tok, recipe, texts=corpus, progress=False)
     assert plan_a == plan_b and plan_a.corrections == [{"name": "flap_bias"}]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    only_sum_sq = gather_statistics(base, tok, PruneRecipe(heads=2, calibration=recipe.calibration, correctors=()),
-                                    texts=corpus,
-                                    progress=False)
+    eq5_only = PruneRecipe(heads=2, metric="transact", calibration=recipe.calibration, correctors=())
+    only_sum_sq = gather_statistics(base, tok, eq5_only, texts=corpus, progress=False)
     with pytest.raises(TransactError, match="lack sum"):
         prune_step(copy.deepcopy(base), None, recipe, statistics=only_sum_sq)
 

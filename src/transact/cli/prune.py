@@ -56,9 +56,9 @@ def _prune_parser(sub) -> None:
                    help="one decoder layer in memory at a time, its weights read lazily from the safetensors files "
                    "and the output written shard by shard (for models larger than memory; see transact info)")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --layerwise: calibrate each layer on what the already-pruned layers produce (the "
-                   "default); --no-sequential: on the dense model's activations, the same statistics and result as "
-                   "without --layerwise")
+                   help="with --layerwise: calibrate each layer on what the already-pruned layers produce; "
+                   "--no-sequential (the default): on the dense model's activations, the same statistics and result "
+                   "as without --layerwise")
     p.add_argument("--resume", action="store_true",
                    help="with --layerwise: continue an interrupted run from its last finished layer")
     tokens, window = default(HeldoutText, "tokens"), default(HeldoutText, "window")

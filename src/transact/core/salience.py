@@ -5,6 +5,10 @@ Shapes: A = num_heads * head_dim (the o_proj input width), P = intermediate_size
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Callable
+
 import torch
 
 
@@ -178,3 +182,69 @@ def _unit_removal_errors(w: torch.Tensor, hinv: torch.Tensor, blocks: torch.Tens
     eye = torch.eye(unit, dtype=hinv.dtype)
     solved = torch.linalg.solve(diag_blocks + 1e-12 * eye, w_units.transpose(1, 2))  # (units, unit, out)
     return torch.einsum("uod,udo->u", w_units, solved)
+
+
+# ---------------------------------------------------------------- what a correction leaves
+
+
+class ConsumerError:
+    """The output error of a consumer (o_proj) that keeps only some of its input channels, summed over the
+    calibration tokens: E(S) = sum_t |W x_t - Ŵ_S x_t,S|², for the correction that follows the slicing.
+
+    - ``"refit"`` (damp = the refit's relative damping): Ŵ_S is the damped least-squares refit,
+      Ŵ_S = (W G_{:,S} + λ W_S)(G_SS + λ I)⁻¹ with λ = damp · mean(diag G_SS), the same solution as
+      ``transact.core.correct.refit.refit_columns``; then E = tr(W G Wᵀ) - 2⟨Ŵ_S, (W G)_S⟩ + ⟨Ŵ_S G_SS, Ŵ_S⟩.
+    - ``"mean"``: the removed channels' mean output is added back as a bias (FLAP's compensation), so only
+      their fluctuation is lost: E = tr(W_R G_RR W_Rᵀ) - T |W_R μ_R|² (``mean``: μ, the channels' mean).
+    - ``"none"``: slicing alone, E = tr(W_R G_RR W_Rᵀ).
+
+    weight: (out, C); gram: (C, C) sum over tokens of x xᵀ; kept: channel indices. Computed in fp64.
+    """
+
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor, correction: str, *, damp: float = 0.0,
+                 mean: torch.Tensor | None = None, tokens: int = 0) -> None:
+        if correction not in ("refit", "mean", "none"):
+            raise ValueError(f"unknown correction {correction!r}")
+        self.w = weight.detach().cpu().double()  # (out, C)
+        self.g = gram.detach().cpu().double()  # (C, C)
+        self.correction, self.damp = correction, damp
+        self.shift = None if mean is None else self.w * mean.detach().cpu().double() * math.sqrt(tokens)  # (out, C)
+        if correction == "refit":
+            self.wg = self.w @ self.g  # (out, C)
+            self.total = float((self.wg * self.w).sum())
+
+    def __call__(self, kept: torch.Tensor) -> float:
+        keep = torch.zeros(self.g.shape[0], dtype=torch.bool)
+        keep[kept] = True
+        if self.correction != "refit":
+            w_r = self.w[:, ~keep]
+            error = float(((w_r @ self.g[~keep][:, ~keep]) * w_r).sum())
+            if self.correction == "mean":
+                error -= float(self.shift[:, ~keep].sum(1).square().sum())
+            return error
+        g_ss = self.g[keep][:, keep]  # (S, S)
+        w_s, wg_s = self.w[:, keep], self.wg[:, keep]  # (out, S)
+        damping = self.damp * g_ss.diagonal().mean()
+        damped = g_ss + damping * torch.eye(g_ss.shape[0], dtype=g_ss.dtype)
+        rhs = (wg_s + damping * w_s).T  # (S, out)
+        factor, info = torch.linalg.cholesky_ex(damped)  # as the refit solves: least squares where singular
+        solved = torch.cholesky_solve(rhs, factor) if info.item() == 0 else \
+            torch.linalg.lstsq(damped, rhs, driver="gelsd").solution
+        refitted = solved.T  # (out, S), Ŵ_S
+        return self.total - 2 * float((refitted * wg_s).sum()) + float(((refitted @ g_ss) * refitted).sum())
+
+
+# exact enumeration of the KV-group sets up to this many; greedy removal beyond
+EXACT_GROUP_SETS = 70
+
+
+def least_error_groups(error: Callable[[list[int]], float], num_groups: int, keep: int) -> list[int]:
+    """The ``keep`` of ``num_groups`` KV groups whose keeping leaves the least ``error(groups)`` (ascending):
+    every set where there are at most ``EXACT_GROUP_SETS`` of them, else removing one group at a time, each
+    time the one whose loss adds the least."""
+    if math.comb(num_groups, keep) <= EXACT_GROUP_SETS:
+        return list(min(itertools.combinations(range(num_groups), keep), key=lambda groups: error(list(groups))))
+    kept = list(range(num_groups))
+    while len(kept) > keep:
+        kept.remove(min(kept, key=lambda g: error([k for k in kept if k != g])))
+    return kept

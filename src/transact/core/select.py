@@ -39,24 +39,26 @@ def _top_sorted(scores: Sequence[float], k: int) -> list[int]:
 
 
 def select_heads(
-    head_scores: torch.Tensor, num_kv_heads: int, keep_heads: int, keep_kv: int
+    head_scores: torch.Tensor, num_kv_heads: int, keep_heads: int, keep_kv: int,
+    group_scores: torch.Tensor | None = None,
 ) -> tuple[list[int], list[int]]:
     """Pick kept query heads and KV groups of one layer (see the module docstring for the GQA rule).
 
-    head_scores: (num_heads,) -> (kept query heads, kept KV groups), both ascending.
+    head_scores: (num_heads,); group_scores: (num_kv_heads,) where the metric ranks the groups itself (None:
+    each group scores the sum of the heads it would keep) -> (kept query heads, kept KV groups), ascending.
     """
     scores = head_scores.tolist()
     g = len(scores) // num_kv_heads
     per_group = keep_heads // keep_kv
     best_in_group: list[list[int]] = []
-    group_scores: list[float] = []
+    group_sums: list[float] = []
     for group in range(num_kv_heads):
         members = list(range(group * g, (group + 1) * g))
         local = _top_sorted([scores[h] for h in members], per_group)
         chosen = [members[i] for i in local]
         best_in_group.append(chosen)
-        group_scores.append(sum(scores[h] for h in chosen))
-    groups = _top_sorted(group_scores, keep_kv)
+        group_sums.append(sum(scores[h] for h in chosen))
+    groups = _top_sorted(group_sums if group_scores is None else group_scores.tolist(), keep_kv)
     heads = [h for group in groups for h in best_in_group[group]]
     return heads, groups
 
@@ -82,18 +84,21 @@ def make_plan(
     shape: ModelShape,
     expert_scores: Sequence[torch.Tensor] | None = None,
     shared_scores: Sequence[torch.Tensor] | None = None,
+    group_scores: Sequence[torch.Tensor] | None = None,
     **provenance: Any,
 ) -> PrunePlan:
     """Select per layer. head_scores[l]: (num_heads,) ((0,) in a layer without attention),
     mlp_scores[l]: (intermediate_size,), in a mixture of experts (num_experts, intermediate_size) with
-    expert_scores[l]: (num_experts,) and, where there is a shared expert, shared_scores[l]: (its width,)."""
+    expert_scores[l]: (num_experts,) and, where there is a shared expert, shared_scores[l]: (its width,);
+    group_scores[l]: (num_kv_heads,) where the metric ranks KV groups itself."""
     if shape.is_moe and expert_scores is None:
         raise TransactError("a mixture of experts needs scores of its experts")
     if shape.shared_expert_size is not None and shared_scores is None:
         raise TransactError("a model with a shared expert needs scores of its channels")
     layers = []
     for i, (h_scores, m_scores) in enumerate(zip(head_scores, mlp_scores, strict=True)):
-        heads, groups = (select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads)
+        ranked = None if group_scores is None else group_scores[i]
+        heads, groups = (select_heads(h_scores, shape.num_kv_heads, targets.heads, targets.kv_heads, ranked)
                          if h_scores.numel() else ([], []))
         if shape.is_moe:
             experts, channels = select_experts(expert_scores[i], m_scores, targets.experts, targets.mlp)

@@ -83,7 +83,7 @@ def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targ
     if missing:
         raise TransactError(f"the given statistics lack {', '.join(missing)}, which this recipe needs")
     scores = get_metric(recipe.metric).score(model, statistics, shape, recipe)
-    plan = make_plan(scores.heads, scores.mlp, targets, shape, scores.experts, scores.shared,
+    plan = make_plan(scores.heads, scores.mlp, targets, shape, scores.experts, scores.shared, scores.groups,
                      recipe={**(note or {}), **recipe.to_json()},
                      calibration_hash=statistics.calibration_hash, versions=library_versions())
     routed = statistics.activations.experts.get("tokens") if statistics.activations is not None else None

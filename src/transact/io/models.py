@@ -52,8 +52,8 @@ class ModelSource:
 
 def resolve_source(spec: str | Path) -> ModelSource:
     spec = str(spec)
-    if spec == assets.SMOLLM2:
-        return ModelSource(spec, str(smollm2_dir()))
+    if spec.startswith(assets.BUILTIN):
+        return ModelSource(spec, str(builtin_dir(spec)))
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -68,18 +68,23 @@ def resolve_source(spec: str | Path) -> ModelSource:
     return ModelSource(spec, spec)  # a hub id
 
 
-def smollm2_dir() -> Path:
-    """The fp32 Hugging Face copy of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
-    target = assets.cache_dir() / "smollm2-135m-instruct-fp32"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+def builtin_dir(spec: str) -> Path:
+    """The fp32 Hugging Face copy of a built-in model (``builtin:NAME``), converted from its packaged GGUF on
+    first use (the parts joined in a staging directory, dequantized, saved; nothing is left half-written)."""
+    model_info = assets.builtin_model(spec)
+    target = assets.cache_dir() / model_info.cache_name
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = assets.smollm2_gguf()
-    try:
-        model, tokenizer = load_gguf(gguf)
-    except Exception as e:  # the GGUF reader and transformers raise their own types
-        raise TransactError(f"could not read {gguf}: {_first_line(e)}") from None
+    parts = assets.gguf_parts(model_info)
     tmp = staging_dir(target)
     try:
+        gguf = parts[0] if len(parts) == 1 else _joined(parts, tmp / "joined.gguf")
+        try:
+            model, tokenizer = load_gguf(gguf)
+        except Exception as e:  # the GGUF reader and transformers raise their own types
+            raise TransactError(f"could not read {gguf}: {_first_line(e)}") from None
+        if gguf.parent == tmp:
+            gguf.unlink()  # the joined file is no part of the checkpoint
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():
@@ -88,6 +93,20 @@ def smollm2_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _joined(parts: list[Path], out: Path) -> Path:
+    """The parts of a split file, concatenated in order into ``out``."""
+    with open(out, "wb") as joined:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, joined, length=16 * 2**20)
+    return out
+
+
+def smollm2_dir() -> Path:
+    """The fp32 Hugging Face copy of SmolLM2-135M-Instruct (``builtin:smollm2``)."""
+    return builtin_dir(assets.SMOLLM2)
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:

@@ -84,7 +84,10 @@ class PruneRecipe:
     mlp: Width | None = None
     experts: Width | None = None
     gate_weighted: bool = True
-    metric: str = "transact"
+    # eq. 5 for heads and channels with KV groups kept by what the correction leaves: eq. 5's own group choice
+    # was worse than random on Qwen2.5-Coder-0.5B once refitted (docs/results.md, "Quality that transfers");
+    # the paper's eq. 5 alone is metric "transact".
+    metric: str = "transact_residual"
     metric_options: Any = None
     seed: int = 0
     calibration: Calibration = field(default_factory=Calibration)

@@ -64,6 +64,8 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, 
     g = gram.cpu()
     keep = torch.zeros(g.shape[0], dtype=torch.bool)
     keep[kept.cpu()] = True
+    if keep.all():  # nothing removed, nothing to recover (the solve would add exactly zero)
+        return weight.detach().cpu().clone()
     # Only the blocks the solve needs are taken to fp64 (never the whole C x C matrix): the peak is the fp32
     # Gram matrix plus two |S| x |S| fp64 matrices (the damped block and its factor).
     a = g[keep][:, keep].double()  # G_SS, damped in place below

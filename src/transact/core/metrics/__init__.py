@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 class LayerScores:
     """Per-layer unit scores (higher = more important): heads[l] (num_heads,), mlp[l] (intermediate_size,);
     in a mixture of experts mlp[l] (num_experts, intermediate_size) and experts[l] (num_experts,), and where
-    it has a shared expert shared[l] (its width,)."""
+    it has a shared expert shared[l] (its width,). ``groups[l]`` (num_kv_heads,), where a metric scores KV
+    groups itself, ranks the groups (else a group scores the sum of the heads it would keep)."""
 
     heads: list[torch.Tensor]
     mlp: list[torch.Tensor]
     experts: list[torch.Tensor] | None = None
     shared: list[torch.Tensor] | None = None
+    groups: list[torch.Tensor] | None = None
 
 
 def no_heads() -> torch.Tensor:
@@ -54,7 +56,9 @@ class Metric:
     of the metric's own options (``transact.options``: help and bounds on its fields; the recipe holds a
     value of it as ``metric_options``, and ``transact prune`` offers a flag per field); ``summary`` is its
     one-line description in the CLI help; ``experts``: it scores the experts and expert channels of a mixture
-    of experts (other metrics are refused on such models before any work).
+    of experts (other metrics are refused on such models before any work); ``corrector_aware``: its choice
+    depends on the correctors that follow it (it scores what they leave), so the same metric may select other
+    units with and without the refit.
     """
 
     name: str
@@ -63,13 +67,14 @@ class Metric:
     statistics: tuple[str, ...] = ()
     options: type = NoOptions
     experts: bool = False
+    corrector_aware: bool = False
 
     @property
     def data_free(self) -> bool:
         return not self.statistics
 
 
-METRICS: Registry[Metric] = Registry("metric", __name__, key=lambda metric: metric.name, first="transact")
+METRICS: Registry[Metric] = Registry("metric", __name__, key=lambda metric: metric.name, first="transact_residual")
 register_metric = METRICS.register
 get_metric = METRICS.get
 metric_names = METRICS.names  # the default (transact) first

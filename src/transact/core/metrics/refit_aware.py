@@ -31,4 +31,4 @@ def refit_aware_scores(model, stats, shape, recipe) -> LayerScores:
 METRIC = register_metric(Metric(
     "refit_aware", "units ranked by the output error the least-squares refit leaves when they are removed "
     "greedily (optimal-brain-surgeon steps on the Gram matrix; pair with --reconstruct)",
-    refit_aware_scores, statistics=("gram",)))
+    refit_aware_scores, statistics=("gram",), corrector_aware=True))
