@@ -52,7 +52,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--widths", nargs="+", help="heads/kv/mlp (default: the model's mild/medium/severe set)")
-    ap.add_argument("--metrics", nargs="+", default=None, help="default: every registered metric")
+    ap.add_argument("--metrics", nargs="+", default=None,
+                    help="default: every registered metric; NAME:OPTION=VALUE,... measures one with options")
     ap.add_argument("--plain-metrics", nargs="*", default=None, metavar="METRIC",
                     help="the metrics also measured without a corrector (default: every one)")
     ap.add_argument("--bias-metrics", nargs="*", default=None, metavar="METRIC",
@@ -81,10 +82,14 @@ def widths_of(args) -> list[tuple[str, str]]:
 
 
 def recipe_for(width: str, metric: str, correctors: tuple, calibration: Calibration, damp=None) -> PruneRecipe:
+    """``metric`` is a metric's name, or name:option=value,... for one of its options (e.g.
+    transact_residual:mlp_score=consumer_error)."""
     heads, kv, mlp = (int(v) for v in width.split("/"))
     options = {"refit": {"damp": damp}} if damp is not None else {}
-    return PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp, metric=metric, correctors=correctors,
-                       corrector_options=options, calibration=calibration)
+    name, _, given = metric.partition(":")
+    metric_options = dict(pair.split("=", 1) for pair in given.split(",")) if given else None
+    return PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp, metric=name, metric_options=metric_options,
+                       correctors=correctors, corrector_options=options, calibration=calibration)
 
 
 def variants(args, dense) -> list[dict]:

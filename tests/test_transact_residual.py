@@ -8,12 +8,15 @@ import json
 
 import pytest
 import torch
-from tiny import saved_model_and_text
+from tiny import VOCAB, saved_model_and_text, tiny_model
 
+from transact.arch import get_adapter
 from transact.cli import main
 from transact.core import salience
-from transact.core.correct.refit import refit_columns
+from transact.core.calibrate import collect_statistics
+from transact.core.correct.refit import damp_for, refit_columns
 from transact.core.select import select_heads
+from transact.core.step import plan_step
 from transact.errors import TransactError
 from transact.recipes import PruneRecipe
 
@@ -99,3 +102,70 @@ def test_transact_residual_end_to_end_and_its_choice_depends_on_the_correction(t
     assert all(len(layer["kv_heads"]) == 1 for layer in plans["refit"]["layers"])
     with pytest.raises(TransactError, match="alpha"):
         PruneRecipe(heads=2, metric="transact_residual", metric_options={"alpha": -1})
+
+
+def test_refit_removal_errors_equal_the_error_each_removal_leaves():
+    """Each channel's error is what ``ConsumerError`` measures with every other channel kept and refitted."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 7, generator=gen, dtype=torch.float64) + torch.tensor([2.0, 0, 0, 0, 1, 0, 0])  # (T, C)
+    w = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    gram = x.T @ x
+    errors = salience.refit_removal_errors(w, gram, 0.0)
+    for channel in range(7):
+        kept = torch.tensor([c for c in range(7) if c != channel])
+        assert float(errors[channel]) == pytest.approx(salience.ConsumerError(w, gram, "refit", damp=0.0)(kept),
+                                                       rel=1e-6)
+    assert gram.dtype == torch.float64 and torch.equal(gram, x.T @ x)  # the statistics are not damped in place
+
+
+def test_a_large_channel_the_others_rebuild_costs_less_than_a_small_one_they_cannot():
+    """Channel 2 is 5 x channel 0 (eq. 5: norm 5x channel 0's, the largest); channel 1 is small and
+    independent. Removing channel 2, the refit moves its weight onto channel 0: error ~0. Removing channel 1
+    loses the part of its output channel 0 cannot explain: |w_1|² (Σ x_1² - (x_0·x_1)² / Σ x_0²) =
+    1 - 1.25² / 6.25 = 0.75. So the refit-aware ranking keeps channel 1."""
+    x0 = torch.tensor([1.0, -1.0, 2.0, 0.5], dtype=torch.float64)
+    x1 = torch.tensor([0.5, 0.5, -0.5, -0.5], dtype=torch.float64)
+    x = torch.stack([x0, x1, 5 * x0], dim=1)  # (T=4, C=3)
+    w = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)  # down_proj with one output
+    errors = salience.refit_removal_errors(w, x.T @ x, 0.0)
+    assert float(errors[2]) < 1e-4  # 0 up to the damping floor (1e-8 relative) that keeps H invertible
+    assert float(errors[1]) == pytest.approx(0.75, rel=1e-6)
+    eq5 = salience.mlp_salience(salience.channel_norms((x * x).sum(0)))
+    assert int(eq5.argmin()) == 1 and int(errors.argmax()) == 1
+    assert salience.refit_removal_errors(w, torch.zeros(3, 3), 0.01).tolist() == [0.0, 0.0, 0.0]  # never fired
+
+
+def _mlp_channels(plan) -> list[list[int]]:
+    return [sorted(layer.mlp) for layer in plan.layers]
+
+
+def test_mlp_score_consumer_error_ranks_channels_by_the_error_their_removal_leaves():
+    """``mlp_score="consumer_error"``: under the refit each layer keeps the channels whose single removal costs
+    most after the refit; with slicing alone, those carrying most output (Σ x² · |W_:,j|²). The default (eq5)
+    keeps the largest activation norms. On this model the three choices differ, so a wrong branch shows."""
+    model = tiny_model("qwen2", heads=4, kv_heads=2, mlp=48)
+    x = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(model, x, ("sum_sq", "sum", "gram"), progress=False)
+    downs = [ffn.down.weight for _, ffn in get_adapter(model).layer_parts(model)]
+    sum_sq, grams = stats.activation("mlp", "sum_sq"), stats.activation("mlp", "gram")
+
+    def top(scores: list[torch.Tensor]) -> list[list[int]]:
+        return [sorted(s.topk(32).indices.tolist()) for s in scores]
+
+    refit = top([salience.refit_removal_errors(w, g, damp_for(stats)) for w, g in zip(downs, grams, strict=True)])
+    sliced = top([s.double() * w.double().square().sum(0) for w, s in zip(downs, sum_sq, strict=True)])
+    eq5 = top([salience.channel_norms(s) for s in sum_sq])
+
+    def chosen(correctors: tuple, mlp_score: str | None) -> list[list[int]]:
+        options = {"mlp_score": mlp_score} if mlp_score else None
+        recipe = PruneRecipe(heads=4, kv_heads=2, mlp=32, metric="transact_residual", correctors=correctors,
+                             metric_options=options)
+        plan, _ = plan_step(model, None, recipe, statistics=stats, progress=False)
+        return [sorted(layer.mlp) for layer in plan.layers]
+
+    assert len({str(refit), str(sliced), str(eq5)}) == 3
+    assert chosen(("refit",), "consumer_error") == refit
+    assert chosen((), "consumer_error") == sliced
+    assert chosen(("refit",), None) == chosen((), None) == eq5  # the default: eq. 5 whatever the correction
+    with pytest.raises(TransactError, match="mlp_score"):
+        PruneRecipe(heads=2, metric="transact_residual", metric_options={"mlp_score": "obs"})

@@ -137,6 +137,33 @@ def taylor_channel_scores(gate: torch.Tensor | None, up: torch.Tensor, down: tor
     return scores if gate is None else scores + gate.double().sum(dim=1)
 
 
+def refit_removal_errors(weight: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """The output error E|W x - Ŵ x'|² (summed over the calibration tokens) that removing each input channel
+    alone leaves once the other columns are refitted by damped least squares: the optimal-brain-surgeon
+    saliency |W_:,j|² / [H⁻¹]_jj with H = gram + damp · mean(diag gram) · I. A channel the others can
+    rebuild costs little however large its activations; a channel that never fires costs nothing.
+
+    weight: (out, C) consumer (down_proj); gram: (C, C) Gram matrix of its input -> (C,) fp64 errors.
+    H⁻¹ as ``damped_inverse`` computes it.
+    """
+    if float(gram.diagonal().mean()) <= 0:  # no calibration token reached these channels: nothing carried, nothing lost
+        return torch.zeros(gram.shape[0], dtype=torch.float64)
+    return weight.detach().cpu().double().square().sum(dim=0) / damped_inverse(gram, damp).diagonal()
+
+
+def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """(C, C) fp64 inverse of H = gram + damp · mean(diag gram) · I, the damping at least 1e-8 (relative) so
+    that a singular Gram matrix still has one; the peak is two C x C fp64 matrices (the factor, the inverse).
+    A matrix not positive definite even damped (corrupt statistics) is an error, never a guess."""
+    h = gram.detach().cpu().to(torch.float64, copy=True)  # damped in place; the statistics stay as they are
+    h.diagonal().add_(max(damp, 1e-8) * float(h.diagonal().mean()))
+    factor, info = torch.linalg.cholesky_ex(h)
+    del h
+    if info.item() != 0:
+        raise ValueError("the damped Gram matrix is not positive definite; calibrate again or raise the damping")
+    return torch.cholesky_inverse(factor)
+
+
 def refit_removal_order(weight: torch.Tensor, gram: torch.Tensor, unit: int, damp: float,
                         remove: int | None = None) -> torch.Tensor:
     """Scores of a consumer's input units (blocks of ``unit`` consecutive channels: a head's head_dim, or
@@ -152,9 +179,7 @@ def refit_removal_order(weight: torch.Tensor, gram: torch.Tensor, unit: int, dam
     channels = gram.shape[0]
     units = channels // unit
     remove = units if remove is None else min(remove, units)
-    h = gram.detach().cpu().double().clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    hinv = damped_inverse(gram, damp)
     w = weight.detach().cpu().double().clone()  # (out, C)
     scores = torch.full((units,), float(units))
     alive = torch.ones(units, dtype=torch.bool)

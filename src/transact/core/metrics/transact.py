@@ -16,11 +16,13 @@ from transact.core.metrics import LayerScores, Metric, register_metric
 from transact.errors import TransactError
 from transact.options import check_options, option
 
+ALPHA_HELP = ("outlier weight in eq. 5: a head's salience is the mean of its channels' norms + alpha x their max "
+              "(default 10/head_dim, the authors' setting)")
+
 
 @dataclass(frozen=True)
 class TransactOptions:
-    alpha: float | None = option(None, "outlier weight in eq. 5: a head's salience is the mean of its channels' "
-                                 "norms + alpha x their max (default 10/head_dim, the authors' setting)", low=0.0)
+    alpha: float | None = option(None, ALPHA_HELP, low=0.0)
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -9,9 +9,17 @@ o_proj's input (``salience.ConsumerError``), every set of groups compared where 
 Why: eq. 5 ranks a group by the L2 norm of its heads' outputs, blind to o_proj's columns and to what the
 refit can rebuild. On Qwen2.5-Coder-0.5B it kept the KV group whose removal the refit repairs worse in about
 half of the layers (docs/results.md, "Quality that transfers"). Where every group stays, the metric is eq. 5.
+
+The option ``mlp_score="consumer_error"`` ranks dense MLP channels the same way, one channel at a time: by
+the down_proj output error removing it alone leaves after the correction (under the refit the
+optimal-brain-surgeon saliency, ``salience.refit_removal_errors``). It is not the default because it won on
+one of the three real models and lost on the other two (docs/results.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -19,8 +27,9 @@ from transact.arch import get_adapter
 from transact.core import salience
 from transact.core.correct.refit import damp_for
 from transact.core.metrics import LayerScores, Metric, register_metric
-from transact.core.metrics.transact import TransactOptions, transact_scores
+from transact.core.metrics.transact import ALPHA_HELP, transact_scores
 from transact.core.targets import resolve_targets
+from transact.options import check_options, option
 
 
 def correction_of(stats, recipe) -> dict:
@@ -52,14 +61,54 @@ def group_scores(attn, gram: torch.Tensor, mean: torch.Tensor | None, heads: tor
     return scores
 
 
+@dataclass(frozen=True)
+class TransactResidualOptions:
+    alpha: float | None = option(None, ALPHA_HELP, low=0.0)
+    mlp_score: Literal["eq5", "consumer_error"] = option(
+        "eq5", "how dense MLP channels are ranked: eq5 (the channel's activation norm, paper eq. 5) or "
+        "consumer_error (the down_proj output error removing the channel alone leaves after the recipe's "
+        "correction: the refit's least-squares error, FLAP's fluctuation, or all it carried); consumer_error "
+        "measured better on Qwen2.5-Coder-0.5B at 4 of 5 widths, worse on SmolLM2-135M and Gemma-3-270M "
+        "(docs/results.md); experts' channels keep eq. 5")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def mlp_channel_errors(down: torch.Tensor, layer: int, stats, correction: dict) -> torch.Tensor:
+    """(intermediate_size,) the output error of down_proj (weight ``down``, (H, P)) that removing each channel
+    alone leaves after the correction: the refit's (``salience.refit_removal_errors``), FLAP's mean
+    compensation's (the channel's fluctuation through its column), or slicing's (all the channel carried)."""
+    if correction["correction"] == "refit":
+        return salience.refit_removal_errors(down, stats.activation("mlp", "gram")[layer], correction["damp"])
+    sum_sq = stats.activation("mlp", "sum_sq")[layer]
+    if correction["correction"] == "mean":
+        tokens = stats.activations.tokens
+        variance = salience.channel_variance(stats.activation("mlp", "sum")[layer], sum_sq, tokens)
+        return salience.flap_channel_scores(variance, down.detach().cpu()) * tokens
+    return sum_sq.double() * down.detach().cpu().double().square().sum(dim=0)
+
+
+def mlp_channel_scores(model, stats, shape, recipe, correction: dict, eq5: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's MLP channel scores: ``mlp_channel_errors`` where the recipe's ``mlp_score`` is
+    consumer_error, the model dense and some channel goes; else ``eq5``."""
+    cut = resolve_targets(recipe, shape).mlp < shape.intermediate_size
+    if recipe.metric_options.mlp_score == "eq5" or shape.is_moe or not cut:
+        return eq5
+    return [mlp_channel_errors(ffn.down.weight, i, stats, correction).float()
+            for i, (_, ffn) in enumerate(get_adapter(model).layer_parts(model))]
+
+
 def transact_residual_scores(model, stats, shape, recipe) -> LayerScores:
     scores = transact_scores(model, stats, shape, recipe)
     targets = resolve_targets(recipe, shape)
+    correction = correction_of(stats, recipe)
+    scores = LayerScores(scores.heads, mlp_channel_scores(model, stats, shape, recipe, correction, scores.mlp),
+                         scores.experts, scores.shared)
     if targets.kv_heads == shape.num_kv_heads:  # no group leaves: nothing to choose
         return scores
     grams = stats.activation("attn", "gram")
     sums = stats.activation("attn", "sum")
-    correction = correction_of(stats, recipe)
     groups = []
     for i, (attn, _) in enumerate(get_adapter(model).layer_parts(model)):
         if attn is None:
@@ -72,6 +121,7 @@ def transact_residual_scores(model, stats, shape, recipe) -> LayerScores:
 
 METRIC = register_metric(Metric(
     "transact_residual", "eq. 5 for heads and channels, KV groups kept by the output error the correction "
-    "leaves (refit, bias or none), computed from the Gram matrices (--alpha weights eq. 5's max)",
-    transact_residual_scores, statistics=("sum_sq", "sum", "gram"), options=TransactOptions, experts=True,
+    "leaves (refit, bias or none), computed from the Gram matrices (--alpha weights eq. 5's max; "
+    "--mlp-score consumer_error ranks MLP channels by that error too)",
+    transact_residual_scores, statistics=("sum_sq", "sum", "gram"), options=TransactResidualOptions, experts=True,
     corrector_aware=True))
