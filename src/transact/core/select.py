@@ -38,6 +38,15 @@ def _top_sorted(scores: Sequence[float], k: int) -> list[int]:
     return sorted(order[:k])
 
 
+def best_heads_in_groups(head_scores: torch.Tensor, num_kv_heads: int, per_group: int) -> list[list[int]]:
+    """The ``per_group`` best query heads of each KV group (ascending; ties to the lower index), the heads a
+    group keeps if it stays. head_scores: (num_heads,) -> num_kv_heads lists."""
+    scores = head_scores.tolist()
+    g = len(scores) // num_kv_heads
+    return [[group * g + i for i in _top_sorted(scores[group * g:(group + 1) * g], per_group)]
+            for group in range(num_kv_heads)]
+
+
 def select_heads(
     head_scores: torch.Tensor, num_kv_heads: int, keep_heads: int, keep_kv: int,
     group_scores: torch.Tensor | None = None,
@@ -47,18 +56,11 @@ def select_heads(
     head_scores: (num_heads,); group_scores: (num_kv_heads,) where the metric ranks the groups itself (None:
     each group scores the sum of the heads it would keep) -> (kept query heads, kept KV groups), ascending.
     """
+    best_in_group = best_heads_in_groups(head_scores, num_kv_heads, keep_heads // keep_kv)
     scores = head_scores.tolist()
-    g = len(scores) // num_kv_heads
-    per_group = keep_heads // keep_kv
-    best_in_group: list[list[int]] = []
-    group_sums: list[float] = []
-    for group in range(num_kv_heads):
-        members = list(range(group * g, (group + 1) * g))
-        local = _top_sorted([scores[h] for h in members], per_group)
-        chosen = [members[i] for i in local]
-        best_in_group.append(chosen)
-        group_sums.append(sum(scores[h] for h in chosen))
-    groups = _top_sorted(group_sums if group_scores is None else group_scores.tolist(), keep_kv)
+    ranking = ([sum(scores[h] for h in chosen) for chosen in best_in_group] if group_scores is None
+               else group_scores.tolist())
+    groups = _top_sorted(ranking, keep_kv)
     heads = [h for group in groups for h in best_in_group[group]]
     return heads, groups
 

@@ -28,6 +28,7 @@ from transact.core import salience
 from transact.core.correct.refit import damp_for
 from transact.core.metrics import LayerScores, Metric, register_metric
 from transact.core.metrics.transact import ALPHA_HELP, transact_scores
+from transact.core.select import best_heads_in_groups
 from transact.core.targets import resolve_targets
 from transact.options import check_options, option
 
@@ -45,10 +46,8 @@ def correction_of(stats, recipe) -> dict:
 def group_scores(attn, gram: torch.Tensor, mean: torch.Tensor | None, heads: torch.Tensor, targets,
                  correction: dict) -> torch.Tensor:
     """(num_kv_heads,) scores of one layer's KV groups: 1 for the groups to keep, 0 for the others."""
-    g, head_dim = attn.num_heads // attn.num_kv_heads, attn.head_dim
-    per_group = targets.heads // targets.kv_heads
-    best_in_group = [sorted(sorted(range(k * g, (k + 1) * g), key=lambda h: -float(heads[h]))[:per_group])
-                     for k in range(attn.num_kv_heads)]
+    head_dim = attn.head_dim
+    best_in_group = best_heads_in_groups(heads, attn.num_kv_heads, targets.heads // targets.kv_heads)
     error = salience.ConsumerError(attn.o.weight, gram, **correction,
                                    mean=mean if correction["correction"] == "mean" else None)
 
@@ -89,11 +88,11 @@ def mlp_channel_errors(down: torch.Tensor, layer: int, stats, correction: dict) 
     return sum_sq.double() * down.detach().cpu().double().square().sum(dim=0)
 
 
-def mlp_channel_scores(model, stats, shape, recipe, correction: dict, eq5: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each layer's MLP channel scores: ``mlp_channel_errors`` where the recipe's ``mlp_score`` is
-    consumer_error, the model dense and some channel goes; else ``eq5``."""
-    cut = resolve_targets(recipe, shape).mlp < shape.intermediate_size
-    if recipe.metric_options.mlp_score == "eq5" or shape.is_moe or not cut:
+def mlp_channel_scores(model, stats, shape, targets, mlp_score: str, correction: dict,
+                       eq5: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's MLP channel scores: ``mlp_channel_errors`` where ``mlp_score`` is consumer_error, the model
+    dense and some channel goes; else ``eq5``."""
+    if mlp_score == "eq5" or shape.is_moe or targets.mlp == shape.intermediate_size:
         return eq5
     return [mlp_channel_errors(ffn.down.weight, i, stats, correction).float()
             for i, (_, ffn) in enumerate(get_adapter(model).layer_parts(model))]
@@ -103,8 +102,8 @@ def transact_residual_scores(model, stats, shape, recipe) -> LayerScores:
     scores = transact_scores(model, stats, shape, recipe)
     targets = resolve_targets(recipe, shape)
     correction = correction_of(stats, recipe)
-    scores = LayerScores(scores.heads, mlp_channel_scores(model, stats, shape, recipe, correction, scores.mlp),
-                         scores.experts, scores.shared)
+    mlp = mlp_channel_scores(model, stats, shape, targets, recipe.metric_options.mlp_score, correction, scores.mlp)
+    scores = LayerScores(scores.heads, mlp, scores.experts, scores.shared)
     if targets.kv_heads == shape.num_kv_heads:  # no group leaves: nothing to choose
         return scores
     grams = stats.activation("attn", "gram")
