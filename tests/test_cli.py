@@ -70,6 +70,25 @@ def test_prune_then_apply_plan_is_bit_identical(tmp_path, model_dir, calib_file,
     assert base.config.num_attention_heads == 4
 
 
+def test_prune_tells_which_widths_quantize_and_rounds_them_on_request(tmp_path, model_dir, calib_file, capsys):
+    """Before any work: 2 heads x 16 = 32 fits the 32-block types but not the K-quants, 40 MLP channels fit
+    none; --multiple-of 32 rounds the MLP to 32 and records it in the plan's recipe."""
+    args = [a for a in _prune_args(model_dir, tmp_path / "a", calib_file) if a != "--quiet"]
+    assert main(args) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: llama.cpp: blk.*.attn_output has input width 32, not a multiple of 256: the K-quants store it in "
+        "their fallback type (q4_k_m: Q5_0, q6_k: Q8_0)",
+        "note: llama.cpp: blk.*.ffn_down has input width 40, not a multiple of 32: every quantized type (q8_0, "
+        "q4_0, q4_k_m, ...) stores it in F16",
+        "note: vLLM: 4-bit Marlin kernels need input widths divisible by 128, not so: blk.*.attn_output 32, "
+        "blk.*.ffn_down 40"]
+    assert main(_prune_args(model_dir, tmp_path / "b", calib_file, "--multiple-of", "q4_0")) == 0
+    plan = json.loads((tmp_path / "b" / "plan.json").read_text())
+    assert plan["targets"] == {"heads": 2, "kv_heads": 1, "mlp": 32} and plan["recipe"]["multiple_of"] == 32
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.intermediate_size == 32
+
+
 def test_random_and_magnitude_metrics_need_no_calibration_text_without_the_refit(tmp_path, model_dir):
     for metric in ("random", "magnitude"):
         out = tmp_path / metric

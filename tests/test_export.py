@@ -154,7 +154,11 @@ def test_outputs_get_the_usual_permissions(tmp_path):
         write_json_atomic(tmp_path / "r.json", {"a": 1})
     finally:
         os.umask(umask)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    entries = [out, *out.rglob("*")]
+    assert {"model.safetensors", "plan.json"} <= {e.name for e in entries}  # safetensors itself writes 0600
+    wrong = {e.name: oct(stat.S_IMODE(e.stat().st_mode)) for e in entries
+             if stat.S_IMODE(e.stat().st_mode) != (0o755 if e.is_dir() else 0o644)}
+    assert wrong == {}
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
 

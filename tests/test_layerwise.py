@@ -3,6 +3,8 @@ for every family, sequential statistics, sliding-window layers, resuming an inte
 and refusals before any compute."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,10 @@ def test_layerwise_equals_the_whole_model_path(tmp_path, corpus, family, heads, 
     saved = json.loads((tmp_path / "layered" / "plan.json").read_text())
     assert saved["recipe"]["layerwise"] is True and saved["calibration_hash"] == whole.plan.calibration_hash
     assert not list(tmp_path.glob(".*"))  # no work directory or staging file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "layered").iterdir()}
+    assert modes == {0o666 & ~umask}  # shards, index, config, plan: as a plain open() would make them
 
 
 # every metric that needs no gradient of the whole model's loss (a layer-wise prune never has one)

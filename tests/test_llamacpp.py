@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 import transact.jobs.export
 from transact.cli import main
 from transact.core.surgery import prune_
-from transact.deploy import llamacpp
+from transact.deploy import llamacpp, quantize
 from transact.deploy.gguf import GgufExportJob, compare_predictions, run_gguf_export
 from transact.errors import TransactError
 from transact.io.checkpoint import write_checkpoint
@@ -186,10 +186,14 @@ def test_bad_inputs_fail_before_conversion(tmp_path, gguf_tokenizer, capsys):
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse refuses an unknown --outtype
-        main(["export", str(model_dir), "--gguf", str(tmp_path / "x.gguf"), "--outtype", "q4_k_m"])
+        main(["export", str(model_dir), "--gguf", str(tmp_path / "x.gguf"), "--outtype", "q4_k_z"])
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(TransactError, match="unknown --outtype"):
         GgufExportJob(str(model_dir), str(tmp_path / "x.gguf"), outtype="q3")
+    with pytest.raises(TransactError, match=r"--imatrix guides llama\.cpp's quantizer"):
+        GgufExportJob(str(model_dir), str(tmp_path / "x.gguf"), outtype="f16", imatrix="builtin")
+    with pytest.raises(TransactError, match="does not exist"):
+        GgufExportJob(str(model_dir), str(tmp_path / "x.gguf"), outtype="q4_k_m", imatrix=str(tmp_path / "none.txt"))
     no_tokenizer = tmp_path / "bare"
     shutil.copytree(model_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     assert main(["export", str(no_tokenizer), "--gguf", str(tmp_path / "x.gguf")]) == 2
@@ -210,9 +214,10 @@ def test_converter_download_is_checked(tmp_path, monkeypatch):
             return b"not the release"
 
     monkeypatch.setattr(llamacpp.urllib.request, "urlopen", lambda *a, **k: FakeResponse())
+    monkeypatch.setenv("TRANSACT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(TransactError, match="SHA-256"):
-        llamacpp._fetch_converter(tmp_path / "converter")
-    assert list(tmp_path.iterdir()) == []
+        llamacpp._fetch_converter(tmp_path / "out" / "converter", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing kept of a bad download
 
 
 def test_bench_llamacpp_interleaves_and_compares(tmp_path, gguf_tokenizer):
@@ -249,4 +254,113 @@ def test_bench_llamacpp_bad_inputs(tmp_path):
     with pytest.raises(TransactError, match="unknown engine"):
         BenchJob(models=("x",), engine="vllm")
     with pytest.raises(TransactError, match="--outtype"):
-        BenchJob(models=("x",), engine="llama.cpp", outtypes=("q4_k_m",))
+        BenchJob(models=("x",), engine="llama.cpp", outtypes=("q4_k_z",))
+
+
+def test_quantized_widths_and_their_fallbacks():
+    from transact.arch import ModelShape
+    from transact.deploy import quantize, vllm
+
+    # llama.cpp's rule (llama-quant.cpp): a 256-block type falls back to its 32-block partner, else F16
+    assert [quantize.fallback_of("q4_k_m", w) for w in (1024, 576, 1000)] == ["", "Q5_0", "F16"]
+    assert [quantize.fallback_of("q6_k", 384), quantize.fallback_of("iq4_xs", 384)] == ["Q8_0", "IQ4_NL"]
+    assert [quantize.fallback_of("q4_0", w) for w in (384, 1000)] == ["", "F16"]
+    assert quantize.fallback_of("f16", 1000) == ""
+    smol_pruned = ModelShape("llama", 30, 576, 6, 2, 64, 1000)
+    widths = quantize.matrix_widths(smol_pruned)
+    assert widths == {quantize.HIDDEN_MATRICES: 576, "blk.*.attn_output": 384, "blk.*.ffn_down": 1000}
+    warned = quantize.width_warnings(widths, "q4_k_m")
+    assert [(w.tensor, w.fallback) for w in warned] == [(quantize.HIDDEN_MATRICES, "Q5_0"),
+                                                        ("blk.*.attn_output", "Q5_0"), ("blk.*.ffn_down", "F16")]
+    assert "--multiple-of 256" in str(warned[1]) and "never pruned" in str(warned[0])
+    notes = quantize.fit_notes({"blk.*.attn_output": 384, "blk.*.ffn_down": 1000, "x": 1024})
+    assert len(notes) == 2 and "q4_k_m: Q5_0, q6_k: Q8_0" in notes[0] and "stores it in F16" in notes[1]
+    assert vllm.head_size_note(smol_pruned) is None
+    assert "head_dim 48" in vllm.head_size_note(ModelShape("llama", 2, 96, 2, 2, 48, 64))
+    assert vllm.marlin_note({"a": 384, "b": 1000}) == ("vLLM: 4-bit Marlin kernels need input widths divisible by 128, "
+                                                       "not so: b 1000")
+
+
+def test_multiple_of_takes_a_count_or_a_llamacpp_type():
+    import argparse
+
+    from transact.cli.args import multiple_of
+
+    assert [multiple_of(t) for t in ("q4_k_m", "Q6_K", "q4_0", "q8_0", "64")] == [256, 256, 32, 32, 64]
+    for bad in ("0", "q4_z", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            multiple_of(bad)
+
+
+@pytest.fixture(scope="module")
+def quantizable(tmp_path_factory, gguf_tokenizer):
+    """A tiny pruned Llama whose every matrix takes a 256-block type (hidden 256, heads 4 x 64, MLP 256)."""
+    path = tmp_path_factory.mktemp("quantizable") / "model"
+    model = tiny_model("llama", heads=8, kv_heads=4, hidden=256, mlp=512, vocab_size=VOCAB, head_dim=64)
+    plan = random_plan(model, 4, 2, 256)
+    prune_(model, plan)
+    write_checkpoint(model, gguf_tokenizer, path, plan=plan, report={}, save_dtype=torch.float32)
+    return path, model
+
+
+def test_quantized_export_is_checked_against_the_files_own_weights(tmp_path, quantizable):
+    """q4_k_m through llama.cpp's own quantizer: every matrix Q4_K/Q6_K (no fallback at these widths), llama.cpp
+    agrees with transformers running the file's dequantized weights, and the tensors are within 4-bit rounding
+    of the checkpoint's; guided by an importance matrix it is written as well."""
+    path, _ = quantizable
+    result = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "m.gguf"), "q4_k_m", new_tokens=8,
+                                           progress=False, imatrix="builtin", imatrix_chunks=2))
+    check = result["verification"]
+    assert check["ok"] and check["reference"] == "the file's dequantized weights"
+    assert 0.01 < check["worst_weight_error"] < 0.2  # rounded, but not another tensor
+    assert result["fallbacks"] == [] and result["quantized_from"] == "f32" and result["imatrix_chunks"] == 2
+    assert set(result["summary"]["matrix_types"]) <= {"Q4_K", "Q6_K"} and "Q4_K" in result["summary"]["matrix_types"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no intermediate file left behind
+
+
+def test_a_corrupted_quantized_file_is_refused(tmp_path, quantizable, gguf_tokenizer):
+    """Both halves of the check catch a wrong file: tensors swapped between layers (the weights are no longer
+    the checkpoint's), and a wrong hyper-parameter in the metadata (llama.cpp no longer computes what the
+    weights say)."""
+    from gguf import GGUFReader
+
+    from transact.deploy.agreement import quantized_reference
+
+    path, model = quantizable
+    good = tmp_path / "good.gguf"
+    quantize.write_gguf(path, good, "q4_k_m", progress=False)
+    swapped, renormed = tmp_path / "swapped.gguf", tmp_path / "renormed.gguf"
+    shutil.copy(good, swapped)
+    shutil.copy(good, renormed)
+    reader = GGUFReader(swapped, "r+")
+    up = {t.name: t for t in reader.tensors if t.name.endswith("ffn_up.weight")}
+    first, second = up["blk.0.ffn_up.weight"].data, up["blk.1.ffn_up.weight"].data
+    kept = first.copy()
+    first[...] = second
+    second[...] = kept
+    del reader
+    with pytest.raises(TransactError, match="does not hold this model's weights: 2 tensor"):
+        quantized_reference(swapped, model, "q4_k_m")
+
+    reader = GGUFReader(renormed, "r+")
+    field = reader.get_field("llama.attention.layer_norm_rms_epsilon")
+    field.parts[field.data[0]][...] = 1.0  # the model's norms divide by sqrt(mean square + 1e-6)
+    del reader
+    reference, _ = quantized_reference(renormed, model, "q4_k_m")
+    assert compare_predictions(good, reference, gguf_tokenizer, "q4_k_m", new_tokens=8)["ok"]
+    check = compare_predictions(renormed, reference, gguf_tokenizer, "q4_k_m", new_tokens=8)
+    assert not check["ok"] and check["mean_logprob_diff"] > check["mean_tolerance"]
+
+
+def test_quantizer_tools_refusals(tmp_path, monkeypatch):
+    monkeypatch.setenv(quantize.TOOLS_ENV, str(tmp_path))
+    with pytest.raises(TransactError, match="holds no llama-quantize, llama-imatrix"):
+        quantize.tools_dir(progress=False)
+    monkeypatch.delenv(quantize.TOOLS_ENV)
+    monkeypatch.setenv("TRANSACT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quantize.shutil, "which", lambda name: None)
+    with pytest.raises(TransactError, match="needs cmake and a C\\+\\+ compiler"):
+        quantize.tools_dir(progress=False)
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(TransactError, match=r"not a llama\.cpp quantization type"):
+        quantize.quantize(tmp_path / "in.gguf", tmp_path / "out.gguf", "f16")

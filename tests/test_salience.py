@@ -159,3 +159,30 @@ def test_refit_removal_order_stops_after_the_units_to_remove():
     x = torch.randn(100, 6, generator=gen)
     scores = salience.refit_removal_order(torch.randn(3, 6, generator=gen), x.T @ x, 1, 0.01, remove=2)
     assert sorted(scores.tolist()) == [0.0, 1.0, 6.0, 6.0, 6.0, 6.0]
+
+
+@pytest.mark.parametrize(("heads", "kv", "mlp", "multiple", "expected"), [
+    (6, 2, 1000, 256, Targets(4, 2, 1024)),    # 6 x 64 = 384 is no multiple of 256; 4 x 64 = 512 is
+    (6, 2, 1100, 32, Targets(6, 2, 1088)),     # 384 already is a multiple of 32; 1100 -> 34 x 32
+    (6, 2, 1000, 1, Targets(6, 2, 1000)),      # 1: as asked
+    (None, None, 1000, 256, Targets(9, 3, 1024)),  # unpruned heads stay, though 9 x 64 is no multiple of 256
+    (None, None, 100, 256, Targets(9, 3, 256)),    # at least one multiple
+    (2, 2, None, 256, Targets(4, 2, 1536)),    # the only fitting pair
+    (3, 1, 1500, 128, Targets(2, 1, 1536)),    # 2 and 4 heads tie, (2, 1) keeps the KV heads; 1500 -> 12 x 128
+])
+def test_resolve_targets_rounds_to_a_multiple(heads, kv, mlp, multiple, expected):
+    recipe = PruneRecipe(heads=heads, kv_heads=kv, mlp=mlp, multiple_of=multiple)
+    assert resolve_targets(recipe, SMOL) == expected
+
+
+def test_multiple_of_refusals_and_record():
+    with pytest.raises(TransactError, match=r"multiple of 256 only for head counts that are multiples of 16"):
+        resolve_targets(PruneRecipe(heads=2, multiple_of=256), MHA)  # head_dim 16, 4 heads
+    with pytest.raises(TransactError, match=r"mlp 50: the model's width 96 is less than the multiple 128"):
+        resolve_targets(PruneRecipe(mlp=50, multiple_of=128), MHA)
+    for bad in (0, -32, 1.5, True, "256"):
+        with pytest.raises(TransactError, match="multiple_of must be a positive integer"):
+            PruneRecipe(heads=2, multiple_of=bad)
+    assert "multiple_of" not in PruneRecipe(heads=2).to_json()  # plans without it read as before
+    recipe = PruneRecipe(heads=2, multiple_of=256)
+    assert recipe.to_json()["multiple_of"] == 256 and PruneRecipe.from_json(recipe.to_json()) == recipe

@@ -29,6 +29,23 @@ def width(text: str) -> Width:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def multiple_of(text: str) -> int:
+    """--multiple-of: a positive integer, or a llama.cpp type whose block the widths should fill (q4_k_m: 256)."""
+    from transact.deploy.quantize import QUANT_TYPES, block_of
+
+    name = text.strip().lower()
+    if name in QUANT_TYPES or name == "q8_0":
+        return block_of(name)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or a llama.cpp type ({', '.join(QUANT_TYPES)}, "
+                                         f"q8_0), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def at_least(minimum: int):
     def parse(text: str) -> int:
         try:

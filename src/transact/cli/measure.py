@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from transact.cli.args import MODEL_HELP, add_runtime, csv, default
-from transact.deploy.agreement import TOLERANCE
-from transact.deploy.llamacpp import OUTTYPES
+from transact.deploy.agreement import FILE_WEIGHT_TYPES, TOLERANCE
+from transact.deploy.quantize import OUTTYPES
 from transact.jobs import bench, compare, export
 from transact.jobs import eval as evaluate
 from transact.measure.bench import BenchGrid, parse_int_list
@@ -92,21 +92,31 @@ def _export_parser(sub) -> None:
     p.add_argument("model", help="a Hugging Face model directory (e.g. one 'transact prune' wrote) or builtin:smollm2")
     p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
     outtype = default(export.GgufExportJob, "outtype")
-    p.add_argument("--outtype", default=outtype, choices=OUTTYPES,
-                   help=f"tensor type of the weight matrices (llama.cpp's converter; default {outtype})")
+    p.add_argument("--outtype", default=outtype, choices=OUTTYPES, metavar="TYPE",
+                   help=f"tensor type of the weight matrices: {', '.join(OUTTYPES)} (default {outtype}); the types "
+                   "after q8_0 are written by llama.cpp's own quantizer, built once into the cache")
+    chunks = default(export.GgufExportJob, "imatrix_chunks")
+    p.add_argument("--imatrix", metavar="TEXT", default=None,
+                   help="quantized types: guide llama.cpp's quantizer by an importance matrix computed on this text "
+                   "(.txt/.jsonl file, directory, or 'builtin')")
+    p.add_argument("--imatrix-chunks", type=int, default=chunks,
+                   help=f"512-token chunks of --imatrix text to read (default {chunks})")
     tokens = default(export.GgufExportJob, "new_tokens")
     p.add_argument("--verify-tokens", type=int, default=tokens,
                    help=f"greedy tokens per prompt compared between llama.cpp and transformers (default {tokens})")
     p.add_argument("--tolerance", type=float, default=None, metavar="NATS",
                    help="allowed log-probability distance (default by --outtype: "
-                   + ", ".join(f"{t} {v}" for t, v in TOLERANCE.items()) + ")")
+                   + ", ".join(f"{t} {v}" for t, v in TOLERANCE.items() if t not in FILE_WEIGHT_TYPES)
+                   + f"; q8_0 and the quantizer's types {TOLERANCE['q8_0']}, against the file's own dequantized "
+                   "weights)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT.gguf")
     p.add_argument("--no-verify", action="store_true", help="skip loading the file in llama.cpp to compare")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=lambda args: export.run(export.GgufExportJob(
         model=args.model, out=args.gguf, outtype=args.outtype, verify=not args.no_verify, force=args.force,
-        new_tokens=args.verify_tokens, tolerance=args.tolerance, threads=args.threads, progress=not args.quiet)))
+        new_tokens=args.verify_tokens, tolerance=args.tolerance, threads=args.threads, progress=not args.quiet,
+        imatrix=args.imatrix, imatrix_chunks=args.imatrix_chunks)))
 
 
 def _eval_job(args, model: str, out: str | None, resume: bool = False) -> evaluate.EvalJob:

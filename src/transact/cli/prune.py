@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, width
+from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, multiple_of, width
 from transact.cli.plugins import add_plugin_flags, chosen_correctors, routed_options
 from transact.errors import TransactError
 from transact.jobs import apply_plan, info, prune
@@ -39,6 +39,9 @@ def _prune_parser(sub) -> None:
                    "a multiple of 8): a count or a fraction in (0,1)")
     p.add_argument("--experts", type=width, help="mixtures of experts: experts kept per layer, at least the number "
                    "each token is routed to: a count or a fraction in (0,1)")
+    p.add_argument("--multiple-of", type=multiple_of, default=default(PruneRecipe, "multiple_of"), metavar="N|TYPE",
+                   help="round every pruned width (heads x head_dim, MLP channels) to a multiple of N, or of what a "
+                   "llama.cpp type needs (q4_k_m: 256, q4_0: 32); 128 suits vLLM's 4-bit Marlin kernels")
     p.add_argument("--no-gate-weighting", dest="gate_weighted", action="store_false",
                    help="mixtures of experts: score expert channels on their raw inputs rather than their "
                    "router-weighted ones")
@@ -89,7 +92,8 @@ def recipe_of(args) -> PruneRecipe:
     metric_options, corrector_options = routed_options(args, args.metric, correctors)
     return PruneRecipe(heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, experts=args.experts,
                        gate_weighted=args.gate_weighted, metric=args.metric, metric_options=metric_options,
-                       seed=args.seed, correctors=tuple(correctors), corrector_options=corrector_options,
+                       seed=args.seed, multiple_of=args.multiple_of, correctors=tuple(correctors),
+                       corrector_options=corrector_options,
                        calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                                batch_size=args.batch_size))
 

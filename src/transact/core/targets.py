@@ -3,11 +3,14 @@ model's shape, checked against what the model and its family can hold, before an
 
 Every layer keeps the same widths, so the pruned model has a standard config. Without ``kv_heads`` a
 grouped-query model keeps its group size; a mixture of experts keeps ``experts`` experts of ``mlp`` channels
-each (a multiple of ``ModelShape.mlp_multiple``) and a shared expert the same share of its channels.
+each (a multiple of ``ModelShape.mlp_multiple``) and a shared expert the same share of its channels. A
+recipe's ``multiple_of`` rounds every pruned width to what quantized formats and kernels need: the MLP (and
+expert) widths to the nearest multiple, the heads to the nearest valid pair whose heads x head_dim is one.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,7 @@ from transact.errors import TransactError
 
 if TYPE_CHECKING:
     from transact.recipes import PruneRecipe
+    from transact.recipes.run import Widths
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,9 @@ class Targets:
         return widths if self.shared_mlp is None else f"{widths}, shared expert {self.shared_mlp}"
 
 
-def resolve_targets(recipe: PruneRecipe, shape: ModelShape) -> Targets:
+def resolve_targets(recipe: PruneRecipe | Widths, shape: ModelShape, *, multiple_of: int | None = None) -> Targets:
     """Turn the recipe's widths into counts for this model, or raise naming what is impossible.
+    ``multiple_of`` (default: the prune recipe's own) rounds every pruned width to a multiple of it.
 
     A dimension left unset keeps its full width. Without ``kv_heads``, an MHA model keeps kv = heads and a
     GQA model keeps its group size (so heads must be a multiple of it; a fraction is rounded to whole
@@ -88,25 +93,57 @@ def resolve_targets(recipe: PruneRecipe, shape: ModelShape) -> Targets:
     mlp = shape.intermediate_size if recipe.mlp is None else recipe.mlp.of(shape.intermediate_size)
     if recipe.mlp is not None and recipe.mlp.is_fraction:  # to the nearest width the family can hold
         mlp = max(shape.mlp_multiple, shape.mlp_multiple * round(mlp / shape.mlp_multiple))
+    if multiple_of is None:
+        multiple_of = recipe.multiple_of
+    multiple = math.lcm(multiple_of, shape.mlp_multiple)
+    if multiple_of > 1:
+        heads, kv = heads_on_multiple(heads, kv, shape, multiple_of)
+        mlp = width_on_multiple(mlp, shape.intermediate_size, multiple, "mlp" if not shape.is_moe else "expert")
     experts = recipe.experts
     if experts is not None and not shape.is_moe:
         raise TransactError("--experts: this model has no experts (its MLPs are dense); prune its channels with --mlp")
     if shape.is_moe:
         experts = shape.num_experts if experts is None else experts.of(shape.num_experts)
-    targets = Targets(heads, kv, mlp, experts, shared_width(shape, mlp))
+    targets = Targets(heads, kv, mlp, experts, shared_width(shape, mlp, multiple))
     check_targets(targets, shape)
     return targets
 
 
-def shared_width(shape: ModelShape, mlp: int) -> int | None:
+def shared_width(shape: ModelShape, mlp: int, multiple: int | None = None) -> int | None:
     """The shared expert's kept width for experts of ``mlp`` channels: the same share of its own width, to
-    a multiple of ``mlp_multiple`` (None where there is no shared expert)."""
+    a multiple of ``multiple`` (default ``mlp_multiple``; None where there is no shared expert)."""
     if shape.shared_expert_size is None:
         return None
     if mlp == shape.intermediate_size:
         return shape.shared_expert_size
-    m = shape.mlp_multiple
-    return max(m, m * round(shape.shared_expert_size * mlp / shape.intermediate_size / m))
+    share = shape.shared_expert_size * mlp / shape.intermediate_size
+    return width_on_multiple(share, shape.shared_expert_size, multiple or shape.mlp_multiple, "shared expert",
+                             pruned=True)
+
+
+def width_on_multiple(width: float, total: int, multiple: int, what: str, *, pruned: bool = False) -> int:
+    """``width`` rounded to the nearest multiple of ``multiple`` that is at least one multiple and at most
+    ``total``; the full width (unpruned, unless ``pruned``) stays as it is."""
+    if width == total and not pruned:
+        return total
+    if total < multiple:
+        raise TransactError(f"{what} {round(width)}: the model's width {total} is less than the multiple {multiple}")
+    return min(max(multiple, multiple * round(width / multiple)), total // multiple * multiple)
+
+
+def heads_on_multiple(heads: int, kv: int, shape: ModelShape, multiple: int) -> tuple[int, int]:
+    """The valid (heads, kv heads) pair nearest to the one asked whose attention width (heads x head_dim) is a
+    multiple of ``multiple``; ties go to more heads, then more KV heads. Unpruned heads stay as they are."""
+    if heads == shape.num_heads and kv == shape.num_kv_heads:
+        return heads, kv
+    fitting = [(h, k) for h, k in head_pairs(shape)
+               if (h * shape.head_dim) % multiple == 0 and (h, k) != (shape.num_heads, shape.num_kv_heads)]
+    if not fitting:
+        step = multiple // math.gcd(multiple, shape.head_dim)
+        raise TransactError(f"--multiple-of {multiple}: heads x head_dim ({shape.head_dim}) is a multiple of "
+                            f"{multiple} only for head counts that are multiples of {step}, and no pruned pair of "
+                            f"this model has one (valid pairs: {valid_head_pairs(shape)})")
+    return min(fitting, key=lambda p: (abs(p[0] - heads), abs(p[1] - kv), -p[0], -p[1]))
 
 
 def check_targets(t: Targets, shape: ModelShape) -> None:

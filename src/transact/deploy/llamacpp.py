@@ -43,16 +43,9 @@ _SDIST_SHA256 = "c17ee1163006f70726abb9f72137830818f3d8cb60bfc34cb232d08428eaa22
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
 CONVERTER_ENV = "TRANSACT_LLAMACPP_CONVERTER"
 
-# The converter's own output types (llama.cpp's quantize tool is not part of the Python wheel).
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-
-
-def check_outtypes(outtypes: tuple[str, ...] | list[str]) -> None:
-    """Refuse an empty list or a type the converter does not write (before any work starts)."""
-    unknown = [t for t in outtypes if t not in OUTTYPES]
-    if unknown or not outtypes:
-        raise TransactError(f"unknown --outtype {','.join(unknown) or '(none)'}; llama.cpp's converter writes: "
-                            f"{', '.join(OUTTYPES)}")
+# The converter's own output types; the others are made from its output by llama.cpp's quantizer
+# (``transact.deploy.quantize``, built from the same llama.cpp tree).
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 # ---------------------------------------------------------------- the converter
@@ -81,25 +74,43 @@ def converter_dir(*, progress: bool = True) -> Path:
     target = cache_dir() / f"llama.cpp-converter-{XLLAMACPP_VERSION}"
     if (target / "convert_hf_to_gguf.py").is_file():
         return target
-    if progress:
-        print(f"fetching llama.cpp's converter (xllamacpp {XLLAMACPP_VERSION} source, 38 MB) from PyPI ...",
-              file=sys.stderr)
-    _fetch_converter(target)
+    _fetch_converter(target, progress=progress)
     return target
 
 
-def _fetch_converter(target: Path) -> None:
-    from transact.io.files import staging_dir
+def llamacpp_sdist(*, progress: bool = True) -> bytes:
+    """The pinned xllamacpp source distribution (llama.cpp's tree inside), checked against its SHA-256;
+    kept in the cache once downloaded, since the converter and the quantizer tools both come from it."""
+    from transact.io.assets import cache_dir
+    from transact.io.files import move_into_place, staging_file
 
+    kept = cache_dir() / f"xllamacpp-{XLLAMACPP_VERSION}.tar.gz"
+    if kept.is_file() and hashlib.sha256(data := kept.read_bytes()).hexdigest() == _SDIST_SHA256:
+        return data
+    if progress:
+        print(f"fetching llama.cpp's source (xllamacpp {XLLAMACPP_VERSION}, 38 MB) from PyPI ...", file=sys.stderr)
     try:
         with urllib.request.urlopen(_SDIST, timeout=120) as response:
             data = response.read()
     except OSError as e:
-        raise TransactError(f"could not download llama.cpp's converter from PyPI ({e}); set ${CONVERTER_ENV} "
+        raise TransactError(f"could not download llama.cpp's source from PyPI ({e}); set ${CONVERTER_ENV} "
                             "to a llama.cpp checkout to work offline") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != _SDIST_SHA256:
         raise TransactError(f"the downloaded xllamacpp source has SHA-256 {digest}, expected {_SDIST_SHA256}")
+    tmp = staging_file(kept)
+    try:
+        tmp.write_bytes(data)
+        move_into_place(tmp, kept)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return data
+
+
+def _fetch_converter(target: Path, *, progress: bool) -> None:
+    from transact.io.files import staging_dir
+
+    data = llamacpp_sdist(progress=progress)
     prefix = f"xllamacpp-{XLLAMACPP_VERSION}/thirdparty/llama.cpp/"
     tmp = staging_dir(target)
     try:
@@ -142,7 +153,9 @@ def _conversion_input(model_dir: Path, work: Path, target: GgufTarget) -> Path:
 
 def convert(model_dir: Path, out_file: Path, outtype: str, *, progress: bool = True) -> None:
     """Run llama.cpp's converter on a Hugging Face directory; writes ``out_file``."""
-    check_outtypes([outtype])
+    if outtype not in CONVERTER_TYPES:
+        raise TransactError(f"llama.cpp's converter writes {', '.join(CONVERTER_TYPES)}, not {outtype!r} "
+                            "(quantize.write_gguf makes the others)")
     from transformers import AutoConfig
 
     script = converter_dir(progress=progress) / "convert_hf_to_gguf.py"

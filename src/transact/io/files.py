@@ -19,6 +19,15 @@ def _usual_mode(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def publish_modes(tree: Path) -> None:
+    """Give ``tree`` and everything under it the usual mode (umask), before it is renamed into place:
+    writers such as safetensors' ``save_file`` make owner-only files, which a server running as another
+    user, or a container, could not read."""
+    for entry in (tree, *tree.rglob("*")):
+        if not entry.is_symlink():
+            _usual_mode(entry)
+
+
 def staging_dir(target: Path) -> Path:
     """A hidden empty sibling of ``target`` to assemble it in, renamed into place when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +100,8 @@ def old_dir(out: Path) -> Path:
 
 def replace_dir(new: Path, out: Path) -> None:
     """Move ``new`` to ``out``; an existing ``out`` is removed only once ``new`` is in place (until then it
-    lies at ``old_dir(out)``)."""
+    lies at ``old_dir(out)``). Every entry of ``new`` gets the usual mode first (``publish_modes``)."""
+    publish_modes(new)
     old = None
     if out.exists():
         old = old_dir(out)

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transact.arch import ModelShape, get_adapter, shape_of
 from transact.errors import TransactError
 from transact.io import assets
-from transact.io.files import staging_dir
+from transact.io.files import publish_modes, staging_dir
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -89,6 +89,7 @@ def builtin_dir(spec: str) -> Path:
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
+        publish_modes(tmp)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

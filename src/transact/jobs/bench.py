@@ -39,7 +39,7 @@ class BenchJob:
         if self.engine not in ENGINES:
             raise TransactError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.engine == "llama.cpp":
-            from transact.deploy.llamacpp import check_outtypes
+            from transact.deploy.quantize import check_outtypes
 
             check_outtypes(self.outtypes)
 
@@ -101,7 +101,7 @@ def bench_llamacpp(job: BenchJob) -> dict:
     the first model in the same format."""
     import tempfile
 
-    from transact.deploy import llamacpp
+    from transact.deploy import llamacpp, quantize
 
     require("gguf", "bench --engine llama.cpp")
     preps = [prepare_model(spec) for spec in job.models]
@@ -125,7 +125,7 @@ def bench_llamacpp(job: BenchJob) -> dict:
                 path = folder / f"{label}.{outtype}.gguf"
                 if job.progress:
                     print(f"converting {label} to {outtype} GGUF ...")
-                llamacpp.convert(Path(source.path), path, outtype, progress=job.progress)
+                quantize.write_gguf(Path(source.path), path, outtype, threads=job.threads, progress=job.progress)
                 models.append(bench.GgufModel(f"{label} {outtype}", path, outtype, config,
                                               llamacpp.gguf_summary(path)))
         rows = bench.run_llamacpp_grid(models, job.grid, threads=job.threads, progress=job.progress)

@@ -1,21 +1,27 @@
 """``transact export``: a pruned (or any supported) checkpoint as a GGUF file that llama.cpp loads, checked.
 
-It converts with llama.cpp's own converter (``transact.deploy.llamacpp``), loads the result in llama.cpp and
-compares its greedy predictions with transformers' (``transact.deploy.agreement``) before the file is renamed
-into place.
+It converts with llama.cpp's own converter (``transact.deploy.llamacpp``); a quantized type (q4_k_m, q4_0, ...)
+is then made by llama.cpp's own quantizer from that unquantized file, optionally guided by an importance matrix
+from calibration text (``transact.deploy.quantize``). The result is loaded in llama.cpp and its greedy
+predictions compared with transformers' (``transact.deploy.agreement``) before the file is renamed into place:
+for a file whose types round the weights (q8_0 and the quantizer's), transformers runs the model with the file's
+own dequantized weights, so the check asks whether llama.cpp computes what the file holds, and every tensor
+must be within its type's rounding of the checkpoint's, so a file of other weights is still refused.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from transact.deploy import llamacpp
-from transact.deploy.agreement import compare_predictions, failure_message
+from transact.deploy import llamacpp, quantize
+from transact.deploy.agreement import FILE_WEIGHT_TYPES, compare_predictions, failure_message, quantized_reference
 from transact.errors import TransactError
 from transact.io.files import check_writable, move_into_place, staging_file
 from transact.io.models import load_model, prepare_model, require_tokenizer
+from transact.io.text import check_source, read_texts
 
 
 @dataclass(frozen=True)
@@ -29,9 +35,18 @@ class GgufExportJob:
     tolerance: float | None = None  # nats; None = TOLERANCE[outtype]
     threads: int | None = None
     progress: bool = True
+    imatrix: str | None = None  # text for llama.cpp's importance matrix (a file, a directory or 'builtin')
+    imatrix_chunks: int = 32  # 512-token chunks of it that llama-imatrix reads
 
     def __post_init__(self) -> None:
-        llamacpp.check_outtypes([self.outtype])
+        quantize.check_outtypes([self.outtype])
+        if self.imatrix is not None:
+            if not quantize.is_quantized_type(self.outtype):
+                raise TransactError(f"--imatrix guides llama.cpp's quantizer; --outtype {self.outtype} is not "
+                                    f"quantized by it (choose one of {', '.join(quantize.QUANT_TYPES)})")
+            check_source(self.imatrix, builtin="calibration", what="--imatrix text")
+        if self.imatrix_chunks < 1:
+            raise TransactError("--imatrix-chunks must be >= 1")
         if not str(self.out).endswith(".gguf"):
             raise TransactError(f"the output {self.out} must be a .gguf file name")
         if self.new_tokens < 1:
@@ -48,11 +63,18 @@ class ExportResult(dict):
         lines = [f"wrote {self['out']}: llama.cpp architecture {s['architecture']}, {s['head_count']} heads / "
                  f"{s['head_count_kv']} KV heads x {s['key_length']}, {s['file_bytes'] / 2**20:,.1f} MiB "
                  f"({self['outtype']})"]
+        for line in self.get("fallbacks", []):
+            lines.append(f"llama.cpp fallback: {line}")
         if "verification" in self:
             v = self["verification"]
-            lines.append(f"llama.cpp vs transformers: {v['agree']}/{v['steps']} greedy tokens identical on "
-                         f"{len(v['prompts'])} prompts; worst margin {v['max_margin']:.3f} nats, worst log-prob "
-                         f"difference {v['max_logprob_diff']:.3f} nats (tolerance {v['tolerance']}); tokenizers agree")
+            if "worst_weight_error" in v:
+                lines.append(f"weights: every tensor within {self['outtype']}'s rounding of the checkpoint's (worst "
+                             f"{v['worst_tensor']}, {v['worst_weight_error']:.3f} relative)")
+            lines.append(f"llama.cpp vs transformers ({v['reference']}): {v['agree']}/{v['steps']} greedy tokens "
+                         f"identical on {len(v['prompts'])} prompts; worst margin {v['max_margin']:.3f} nats, "
+                         f"worst log-prob difference {v['max_logprob_diff']:.3f} nats (tolerance {v['tolerance']})"
+                         + (f", mean {v['mean_logprob_diff']:.3f} (at most {v['mean_tolerance']})"
+                            if v.get("mean_tolerance") is not None else "") + "; tokenizers agree")
         return "\n".join(lines)
 
 
@@ -78,20 +100,36 @@ def run(job: GgufExportJob) -> ExportResult:
     llamacpp.runtime_version()
     llamacpp.converter_dir(progress=job.progress)
 
+    quantized = quantize.is_quantized_type(job.outtype)
+    if quantized:
+        for warning in quantize.width_warnings(quantize.matrix_widths(prep.shape), job.outtype):
+            print(f"warning: {warning}", file=sys.stderr)
+        quantize.tools_dir(progress=job.progress)  # built once, before any conversion
+
     t0 = time.perf_counter()
     tmp = staging_file(out)
     try:
         if job.progress:
-            print(f"converting {job.model} to {job.outtype} GGUF (llama.cpp architecture {arch}) ...")
-        llamacpp.convert(Path(source.path), tmp, job.outtype, progress=job.progress)
-        result = ExportResult({"model": job.model, "out": str(out), "outtype": job.outtype, "architecture": arch,
-                  "convert_seconds": round(time.perf_counter() - t0, 2)})
+            how = " with llama.cpp's quantizer" if quantized else ""
+            print(f"writing {job.model} as {job.outtype} GGUF{how} (llama.cpp architecture {arch}) ...")
+        imatrix_text = None
+        if job.imatrix is not None:
+            imatrix_text = "\n\n".join(read_texts(job.imatrix, builtin="calibration", what="--imatrix text"))
+        done = quantize.write_gguf(Path(source.path), tmp, job.outtype, imatrix_text=imatrix_text,
+                                   imatrix_chunks=job.imatrix_chunks, threads=job.threads, progress=job.progress)
+        result = ExportResult({"model": job.model, "out": str(out), "outtype": job.outtype, "architecture": arch}
+                              | done | ({"imatrix": job.imatrix} if job.imatrix else {}))
+        result["convert_seconds"] = round(time.perf_counter() - t0, 2)
         if job.verify:
             if job.progress:
                 print("checking llama.cpp's predictions against transformers ...")
             model, _ = load_model(prep, tokenizer=tokenizer)
-            check = compare_predictions(tmp, model, tokenizer, job.outtype, new_tokens=job.new_tokens,
+            rounded = job.outtype in FILE_WEIGHT_TYPES
+            reference, weights = quantized_reference(tmp, model, job.outtype) if rounded else (model, {})
+            check = compare_predictions(tmp, reference, tokenizer, job.outtype, new_tokens=job.new_tokens,
                                         tolerance=job.tolerance, threads=job.threads)
+            check["reference"] = "the file's dequantized weights" if rounded else "the checkpoint's weights"
+            check.update(weights)
             result["verification"] = check
             if not check["ok"]:
                 raise TransactError(failure_message(check, job.outtype))
@@ -100,5 +138,6 @@ def run(job: GgufExportJob) -> ExportResult:
         tmp.unlink(missing_ok=True)
     result["summary"] = llamacpp.gguf_summary(out)
     return result
+
 
 

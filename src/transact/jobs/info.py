@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from transact.arch import get_adapter
+from transact.arch import ModelShape, get_adapter
 from transact.core.targets import valid_head_pairs
+from transact.deploy import quantize, vllm
 from transact.errors import TransactError
 from transact.io.models import prepare_model, skeleton
 from transact.measure.costs import layerwise_memory, model_summary
@@ -43,7 +44,7 @@ def run(job: InfoJob) -> InfoResult:
         info["prunable"]["mlp"] = f"{m}..{shape.intermediate_size} per expert, in multiples of {m}"
         info["prunable"]["experts"] = (f"{shape.experts_per_token}..{shape.num_experts} (--experts; at least the "
                                        f"{shape.experts_per_token} each token is routed to)")
-    info["notes"] = family_notes(prep.config)
+    info["notes"] = family_notes(prep.config) + deployment_fit(shape)
     source = prep.source
     info["source"] = source.path + (f" ({source.gguf_file})" if source.gguf_file else "")
     info["layerwise_memory_bytes"] = layerwise_memory(shape, prep.dtype, Calibration())
@@ -68,6 +69,13 @@ def family_notes(config: PretrainedConfig) -> list[str]:
     except TransactError as e:
         lines.append(f"GGUF: {e}")
     return lines
+
+
+def deployment_fit(shape: ModelShape) -> list[str]:
+    """Which of the model's matrices llama.cpp's quantized types and vLLM's kernels cannot take as they are."""
+    widths = quantize.matrix_widths(shape)
+    notes = [*quantize.fit_notes(widths), vllm.head_size_note(shape), vllm.marlin_note(widths)]
+    return [line for line in notes if line]
 
 
 def info_text(info: dict) -> str:

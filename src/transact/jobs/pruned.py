@@ -4,19 +4,21 @@ and the before/after table the commands print."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from transact.arch import get_adapter
+from transact.arch import ModelShape, get_adapter
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan
 from transact.core.step import check_step
 from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
+from transact.deploy import quantize, vllm
 from transact.errors import TransactError
 from transact.io.files import check_output_dir
 from transact.io.models import PreparedModel, dtype_name, prepare_model, require_tokenizer
@@ -82,10 +84,24 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
         check(job, prep)
     targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
     check_step(prep.config, recipe, targets)
+    if job.progress:
+        for line in deployment_notes(prep.shape, targets):
+            print(f"note: {line}", file=sys.stderr)
     tokenizer = None
     if texts is not None or tokenizer_for:
         tokenizer = require_tokenizer(prep.source, calibration_purpose(recipe) if texts is not None else tokenizer_for)
     return PruneInputs(out, prep, targets, texts, tokenizer)
+
+
+def deployment_notes(shape: ModelShape, targets: Targets) -> list[str]:
+    """What the pruned widths mean for llama.cpp's quantized types and vLLM's kernels, for the widths pruning
+    changes (the model's own hidden size is ``transact info``'s to tell)."""
+    pruned = replace(shape, num_heads=targets.heads, num_kv_heads=targets.kv_heads, intermediate_size=targets.mlp,
+                     shared_expert_size=targets.shared_mlp)
+    before = quantize.matrix_widths(shape)
+    changed = {name: width for name, width in quantize.matrix_widths(pruned).items() if width != before[name]}
+    marlin = vllm.marlin_note(changed)
+    return quantize.fit_notes(changed) + ([marlin] if marlin else [])
 
 
 def checkpoint_report(job_model: str, prep: PreparedModel, **parts: object) -> dict:

@@ -90,6 +90,9 @@ class PruneRecipe:
     metric: str = "transact_residual"
     metric_options: Any = None
     seed: int = 0
+    # every pruned width (heads x head_dim, MLP and expert channels) a multiple of this, for quantized formats
+    # and kernels: 256 for llama.cpp's K-quants, 32 for Q4_0/Q8_0, 128 for vLLM's Marlin (1: any width)
+    multiple_of: int = 1
     calibration: Calibration = field(default_factory=Calibration)
     # The least-squares refit by default: it lowered one-shot perplexity for every metric at every width
     # measured (docs/results.md, "Least-squares refit"); () prunes by slicing alone.
@@ -108,6 +111,8 @@ class PruneRecipe:
                            build_options(metric.options, self.metric_options, f"metric {self.metric!r}"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TransactError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise TransactError(f"multiple_of must be a positive integer, got {self.multiple_of!r}")
         if not isinstance(self.calibration, Calibration):
             object.__setattr__(self, "calibration", Calibration(**fields_from(Calibration, self.calibration,
                                                                               "calibration")))
@@ -163,6 +168,8 @@ class PruneRecipe:
                    metric_options=options_json(self.metric_options), seed=self.seed,
                    calibration=asdict(self.calibration), correctors=list(self.correctors),
                    corrector_options={name: options_json(o) for name, o in self.corrector_options.items()})
+        if self.multiple_of != 1:  # recorded only where used, so other plans read as before
+            out["multiple_of"] = self.multiple_of
         return out
 
     @classmethod

@@ -101,7 +101,7 @@ def schedule_of(recipe: RunRecipe, shape: ModelShape) -> list[Targets]:
     """The widths after each shot, resolved against the dense model and checked."""
     def resolve(widths, key: str) -> Targets:
         try:
-            return resolve_targets(widths, shape)
+            return resolve_targets(widths, shape, multiple_of=recipe.prune.multiple_of)
         except TransactError as e:
             raise TransactError(f"recipe key {key!r}: {e}") from None
 
