@@ -17,7 +17,7 @@ for model in builtin:smollm2 builtin:qwen2.5-coder-0.5b builtin:gemma3-270m; do
     .venv/bin/transact info "$model" >/dev/null
 done
 # llama.cpp's HF -> GGUF converter, from the pinned xllamacpp release's source on PyPI (38 MB, once), and its
-# quantizer (llama-quantize, llama-imatrix) compiled from the same llama.cpp tree (cmake, g++; ~6 min on 2 cores).
+# quantizer (llama-quantize, llama-imatrix) compiled from the same llama.cpp tree (cmake, g++; 6-9 min on 2 cores).
 .venv/bin/python -c "from transact.deploy import llamacpp; llamacpp.converter_dir(progress=False)"
 .venv/bin/python -c "from transact.deploy import quantize; quantize.tools_dir()"
 echo "transact installed in .venv"

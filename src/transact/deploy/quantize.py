@@ -45,11 +45,11 @@ QUANT_TYPES = {
 }
 # what llama.cpp writes instead when a matrix's input width is not a multiple of the block (llama-quant.cpp)
 FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0", "iq4_xs": "IQ4_NL"}
-# the source tree minus what no build needs (model vocabularies, docs, pictures: 115 of its 180 MB)
-_SKIP_DIRS = ("models/", "docs/", "media/", "tests/", "benches/", "examples/", "app/")
+# the source tree minus what no build reads (model vocabularies, docs, pictures: 115 of its 180 MB)
+_SKIP_DIRS = ("models/", "docs/", "media/")
 _CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON",
 )
 
 
