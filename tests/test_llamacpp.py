@@ -364,3 +364,12 @@ def test_quantizer_tools_refusals(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
     with pytest.raises(TransactError, match=r"not a llama\.cpp quantization type"):
         quantize.quantize(tmp_path / "in.gguf", tmp_path / "out.gguf", "f16")
+
+
+def test_quantizer_fallbacks_are_summarized_by_type():
+    from transact.jobs.export import _fallback_counts
+
+    line = "warning: blk.{i}.{t} - ncols 576 not divisible by 256 (required for type    {a}) -> falling back to    {b}"
+    lines = [line.format(i=i, t="ffn_up", a="q4_K", b="q5_0") for i in range(3)]
+    lines.append(line.format(i=0, t="attn_v", a="q6_K", b="q8_0"))
+    assert _fallback_counts(lines) == "q4_K -> q5_0: 3, q6_K -> q8_0: 1"

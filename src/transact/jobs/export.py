@@ -63,8 +63,9 @@ class ExportResult(dict):
         lines = [f"wrote {self['out']}: llama.cpp architecture {s['architecture']}, {s['head_count']} heads / "
                  f"{s['head_count_kv']} KV heads x {s['key_length']}, {s['file_bytes'] / 2**20:,.1f} MiB "
                  f"({self['outtype']})"]
-        for line in self.get("fallbacks", []):
-            lines.append(f"llama.cpp fallback: {line}")
+        if self.get("fallbacks"):
+            lines.append(f"llama.cpp wrote {len(self['fallbacks'])} tensors in a fallback type (input width not a "
+                         f"multiple of the type's block): {_fallback_counts(self['fallbacks'])}")
         if "verification" in self:
             v = self["verification"]
             if "worst_weight_error" in v:
@@ -76,6 +77,18 @@ class ExportResult(dict):
                          + (f", mean {v['mean_logprob_diff']:.3f} (at most {v['mean_tolerance']})"
                             if v.get("mean_tolerance") is not None else "") + "; tokenizers agree")
         return "\n".join(lines)
+
+
+def _fallback_counts(lines: list[str]) -> str:
+    """llama-quantize's fallback warnings counted by (asked type -> written type)."""
+    import re
+    from collections import Counter
+
+    pairs = Counter()
+    for line in lines:
+        found = re.search(r"type\s+(\S+)\)\s*->\s*falling back to\s+(\S+)", line)
+        pairs[f"{found[1]} -> {found[2]}" if found else "other"] += 1
+    return ", ".join(f"{pair}: {n}" for pair, n in pairs.most_common())
 
 
 def check_gguf_output(out: str | Path, *, force: bool) -> Path:
