@@ -16,7 +16,7 @@ from transact.core.surgery import prune_
 from transact.core.targets import Targets
 from transact.errors import TransactError
 from transact.io.checkpoint import reload_and_compare, write_checkpoint
-from transact.io.files import check_output_dir, write_json_atomic
+from transact.io.files import check_output_dir, replace_dir, staging_dir, write_json_atomic
 
 CASES = [  # hidden, heads, kv, kept heads, kept kv
     pytest.param(64, 4, 4, 3, 3, id="mha-3of4-indivisible"),
@@ -160,6 +160,15 @@ def test_outputs_get_the_usual_permissions(tmp_path):
              if stat.S_IMODE(e.stat().st_mode) != (0o755 if e.is_dir() else 0o644)}
     assert wrong == {}
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    tools = staging_dir(tmp_path / "tools")  # a directory of programs (the llama.cpp tools) stays runnable
+    (tools / "prog").write_text("")
+    (tools / "prog").chmod(0o700)
+    umask = os.umask(0o022)
+    try:
+        replace_dir(tools, tmp_path / "tools")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "tools" / "prog").stat().st_mode) == 0o755
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
 
 

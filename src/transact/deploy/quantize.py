@@ -170,7 +170,7 @@ def _check_build_tools() -> None:
 
 
 def _build(target: Path, *, progress: bool) -> None:
-    from transact.io.files import publish_modes, staging_dir
+    from transact.io.files import replace_dir, staging_dir
 
     data = llamacpp.llamacpp_sdist(progress=progress)
     prefix = f"xllamacpp-{XLLAMACPP_VERSION}/thirdparty/llama.cpp/"
@@ -188,12 +188,7 @@ def _build(target: Path, *, progress: bool) -> None:
             for tool in TOOLS:
                 shutil.copy2(build / "bin" / tool, tmp / tool)
             shutil.copy2(source / "LICENSE", tmp / "LICENSE")
-            publish_modes(tmp)
-            for tool in TOOLS:
-                os.chmod(tmp / tool, (tmp / tool).stat().st_mode | 0o111)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            replace_dir(tmp, target)  # with the usual modes; the tools stay executable
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -13,10 +13,12 @@ from transact.errors import TransactError
 
 
 def _usual_mode(path: Path) -> None:
-    """mkdtemp/mkstemp make owner-only entries; give ``path`` the mode a plain mkdir/open would (umask)."""
+    """mkdtemp/mkstemp make owner-only entries; give ``path`` the mode a plain mkdir/open would (umask),
+    keeping a program runnable (a file its owner may execute gets the execute bits the umask allows)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    runnable = path.is_dir() or path.stat().st_mode & 0o100
+    os.chmod(path, (0o777 if runnable else 0o666) & ~umask)
 
 
 def publish_modes(tree: Path) -> None:
