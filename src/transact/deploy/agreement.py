@@ -129,7 +129,7 @@ def compare_predictions(gguf_file: str | Path, model: nn.Module, tokenizer, outt
         for text in prompts:
             ids = tokenizer(text).input_ids
             chosen, logprobs = runtime.greedy(ids, new_tokens)
-            rows.append(_score_steps(model, ids, chosen, logprobs, tol) | {
+            rows.append(score_steps(model, ids, chosen, logprobs, tol) | {
                 "prompt": text, "tokenizer_agrees": runtime.tokenize(text) == list(ids)})
     for r in rows:
         r["ok"] = r["ok"] and r["tokenizer_agrees"]
@@ -144,7 +144,7 @@ def compare_predictions(gguf_file: str | Path, model: nn.Module, tokenizer, outt
             "prompts": rows}
 
 
-def _score_steps(model: nn.Module, ids: list[int], chosen: list[int], logprobs: list[float | None],
+def score_steps(model: nn.Module, ids: list[int], chosen: list[int], logprobs: list[float | None],
                  tol: float) -> dict:
     """Teacher-forced log-probabilities of llama.cpp's chosen tokens under ``model``."""
     if not chosen:

@@ -1,8 +1,9 @@
 """``transact bench``: parameters, KV cache, FLOPs and measured speed and memory of models, interleaved on one
-grid of batch sizes and prompt lengths, in transformers or in llama.cpp."""
+grid of batch sizes and prompt lengths, in transformers, llama.cpp or vLLM."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from transact.measure import bench, report
 from transact.measure.records import RESULT_FORMAT, machine, model_label
 from transact.version import library_versions
 
-ENGINES = ("torch", "llama.cpp")
+ENGINES = ("torch", "llama.cpp", "vllm")
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,10 @@ class BenchJob:
     device: str = "cpu"
     dtype: str = "auto"
     progress: bool = True
-    engine: str = "torch"  # or "llama.cpp"
+    engine: str = "torch"  # or "llama.cpp", "vllm"
     outtypes: tuple[str, ...] = ("f16", "q8_0")  # GGUF types a Hugging Face model is converted to (llama.cpp)
     threads: int | None = None  # llama.cpp threads (default: all usable cores)
+    kv_cache_gib: int = 1  # vLLM: KV-cache memory of each engine in GiB (VLLM_CPU_KVCACHE_SPACE)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -42,6 +44,10 @@ class BenchJob:
             from transact.deploy.quantize import check_outtypes
 
             check_outtypes(self.outtypes)
+        if self.engine == "vllm":
+            from transact.deploy.vllm import check_kv_cache_gib
+
+            check_kv_cache_gib(self.kv_cache_gib)
 
 
 def load_models(specs: tuple[str, ...], device: str, dtype: str) -> dict[str, tuple[nn.Module, object, str]]:
@@ -72,6 +78,8 @@ class BenchResult(dict):
 
     def summary(self) -> str:
         text = report.speed_table(self)
+        if self.get("engine") == "vllm":
+            text += "\n\n" + report.concurrency_table(self)
         return text + (f"\n\nwrote bench.json and plots to {self.out}" if self.out else "")
 
 
@@ -81,6 +89,8 @@ def run(job: BenchJob) -> BenchResult:
         require("plots", "bench --out (its plots)")
     if job.engine == "llama.cpp":
         result = bench_llamacpp(job)
+    elif job.engine == "vllm":
+        result = bench_vllm(job)
     else:
         loaded = load_models(job.models, job.device, job.dtype)
         result = bench_models({label: m for label, (m, _, _) in loaded.items()}, job.grid, job.progress)
@@ -136,3 +146,32 @@ def bench_llamacpp(job: BenchJob) -> dict:
             "machine": machine() | {"llama_cpp_threads": job.threads or llamacpp.default_threads()},
             "versions": library_versions() | {"xllamacpp": llamacpp.runtime_version()},
             "sources": dict(zip(labels, job.models, strict=True)), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def bench_vllm(job: BenchJob) -> dict:
+    """Every model (a Hugging Face checkpoint) in vLLM's offline engine, one engine per model in one worker
+    process, run interleaved; see ``measure.bench.run_vllm_grid``. Each engine gets ``job.kv_cache_gib`` of
+    KV cache, so the sequences it can hold at once (the number servers are sized by) are measured too."""
+    from transact.deploy import vllm
+
+    preps = [prepare_model(spec, "cpu", job.dtype) for spec in job.models]
+    dtype = vllm.vllm_dtype(preps[0].dtype)
+    for prep in preps:
+        if prep.source.gguf_file:
+            raise TransactError(f"{prep.source.spec}: vLLM runs Hugging Face checkpoints here, not GGUF files")
+        if note := vllm.head_size_note(prep.shape) or vllm.refusal(prep.config):
+            raise TransactError(f"{prep.source.spec}: {note}")
+    python = vllm.worker_python()
+    taken: set[str] = set()
+    labels = [model_label(spec, taken) for spec in job.models]
+    models = {label: bench.VllmModel(label, prep.source.path, prep.config, dtype)
+              for label, prep in zip(labels, preps, strict=True)}
+    rows, loaded, version = bench.run_vllm_grid(models, job.grid, kv_cache_gib=job.kv_cache_gib, python=python,
+                                                progress=job.progress)
+    rows = bench.add_ratios(rows, reference=labels[0])
+    return {"format": RESULT_FORMAT, "engine": "vllm", "reference": labels[0], "grid": asdict(job.grid),
+            "models": {label: bench.config_static_costs(m) | loaded[label] for label, m in models.items()},
+            "rows": rows, "kv_cache_gib": job.kv_cache_gib,
+            "machine": machine() | {"vllm_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")},
+            "versions": {"vllm": version}, "sources": dict(zip(labels, job.models, strict=True)),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}

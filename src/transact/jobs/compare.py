@@ -30,12 +30,19 @@ class CompareJob:
     grid: bench.BenchGrid = field(default_factory=bench.BenchGrid)
     resume: bool = False
     force: bool = False
+    quantize: tuple[str, ...] = ()  # llama.cpp types every model is also written and measured at (prune or quantize)
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:
             raise TransactError("compare needs a reference model and at least one other")
         if self.resume and self.force:
             raise TransactError("--resume continues an existing report and --force replaces it; give one")
+        if self.quantize:
+            from transact.deploy.quantize import check_outtypes
+
+            check_outtypes(self.quantize)
+            if not self.eval.texts:
+                raise TransactError("--quantize compares perplexity at each type: it needs held-out --text")
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,18 @@ def run(job: CompareJob) -> CompareResult:
     require("plots", "compare (its report plots)")
     if job.eval.tasks:
         require("eval", "task accuracy (--tasks)")
+    if job.quantize:
+        require("gguf", "compare --quantize")
     taken: set[str] = set()
     labels = [model_label(spec, taken) for spec in job.models]
-    for spec in job.models:  # every model and its weight files are checked before the first long step
-        prepare_model(spec, job.eval.device, job.eval.dtype)
+    preps = [prepare_model(spec, job.eval.device, job.eval.dtype) for spec in job.models]  # before any long step
+    if job.quantize:
+        from transact.deploy import llamacpp
+
+        for prep in preps:
+            if prep.source.gguf_file:
+                raise TransactError(f"--quantize writes each model as GGUF files: {prep.source.spec} already is one")
+            llamacpp.gguf_architecture(prep.config)  # a family llama.cpp cannot take fails here
     evals = {}
     for label, spec in zip(labels, job.models, strict=True):
         target = out / "eval" / f"{label}.json"
@@ -75,4 +90,48 @@ def run(job: CompareJob) -> CompareResult:
         bench_result = bench_job.run(bench_run)
         write_json_atomic(bench_path, bench_result)
     sources = dict(zip(labels, job.models, strict=True))
-    return CompareResult(report.write_report(out, bench_result, evals, sources))
+    quantized = None
+    if job.quantize:
+        configs = {label: prep.config for label, prep in zip(labels, preps, strict=True)}
+        quantized = _quantized(job, out, sources, configs)
+    return CompareResult(report.write_report(out, bench_result, evals, sources, quantized=quantized))
+
+
+def _quantized(job: CompareJob, out: Path, sources: dict[str, str], configs: dict[str, object]) -> dict:
+    """Every model at every ``job.quantize`` type (files in OUT/gguf/, rows in OUT/quantized.json, resumable):
+    file bytes, perplexity of the file's weights on the first held-out text and window, the eval's tasks on
+    them (if any), llama.cpp decode speed."""
+    from transact.io.text import read_texts
+    from transact.measure import quantized
+
+    path = out / "quantized.json"
+    saved = json.loads(path.read_text()) if job.resume and path.exists() else {"rows": []}
+    if saved.get("speed_done"):
+        return saved
+    done = {(r["model"], r["type"]): r for r in saved["rows"] if r["type"] in job.quantize}
+    text, window = job.eval.texts[0], job.eval.windows[0]
+    heldout = job.eval.heldout(text, window)
+    folder = out / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(row: dict) -> None:
+        saved["rows"] = [*saved["rows"], row]
+        write_json_atomic(path, saved)
+
+    shots = job.eval.task_shots()
+    score_tasks = None
+    if shots:
+        from transact.measure import tasks
+
+        def score_tasks(model, tokenizer) -> dict:
+            return tasks.run_tasks(model, tokenizer, list(shots), shots=shots, limit=job.eval.limit,
+                                   batch_size=job.eval.batch_size, progress=job.eval.progress, data=job.eval.task_data)
+
+    rows = quantized.file_rows(sources, job.quantize, folder, read_texts(text, builtin="heldout"), heldout,
+                               done=done, save=save, progress=job.eval.progress, score_tasks=score_tasks)
+    quantized.decode_speeds(rows, configs, folder, repeats=job.grid.repeats, progress=job.eval.progress)
+    result = {"rows": rows, "text": text, "window": window, "tokens": job.eval.tokens, "speed_grid":
+              quantized.SPEED_GRID | {"repeats": job.grid.repeats}, "reference": next(iter(sources)),
+              "speed_done": True}
+    write_json_atomic(path, result)
+    return result

@@ -44,7 +44,7 @@ def run(job: InfoJob) -> InfoResult:
         info["prunable"]["mlp"] = f"{m}..{shape.intermediate_size} per expert, in multiples of {m}"
         info["prunable"]["experts"] = (f"{shape.experts_per_token}..{shape.num_experts} (--experts; at least the "
                                        f"{shape.experts_per_token} each token is routed to)")
-    info["notes"] = family_notes(prep.config) + deployment_fit(shape)
+    info["notes"] = family_notes(prep.config) + deployment_fit(shape, prep.config)
     source = prep.source
     info["source"] = source.path + (f" ({source.gguf_file})" if source.gguf_file else "")
     info["layerwise_memory_bytes"] = layerwise_memory(shape, prep.dtype, Calibration())
@@ -71,10 +71,12 @@ def family_notes(config: PretrainedConfig) -> list[str]:
     return lines
 
 
-def deployment_fit(shape: ModelShape) -> list[str]:
-    """Which of the model's matrices llama.cpp's quantized types and vLLM's kernels cannot take as they are."""
+def deployment_fit(shape: ModelShape, config: PretrainedConfig) -> list[str]:
+    """Which of the model's matrices llama.cpp's quantized types and vLLM's kernels cannot take as they are, and
+    which of its pruned checkpoints vLLM would refuse."""
     widths = quantize.matrix_widths(shape)
-    notes = [*quantize.fit_notes(widths), vllm.head_size_note(shape), vllm.marlin_note(widths)]
+    notes = [*quantize.fit_notes(widths), vllm.head_size_note(shape), vllm.marlin_note(widths),
+             *vllm.checkpoint_notes(config, heads_pruned=True)]
     return [line for line in notes if line]
 
 

@@ -27,6 +27,8 @@ from transact.recipes import PruneRecipe
 from transact.version import library_versions
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from transact.jobs.prune import PruneJob
 
 
@@ -85,7 +87,7 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
     check_step(prep.config, recipe, targets)
     if job.progress:
-        for line in deployment_notes(prep.shape, targets):
+        for line in deployment_notes(prep.shape, targets, prep.config):
             print(f"note: {line}", file=sys.stderr)
     tokenizer = None
     if texts is not None or tokenizer_for:
@@ -93,15 +95,17 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     return PruneInputs(out, prep, targets, texts, tokenizer)
 
 
-def deployment_notes(shape: ModelShape, targets: Targets) -> list[str]:
+def deployment_notes(shape: ModelShape, targets: Targets, config: PretrainedConfig) -> list[str]:
     """What the pruned widths mean for llama.cpp's quantized types and vLLM's kernels, for the widths pruning
-    changes (the model's own hidden size is ``transact info``'s to tell)."""
+    changes (the model's own hidden size is ``transact info``'s to tell), and whether vLLM loads the family's
+    checkpoint with pruned heads."""
     pruned = replace(shape, num_heads=targets.heads, num_kv_heads=targets.kv_heads, intermediate_size=targets.mlp,
                      shared_expert_size=targets.shared_mlp)
     before = quantize.matrix_widths(shape)
     changed = {name: width for name, width in quantize.matrix_widths(pruned).items() if width != before[name]}
     marlin = vllm.marlin_note(changed)
-    return quantize.fit_notes(changed) + ([marlin] if marlin else [])
+    serving = vllm.checkpoint_notes(config, heads_pruned=targets.heads != shape.num_heads)
+    return quantize.fit_notes(changed) + ([marlin] if marlin else []) + serving
 
 
 def checkpoint_report(job_model: str, prep: PreparedModel, **parts: object) -> dict:

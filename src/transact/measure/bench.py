@@ -324,3 +324,71 @@ def _llamacpp_once(runtime, prompts: list[list[int]], gen: int) -> dict:
     prefill = runtime.complete_batch(prompts, 1)
     total = runtime.complete_batch(prompts, gen + 1)
     return {"prefill_s": prefill, "decode_s": max(total - prefill, 1e-9), "peak_bytes": None, "wall_s": total}
+
+
+# ---------------------------------------------------------------- vLLM
+
+
+@dataclass(frozen=True)
+class VllmModel:
+    """One checkpoint in a vLLM bench: its row name, directory, HF config and the dtype vLLM computes in."""
+
+    name: str
+    path: str
+    config: object  # transformers PretrainedConfig
+    dtype: str  # "float32" or "bfloat16"
+
+
+def _meta_model(config, dtype: str) -> nn.Module:
+    """The model's modules on the meta device: parameter counts and bytes without reading any weight."""
+    from transact.arch import get_adapter
+
+    with torch.device("meta"):
+        return get_adapter(config).model_class().from_config(config, dtype=getattr(torch, dtype))
+
+
+def config_static_costs(model: VllmModel, contexts: tuple[int, ...] = FLOP_CONTEXTS) -> dict:
+    """As ``static_costs``, from the config alone (in the dtype vLLM computes in)."""
+    return static_costs(_meta_model(model.config, model.dtype), contexts)
+
+
+def run_vllm_grid(models: dict[str, VllmModel], grid: BenchGrid, *, kv_cache_gib: int, python: str | None = None,
+                  progress: bool = True) -> tuple[list[dict], dict[str, dict], str]:
+    """``run_grid`` in vLLM: one engine per model (each with ``kv_cache_gib`` of KV cache and room for the
+    largest batch and context), run interleaved. A point is timed as for a llama.cpp batch: one request for
+    the prompts plus one token (prefill), another for the prompts plus ``gen + 1`` tokens; decode is the
+    difference. Prefix caching is off, so the second request computes its prefill again.
+    -> (rows, {name: what its engine reported at load: KV-cache tokens, load time}, vLLM's version)."""
+    from transact.deploy import vllm
+    from transact.io.models import load_tokenizer, resolve_source
+
+    max_len = max(grid.contexts) + grid.gen + 8
+    metas = {name: _meta_model(m.config, m.dtype) for name, m in models.items()}  # before the long part
+    with vllm.Runtime(kv_cache_gib=kv_cache_gib, python=python) as runtime:
+        loaded, vocab = {}, {}
+        for name, m in models.items():
+            if progress:
+                print(f"loading {name} in vLLM ...", flush=True)
+            loaded[name] = runtime.load(name, m.path, dtype=m.dtype, max_model_len=max_len,
+                                        max_num_seqs=max(grid.batches), hf_overrides=vllm.serve_overrides(m.config))
+            # prompts drawn from ids the tokenizer knows: vLLM refuses ids past it (Qwen2's embedding is larger)
+            tokenizer = load_tokenizer(resolve_source(m.path))
+            vocab[name] = min(shape_of(m.config).vocab_size, len(tokenizer) if tokenizer else 10**9)
+
+        def measure(name: str, batch: int, ctx: int, rep: int) -> dict:
+            prompts = _random_prompts(vocab[name], batch, ctx, grid.seed + rep).tolist()
+            prefill = runtime.generate(name, prompts, 1)["wall_s"]
+            total = runtime.generate(name, prompts, grid.gen + 1)["wall_s"]
+            return {"prefill_s": prefill, "decode_s": max(total - prefill, 1e-9), "peak_bytes": None, "wall_s": total}
+
+        bar = _bar(grid, len(models), "bench vLLM", progress)
+        points = _interleaved(list(models), grid, bar, measure)
+        bar.close()
+    rows = []
+    for name, batch, ctx, samples in points:
+        kv_tokens = loaded[name]["kv_cache_tokens"]
+        rows.append(_timing_row(name, batch, ctx, grid.gen, samples)
+                    | {"latency_s": statistics.median(s["wall_s"] for s in samples),
+                       "concurrent_sequences": kv_tokens // (ctx + grid.gen) if kv_tokens else None}
+                    | analytic(metas[name], batch, ctx, grid.gen))
+    return rows, loaded, runtime.version
