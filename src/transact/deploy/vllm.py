@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from transact.arch import shape_of
 from transact.errors import TransactError
 
 if TYPE_CHECKING:
@@ -50,9 +51,8 @@ ALWAYS_TIED = ("gemma2",)
 
 
 def _heads_pruned(config: PretrainedConfig) -> bool:
-    text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return text.num_attention_heads * head_dim != text.hidden_size
+    shape = shape_of(config)
+    return shape.num_heads * shape.head_dim != shape.hidden_size
 
 
 def serve_overrides(config: PretrainedConfig) -> dict | None:

@@ -90,11 +90,13 @@ def run(job: CompareJob) -> CompareResult:
         bench_result = bench_job.run(bench_run)
         write_json_atomic(bench_path, bench_result)
     sources = dict(zip(labels, job.models, strict=True))
-    quantized = None
+    sections = []
     if job.quantize:
+        from transact.measure import quantized
+
         configs = {label: prep.config for label, prep in zip(labels, preps, strict=True)}
-        quantized = _quantized(job, out, sources, configs)
-    return CompareResult(report.write_report(out, bench_result, evals, sources, quantized=quantized))
+        sections = quantized.section(out, _quantized(job, out, sources, configs))
+    return CompareResult(report.write_report(out, bench_result, evals, sources, sections=sections))
 
 
 def _quantized(job: CompareJob, out: Path, sources: dict[str, str], configs: dict[str, object]) -> dict:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transact.deploy.agreement import MAX_WEIGHT_ERROR, quantized_reference
 from transact.io.models import load_model, prepare_model
 from transact.io.text import token_stream
 from transact.measure import bench
 from transact.measure.perplexity import heldout_perplexity
-from transact.recipes import HeldoutText
+
+if TYPE_CHECKING:
+    from transact.recipes import HeldoutText
 
 # a tensor further than this from the checkpoint's is a wrong file, whatever the type (MAX_WEIGHT_ERROR's bound)
 _WRONG_FILE = 0.5
@@ -91,6 +94,21 @@ def verdicts(rows: list[dict], reference: str) -> list[str]:
         else:
             lines.append(f"- {what}: **no file of `{reference}` is as small and as good**")
     return lines
+
+
+def section(out: Path, q: dict) -> list[str]:
+    """The report's "Prune or quantize" section (markdown lines) for ``q`` (OUT/quantized.json), with its plot
+    written to OUT/quantized.png."""
+    plot(q["rows"], out / "quantized.png")
+    grid = q["speed_grid"]
+    return ["## Prune or quantize", "",
+            f"Every model written as each GGUF type (llama.cpp's converter and quantizer; files in `gguf/`). "
+            f"Perplexity: transformers running each file's own dequantized weights on `{q['text']}` "
+            f"({q['tokens'] or 'all'} tokens, window {q['window']}). Decode: llama.cpp, batch 1, a "
+            f"{grid['contexts'][0]}-token prompt then {grid['gen']} tokens, median of {grid['repeats']}.", "",
+            table(q["rows"]), "", "![prune or quantize](quantized.png)", "",
+            f"Against the files of `{q['reference']}` (a pruned file loses where one of them is no larger and no "
+            "worse):", "", *verdicts(q["rows"], q["reference"]), ""]
 
 
 def table(rows: list[dict]) -> str:

@@ -203,21 +203,6 @@ def speed_table(bench: dict) -> str:
                    "speedup measured / bytes", "latency s", "speedup", "peak extra MiB"], rows)
 
 
-def _quantized_section(out: Path, q: dict) -> list[str]:
-    from transact.measure import quantized
-
-    quantized.plot(q["rows"], out / "quantized.png")
-    grid = q["speed_grid"]
-    return ["## Prune or quantize", "",
-            f"Every model written as each GGUF type (llama.cpp's converter and quantizer; files in `gguf/`). "
-            f"Perplexity: transformers running each file's own dequantized weights on `{q['text']}` "
-            f"({q['tokens'] or 'all'} tokens, window {q['window']}). Decode: llama.cpp, batch 1, a "
-            f"{grid['contexts'][0]}-token prompt then {grid['gen']} tokens, median of {grid['repeats']}.", "",
-            quantized.table(q["rows"]), "", "![prune or quantize](quantized.png)", "",
-            f"Against the files of `{q['reference']}` (a pruned file loses where one of them is no larger and no "
-            "worse):", "", *quantized.verdicts(q["rows"], q["reference"]), ""]
-
-
 def concurrency_table(bench: dict) -> str:
     """vLLM: the KV cache each engine allocated in the same memory, and how many sequences of each context
     (prompt plus generated tokens) it holds at once: what a server's throughput under load is bounded by."""
@@ -234,7 +219,7 @@ def concurrency_table(bench: dict) -> str:
 
 
 def write_report(out: Path, bench: dict, evals: dict[str, dict], sources: dict[str, str], *,
-                 quantized: dict | None = None) -> Path:
+                 sections: list[str] = ()) -> Path:
     """report.md plus flops_vs_context.png, speed.png and (if tasks ran) tasks.png in ``out``."""
     plot_flops(bench, out / "flops_vs_context.png")
     plot_speed(bench, out / "speed.png")
@@ -280,8 +265,7 @@ def write_report(out: Path, bench: dict, evals: dict[str, dict], sources: dict[s
         "![speed](speed.png)",
         "",
     ]
-    if quantized:
-        lines += _quantized_section(out, quantized)
+    lines += sections  # further sections a caller adds (compare --quantize: prune or quantize)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
