@@ -170,7 +170,7 @@ def bench_vllm(job: BenchJob) -> dict:
                                                 progress=job.progress)
     rows = bench.add_ratios(rows, reference=labels[0])
     return {"format": RESULT_FORMAT, "engine": "vllm", "reference": labels[0], "grid": asdict(job.grid),
-            "models": {label: bench.config_static_costs(m) | loaded[label] for label, m in models.items()},
+            "models": loaded,
             "rows": rows, "kv_cache_gib": job.kv_cache_gib,
             "machine": machine() | {"vllm_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")},
             "versions": {"vllm": version}, "sources": dict(zip(labels, job.models, strict=True)),

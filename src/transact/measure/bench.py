@@ -347,18 +347,14 @@ def _meta_model(config, dtype: str) -> nn.Module:
         return get_adapter(config).model_class().from_config(config, dtype=getattr(torch, dtype))
 
 
-def config_static_costs(model: VllmModel, contexts: tuple[int, ...] = FLOP_CONTEXTS) -> dict:
-    """As ``static_costs``, from the config alone (in the dtype vLLM computes in)."""
-    return static_costs(_meta_model(model.config, model.dtype), contexts)
-
-
 def run_vllm_grid(models: dict[str, VllmModel], grid: BenchGrid, *, kv_cache_gib: int, python: str | None = None,
                   progress: bool = True) -> tuple[list[dict], dict[str, dict], str]:
     """``run_grid`` in vLLM: one engine per model (each with ``kv_cache_gib`` of KV cache and room for the
     largest batch and context), run interleaved. A point is timed as for a llama.cpp batch: one request for
     the prompts plus one token (prefill), another for the prompts plus ``gen + 1`` tokens; decode is the
     difference. Prefix caching is off, so the second request computes its prefill again.
-    -> (rows, {name: what its engine reported at load: KV-cache tokens, load time}, vLLM's version)."""
+    -> (rows, {name: ``static_costs`` from its config (in vLLM's dtype) and what its engine reported at load:
+    KV-cache tokens, load time}, vLLM's version)."""
     from transact.deploy import vllm
     from transact.io.models import load_tokenizer, resolve_source
 
@@ -369,8 +365,9 @@ def run_vllm_grid(models: dict[str, VllmModel], grid: BenchGrid, *, kv_cache_gib
         for name, m in models.items():
             if progress:
                 print(f"loading {name} in vLLM ...", flush=True)
-            loaded[name] = runtime.load(name, m.path, dtype=m.dtype, max_model_len=max_len,
-                                        max_num_seqs=max(grid.batches), hf_overrides=vllm.serve_overrides(m.config))
+            loaded[name] = static_costs(metas[name]) | runtime.load(
+                name, m.path, dtype=m.dtype, max_model_len=max_len, max_num_seqs=max(grid.batches),
+                hf_overrides=vllm.serve_overrides(m.config))
             # prompts drawn from ids the tokenizer knows: vLLM refuses ids past it (Qwen2's embedding is larger)
             tokenizer = load_tokenizer(resolve_source(m.path))
             vocab[name] = min(shape_of(m.config).vocab_size, len(tokenizer) if tokenizer else 10**9)
