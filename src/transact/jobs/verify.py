@@ -45,7 +45,7 @@ class VerifyResult(dict):
     def summary(self) -> str:
         lines = [f"{self['model']}: vLLM {self['version']} loads it as {self['architecture']} ({self['dtype']}) "
                  f"and agrees with transformers: greedy {self['agree']}/{self['steps']} tokens, worst log-prob "
-                 f"difference {self['max_logprob_diff']:.4f} nats, mean {self['mean_logprob_diff']:.4f} "
+                 f"difference {self['max_logprob_diff']:.2g} nats, mean {self['mean_logprob_diff']:.2g} "
                  f"(tolerance {self['tolerance']})",
                  f"KV cache: {self['kv_cache_tokens']:,} tokens in {self['kv_cache_gib']:g} GiB",
                  f"serve it with: {vllm.serve_command(self['model_dir'], self['hf_overrides'])}"]
