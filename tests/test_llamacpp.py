@@ -10,6 +10,7 @@ from tiny import HEADS_MUST_DIVIDE_HIDDEN, TIED, random_plan, tiny_config, tiny_
 from transformers import AutoTokenizer
 
 import transact.jobs.export
+from transact.arch import shape_of
 from transact.cli import main
 from transact.core.surgery import prune_
 from transact.deploy import llamacpp, quantize
@@ -137,6 +138,61 @@ def test_mlp_pruning_exports_and_agrees_where_pruned_heads_cannot(tmp_path, requ
     check = result["verification"]
     assert check["ok"] and check["agree"] >= 31 and check["max_logprob_diff"] < 0.01
     assert result["summary"]["architecture"] == family
+
+
+# Depth-pruned checkpoints: (family, layers, dropped) -> exported and agreeing, or refused by the family's
+# llama.cpp layer pattern (every 6th layer full attention in Gemma 3, every 4th without RoPE in SmolLM3).
+# Qwen3.5's converter writes which layers are recurrent from layer_types, so its hybrid stack can lose a layer
+# of either kind; a SmolLM3 block of four keeps the NoPE layers every fourth.
+DEPTH_CASES = [("llama", 4, [1]), ("mistral", 4, [2, 3]), ("qwen3", 4, [1]), ("mixtral", 4, [0]),
+               ("qwen3_moe", 4, [2]), ("granite", 4, [1]), ("phi3", 4, [3]), ("qwen3_5_text", 4, [0]),
+               ("smollm3", 8, [4, 5, 6, 7]), ("gemma2", 4, [2, 3]), ("gemma3_text", 12, [6, 7, 8, 9, 10, 11])]
+DEPTH_REFUSED = [("gemma2", 4, [2], "every 2th layer a full-attention layer"),
+                 ("gemma3_text", 7, [3], "every 6th layer a full-attention layer"),
+                 ("smollm3", 5, [1], "no_rope_layers differ")]
+
+
+@pytest.mark.parametrize(("family", "layers", "dropped"), DEPTH_CASES, ids=[c[0] for c in DEPTH_CASES])
+def test_depth_pruned_export_loads_and_agrees(tmp_path, request, gguf_tokenizer, family, layers, dropped):
+    from transact.core.depth import remove_layers_
+    from transact.core.plan import whole_plan
+
+    tokenizer = request.getfixturevalue("sentencepiece_tokenizers")[family] if family in SENTENCEPIECE_FAMILIES \
+        else gguf_tokenizer
+    vocab = SPM_VOCAB if family in SENTENCEPIECE_FAMILIES else VOCAB
+    model = tiny_model(family, heads=4, kv_heads=2, hidden=64, mlp=96, vocab_size=vocab, tie=family in TIED,
+                       **{**GGUF_SETTINGS.get(family, {}), "layers": layers})
+    remove_layers_(model, dropped)
+    write_checkpoint(model, tokenizer, tmp_path / "model", plan=whole_plan(shape_of(model)), report={},
+                     save_dtype=torch.float32)
+    result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
+                                           progress=False))
+    check = result["verification"]
+    assert check["ok"] and check["agree"] >= 30
+    # llama.cpp's GELU differs from transformers' a little in every layer: a 6-layer tiny Gemma 3 that was never
+    # depth-pruned differs by 0.022 nats, the same model of 12 layers with 6 dropped by 0.027. A Qwen3.5 stack
+    # opening with a full-attention layer differs more than one opening with a linear one: built so, without a
+    # drop, 0.008 (and the same with full_attention_interval 2 or 3: llama.cpp reads the per-layer kinds); here
+    # 0.016
+    bound = 0.04 if family in GELU else 0.02 if family == "qwen3_5_text" else 0.01
+    assert check["max_logprob_diff"] < bound
+    assert result["summary"]["block_count"] == layers - len(dropped)
+
+
+@pytest.mark.parametrize(("family", "layers", "dropped", "message"), DEPTH_REFUSED, ids=[c[0] for c in DEPTH_REFUSED])
+def test_depth_pruned_export_refused_where_llamacpp_fixes_the_layer_pattern(tmp_path, gguf_tokenizer, family,
+                                                                             layers, dropped, message):
+    from transact.core.depth import remove_layers_
+    from transact.core.plan import whole_plan
+
+    model = tiny_model(family, heads=4, kv_heads=2, hidden=64, mlp=96, vocab_size=VOCAB,
+                       **{**GGUF_SETTINGS.get(family, {}), "layers": layers})
+    remove_layers_(model, dropped)
+    write_checkpoint(model, gguf_tokenizer, tmp_path / "model", plan=whole_plan(shape_of(model)), report={},
+                     save_dtype=torch.float32)
+    with pytest.raises(TransactError, match=message):
+        run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", progress=False))
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_architecture_mapping():

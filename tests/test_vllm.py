@@ -116,6 +116,29 @@ def test_pruned_qwen2_is_served_through_vllms_llama(tmp_path, capsys):
 
 
 @needs_vllm
+def test_a_depth_pruned_gemma3_keeps_its_layer_types_in_vllm(tmp_path, capsys):
+    """A Gemma 3 of sliding-window and full-attention layers in alternation, with one layer dropped so the
+    alternation breaks: vLLM must take each layer's kind from layer_types (the prompts are longer than the
+    8-token window, so a layer of the wrong kind would change the predictions)."""
+    from transact.arch import shape_of
+    from transact.cli import main
+    from transact.core.depth import remove_layers_
+    from transact.core.plan import whole_plan
+    from transact.io.checkpoint import write_checkpoint
+
+    pruned = tmp_path / "pruned"
+    model = tiny_model("gemma3_text", heads=4, kv_heads=2, head_dim=32, hidden=128, mlp=192, layers=5, tie=True)
+    remove_layers_(model, [1])
+    write_checkpoint(model, char_tokenizer(), pruned, plan=whole_plan(shape_of(model)), report={},
+                     save_dtype=torch.float32)
+    layer_types = json.loads((pruned / "config.json").read_text())["layer_types"]
+    assert layer_types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    capsys.readouterr()
+    assert main(["verify", str(pruned), "--verify-tokens", "8", "--quiet"]) == 0
+    assert "greedy 32/32 tokens" in capsys.readouterr().out
+
+
+@needs_vllm
 def test_a_load_failure_names_vllms_reason(tmp_path):
     """A checkpoint vLLM cannot read fails with vLLM's own reason from its log (here: no weights at all)."""
     folder = tmp_path / "broken"

@@ -14,6 +14,7 @@ from transact.api import ApplyPlanJob, PruneJob, load, model_info, prune, run_ap
 from transact.arch import SUPPORTED_MODEL_TYPES, FamilyAdapter, ModelShape, get_adapter
 from transact.core.calibrate import ActivationStats, Statistics, calibrate, record_transitional_stats
 from transact.core.correct import Corrector, corrector_names, get_corrector, register_corrector
+from transact.core.depth import DepthOptions, DepthPlan, drop_layers_, remove_layers_
 from transact.core.metrics import LayerScores, Metric, get_metric, metric_names, register_metric
 from transact.core.plan import PrunePlan
 from transact.core.select import make_plan
@@ -34,6 +35,8 @@ __all__ = [
     "Calibration",
     "CompareJob",
     "Corrector",
+    "DepthOptions",
+    "DepthPlan",
     "EvalJob",
     "FamilyAdapter",
     "HeldoutText",
@@ -52,6 +55,7 @@ __all__ = [
     "apply_step",
     "calibrate",
     "corrector_names",
+    "drop_layers_",
     "gather_statistics",
     "get_adapter",
     "get_corrector",
@@ -71,6 +75,7 @@ __all__ = [
     "register_corrector",
     "register_method",
     "register_metric",
+    "remove_layers_",
     "resolve_targets",
     "run_apply_plan",
     "run_bench",

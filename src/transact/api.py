@@ -57,7 +57,7 @@ def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, texts: li
                  progress: bool = True) -> PrunePlan:
     """``plan`` (its recipe read back from the plan) on its base model ``model`` again, in place: the same
     weights as the first time, bit for bit (see ``transact.core.step.reapply_plan``)."""
-    recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections else None
+    recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections or plan.depth else None
     return core_reapply(model, plan, tokenizer, recipe=recipe, texts=texts, progress=progress)
 
 

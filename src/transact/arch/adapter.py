@@ -54,6 +54,15 @@ class HybridStack:
     linear_attention: Callable[[PretrainedConfig], LinearAttentionShape | None]
 
 
+@dataclass(frozen=True)
+class NormGain:
+    """A norm within each decoder layer (``name``) whose output is its normalized input times
+    ``offset + weight`` per channel (Gemma stores gains as offsets from 1)."""
+
+    name: str
+    offset: float = 0.0
+
+
 def _unchanged(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
@@ -95,6 +104,11 @@ class GgufTarget:
     converter_args: tuple[str, ...] = ()
 
 
+def _per_layer(key: str, value: Any, layers: int) -> bool:
+    """Whether a config entry is a list with one value per decoder layer."""
+    return isinstance(value, list) and len(value) == layers and key != "architectures"
+
+
 def head_layout(config: PretrainedConfig) -> tuple[int, int, int]:
     """(num_heads, num_kv_heads, head_dim) as a text config states them (kv defaults to MHA)."""
     heads = int(config.num_attention_heads)
@@ -115,6 +129,11 @@ class FamilyAdapter:
       final hidden states in chunks (``lm_logits``).
     - ``gguf(text_config)``: llama.cpp's architecture for the checkpoint (None: llama.cpp has none).
     - ``notes(text_config)``: what a user should know about pruning this family (``transact info`` prints it).
+    - ``mlp_residual(text_config)``: the factor each layer's MLP output is added to the residual stream with
+      (Granite's ``residual_multiplier``; 1 for most families), or None where a norm stands between them
+      (Gemma's post-feedforward norm), so that no linear map folds into ``down_proj`` (depth pruning's
+      compensation, ``transact.core.depth``). ``mlp_output_norm`` names that norm, whose gain can carry a
+      per-channel map instead.
     """
 
     model_type: str
@@ -126,6 +145,8 @@ class FamilyAdapter:
     logit_transform: Callable[[PretrainedConfig], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
     gguf: Callable[[PretrainedConfig], GgufTarget] | None = None
     notes: Callable[[PretrainedConfig], tuple[str, ...]] = field(default=lambda config: ())
+    mlp_residual: Callable[[PretrainedConfig], float | None] = field(default=lambda config: 1.0)
+    mlp_output_norm: NormGain | None = None
 
     def model_class(self) -> type:
         """The auto class whose ``from_pretrained`` / ``from_config`` gives this family's full model."""
@@ -186,13 +207,23 @@ class FamilyAdapter:
         values = config.to_dict()
         layers = config.num_hidden_layers
         for key, value in values.items():
-            if isinstance(value, list) and len(value) == layers and key != "architectures":
+            if _per_layer(key, value, layers):
                 values[key] = [value[index]]
         values.update(num_hidden_layers=1, vocab_size=1, pad_token_id=None, bos_token_id=None, eos_token_id=None,
                       tie_word_embeddings=False)
         one = type(config).from_dict(values)
         one._attn_implementation = config._attn_implementation
         return one
+
+    def keep_layers(self, config: PretrainedConfig, keep: list[int]) -> None:
+        """Cut ``config`` to its layers ``keep`` (ascending), in place: ``num_hidden_layers`` and the same
+        entries of every per-layer list (``layer_types``, ``no_rope_layers`` and the like) of the text config."""
+        text = self.text_config(config)
+        layers = text.num_hidden_layers
+        for key, value in text.to_dict().items():
+            if _per_layer(key, value, layers):
+                setattr(text, key, [value[i] for i in keep])
+        text.num_hidden_layers = len(keep)
 
     def apply_changes(self, config: PretrainedConfig, changes: dict[str, Any]) -> None:
         """Set ``changes`` (text-config key -> value, as a pruned one-layer model's config differs from the

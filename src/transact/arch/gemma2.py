@@ -1,6 +1,7 @@
 """Gemma 2: the Llama block with sandwich norms (a norm after attention and after the MLP, before each
 residual add), ``(1 + w)`` RMSNorm gains, a scaled embedding, GeGLU, soft-capped attention and final
-logits, and alternating sliding-window layers. None of these depends on the head or channel count:
+logits, and alternating sliding-window layers (llama.cpp places them itself: layers whose ``layer_types``
+do not alternate, as after dropping one layer, are not exported). None of these depends on the head or channel count:
 slicing heads and channels is exact, and the attention scale ``query_pre_attn_scalar ** -0.5`` is a
 stored constant that a pruned checkpoint keeps.
 
@@ -23,7 +24,7 @@ import torch
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, head_layout
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, NormGain, head_layout
 from transact.arch.shape import HeadRule
 from transact.errors import TransactError
 
@@ -41,6 +42,22 @@ def llamacpp_attention_scale_dim(config: PretrainedConfig, layers_27b: int) -> i
     """The number whose inverse square root llama.cpp takes as the attention scale of a Gemma model."""
     heads, _, head_dim = head_layout(config)
     return config.hidden_size // heads if config.num_hidden_layers == layers_27b else head_dim
+
+
+def full_attention_every(period: int, architecture: str) -> Callable[[PretrainedConfig], str | None]:
+    """llama.cpp's Gemma architectures place the full-attention layers themselves (every ``period``th, the
+    others sliding): the check that refuses a checkpoint whose ``layer_types`` differ (dropped layers can
+    break the pattern)."""
+
+    def check(config: PretrainedConfig) -> str | None:
+        expected = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                    for i in range(config.num_hidden_layers)]
+        if list(config.layer_types) != expected:
+            return (f"llama.cpp's {architecture} architecture makes every {period}th layer a full-attention layer; "
+                    f"this model's layer_types differ ({config.layer_types}), so it is not exported")
+        return None
+
+    return check
 
 
 def gemma_gguf(architecture: str, layers_27b: int, check: Callable[[PretrainedConfig], str | None] | None = None
@@ -83,8 +100,20 @@ def gemma2_notes(config: PretrainedConfig) -> tuple[str, ...]:
             *gemma_notes(config, GEMMA2_27B_LAYERS))
 
 
+def normed_mlp_output(config: PretrainedConfig) -> None:
+    """Gemma's MLP output passes through post_feedforward_layernorm before it joins the residual stream, so
+    no linear map on it folds into down_proj (see ``FamilyAdapter.mlp_residual``); the norm's gain, stored as
+    an offset from 1, can carry a per-channel one (``POST_MLP_NORM``)."""
+    return None
+
+
+POST_MLP_NORM = NormGain("post_feedforward_layernorm", offset=1.0)
+
+
 GEMMA2_27B_LAYERS = 46  # how llama.cpp recognises Gemma 2 27B
 
 ADAPTER = register(FamilyAdapter("gemma2", checkpoint=CheckpointRules(head_rule=heads_dividing_hidden),
-                                 gguf=gemma_gguf("gemma2", GEMMA2_27B_LAYERS), notes=gemma2_notes,
-                                 logit_transform=soft_capping))
+                                 gguf=gemma_gguf("gemma2", GEMMA2_27B_LAYERS, check=full_attention_every(2, "gemma2")),
+                                 notes=gemma2_notes,
+                                 logit_transform=soft_capping, mlp_residual=normed_mlp_output,
+                                 mlp_output_norm=POST_MLP_NORM))

@@ -17,29 +17,26 @@ multimodal checkpoint (the vision tower goes to a separate projector file, which
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
-
 from transact.arch import register
 from transact.arch.adapter import CheckpointRules, FamilyAdapter, ModuleNames
-from transact.arch.gemma2 import gemma_gguf, gemma_notes, heads_dividing_hidden, soft_capping
+from transact.arch.gemma2 import (
+    POST_MLP_NORM,
+    full_attention_every,
+    gemma_gguf,
+    gemma_notes,
+    heads_dividing_hidden,
+    normed_mlp_output,
+    soft_capping,
+)
 
 LLAMACPP_PERIOD = 6  # llama.cpp's gemma3: layers 6, 12, ... (1-based) attend to the full context
-
-
-def llamacpp_layer_pattern(config: PretrainedConfig) -> str | None:
-    expected = ["full_attention" if (i + 1) % LLAMACPP_PERIOD == 0 else "sliding_attention"
-                for i in range(config.num_hidden_layers)]
-    if list(config.layer_types) != expected:
-        return (f"llama.cpp's gemma3 architecture makes every {LLAMACPP_PERIOD}th layer a full-attention layer; "
-                f"this model's layer_types differ ({config.layer_types}), so it is not exported")
-    return None
-
 
 GEMMA3_27B_LAYERS = 62  # how llama.cpp recognises Gemma 3 27B
 
 _GEMMA3 = dict(checkpoint=CheckpointRules(head_rule=heads_dividing_hidden),
-               gguf=gemma_gguf("gemma3", GEMMA3_27B_LAYERS, check=llamacpp_layer_pattern),
-               notes=lambda config: gemma_notes(config, GEMMA3_27B_LAYERS))
+               gguf=gemma_gguf("gemma3", GEMMA3_27B_LAYERS, check=full_attention_every(LLAMACPP_PERIOD, "gemma3")),
+               notes=lambda config: gemma_notes(config, GEMMA3_27B_LAYERS), mlp_residual=normed_mlp_output,
+               mlp_output_norm=POST_MLP_NORM)
 
 # Gemma3ForCausalLM soft-caps its logits where the config sets a cap; Gemma3ForConditionalGeneration does not
 ADAPTER = register(FamilyAdapter("gemma3_text", logit_transform=soft_capping, **_GEMMA3))

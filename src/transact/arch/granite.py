@@ -37,4 +37,5 @@ def logits_scaling(config: PretrainedConfig):
 
 ADAPTER = register(FamilyAdapter(
     "granite", checkpoint=CheckpointRules(output_bias_flags=("attention_bias", "mlp_bias")), gguf=granite_gguf,
-    notes=granite_notes, logit_transform=logits_scaling))
+    notes=granite_notes, logit_transform=logits_scaling,
+    mlp_residual=lambda config: float(config.residual_multiplier)))

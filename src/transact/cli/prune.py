@@ -7,6 +7,7 @@ import argparse
 
 from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, multiple_of, width
 from transact.cli.plugins import add_plugin_flags, chosen_correctors, routed_options
+from transact.core.depth import BLOCK_SCORES, DepthOptions
 from transact.errors import TransactError
 from transact.jobs import apply_plan, info, prune
 from transact.recipes import Calibration, HeldoutText, PruneRecipe
@@ -39,6 +40,7 @@ def _prune_parser(sub) -> None:
                    "a multiple of 8): a count or a fraction in (0,1)")
     p.add_argument("--experts", type=width, help="mixtures of experts: experts kept per layer, at least the number "
                    "each token is routed to: a count or a fraction in (0,1)")
+    _add_depth_flags(p)
     p.add_argument("--multiple-of", type=multiple_of, default=default(PruneRecipe, "multiple_of"), metavar="N|TYPE",
                    help="round every pruned width (heads x head_dim, MLP channels) to a multiple of N, or of what a "
                    "llama.cpp type needs (q4_k_m: 256, q4_0: 32); 128 suits vLLM's 4-bit Marlin kernels")
@@ -78,6 +80,56 @@ def _prune_parser(sub) -> None:
     p.set_defaults(handler=_prune)
 
 
+def _add_depth_flags(p) -> None:
+    depth = DepthOptions(1)
+    p.add_argument("--drop-layers", type=drop_count, default=None, metavar="N|FRACTION",
+                   help="also drop a contiguous block of decoder layers (a count, or a fraction of the layers), chosen "
+                   "on the calibration text, before the widths are pruned; a least-squares map folded into the layer "
+                   "before the block stands in for it where that lowers the calibration loss")
+    p.add_argument("--block-score", choices=BLOCK_SCORES, default=depth.score,
+                   help="with --drop-layers: choose the block by the calibration loss with it skipped (loss, the "
+                   "default: one pass over --loss-samples windows per candidate block) or by the angular distance "
+                   "between its input and output hidden states (angular: one pass)")
+    p.add_argument("--loss-samples", type=int, default=depth.loss_samples,
+                   help=f"with --block-score loss: the calibration windows each candidate runs on (default "
+                   f"{depth.loss_samples})")
+    p.add_argument("--no-depth-map", dest="depth_map", action="store_false",
+                   help="with --drop-layers: remove the block without the least-squares map")
+    p.add_argument("--depth-damp", type=float, default=depth.damp,
+                   help=f"with --drop-layers: the map's damping, relative to its Gram matrix (default {depth.damp})")
+
+
+def drop_count(text: str) -> int | float:
+    """'3' -> 3 layers; '0.25' -> a quarter of the layers."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a count of layers nor a fraction in (0, 1)") \
+                from None
+    try:
+        DepthOptions(value)
+    except TransactError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _depth(args) -> DepthOptions | None:
+    if args.drop_layers is None:
+        defaults = DepthOptions(1)
+        given = [flag for flag, changed in (("--block-score", args.block_score != defaults.score),
+                                            ("--loss-samples", args.loss_samples != defaults.loss_samples),
+                                            ("--no-depth-map", not args.depth_map),
+                                            ("--depth-damp", args.depth_damp != defaults.damp)) if changed]
+        if given:
+            raise TransactError(f"{given[0]} belongs to --drop-layers, which is not given")
+        return None
+    return DepthOptions(args.drop_layers, score=args.block_score, compensate=args.depth_map, damp=args.depth_damp,
+                        loss_samples=args.loss_samples)
+
+
 def _eval_text(args) -> HeldoutText | None:
     if args.eval_text is None:
         return None
@@ -93,7 +145,7 @@ def recipe_of(args) -> PruneRecipe:
     return PruneRecipe(heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, experts=args.experts,
                        gate_weighted=args.gate_weighted, metric=args.metric, metric_options=metric_options,
                        seed=args.seed, multiple_of=args.multiple_of, correctors=tuple(correctors),
-                       corrector_options=corrector_options,
+                       corrector_options=corrector_options, depth=_depth(args),
                        calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                                batch_size=args.batch_size))
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from transact.arch import ModelShape
+from transact.core.depth import DepthPlan
 from transact.core.targets import Targets, check_targets
 from transact.errors import TransactError
 
@@ -58,13 +59,22 @@ class PrunePlan:
     # A mixture of experts pruned to fewer experts: per layer, the share of the calibration tokens' routes
     # (tokens x experts per token) that went to the experts the plan drops.
     dropped_expert_routes: list[float] | None = None
+    # Layers dropped before the widths were pruned (``source`` is then the shape after the drop, and
+    # ``depth.source`` the base model's).
+    depth: DepthPlan | None = None
+
+    @property
+    def base_shape(self) -> ModelShape:
+        """The shape of the model the plan applies to."""
+        return self.depth.source if self.depth is not None else self.source
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source.to_json(), "targets": self.targets.to_json(),
                 "layers": [layer.to_json() for layer in self.layers], "recipe": self.recipe,
                 "calibration_hash": self.calibration_hash, "versions": self.versions,
                 "corrections": self.corrections, "format": self.format,
-                **({"dropped_expert_routes": self.dropped_expert_routes} if self.dropped_expert_routes else {})}
+                **({"dropped_expert_routes": self.dropped_expert_routes} if self.dropped_expert_routes else {}),
+                **({"depth": self.depth.to_json()} if self.depth is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PrunePlan:
@@ -80,6 +90,7 @@ class PrunePlan:
                 versions=data.get("versions", {}),
                 corrections=data.get("corrections", _legacy_corrections(data.get("recipe", {}))),
                 dropped_expert_routes=data.get("dropped_expert_routes"),
+                depth=DepthPlan.from_json(data["depth"]) if data.get("depth") else None,
             )
         except (KeyError, TypeError) as e:
             raise TransactError(f"not a transact plan: {e}") from None
@@ -122,8 +133,26 @@ class PrunePlan:
                 )
 
     def check_applies_to(self, shape: ModelShape) -> None:
-        if shape != self.source:
-            raise TransactError(f"this plan was made for {self.source}, but the model is {shape}")
+        if shape != self.base_shape:
+            raise TransactError(f"this plan was made for {self.base_shape}, but the model is {shape}")
+
+
+def whole_plan(shape: ModelShape, **fields: Any) -> PrunePlan:
+    """A plan that keeps every unit of ``shape`` (a step that only drops layers); ``fields`` as PrunePlan's."""
+    moe = shape.is_moe
+    targets = Targets(shape.num_heads, shape.num_kv_heads, shape.intermediate_size,
+                      shape.num_experts if moe else None, shape.shared_expert_size if moe else None)
+    layers = []
+    for i in range(shape.num_layers):
+        attention = shape.has_attention(i)
+        experts = list(range(shape.num_experts)) if moe else None
+        layers.append(LayerPlan(
+            heads=list(range(shape.num_heads)) if attention else [],
+            kv_heads=list(range(shape.num_kv_heads)) if attention else [],
+            mlp=list(range(shape.shared_expert_size or 0)) if moe else list(range(shape.intermediate_size)),
+            experts=experts,
+            expert_mlp=[list(range(shape.intermediate_size)) for _ in experts] if moe else None))
+    return PrunePlan(source=shape, targets=targets, layers=layers, **fields)
 
 
 def _legacy_corrections(recipe: dict[str, Any]) -> list[dict[str, Any]]:

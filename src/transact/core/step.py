@@ -18,8 +18,9 @@ from torch import nn
 from transact.arch import get_adapter, shape_of
 from transact.core.calibrate import Statistics, collect_statistics, sample_windows, windows_hash
 from transact.core.correct import get_corrector
+from transact.core.depth import DepthPlan, drop_layers_
 from transact.core.metrics import METRICS, get_metric
-from transact.core.plan import PrunePlan, dropped_routes
+from transact.core.plan import PrunePlan, dropped_routes, whole_plan
 from transact.core.select import make_plan
 from transact.core.surgery import prune_
 from transact.core.targets import Targets, resolve_targets
@@ -110,10 +111,26 @@ def apply_step(model: nn.Module, plan: PrunePlan, statistics: Statistics | None 
 def prune_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targets | None = None,
                texts: list[str] | None = None, statistics: Statistics | None = None, note: dict | None = None,
                progress: bool = True) -> PrunePlan:
-    """The whole step on ``model``, in place: calibrate, score, select, correct, slice; -> the plan."""
+    """The whole step on ``model``, in place: drop layers where the recipe says so, then calibrate, score,
+    select, correct, slice; -> the plan."""
+    depth = None
+    if recipe.depth is not None:
+        if statistics is not None:
+            raise TransactError("statistics collected beforehand describe every layer; a recipe that drops layers "
+                                "calibrates after the drop")
+        windows = calibration_windows(tokenizer, recipe, texts)
+        depth = drop_layers_(model, windows, recipe.depth, batch_size=recipe.calibration.batch_size,
+                             progress=progress)
+        if not recipe.has_widths:
+            return whole_plan(shape_of(model), recipe={**(note or {}), **recipe.to_json()},
+                              calibration_hash=windows_hash(windows), versions=library_versions(), depth=depth)
     plan, statistics = plan_step(model, tokenizer, recipe, targets=targets, texts=texts, statistics=statistics,
                                  note=note, progress=progress)
-    return apply_step(model, plan, statistics, recipe)
+    plan = apply_step(model, plan, statistics, recipe)
+    if depth is None:
+        return plan
+    # a width step that calibrated nothing (a data-free metric, no corrector) recorded no hash; the drop did
+    return replace(plan, depth=depth, calibration_hash=plan.calibration_hash or windows_hash(windows))
 
 
 def check_reproducible(plan: PrunePlan) -> None:
@@ -126,8 +143,12 @@ def check_reproducible(plan: PrunePlan) -> None:
 
 
 def needs_recalibration(plan: PrunePlan) -> bool:
-    """Whether recreating the plan's checkpoint needs the calibration statistics again (a correction that
-    depends on them)."""
+    """Whether recreating the plan's checkpoint needs the calibration text again (a correction, or a depth
+    map, that depends on it)."""
+    return (plan.depth is not None and plan.depth.map_applied) or _corrections_need_statistics(plan)
+
+
+def _corrections_need_statistics(plan: PrunePlan) -> bool:
     return any(not get_corrector(record["name"]).reproducible for record in plan.corrections)
 
 
@@ -135,14 +156,28 @@ def recalibrate(model: nn.Module, tokenizer, plan: PrunePlan, recipe: PruneRecip
                 progress: bool = True) -> Statistics:
     """The statistics the plan's correctors used, from the same calibration windows: the recipe's text must
     give exactly the tokens recorded by the plan's calibration hash."""
+    windows = checked_windows(tokenizer, plan, recipe, texts)
+    names = tuple(dict.fromkeys(s for r in plan.corrections for s in get_corrector(r["name"]).statistics))
+    return collect_statistics(model, windows, names, batch_size=recipe.calibration.batch_size, progress=progress,
+                              gate_weighted=recipe.gate_weighted)
+
+
+def checked_windows(tokenizer, plan: PrunePlan, recipe: PruneRecipe, texts: list[str] | None) -> torch.Tensor:
+    """The recipe's calibration windows, refused unless they are exactly the tokens the plan records."""
     windows = calibration_windows(tokenizer, recipe, texts)
     if windows is None or windows_hash(windows) != plan.calibration_hash:
         raise TransactError(f"the calibration text {recipe.calibration.text!r} does not give the tokens this plan "
                             "was calibrated on (their hash differs), so its corrections cannot be recreated; run "
                             "transact prune again, or apply-plan with the same calibration text")
-    names = tuple(dict.fromkeys(s for r in plan.corrections for s in get_corrector(r["name"]).statistics))
-    return collect_statistics(model, windows, names, batch_size=recipe.calibration.batch_size, progress=progress,
-                              gate_weighted=recipe.gate_weighted)
+    return windows
+
+
+def _redo_depth(model: nn.Module, plan: PrunePlan, tokenizer, recipe: PruneRecipe, texts: list[str] | None,
+                progress: bool) -> DepthPlan:
+    """Drop the plan's layers again, folding its map (refitted on the same windows) where it had one."""
+    windows = checked_windows(tokenizer, plan, recipe, texts) if plan.depth.map_applied else None
+    return drop_layers_(model, windows, recipe.depth, recorded=plan.depth, batch_size=recipe.calibration.batch_size,
+                        progress=progress)
 
 
 def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, recipe: PruneRecipe | None = None,
@@ -152,10 +187,14 @@ def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, recipe: P
     ``transact.api.reapply_plan``); corrections that depend on calibration statistics are recomputed from the
     same calibration windows (checked by their hash)."""
     check_reproducible(plan)
-    if plan.corrections and recipe is None:
+    if (plan.corrections or plan.depth is not None) and recipe is None:
         raise TransactError("this plan's corrections run again with the options of its recipe: give "
                             "recipe=PruneRecipe.from_json(plan.recipe), or call transact.api.reapply_plan")
+    if plan.depth is not None:
+        _redo_depth(model, plan, tokenizer, recipe, texts, progress)
     recipe = recipe if plan.corrections else None
     stats = recalibrate(model, tokenizer, plan, recipe, texts=texts, progress=progress) \
-        if needs_recalibration(plan) else None
-    return apply_step(model, replace(plan, corrections=[]), stats, recipe)
+        if _corrections_need_statistics(plan) else None
+    # the widths apply to the model as the drop left it (the plan's ``source``)
+    applied = apply_step(model, replace(plan, corrections=[], depth=None), stats, recipe)
+    return replace(applied, depth=plan.depth)

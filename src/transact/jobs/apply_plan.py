@@ -35,7 +35,8 @@ def run(job: ApplyPlanJob) -> PruneResult:
     check_output_dir(job.out, force=job.force, inputs=(job.model,))
     plan = PrunePlan.load(job.plan)
     check_reproducible(plan)
-    recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections else None  # how to run its correctors again
+    # how to run its correctors, and the drop, again
+    recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections or plan.depth else None
     prep = prepare_model(job.model, job.device, job.dtype)
     plan.check_applies_to(prep.shape)
     texts, tokenizer = None, None

@@ -5,17 +5,26 @@ checkpoint with plan.json and report.json. Every input is checked before any wei
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 from torch import nn
 
 from transact.core.step import prune_step
+from transact.errors import TransactError
 from transact.io.checkpoint import write_verified
 from transact.io.models import load_model
 from transact.io.text import read_texts, token_stream
 from transact.jobs import prune_layerwise
-from transact.jobs.pruned import PruneResult, as_saved, checkpoint_report, prune_inputs, saved_model_type
+from transact.jobs.pruned import (
+    PruneResult,
+    as_saved,
+    checkpoint_report,
+    depth_notes,
+    prune_inputs,
+    saved_model_type,
+)
 from transact.measure.costs import model_summary
 from transact.measure.perplexity import heldout_perplexity
 from transact.recipes import HeldoutText, PruneRecipe
@@ -41,6 +50,9 @@ class PruneJob:
 def run(job: PruneJob) -> PruneResult:
     """Prune a model by name and write the verified checkpoint; every input is checked before loading."""
     if job.layerwise or job.sequential is not None or job.resume:
+        if job.recipe.depth is not None:
+            raise TransactError("dropping layers (--drop-layers) works on the whole model in memory; it is not "
+                                "available with --layerwise, --sequential or --resume yet")
         return prune_layerwise.run(job)
     eval_texts = read_texts(job.eval_text.text, builtin="heldout") if job.eval_text else None
     inputs = prune_inputs(job, tokenizer_for="perplexity" if eval_texts is not None else None)
@@ -53,6 +65,9 @@ def run(job: PruneJob) -> PruneResult:
         before["perplexity"] = _perplexity(model, eval_ids, job.eval_text, job.progress)
     t1 = time.perf_counter()
     plan = prune_step(model, tokenizer, recipe, targets=inputs.targets, texts=inputs.texts, progress=job.progress)
+    if plan.depth is not None and job.progress:
+        for line in depth_notes(model, prep.config):
+            print(f"note: {line}", file=sys.stderr)
     as_saved(model, plan, prep)
     prune_seconds = round(time.perf_counter() - t1, 2)
     after = model_summary(model)

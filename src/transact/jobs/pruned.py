@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter
+from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
-from transact.core.plan import PrunePlan
+from transact.core.plan import PrunePlan, whole_plan
 from transact.core.step import check_step
 from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
@@ -43,6 +44,8 @@ class PruneResult:
 
     def summary(self) -> str:
         lines = [summary_table(self.report["before"], self.report["after"], self.report["saved_as"])]
+        if self.plan.depth is not None:
+            lines.append(depth_line(self.plan.depth))
         routes = self.plan.dropped_expert_routes
         if routes:
             lines.append(f"dropped experts   took {100 * sum(routes) / len(routes):.2f} % of the calibration tokens' "
@@ -51,8 +54,25 @@ class PruneResult:
         return "\n".join(lines)
 
 
+def depth_line(depth: DepthPlan) -> str:
+    """What the drop did, in one line of the summary."""
+    first, last = depth.dropped[0], depth.dropped[-1]
+    line = f"dropped layers    {first}-{last} of {depth.source.num_layers} (chosen by {depth.score} score)"
+    comp = depth.compensation
+    kind = "per-channel map" if comp.get("kind") == "per_channel" else "least-squares map"
+    loss = comp.get("calibration_loss")
+    if loss is None:
+        return f"{line}; no map: {comp.get('reason', 'none')}"
+    losses = f"calibration loss {loss['without']:.3f} -> {loss['with']:.3f}"
+    if comp.get("applied"):
+        return f"{line}; {kind} folded into layer {comp['into_layer']} ({losses})"
+    return f"{line}; {kind} not kept: it raised the {losses}"
+
+
 def calibration_purpose(recipe: PruneRecipe) -> str:
     """What calibration is for, as a missing tokenizer's error names it."""
+    if recipe.depth is not None:
+        return "choosing the layers to drop (depth pruning calibrates on text)"
     if get_metric(recipe.metric).data_free:
         return f"calibration for the {'/'.join(recipe.correctors)} corrector (--no-reconstruct prunes by weights alone)"
     return "calibration and perplexity"
@@ -77,15 +97,20 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     for the path's own limits, widths, metric and correctors, tokenizer): -> them. ``tokenizer_for``: why a
     tokenizer is needed even without calibration (held-out text), if it is."""
     recipe = job.recipe
-    if not recipe.has_widths:
-        raise TransactError("nothing to prune: give heads, kv_heads, mlp and/or experts")
+    if not recipe.prunes_something:
+        raise TransactError("nothing to prune: give heads, kv_heads, mlp, experts and/or layers to drop")
     out = check_output_dir(job.out, force=job.force, inputs=(job.model,))
     texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
     prep = prepare_model(job.model, job.device, job.dtype)
     if check is not None:
         check(job, prep)
-    targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
-    check_step(prep.config, recipe, targets)
+    if recipe.depth is not None:  # a count of layers the model cannot spare fails here
+        layers_to_drop(recipe.depth.layers, prep.shape.num_layers)
+    if recipe.has_widths:
+        targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
+        check_step(prep.config, recipe, targets)
+    else:  # only layers are dropped
+        targets = whole_plan(prep.shape).targets
     if job.progress:
         for line in deployment_notes(prep.shape, targets, prep.config):
             print(f"note: {line}", file=sys.stderr)
@@ -108,6 +133,22 @@ def deployment_notes(shape: ModelShape, targets: Targets, config: PretrainedConf
     return quantize.fit_notes(changed) + ([marlin] if marlin else []) + serving
 
 
+def depth_notes(model: nn.Module, base_config: PretrainedConfig) -> list[str]:
+    """What a depth-pruned model's new layer stack means for llama.cpp: where the family's architecture fixes
+    a layer pattern the dropped block broke (or recognises a model by its layer count), an export the base
+    model allowed is refused."""
+    adapter = get_adapter(model)
+    try:
+        adapter.gguf_target(base_config)
+    except TransactError:
+        return []  # refused before the drop too (the family, or its widths): not the drop's doing
+    try:
+        adapter.gguf_target(model.config)
+    except TransactError as e:
+        return [f"llama.cpp, after the drop: {e}"]
+    return []
+
+
 def checkpoint_report(job_model: str, prep: PreparedModel, **parts: object) -> dict:
     """report.json of a written checkpoint: the model and how it was computed and saved, then ``parts``
     (before/after summaries, timings, the class it is saved as), then the library versions."""
@@ -118,7 +159,7 @@ def checkpoint_report(job_model: str, prep: PreparedModel, **parts: object) -> d
 def as_saved(model: nn.Module, plan: PrunePlan, prep: PreparedModel) -> None:
     """Corrected weights are saved, and measured, as the checkpoint holds them: rounded to the saved dtype
     where it is narrower than the compute dtype (plain slicing only copies values that already fit)."""
-    if plan.corrections and prep.save_dtype != prep.dtype:
+    if (plan.corrections or (plan.depth and plan.depth.map_applied)) and prep.save_dtype != prep.dtype:
         round_to_(model, prep.save_dtype)
 
 
@@ -143,6 +184,7 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
     rows = [
         ("family", before["model_type"],
          after["model_type"] + (f" (saved as {saved_as})" if saved_as and saved_as != after["model_type"] else ""), ""),
+        *([counted("layers", "layers")] if before["layers"] != after["layers"] else []),
         ("heads / kv heads", "{heads} / {kv_heads}".format(**before), "{heads} / {kv_heads}".format(**after), ""),
         counted("mlp channels" + (" per expert" if moe else ""), "mlp"),
         *([counted("experts", "experts"), counted("active parameters", "active_params")] if moe else []),

@@ -8,6 +8,7 @@ from typing import Any
 
 from transact.checks import fields_from
 from transact.core.correct import get_corrector
+from transact.core.depth import DepthOptions
 from transact.core.metrics import get_metric
 from transact.errors import TransactError
 from transact.options import build_options, options_json
@@ -98,6 +99,8 @@ class PruneRecipe:
     # measured (docs/results.md, "Least-squares refit"); () prunes by slicing alone.
     correctors: tuple[str, ...] = ("refit",)
     corrector_options: dict[str, Any] = field(default_factory=dict)
+    # depth pruning before the widths: a contiguous block of layers dropped (transact.core.depth; None: none)
+    depth: DepthOptions | None = None
 
     def __post_init__(self) -> None:
         for name in WIDTHS:
@@ -117,6 +120,8 @@ class PruneRecipe:
             object.__setattr__(self, "calibration", Calibration(**fields_from(Calibration, self.calibration,
                                                                               "calibration")))
         self._check_correctors()
+        if self.depth is not None and not isinstance(self.depth, DepthOptions):
+            object.__setattr__(self, "depth", DepthOptions(**fields_from(DepthOptions, self.depth, "depth")))
 
     def _check_correctors(self) -> None:
         if isinstance(self.correctors, str) or not isinstance(self.correctors, (list, tuple)):
@@ -160,7 +165,12 @@ class PruneRecipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return bool(self.statistics)
+        return bool(self.statistics) or self.depth is not None
+
+    @property
+    def prunes_something(self) -> bool:
+        """Whether the recipe drops layers or names a width."""
+        return self.has_widths or self.depth is not None
 
     def to_json(self) -> dict[str, Any]:
         out = {name: None if getattr(self, name) is None else getattr(self, name).to_json() for name in WIDTHS}
@@ -170,6 +180,8 @@ class PruneRecipe:
                    corrector_options={name: options_json(o) for name, o in self.corrector_options.items()})
         if self.multiple_of != 1:  # recorded only where used, so other plans read as before
             out["multiple_of"] = self.multiple_of
+        if self.depth is not None:
+            out["depth"] = self.depth.to_json()
         return out
 
     @classmethod

@@ -172,6 +172,9 @@ class RunRecipe:
             raise fail("schedule", "must list at least one shot")
         if self.prune.has_widths:
             raise fail("prune", "the widths of every shot come from target or schedule, not from prune")
+        if self.prune.depth is not None:
+            raise fail("prune.depth", "dropping layers is a step of transact prune; a run's shots prune widths "
+                       "(prune the layers first, then run on that checkpoint)")
         check_str("device", self.device)
         for key in ("layerwise", "sequential"):
             if not isinstance(getattr(self, key), bool):
