@@ -271,6 +271,15 @@ def test_cli_drop_layers_and_its_refusals(base, tmp_path, capsys):
     assert plan.depth.compensation == {"applied": False, "reason": "not asked for"}
 
 
+def test_the_layer_by_layer_step_refuses_depth(tokenizer, corpus):
+    from transact.api import prune as api_prune
+
+    model = tiny_model("llama", layers=3)
+    with pytest.raises(TransactError, match="layer by layer"):
+        api_prune(model, tokenizer, PruneRecipe(mlp=64, depth=DepthOptions(1)), texts=corpus, sequential=True)
+    assert shape_of(model).num_layers == 3
+
+
 def test_a_run_recipe_refuses_depth():
     with pytest.raises(TransactError, match=r"prune\.depth"):
         RunRecipe.from_dict({"model": "m", "out": "o", "target": {"mlp": 0.5}, "prune": {"depth": {"layers": 2}}})

@@ -304,6 +304,9 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
     """The pruning step on a model in memory, in place, one decoder layer at a time: each layer calibrated on
     what the already-pruned layers before it produce (``sequential``) or on the dense model's activations
     (the same statistics as ``prune_step``). -> the plan."""
+    if recipe.depth is not None:
+        raise TransactError("dropping layers works on the whole model at once; it is not available layer by layer "
+                            "(layerwise or sequential) yet")
     targets = targets or resolve_targets(recipe, shape_of(model))
     check_step(model.config, recipe, targets)
     windows = calibration_windows(tokenizer, recipe, texts)
