@@ -104,22 +104,34 @@ def per_channel_map(numerator: torch.Tensor, denominator: torch.Tensor, damp: fl
     return numerator.double() / (denominator + damp * denominator.mean().clamp_min(1e-12))
 
 
-def fold_map_into_down_(mlp, amap: torch.Tensor) -> None:
-    """Make the MLP's output m become m @ amap: W <- amap^T W for ``down_proj`` (H, P), its bias b <- b @ amap;
-    in a mixture of experts every expert's down projection (E, H, I) and the shared expert's. In place."""
+def folded_down(mlp, amap: torch.Tensor) -> list[torch.Tensor]:
+    """The values of ``down_tensors(mlp)`` that make the MLP's output m become m @ amap: W <- amap^T W for
+    ``down_proj`` (H, P), its bias b <- b @ amap; in a mixture of experts every expert's down projection
+    (E, H, I) and the shared expert's. Pure: the weights are not changed."""
     amap = amap.double()
+    if isinstance(mlp, ExpertParts):
+        down = mlp.down
+        folded = torch.einsum("hk,ehi->eki", amap.to(down.device), down.detach().double()).to(down.dtype)
+        return [folded, *(folded_down(mlp.shared, amap) if mlp.shared is not None else [])]
+    weight, bias = mlp.down.weight.detach(), mlp.down.bias
+    values = [(amap.to(weight.device).T @ weight.double()).to(weight.dtype)]
+    if bias is not None:
+        values.append((bias.detach().double() @ amap.to(bias.device)).to(bias.dtype))
+    return values
+
+
+def down_tensors(mlp) -> list[torch.Tensor]:
+    """The tensors a map folds into: each down projection's weight (and bias), as ``folded_down`` lists them."""
+    if isinstance(mlp, ExpertParts):
+        return [mlp.down, *(down_tensors(mlp.shared) if mlp.shared is not None else [])]
+    return [t for t in (mlp.down.weight, mlp.down.bias) if t is not None]
+
+
+def fold_map_into_down_(mlp, amap: torch.Tensor) -> None:
+    """Make the MLP's output m become m @ amap (``folded_down``), in place."""
     with torch.no_grad():
-        if isinstance(mlp, ExpertParts):
-            down = mlp.down
-            folded = torch.einsum("hk,ehi->eki", amap.to(down.device), down.double())
-            down.copy_(folded.to(down.dtype))
-            if mlp.shared is not None:
-                fold_map_into_down_(mlp.shared, amap)
-            return
-        linear = mlp.down
-        linear.weight.copy_((amap.to(linear.weight.device).T @ linear.weight.double()).to(linear.weight.dtype))
-        if linear.bias is not None:
-            linear.bias.copy_((linear.bias.double() @ amap.to(linear.bias.device)).to(linear.bias.dtype))
+        for tensor, value in zip(down_tensors(mlp), folded_down(mlp, amap), strict=True):
+            tensor.copy_(value)
 
 
 # ---------------------------------------------------------------- removing layers
@@ -270,7 +282,7 @@ class FittedMap:
 
 
 def fit_map(model: nn.Module, windows: torch.Tensor, dropped: list[int], damp: float, batch_size: int,
-                progress: bool) -> FittedMap:
+            progress: bool) -> FittedMap:
     """Fit the map that makes layer ``dropped[0] - 1`` stand in for the block: the full least-squares map
     folded into its down projections, or, where a norm follows the MLP, a per-channel one folded into that
     norm's gain."""
@@ -287,23 +299,8 @@ def fit_map(model: nn.Module, windows: torch.Tensor, dropped: list[int], damp: f
         gain = (norm_gain.offset + norm.weight.double()) * factor.to(norm.weight.device) - norm_gain.offset
         return FittedMap("per_channel", [norm.weight], [gain.to(norm.weight.dtype)])
     gram, cross = map_statistics(model, windows, start, block, scale, batch_size=batch_size, progress=progress)
-    amap = least_squares_map(gram, cross, damp)
     mlp = adapter.mlp(layer, model.config)
-    tensors = _down_tensors(mlp)
-    before = [t.detach().clone() for t in tensors]
-    fold_map_into_down_(mlp, amap)
-    after = [t.detach().clone() for t in tensors]
-    with torch.no_grad():  # fitted, not applied yet
-        for tensor, value in zip(tensors, before, strict=True):
-            tensor.copy_(value)
-    return FittedMap("least_squares", tensors, after)
-
-
-def _down_tensors(mlp) -> list[torch.Tensor]:
-    """The tensors ``fold_map_into_down_`` changes."""
-    if isinstance(mlp, ExpertParts):
-        return [mlp.down, *(_down_tensors(mlp.shared) if mlp.shared is not None else [])]
-    return [t for t in (mlp.down.weight, mlp.down.bias) if t is not None]
+    return FittedMap("least_squares", down_tensors(mlp), folded_down(mlp, least_squares_map(gram, cross, damp)))
 
 
 def _compensate_(model: nn.Module, windows: torch.Tensor, dropped: list[int], damp: float, batch_size: int,

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transact.arch import get_adapter, shape_of
+from transact.core.calibrate import decoder_stack
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ def angular_scores(model: nn.Module, windows: torch.Tensor, block: int, *, batch
     starts = range(count - block + 1)
     sums = torch.zeros(len(starts), dtype=torch.float64)
     tokens = 0
-    body = getattr(model, model.base_model_prefix, model)
+    body = decoder_stack(model)
     with residual_taps(model, set(starts), {s + block - 1 for s in starts}) as streams, torch.inference_mode():
         for batch in _batches(windows, batch_size, "scoring blocks", progress):
             body(input_ids=batch.to(_device(model)), use_cache=False)
@@ -129,7 +130,7 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int
                      desc: str = "calibration loss") -> float:
     """Mean next-token cross-entropy of ``model`` over the calibration windows (n, seq)."""
     adapter = get_adapter(model)
-    body = getattr(model, model.base_model_prefix, model)
+    body = decoder_stack(model)
     total, count = 0.0, 0
     with torch.inference_mode():
         for batch in _batches(windows, batch_size, desc, progress):
@@ -162,7 +163,7 @@ def map_statistics(model: nn.Module, windows: torch.Tensor, start: int, block: i
     gram = torch.zeros(hidden, hidden, dtype=torch.float64)
     cross = torch.zeros(hidden, hidden, dtype=torch.float64)
     before, last = start - 1, start + block - 1
-    body = getattr(model, model.base_model_prefix, model)
+    body = decoder_stack(model)
     with residual_taps(model, set(), {before, last}, mlp_of=before) as streams, torch.inference_mode():
         for batch in _batches(windows, batch_size, "fitting the map", progress):
             body(input_ids=batch.to(_device(model)), use_cache=False)
@@ -182,7 +183,7 @@ def gain_statistics(model: nn.Module, windows: torch.Tensor, start: int, block: 
     numerator = torch.zeros(hidden, dtype=torch.float64)
     denominator = torch.zeros(hidden, dtype=torch.float64)
     before, last = start - 1, start + block - 1
-    body = getattr(model, model.base_model_prefix, model)
+    body = decoder_stack(model)
     with residual_taps(model, set(), {before, last}, mlp_of=before, module=norm) as streams, torch.inference_mode():
         for batch in _batches(windows, batch_size, "fitting the map", progress):
             body(input_ids=batch.to(_device(model)), use_cache=False)
