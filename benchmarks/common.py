@@ -38,6 +38,16 @@ def write_result(path: str | Path, result: dict, table: str) -> None:
     print(table)
 
 
+def previous_result(out: Path, settings: dict) -> dict:
+    """The rows an earlier run with the same settings wrote to ``out``.json (empty if none), so that a
+    benchmark resumes; another run's file is refused rather than mixed in or overwritten."""
+    path = out.with_suffix(".json")
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if previous and previous.get("settings") != settings:
+        raise SystemExit(f"{path} holds another run's rows; choose another --out")
+    return previous
+
+
 def parse_width(text: str) -> tuple[int, int, int]:
     """'6/2/1024' -> (heads, kv_heads, mlp)."""
     heads, kv, mlp = (int(v) for v in text.split("/"))

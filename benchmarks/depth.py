@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_result
+from common import machine, previous_result, write_result
 
 from transact.core.calibrate import sample_windows
 from transact.core.depth import DepthOptions, block_scores, drop_block_, layers_to_drop
@@ -114,10 +114,7 @@ def main() -> None:
     settings = {"model": args.model, "calibration": f"{args.samples} x {args.seq_len}",
                 "loss_samples": args.loss_samples, "eval_tokens": args.eval_tokens, "window": args.window,
                 "damp": args.damp}
-    path = out.with_suffix(".json")
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    if previous and previous.get("settings") != settings:
-        raise SystemExit(f"{path} holds another run's rows; choose another --out")
+    previous = previous_result(out, settings)
     dense, tok = load_model(prepare_model(args.model, "cpu", "float32"))
     windows = sample_windows(tok, read_texts("builtin"), args.samples, args.seq_len, 0)
     ids = token_stream(tok, read_texts("builtin", builtin="heldout"), limit=args.eval_tokens)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_result
+from common import machine, previous_result, write_result
 
 from transact.arch import shape_of
 from transact.core.calibrate import collect_statistics
@@ -190,9 +190,7 @@ def main() -> None:
         raise SystemExit(f"--out {out.name!r}: a name without dots, please (e.g. qwen2_5-coder_128x256)")
     settings = {"model": args.model, "calibration": f"{args.samples} x {args.seq_len}", "eval_tokens": args.eval_tokens,
                 "window": args.window}
-    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    if previous and previous.get("settings") != settings:
-        raise SystemExit(f"{out}.json holds another run's rows; choose another --out")
+    previous = previous_result(out, settings)
     dense, tok = load_model(prepare_model(args.model, "cpu", "float32"))
     ids = token_stream(tok, read_texts("builtin", builtin="heldout"), limit=args.eval_tokens)
     heldout = HeldoutText(tokens=args.eval_tokens, window=args.window)

@@ -226,3 +226,32 @@ def test_prune_says_which_checkpoints_vllm_refuses(tmp_path, capsys):
         run_verify(VerifyJob(str(untied)))
     assert main(["prune", str(base), "--out", str(tmp_path / "b"), "--mlp", "64", *common]) == 0
     assert "vLLM: its qwen2" not in capsys.readouterr().err
+
+
+@needs_vllm
+def test_per_layer_widths_run_in_vllm_as_decilm(tmp_path):
+    """A Qwen2 whose layers keep different MLP widths, saved in the DeciLM layout: vLLM loads it natively
+    (DeciLMForCausalLM, q/k/v biases through qkv_bias) and its greedy tokens are transformers' (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from transact.arch import shape_of
+    from transact.core.metrics.random_choice import random_layer_scores
+    from transact.core.select import make_plan
+    from transact.core.step import apply_step
+    from transact.core.targets import Targets
+    from transact.io.checkpoint import write_verified
+
+    model = tiny_model("qwen2", heads=4, kv_heads=2, head_dim=32, hidden=128, mlp=192, layers=3)
+    scores = random_layer_scores(shape_of(model), 0)
+    plan = apply_step(model, make_plan(scores.heads, scores.mlp, Targets(4, 2, 128), shape_of(model),
+                                       mlp_widths=[64, 192, 128]))
+    out = write_verified(model, char_tokenizer(), tmp_path / "out", plan, {}, save_dtype=torch.float32)
+    prompts = [[5 + i, 40, 41, 42 + i, 70] for i in range(4)]
+    with vllm.Runtime() as runtime:
+        runtime.load("m", out, dtype="float32", max_model_len=64, max_num_seqs=4)
+        served = runtime.generate("m", prompts, 12)["tokens"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        expected = [reloaded.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                                      pad_token_id=1)[0, len(p):].tolist() for p in prompts]
+    assert served == expected

@@ -12,6 +12,7 @@ from transact.version import __version__  # noqa: I001  (first: the rest record 
 
 from transact.api import ApplyPlanJob, PruneJob, load, model_info, prune, run_apply_plan, run_prune, save
 from transact.arch import SUPPORTED_MODEL_TYPES, FamilyAdapter, ModelShape, get_adapter
+from transact.core.allocate import WidthSearch, search_widths
 from transact.core.calibrate import ActivationStats, Statistics, calibrate, record_transitional_stats
 from transact.core.correct import Corrector, corrector_names, get_corrector, register_corrector
 from transact.core.depth import DepthOptions, DepthPlan, drop_layers_, remove_layers_
@@ -51,6 +52,7 @@ __all__ = [
     "Statistics",
     "TransactError",
     "Width",
+    "WidthSearch",
     "__version__",
     "apply_step",
     "calibrate",
@@ -83,4 +85,5 @@ __all__ = [
     "run_eval",
     "run_prune",
     "save",
+    "search_widths",
 ]

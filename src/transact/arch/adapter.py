@@ -83,6 +83,9 @@ class CheckpointRules:
     - ``auto_class``: the transformers auto class that loads and builds the family's checkpoints with
       everything they hold (None: ``AutoModelForCausalLM``; a multimodal family whose causal-LM class would
       drop the vision tower names its image-text class).
+    - ``per_layer(text_config)``: the fields a DeciLM / Nemotron-NAS config needs beyond the Llama ones to
+      hold this family's model with widths that differ per layer (``transact.io.decilm``), or a TransactError
+      naming why it cannot; None: the family has no such checkpoint.
     """
 
     portable_config: Callable[[PretrainedConfig], PretrainedConfig] = _unchanged
@@ -91,6 +94,7 @@ class CheckpointRules:
     output_bias_flags: tuple[str, ...] = ()
     output_bias_rule: Callable[[PretrainedConfig, int], str | None] | None = None
     auto_class: type | None = None
+    per_layer: Callable[[PretrainedConfig], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,16 @@ class FamilyAdapter:
     def enable_output_biases(self, config: PretrainedConfig) -> None:
         for flag in self.checkpoint.output_bias_flags:
             setattr(self.text_config(config), flag, True)
+
+    def per_layer_fields(self, config: PretrainedConfig) -> dict[str, Any]:
+        """The DeciLM config fields beyond Llama's that hold this family with per-layer widths (see
+        ``CheckpointRules.per_layer``), or a TransactError naming the family and the rule."""
+        rule = self.checkpoint.per_layer
+        if rule is None:
+            raise TransactError(f"the {self.model_type} family has no checkpoint with widths that differ per layer: "
+                                "the DeciLM / Nemotron-NAS layout vLLM and llama.cpp load is the Llama block (Llama, "
+                                "Mistral without a sliding window, Qwen2)")
+        return rule(self.text_config(config))
 
     def gguf_target(self, config: PretrainedConfig) -> GgufTarget:
         if self.gguf is None:

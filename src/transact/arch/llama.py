@@ -61,4 +61,4 @@ def llama_output_bias_rule(config: PretrainedConfig, num_heads: int) -> str | No
 
 ADAPTER = register(FamilyAdapter("llama", checkpoint=CheckpointRules(
     portable_config=llama_portable_config, output_bias_flags=("attention_bias", "mlp_bias"),
-    output_bias_rule=llama_output_bias_rule), gguf=lambda config: GgufTarget("llama")))
+    output_bias_rule=llama_output_bias_rule, per_layer=lambda config: {}), gguf=lambda config: GgufTarget("llama")))

@@ -6,7 +6,7 @@ exported: llama.cpp's ``llama`` architecture has no longrope."""
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.adapter import FamilyAdapter, GgufTarget
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget
 from transact.errors import TransactError
 
 
@@ -17,4 +17,12 @@ def mistral_gguf(config: PretrainedConfig) -> GgufTarget:
     return GgufTarget("llama")
 
 
-ADAPTER = register(FamilyAdapter("mistral", gguf=mistral_gguf))
+def mistral_per_layer(config: PretrainedConfig) -> dict:
+    """A Mistral model is a Llama one in the DeciLM layout only where it attends to the whole context."""
+    if getattr(config, "sliding_window", None) is not None:
+        raise TransactError("this Mistral model uses a sliding window, which the DeciLM / Nemotron-NAS layout "
+                            "(per-layer widths) cannot express")
+    return {}
+
+
+ADAPTER = register(FamilyAdapter("mistral", gguf=mistral_gguf, checkpoint=CheckpointRules(per_layer=mistral_per_layer)))

@@ -11,7 +11,7 @@ Mistral, whose converter path is Llama's); an unpruned one keeps ``qwen2``.
 from transformers import PretrainedConfig
 
 from transact.arch import register
-from transact.arch.adapter import FamilyAdapter, GgufTarget, head_layout
+from transact.arch.adapter import CheckpointRules, FamilyAdapter, GgufTarget, head_layout
 from transact.errors import TransactError
 
 # The Llama path reads the same keys; the q/k/v biases are optional tensors there. Qwen2 states a window it
@@ -30,4 +30,12 @@ def qwen2_gguf(config: PretrainedConfig) -> GgufTarget:
     return GgufTarget("llama", config_overrides=_AS_LLAMA)
 
 
-ADAPTER = register(FamilyAdapter("qwen2", gguf=qwen2_gguf))
+def qwen2_per_layer(config: PretrainedConfig) -> dict:
+    """Qwen2 in the DeciLM layout: the Llama block with q/k/v biases (``qkv_bias``) and none on o_proj."""
+    if getattr(config, "use_sliding_window", False):
+        raise TransactError("this Qwen2 model uses sliding-window attention, which the DeciLM / Nemotron-NAS layout "
+                            "(per-layer widths) cannot express")
+    return {"qkv_bias": True, "attention_bias": False}
+
+
+ADAPTER = register(FamilyAdapter("qwen2", gguf=qwen2_gguf, checkpoint=CheckpointRules(per_layer=qwen2_per_layer)))

@@ -7,6 +7,7 @@ import argparse
 
 from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, multiple_of, width
 from transact.cli.plugins import add_plugin_flags, chosen_correctors, routed_options
+from transact.core.allocate import WidthSearch
 from transact.core.depth import BLOCK_SCORES, DepthOptions
 from transact.errors import TransactError
 from transact.jobs import apply_plan, info, prune
@@ -41,6 +42,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--experts", type=width, help="mixtures of experts: experts kept per layer, at least the number "
                    "each token is routed to: a count or a fraction in (0,1)")
     _add_depth_flags(p)
+    _add_allocation_flags(p)
     p.add_argument("--multiple-of", type=multiple_of, default=default(PruneRecipe, "multiple_of"), metavar="N|TYPE",
                    help="round every pruned width (heads x head_dim, MLP channels) to a multiple of N, or of what a "
                    "llama.cpp type needs (q4_k_m: 256, q4_0: 32); 128 suits vLLM's 4-bit Marlin kernels")
@@ -99,6 +101,38 @@ def _add_depth_flags(p) -> None:
                    help=f"with --drop-layers: the map's damping, relative to its Gram matrix (default {depth.damp})")
 
 
+def _add_allocation_flags(p) -> None:
+    search = WidthSearch()
+    p.add_argument("--allocate", choices=("uniform", "search"), default="uniform",
+                   help="MLP widths: the same in every layer (uniform, the default), or searched per layer on the "
+                   "calibration loss at the same total (search: --mlp is the mean width, a multiple of --search-step; "
+                   "the checkpoint is saved in the DeciLM / Nemotron-NAS layout, which vLLM and llama.cpp load, and "
+                   "transformers with trust_remote_code)")
+    p.add_argument("--search-step", type=at_least(1), default=search.step,
+                   help=f"with --allocate search: widths are multiples of this many channels (default {search.step}: "
+                   "what llama.cpp's K-quants and its converter's DeciLM widths need)")
+    p.add_argument("--search-generations", type=at_least(0), default=search.generations,
+                   help=f"with --allocate search: generations of the evolutionary search (default "
+                   f"{search.generations}; "
+                   f"each scores {search.offspring} candidates on {search.first_samples} calibration windows and "
+                   f"{search.survivors + 1} on {search.final_samples})")
+    p.add_argument("--search-seconds", type=float, default=None,
+                   help="with --allocate search: stop after the generation that passes this many seconds")
+
+
+def _allocation(args) -> WidthSearch | None:
+    if args.allocate == "uniform":
+        defaults = WidthSearch()
+        given = [flag for flag, changed in (("--search-step", args.search_step != defaults.step),
+                                            ("--search-generations", args.search_generations != defaults.generations),
+                                            ("--search-seconds", args.search_seconds is not None)) if changed]
+        if given:
+            raise TransactError(f"{given[0]} belongs to --allocate search, which is not given")
+        return None
+    return WidthSearch(step=args.search_step, generations=args.search_generations, seconds=args.search_seconds,
+                       seed=args.seed)
+
+
 def drop_count(text: str) -> int | float:
     """'3' -> 3 layers; '0.25' -> a quarter of the layers."""
     try:
@@ -145,7 +179,7 @@ def recipe_of(args) -> PruneRecipe:
     return PruneRecipe(heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, experts=args.experts,
                        gate_weighted=args.gate_weighted, metric=args.metric, metric_options=metric_options,
                        seed=args.seed, multiple_of=args.multiple_of, correctors=tuple(correctors),
-                       corrector_options=corrector_options, depth=_depth(args),
+                       corrector_options=corrector_options, depth=_depth(args), allocation=_allocation(args),
                        calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                                batch_size=args.batch_size))
 

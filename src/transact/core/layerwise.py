@@ -307,6 +307,9 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
     if recipe.depth is not None:
         raise TransactError("dropping layers works on the whole model at once; it is not available layer by layer "
                             "(layerwise or sequential) yet")
+    if recipe.allocation is not None:
+        raise TransactError("the per-layer width search scores the whole model's calibration loss; it is not "
+                            "available layer by layer (layerwise or sequential)")
     targets = targets or resolve_targets(recipe, shape_of(model))
     check_step(model.config, recipe, targets)
     windows = calibration_windows(tokenizer, recipe, texts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,16 @@ class PrunePlan:
     # Layers dropped before the widths were pruned (``source`` is then the shape after the drop, and
     # ``depth.source`` the base model's).
     depth: DepthPlan | None = None
+    # MLP widths chosen per layer (``transact.core.allocate``; ``targets.mlp`` is then their mean); None where
+    # every layer keeps ``targets.mlp`` channels.
+    mlp_widths: list[int] | None = None
+    # what the width search did (calibration loss of the uniform and the searched widths, generations, time)
+    allocation: dict[str, Any] | None = None
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer keeps the same widths (a vanilla config can describe the pruned model)."""
+        return self.mlp_widths is None or len(set(self.mlp_widths)) == 1
 
     @property
     def base_shape(self) -> ModelShape:
@@ -74,7 +84,9 @@ class PrunePlan:
                 "calibration_hash": self.calibration_hash, "versions": self.versions,
                 "corrections": self.corrections, "format": self.format,
                 **({"dropped_expert_routes": self.dropped_expert_routes} if self.dropped_expert_routes else {}),
-                **({"depth": self.depth.to_json()} if self.depth is not None else {})}
+                **({"depth": self.depth.to_json()} if self.depth is not None else {}),
+                **({"mlp_widths": self.mlp_widths} if self.mlp_widths is not None else {}),
+                **({"allocation": self.allocation} if self.allocation is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PrunePlan:
@@ -91,6 +103,8 @@ class PrunePlan:
                 corrections=data.get("corrections", _legacy_corrections(data.get("recipe", {}))),
                 dropped_expert_routes=data.get("dropped_expert_routes"),
                 depth=DepthPlan.from_json(data["depth"]) if data.get("depth") else None,
+                mlp_widths=data.get("mlp_widths"),
+                allocation=data.get("allocation"),
             )
         except (KeyError, TypeError) as e:
             raise TransactError(f"not a transact plan: {e}") from None
@@ -117,8 +131,9 @@ class PrunePlan:
         check_targets(t, s)
         if len(self.layers) != s.num_layers:
             raise TransactError(f"plan has {len(self.layers)} layers, source model {s.num_layers}")
+        widths = self.layer_mlp_widths()
         for i, layer in enumerate(self.layers):
-            _check_mlp(i, layer, t, s)
+            _check_mlp(i, layer, replace(t, mlp=widths[i]), s)
             if not s.has_attention(i):
                 if layer.heads or layer.kv_heads:
                     raise TransactError(f"layer {i} has no softmax attention, but the plan keeps heads in it")
@@ -131,6 +146,19 @@ class PrunePlan:
                 raise TransactError(
                     f"layer {i}: kept heads {layer.heads} are not {per_group} per kept KV group {layer.kv_heads}"
                 )
+
+    def layer_mlp_widths(self) -> list[int]:
+        """Each layer's MLP width (``mlp_widths``, else ``targets.mlp`` everywhere); refused where per-layer
+        widths are not one per layer of a dense model, or do not average to ``targets.mlp``."""
+        layers = self.source.num_layers
+        if self.mlp_widths is None:
+            return [self.targets.mlp] * layers
+        if self.source.is_moe or len(self.mlp_widths) != layers:
+            raise TransactError(f"per-layer MLP widths need one width per layer of a dense model ({layers} layers; "
+                                f"{len(self.mlp_widths)} given)")
+        if sum(self.mlp_widths) != self.targets.mlp * layers:
+            raise TransactError(f"per-layer MLP widths {self.mlp_widths} do not average to {self.targets.mlp}")
+        return list(self.mlp_widths)
 
     def check_applies_to(self, shape: ModelShape) -> None:
         if shape != self.base_shape:

@@ -87,12 +87,14 @@ def make_plan(
     expert_scores: Sequence[torch.Tensor] | None = None,
     shared_scores: Sequence[torch.Tensor] | None = None,
     group_scores: Sequence[torch.Tensor] | None = None,
+    mlp_widths: Sequence[int] | None = None,
     **provenance: Any,
 ) -> PrunePlan:
     """Select per layer. head_scores[l]: (num_heads,) ((0,) in a layer without attention),
     mlp_scores[l]: (intermediate_size,), in a mixture of experts (num_experts, intermediate_size) with
     expert_scores[l]: (num_experts,) and, where there is a shared expert, shared_scores[l]: (its width,);
-    group_scores[l]: (num_kv_heads,) where the metric ranks KV groups itself."""
+    group_scores[l]: (num_kv_heads,) where the metric ranks KV groups itself; ``mlp_widths``: each layer's
+    MLP width where they differ (``targets.mlp`` their mean)."""
     if shape.is_moe and expert_scores is None:
         raise TransactError("a mixture of experts needs scores of its experts")
     if shape.shared_expert_size is not None and shared_scores is None:
@@ -107,7 +109,9 @@ def make_plan(
             shared = [] if shared_scores is None else select_channels(shared_scores[i], targets.shared_mlp)
             layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=shared, experts=experts, expert_mlp=channels))
         else:
-            layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=select_channels(m_scores, targets.mlp)))
-    plan = PrunePlan(source=shape, targets=targets, layers=layers, **provenance)
+            width = targets.mlp if mlp_widths is None else mlp_widths[i]
+            layers.append(LayerPlan(heads=heads, kv_heads=groups, mlp=select_channels(m_scores, width)))
+    widths = None if mlp_widths is None else list(mlp_widths)
+    plan = PrunePlan(source=shape, targets=targets, layers=layers, mlp_widths=widths, **provenance)
     plan.validate()
     return plan

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter, shape_of
+from transact.core.allocate import check_budget, mlp_variants, search_widths, width_levels
 from transact.core.calibrate import Statistics, collect_statistics, sample_windows, windows_hash
 from transact.core.correct import get_corrector
+from transact.core.correct.refit import damp_for
 from transact.core.depth import DepthPlan, drop_layers_
 from transact.core.metrics import METRICS, get_metric
 from transact.core.plan import PrunePlan, dropped_routes, whole_plan
@@ -58,6 +60,19 @@ def check_step(config, recipe: PruneRecipe, targets: Targets) -> None:
     adapter = get_adapter(config)
     for name in recipe.correctors:
         get_corrector(name).check(adapter, config, targets)
+    if recipe.allocation is not None:
+        check_allocation(config, recipe, targets)
+
+
+def check_allocation(config, recipe: PruneRecipe, targets: Targets) -> None:
+    """The width search's up-front checks: a dense MLP, a checkpoint that can hold per-layer widths, and a
+    mean width the candidate widths meet."""
+    shape = shape_of(config)
+    if shape.is_moe:
+        raise TransactError("per-layer widths are searched for dense MLPs only, not for a mixture of experts")
+    get_adapter(config).per_layer_fields(config)
+    options = recipe.allocation
+    check_budget(targets.mlp, width_levels(shape.intermediate_size, options.step, options.min_width))
 
 
 def check_metric(shape, recipe: PruneRecipe) -> None:
@@ -84,13 +99,36 @@ def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targ
     if missing:
         raise TransactError(f"the given statistics lack {', '.join(missing)}, which this recipe needs")
     scores = get_metric(recipe.metric).score(model, statistics, shape, recipe)
+    widths, searched = (None, None) if recipe.allocation is None else \
+        allocated_widths(model, tokenizer, recipe, statistics, scores.mlp, targets.mlp, texts, progress)
     plan = make_plan(scores.heads, scores.mlp, targets, shape, scores.experts, scores.shared, scores.groups,
-                     recipe={**(note or {}), **recipe.to_json()},
+                     mlp_widths=widths, recipe={**(note or {}), **recipe.to_json()},
                      calibration_hash=statistics.calibration_hash, versions=library_versions())
+    if searched is not None:
+        plan = replace(plan, allocation=searched)
     routed = statistics.activations.experts.get("tokens") if statistics.activations is not None else None
     if routed is not None:
         plan = replace(plan, dropped_expert_routes=dropped_routes(plan, routed))
     return plan, statistics
+
+
+def allocated_widths(model: nn.Module, tokenizer, recipe: PruneRecipe, statistics: Statistics,
+                     mlp_scores: list[torch.Tensor], mean_width: int, texts: list[str] | None,
+                     progress: bool) -> tuple[list[int], dict]:
+    """Each layer's MLP width, of mean ``mean_width``, searched on the calibration loss with the recipe's
+    ranking and corrector (``recipe.allocation``; ``transact.core.allocate``): -> (widths, the search's
+    record for plan.json)."""
+    if tokenizer is None:
+        raise TransactError("the per-layer width search scores candidates on the calibration text, which needs "
+                            "the model's tokenizer")
+    options, refit = recipe.allocation, "refit" in recipe.correctors
+    levels = width_levels(shape_of(model).intermediate_size, options.step, options.min_width)
+    check_budget(mean_width, levels)
+    variants = mlp_variants(model, statistics.activation("mlp", "gram") if refit else None, mlp_scores, levels,
+                            damp_for(statistics, recipe.options_of("refit")) if refit else None)
+    found = search_widths(model, calibration_windows(tokenizer, recipe, texts), variants, mean_width, options,
+                          batch_size=recipe.calibration.batch_size, progress=progress)
+    return found.widths, found.record()
 
 
 def apply_step(model: nn.Module, plan: PrunePlan, statistics: Statistics | None = None,

@@ -61,7 +61,7 @@ def _keep_heads(attn: AttentionParts, heads: list[int], kv_heads: list[int]) -> 
     _keep_columns(attn.o, unit_rows(heads, attn.head_dim, device))
 
 
-def _keep_channels(mlp: MlpParts, kept: list[int]) -> None:
+def keep_channels(mlp: MlpParts, kept: list[int]) -> None:
     """Keep channels ``kept`` of a plain MLP: their gate and up rows, their down columns."""
     channels = torch.tensor(kept, dtype=torch.long, device=mlp.down.weight.device)
     _keep_part_rows([(part, channels) for part in (mlp.gate, mlp.up) if part is not None])
@@ -102,7 +102,7 @@ def prune_(model: nn.Module, plan: PrunePlan) -> nn.Module:
             _keep_experts(mlp, kept.experts, kept.expert_mlp)
             mlp = mlp.shared  # the shared expert, if any, is a plain MLP
         if mlp is not None:
-            _keep_channels(mlp, kept.mlp)
+            keep_channels(mlp, kept.mlp)
     t = plan.targets
     adapter.write_config(config, num_heads=t.heads, num_kv_heads=t.kv_heads, intermediate_size=t.mlp,
                          num_experts=t.experts, shared_size=t.shared_mlp)

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 # Run as a script, this file's directory (transact/deploy, which holds transact's own vllm.py) comes first on
 # sys.path and would shadow the vllm package.
@@ -57,8 +58,13 @@ class Worker:
         import vllm
 
         t0 = time.perf_counter()
+        # a checkpoint that brings its own configuration and modeling code (transact's DeciLM layout for
+        # per-layer widths names them in auto_map) is read with it
+        config = Path(model) / "config.json"
+        own_code = config.is_file() and "auto_map" in json.loads(config.read_text())
         llm = vllm.LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-                       max_num_seqs=max_num_seqs, enable_prefix_caching=False, seed=0, hf_overrides=hf_overrides)
+                       max_num_seqs=max_num_seqs, enable_prefix_caching=False, seed=0, hf_overrides=hf_overrides,
+                       trust_remote_code=own_code)
         self.engines[name] = llm
         tokens, block = _kv_cache(llm)
         return {"kv_cache_tokens": tokens, "block_size": block, "load_s": time.perf_counter() - t0,

@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter, shape_of
 from transact.errors import TransactError
+from transact.io.decilm.modeling_decilm import DeciLMForCausalLM
 from transact.io.files import check_output_dir, replace_dir, staging_dir
 from transact.io.models import dtype_name, skeleton
+from transact.io.per_layer import copy_code, decilm_model, has_per_layer_widths
 
 if TYPE_CHECKING:
     from transact.core.plan import PrunePlan
@@ -43,6 +46,8 @@ def portable_model(model: nn.Module) -> nn.Module:
     are re-homed, without copying, into the equivalent class whose config can (see ``transact.arch.llama``,
     ``transact.arch.phi3``).
     """
+    if has_per_layer_widths(model):
+        return decilm_model(model)
     adapter = get_adapter(model)
     config = adapter.portable_config(model.config)
     if config is model.config:
@@ -79,6 +84,8 @@ def write_checkpoint(
             to_save.save_pretrained(tmp, safe_serialization=True)
         else:
             _save_cast(to_save, tmp, save_dtype)
+        if isinstance(to_save, DeciLMForCausalLM):
+            copy_code(tmp)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
         plan.save(tmp / "plan.json")
@@ -130,12 +137,18 @@ def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[
     floating-point rounding where the checkpoint lays the weights out anew, see ``outputs_match``)."""
     exact = not get_adapter(reference).relayouts(reference.config)
     model_class = get_adapter(reference).model_class()
+    own_code = has_per_layer_widths(reference)  # the project's DeciLM files, which transformers runs as remote code
 
     def check(directory: Path) -> None:
         param = next(reference.parameters())
         # Load straight into the reference dtype: casting a loaded model with .to(dtype) would also round
         # its fp32 rotary-frequency buffer, which the reference never had rounded.
-        reloaded = model_class.from_pretrained(directory, dtype=param.dtype).to(param.device).eval()
+        if own_code:  # the reference's attention kernel, so that the sums agree to the bit
+            reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=param.dtype, trust_remote_code=True,
+                                                            attn_implementation=reference.config._attn_implementation)
+        else:
+            reloaded = model_class.from_pretrained(directory, dtype=param.dtype)
+        reloaded = reloaded.to(param.device).eval()
         with torch.inference_mode():
             expected = reference(input_ids=tokens.to(param.device)).logits
             got = reloaded(input_ids=tokens.to(param.device)).logits

@@ -23,6 +23,7 @@ from transact.arch import ModelShape, get_adapter, shape_of
 from transact.errors import TransactError
 from transact.io import assets
 from transact.io.files import publish_modes, staging_dir
+from transact.io.per_layer import refuse_own_code
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -112,6 +113,8 @@ def smollm2_dir() -> Path:
 
 def load_config(source: ModelSource) -> PretrainedConfig:
     """The config (and with it the family check) without reading weights."""
+    if source.gguf_file is None:
+        refuse_own_code(Path(source.path), source.spec)
     try:
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError) as e:

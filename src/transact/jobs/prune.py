@@ -53,6 +53,9 @@ def run(job: PruneJob) -> PruneResult:
         if job.recipe.depth is not None:
             raise TransactError("dropping layers (--drop-layers) works on the whole model in memory; it is not "
                                 "available with --layerwise, --sequential or --resume yet")
+        if job.recipe.allocation is not None:
+            raise TransactError("the per-layer width search (--allocate search) scores the whole model's calibration "
+                                "loss in memory; it is not available with --layerwise, --sequential or --resume")
         return prune_layerwise.run(job)
     eval_texts = read_texts(job.eval_text.text, builtin="heldout") if job.eval_text else None
     inputs = prune_inputs(job, tokenizer_for="perplexity" if eval_texts is not None else None)

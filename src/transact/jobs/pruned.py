@@ -21,8 +21,10 @@ from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
 from transact.deploy import quantize, vllm
 from transact.errors import TransactError
+from transact.io.decilm.configuration_decilm import MODEL_TYPE as DECILM_MODEL_TYPE
 from transact.io.files import check_output_dir
 from transact.io.models import PreparedModel, dtype_name, prepare_model, require_tokenizer
+from transact.io.per_layer import has_per_layer_widths
 from transact.io.text import read_texts
 from transact.recipes import PruneRecipe
 from transact.version import library_versions
@@ -46,6 +48,8 @@ class PruneResult:
         lines = [summary_table(self.report["before"], self.report["after"], self.report["saved_as"])]
         if self.plan.depth is not None:
             lines.append(depth_line(self.plan.depth))
+        if self.plan.mlp_widths is not None:
+            lines.append(allocation_line(self.plan))
         routes = self.plan.dropped_expert_routes
         if routes:
             lines.append(f"dropped experts   took {100 * sum(routes) / len(routes):.2f} % of the calibration tokens' "
@@ -67,6 +71,14 @@ def depth_line(depth: DepthPlan) -> str:
     if comp.get("applied"):
         return f"{line}; {kind} folded into layer {comp['into_layer']} ({losses})"
     return f"{line}; {kind} not kept: it raised the {losses}"
+
+
+def allocation_line(plan: PrunePlan) -> str:
+    """What the width search found, in one line of the summary."""
+    loss = (plan.allocation or {}).get("calibration_loss", {})
+    found = "the uniform widths kept" if plan.uniform else "widths " + " ".join(map(str, plan.mlp_widths))
+    losses = f" (calibration loss {loss['uniform']:.3f} -> {loss['searched']:.3f})" if loss else ""
+    return f"MLP per layer     {found}{losses}"
 
 
 def calibration_purpose(recipe: PruneRecipe) -> str:
@@ -164,7 +176,10 @@ def as_saved(model: nn.Module, plan: PrunePlan, prep: PreparedModel) -> None:
 
 
 def saved_model_type(model: nn.Module) -> str:
-    """The ``model_type`` the checkpoint will carry (see ``transact.arch.llama``)."""
+    """The ``model_type`` the checkpoint will carry (see ``transact.arch.llama``; per-layer widths:
+    ``transact.io.per_layer``)."""
+    if has_per_layer_widths(model):
+        return DECILM_MODEL_TYPE
     return get_adapter(model).saved_model_type(model.config)
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transact.checks import fields_from
+from transact.core.allocate import WidthSearch
 from transact.core.correct import get_corrector
 from transact.core.depth import DepthOptions
 from transact.core.metrics import get_metric
@@ -101,6 +102,9 @@ class PruneRecipe:
     corrector_options: dict[str, Any] = field(default_factory=dict)
     # depth pruning before the widths: a contiguous block of layers dropped (transact.core.depth; None: none)
     depth: DepthOptions | None = None
+    # MLP widths per layer (mean ``mlp``) searched on the calibration loss (transact.core.allocate; None:
+    # every layer keeps ``mlp`` channels)
+    allocation: WidthSearch | None = None
 
     def __post_init__(self) -> None:
         for name in WIDTHS:
@@ -122,6 +126,25 @@ class PruneRecipe:
         self._check_correctors()
         if self.depth is not None and not isinstance(self.depth, DepthOptions):
             object.__setattr__(self, "depth", DepthOptions(**fields_from(DepthOptions, self.depth, "depth")))
+        if self.allocation is not None and not isinstance(self.allocation, WidthSearch):
+            object.__setattr__(self, "allocation", WidthSearch(**fields_from(WidthSearch, self.allocation,
+                                                                             "allocation")))
+        if self.allocation is not None:
+            self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        """A width search needs the mean MLP width, and a corrector it can try at every width (the refit, or
+        none); its candidates are scored on calibration windows."""
+        if self.mlp is None:
+            raise TransactError("a per-layer width search needs the mean MLP width (mlp / --mlp)")
+        other = [name for name in self.correctors if name != "refit"]
+        if other:
+            raise TransactError(f"a per-layer width search tries every width with the refit or with no corrector, "
+                                f"not with {other[0]}")
+        needed = max(self.allocation.first_samples, self.allocation.final_samples)
+        if self.calibration.samples < needed:
+            raise TransactError(f"the width search scores candidates on {needed} calibration windows; the "
+                                f"calibration has {self.calibration.samples}")
 
     def _check_correctors(self) -> None:
         if isinstance(self.correctors, str) or not isinstance(self.correctors, (list, tuple)):
@@ -182,6 +205,8 @@ class PruneRecipe:
             out["multiple_of"] = self.multiple_of
         if self.depth is not None:
             out["depth"] = self.depth.to_json()
+        if self.allocation is not None:
+            out["allocation"] = asdict(self.allocation)
         return out
 
     @classmethod

@@ -1,0 +1,70 @@
+"""The configuration of a decoder whose layers have their own widths, in the DeciLM / Nemotron-NAS layout.
+
+transact writes this file into every checkpoint whose pruned widths differ between layers (a vanilla Llama
+or Qwen2 config has one MLP width and one KV-head count for all layers). ``block_configs`` holds one entry
+per layer: ``{"attention": {"no_op": false, "replace_with_linear": false, "n_heads_in_group": g},
+"ffn": {"no_op": false, "replace_with_linear": false, "intermediate_size": w, "ffn_mult": m}}``, where g is
+the query heads per KV head (``num_attention_heads`` is the same in every layer) and w the layer's MLP width.
+vLLM runs such checkpoints natively (``DeciLMForCausalLM``; it reads ``ffn_mult`` where present, which is
+written only where it gives back w exactly), llama.cpp as its ``deci`` architecture; transformers loads them
+with ``trust_remote_code=True`` through this file and ``modeling_decilm.py``. It imports nothing but
+transformers, so that it works wherever the checkpoint is copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LlamaConfig
+
+
+class Section(dict):
+    """One part of a layer's entry (``attention`` or ``ffn``): a dict whose keys also read as attributes, as
+    vLLM reads them (``block.ffn.intermediate_size``); a missing key is a missing attribute."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class BlockConfig(dict):
+    """One layer's entry of ``block_configs``: its ``attention`` and ``ffn`` sections."""
+
+    def __init__(self, attention: dict, ffn: dict, **rest: Any) -> None:
+        super().__init__(attention=Section(attention), ffn=Section(ffn), **rest)
+
+    __getattr__ = Section.__getattr__
+
+
+MODEL_TYPE = "nemotron-nas"  # vLLM's and the Nemotron-NAS checkpoints' name for this layout
+
+
+class DeciLMConfig(LlamaConfig):
+    """A Llama configuration plus ``block_configs`` (and ``qkv_bias``: query, key and value projections
+    with biases and an output projection without, as Qwen2 has them)."""
+
+    model_type = MODEL_TYPE
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        blocks = kwargs.pop("block_configs", None) or []
+        super().__post_init__(**kwargs)
+        self.block_configs = [block if isinstance(block, BlockConfig) else BlockConfig(**block) for block in blocks]
+        for i, block in enumerate(self.block_configs):
+            if block.attention.get("no_op") or block.ffn.get("no_op") or block.attention.get("replace_with_linear") \
+                    or block.ffn.get("replace_with_linear"):
+                raise ValueError(f"layer {i}: no-op and linear blocks are not supported by this modeling file")
+
+    def validate_architecture(self) -> None:
+        """Every layer's KV heads divide the query heads; the hidden size need not be a multiple of the head
+        count (``head_dim`` is explicit: pruned heads)."""
+        for i, block in enumerate(self.block_configs):
+            if self.num_attention_heads % block.attention.n_heads_in_group:
+                raise ValueError(f"layer {i}: {block.attention.n_heads_in_group} query heads per KV head do not "
+                                 f"divide {self.num_attention_heads} heads")
+
+    def layer_widths(self, index: int) -> tuple[int, int]:
+        """(KV heads, MLP width) of layer ``index``."""
+        block = self.block_configs[index]
+        return self.num_attention_heads // block.attention.n_heads_in_group, block.ffn.intermediate_size

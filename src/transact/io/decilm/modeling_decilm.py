@@ -1,0 +1,55 @@
+"""A decoder whose layers have their own MLP widths and KV-head counts (``configuration_decilm.py``), built
+from transformers' Llama modules: each layer is a ``LlamaDecoderLayer`` made from the model's config with
+that layer's widths. transact writes this file into every checkpoint whose pruned widths differ between
+layers; transformers loads such a checkpoint with ``trust_remote_code=True``."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from transformers import LlamaForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from .configuration_decilm import DeciLMConfig
+
+
+def layer_config(config: DeciLMConfig, index: int) -> DeciLMConfig:
+    """The model's config with layer ``index``'s KV heads and MLP width."""
+    kv_heads, width = config.layer_widths(index)
+    own = copy.copy(config)
+    own.num_key_value_heads, own.intermediate_size = kv_heads, width
+    return own
+
+
+def decoder_layer(config: DeciLMConfig, index: int) -> LlamaDecoderLayer:
+    """Layer ``index``: a Llama decoder layer of its own widths; with ``qkv_bias``, q/k/v carry biases and
+    o_proj none (Qwen2's layout)."""
+    layer = LlamaDecoderLayer(layer_config(config, index), index)
+    # the attention kernel is read from the config at every call: the model's own, so that choosing another
+    # (attn_implementation=..., set_attn_implementation) reaches every layer
+    layer.self_attn.config = config
+    if getattr(config, "qkv_bias", False):
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(attn, name)
+            setattr(attn, name, nn.Linear(old.in_features, old.out_features, bias=True))
+    return layer
+
+
+class DeciLMModel(LlamaModel):
+    config_class = DeciLMConfig
+
+    def __init__(self, config: DeciLMConfig) -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleList(decoder_layer(config, i) for i in range(config.num_hidden_layers))
+        self.post_init()
+
+
+class DeciLMForCausalLM(LlamaForCausalLM):
+    config_class = DeciLMConfig
+
+    def __init__(self, config: DeciLMConfig) -> None:
+        super().__init__(config)
+        self.model = DeciLMModel(config)
+        self.post_init()

@@ -1,0 +1,160 @@
+"""Per-layer MLP widths searched on the calibration loss: a trial width is exactly the uniform prune at that
+width, slicing agrees with the trial, trials leave the model as they found it, the search keeps the budget,
+never returns an allocation with a higher calibration loss than uniform widths and moves channels out of a
+layer whose MLP hardly matters; bad input is refused before any work."""
+
+import copy
+import random
+
+import pytest
+import torch
+from tiny import VOCAB, tiny_model
+
+from transact.arch import shape_of
+from transact.core.allocate import (
+    WidthSearch,
+    check_budget,
+    mlp_variants,
+    mutate,
+    search_widths,
+    slice_to_widths_,
+    trial_widths,
+    width_levels,
+)
+from transact.core.calibrate import collect_statistics
+from transact.core.correct.refit import damp_for
+from transact.core.metrics import get_metric
+from transact.core.step import prune_step
+from transact.errors import TransactError
+from transact.measure.costs import count_parameters
+from transact.recipes import PruneRecipe
+
+LEVELS = width_levels(96, 16)  # 16, 32, ..., 96: the tiny models' MLP width is 96
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (2, 20), generator=torch.Generator().manual_seed(seed))
+
+
+def _sampled_windows(model, count: int = 16, length: int = 24) -> torch.Tensor:
+    """Windows sampled from the model itself: its own calibration loss is then near its minimum, so cutting
+    channels that matter raises it (on random text it might fall by chance)."""
+    torch.manual_seed(0)
+    start = torch.randint(2, VOCAB, (count, 1))
+    with torch.no_grad():
+        return model.generate(start, do_sample=True, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                              pad_token_id=1, top_k=0)
+
+
+def _variants(model, windows):
+    recipe = PruneRecipe(mlp=48)
+    stats = collect_statistics(model, windows, recipe.statistics)
+    scores = get_metric(recipe.metric).score(model, stats, shape_of(model), recipe).mlp
+    variants = mlp_variants(model, stats.activation("mlp", "gram"), scores, LEVELS, damp_for(stats))
+    return recipe, stats, variants
+
+
+def test_a_uniform_trial_is_the_default_prune_and_trials_restore_the_weights():
+    model = tiny_model("llama", layers=3)
+    windows = torch.randint(2, VOCAB, (8, 24), generator=torch.Generator().manual_seed(1))
+    recipe, stats, variants = _variants(model, windows)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = copy.deepcopy(model)
+    prune_step(pruned, None, recipe, statistics=stats)
+    with torch.no_grad():
+        expected = pruned(_ids()).logits
+        with trial_widths(model, variants) as trial:
+            trial.set_([48, 48, 48])
+            torch.testing.assert_close(model(_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+            trial.set_([96, 96, 96])  # every channel kept: the refit changes nothing
+            torch.testing.assert_close(model(_ids()).logits, _logits(before, model), atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="boom"), trial_widths(model, variants) as trial:
+        trial.set_([16, 16, 16])
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_without_the_refit_a_trial_is_plain_slicing():
+    model = tiny_model("llama", layers=2)
+    windows = torch.randint(2, VOCAB, (8, 24), generator=torch.Generator().manual_seed(1))
+    recipe = PruneRecipe(mlp=32, correctors=())
+    stats = collect_statistics(model, windows, recipe.statistics)
+    scores = get_metric(recipe.metric).score(model, stats, shape_of(model), recipe).mlp
+    variants = mlp_variants(model, None, scores, LEVELS, None)
+    pruned = copy.deepcopy(model)
+    prune_step(pruned, None, recipe, statistics=stats)
+    with torch.no_grad(), trial_widths(model, variants) as trial:
+        trial.set_([32, 32])
+        # the removed channels meet zero columns: the same sums up to their order
+        torch.testing.assert_close(model(_ids()).logits, pruned(_ids()).logits, atol=1e-5, rtol=1e-5)
+
+
+def _logits(state, model):
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(state)
+    return fresh(_ids()).logits
+
+
+def test_slicing_to_per_layer_widths_gives_the_trials_model():
+    model = tiny_model("llama", layers=3)
+    windows = torch.randint(2, VOCAB, (8, 24), generator=torch.Generator().manual_seed(1))
+    _, _, variants = _variants(model, windows)
+    widths = [16, 96, 32]
+    with torch.no_grad(), trial_widths(model, variants) as trial:
+        trial.set_(widths)
+        expected = model(_ids()).logits
+    sliced = slice_to_widths_(copy.deepcopy(model), variants, widths)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+    downs = [layer.mlp.down_proj.weight.shape for layer in sliced.model.layers]
+    assert downs == [torch.Size([64, w]) for w in widths]
+    # each removed channel took its gate row, up row and down column (64 values each) with it
+    assert count_parameters(model) - count_parameters(sliced) == sum(3 * 64 * (96 - w) for w in widths)
+
+
+def test_mutate_moves_whole_steps_and_keeps_the_total():
+    rng = random.Random(3)
+    for _ in range(50):
+        child = mutate([32, 48, 64, 48], 16, 16, 96, rng.randint(1, 3), rng)
+        assert sum(child) == 192 and all(16 <= w <= 96 and w % 16 == 0 for w in child)
+    assert mutate([16, 16], 16, 16, 96, 2, rng) == [16, 16]  # no layer can give
+    assert mutate([96, 96], 16, 16, 96, 2, rng) == [96, 96]  # no layer can take
+    assert mutate([16, 32], 16, 16, 96, 1, random.Random(0)) == [32, 16]  # only layer 1 can give
+
+
+def test_the_search_keeps_the_budget_and_starves_a_layer_that_hardly_matters():
+    model = tiny_model("llama", layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)  # layer 1's MLP adds almost nothing
+    windows = _sampled_windows(model)
+    _, _, variants = _variants(model, windows)
+    options = WidthSearch(step=16, generations=12, offspring=6, first_samples=4, final_samples=8)
+    found = search_widths(model, windows, variants, 48, options)
+    assert sum(found.widths) == 3 * 48 and found.generations == 12
+    assert found.widths[1] == 16 and found.loss < found.uniform_loss
+    none = search_widths(model, windows, variants, 48, WidthSearch(step=16, generations=0))
+    assert none.widths == [48, 48, 48] and none.loss == none.uniform_loss == pytest.approx(found.uniform_loss)
+
+
+def test_bad_budgets_and_settings_are_refused_before_any_work():
+    with pytest.raises(TransactError, match="not a multiple of the search step 64"):
+        width_levels(96, 64)
+    with pytest.raises(TransactError, match="smallest width 40"):
+        width_levels(96, 16, min_width=40)
+    with pytest.raises(TransactError, match="mean MLP width 40 must be one of"):
+        check_budget(40, LEVELS)
+    with pytest.raises(TransactError, match="survivors"):
+        WidthSearch(offspring=2, survivors=3)
+    with pytest.raises(TransactError, match="step"):
+        WidthSearch(step=0)
+    model = tiny_model("llama", layers=2)
+    windows = torch.randint(2, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
+    _, _, variants = _variants(model, windows)
+    with pytest.raises(TransactError, match="draws 8 calibration windows"):
+        search_widths(model, windows, variants, 48, WidthSearch(step=16))
+    with pytest.raises(TransactError, match="no candidate width 40"), trial_widths(model, variants) as trial:
+        trial.set_([40, 48])
+    moe = tiny_model("mixtral")
+    with pytest.raises(TransactError, match="mixture of experts"):
+        mlp_variants(moe, [], [], LEVELS, 0.01)

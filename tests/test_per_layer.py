@@ -1,0 +1,141 @@
+"""Per-layer widths end to end: a model whose layers keep different MLP widths is saved in the DeciLM /
+Nemotron-NAS layout with the project's own configuration and modeling files, reloads in transformers with
+identical logits and generates with the KV cache; ``transact prune --allocate search`` writes it with the
+search in plan.json, apply-plan recreates it bit for bit, and what cannot be done is refused up front."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import VOCAB, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from transact.arch import shape_of
+from transact.cli import main
+from transact.core.metrics.random_choice import random_layer_scores
+from transact.core.plan import PrunePlan
+from transact.core.select import make_plan
+from transact.core.step import apply_step, check_allocation
+from transact.core.targets import Targets
+from transact.errors import TransactError
+from transact.io.checkpoint import write_verified
+from transact.io.per_layer import ffn_mult, has_per_layer_widths
+from transact.jobs import apply_plan
+from transact.recipes import PruneRecipe
+from transact.recipes.run import RunRecipe
+
+
+def _per_layer_model(family: str, widths: list[int]):
+    """A tiny model of ``family`` with 2 of its 4 heads (one KV group) and MLP widths ``widths`` per layer,
+    chosen by seeded random scores; -> (model, plan)."""
+    model = tiny_model(family, layers=len(widths))
+    shape = shape_of(model)
+    scores = random_layer_scores(shape, 0)
+    plan = make_plan(scores.heads, scores.mlp, Targets(2, 1, sum(widths) // len(widths)), shape,
+                     mlp_widths=widths)
+    return model, apply_step(model, plan)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_per_layer_widths_are_saved_as_decilm_and_reload_exactly(family, tmp_path, tokenizer, capsys):
+    model, plan = _per_layer_model(family, [32, 80, 56])
+    assert has_per_layer_widths(model) and not plan.uniform
+    write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)  # reload check inside
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["DeciLMForCausalLM"] and config["model_type"] == "nemotron-nas"
+    assert [b["ffn"]["intermediate_size"] for b in config["block_configs"]] == [32, 80, 56]
+    assert {b["attention"]["n_heads_in_group"] for b in config["block_configs"]} == {2}
+    assert config.get("qkv_bias", False) == (family == "qwen2")
+    assert PrunePlan.load(tmp_path / "out" / "plan.json").mlp_widths == [32, 80, 56]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True,
+                                                    attn_implementation="eager").eval()
+    ids = torch.randint(2, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+        cached = reloaded.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=1)
+        uncached = reloaded.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=1)
+    assert torch.equal(cached, uncached)
+    assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == [32, 80, 56]
+    assert main(["info", str(tmp_path / "out")]) == 2  # transact's own commands refuse it by name, no prompt
+    assert "brings its own modeling code (nemotron-nas" in capsys.readouterr().err
+
+
+def test_the_engines_width_rule_is_written_only_where_it_gives_the_width_back():
+    assert ffn_mult(1024, 576) == {"ffn_mult": 2.666667}  # int(2 * 2.666667 * 576 / 3) = 1024
+    assert ffn_mult(768, 896) == {"ffn_mult": 1.285714}  # int(767.99...) = 767, rounded up to 768
+    assert ffn_mult(1000, 576) == {}  # not a multiple of 256: intermediate_size alone states it
+
+
+def test_families_the_layout_cannot_hold_are_refused_before_any_work():
+    recipe = PruneRecipe(mlp=48, allocation={"step": 16})
+    targets = Targets(4, 2, 48)
+    for config, message in ((tiny_config("gemma3_text"), "gemma3_text family has no checkpoint"),
+                            (tiny_config("mistral", sliding_window=8), "sliding window"),
+                            (tiny_config("qwen2", use_sliding_window=True, sliding_window=8), "sliding-window")):
+        with pytest.raises(TransactError, match=message):
+            check_allocation(config, recipe, targets)
+    with pytest.raises(TransactError, match="mixture of experts"):
+        check_allocation(tiny_config("mixtral"), recipe, Targets(4, 2, 48, 3))
+    with pytest.raises(TransactError, match="mean MLP width 40"):
+        check_allocation(tiny_config("llama"), recipe, Targets(4, 2, 40))
+    with pytest.raises(TransactError, match="needs the mean MLP width"):
+        PruneRecipe(heads=2, allocation={})
+    with pytest.raises(TransactError, match="not with flap_bias"):
+        PruneRecipe(mlp=48, correctors=("flap_bias",), allocation={})
+    with pytest.raises(TransactError, match="calibration has 4"):
+        PruneRecipe(mlp=48, calibration={"samples": 4}, allocation={})
+    with pytest.raises(TransactError, match="mlp"):
+        RunRecipe.from_dict({"model": "m", "out": "o", "target": {"mlp": 0.5}, "prune": {"allocation": {}}})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer, corpus):
+    root = tmp_path_factory.mktemp("allocate")
+    tiny_model("llama", layers=4).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "cal.txt").write_text("\n\n".join(corpus))
+    return root
+
+
+def test_cli_allocate_search_and_apply_plan_recreate_the_checkpoint(base, tmp_path, capsys):
+    args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "8", "--seq-len", "32",
+            "--quiet", "--mlp", "48"]
+    for extra, message in ((["--search-step", "16"], "--search-step belongs to --allocate search"),
+                           (["--allocate", "search"], "not a multiple of the search step 256"),
+                           (["--allocate", "search", "--search-step", "16", "--layerwise"], "not available with"),
+                           (["--allocate", "search", "--search-step", "32"], "mean MLP width 48")):
+        assert main([*args, "--out", str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+    assert main([*args, "--out", str(tmp_path / "a"), "--allocate", "search", "--search-step", "16",
+                 "--search-generations", "6"]) == 0
+    plan = PrunePlan.load(tmp_path / "a" / "plan.json")
+    assert sum(plan.mlp_widths) == 4 * 48 and all(w % 16 == 0 for w in plan.mlp_widths)
+    loss = plan.allocation["calibration_loss"]
+    assert plan.allocation["generations"] == 6 and loss["searched"] <= loss["uniform"]
+    assert plan.recipe["allocation"]["step"] == 16
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["model_type"] == ("llama" if plan.uniform else "nemotron-nas")
+    assert main(["apply-plan", str(base / "base"), str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"),
+                 "--quiet"]) == 0
+    first, again = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_apply_plan_recreates_per_layer_widths_bit_for_bit(base, tmp_path):
+    """A plan with per-layer widths (as the search writes them) applied to its base twice: the same weights."""
+    recipe = PruneRecipe(mlp=48, calibration={"text": str(base / "cal.txt"), "samples": 8, "seq_len": 32})
+    plan_path = tmp_path / "plan.json"
+    model = AutoModelForCausalLM.from_pretrained(base / "base")
+    scores = random_layer_scores(shape_of(model), 1)
+    plan = make_plan(scores.heads, scores.mlp, Targets(4, 2, 48), shape_of(model), mlp_widths=[16, 96, 64, 16],
+                     recipe=recipe.to_json())
+    plan.save(plan_path)
+    for out in ("a", "b"):
+        apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(plan_path), str(tmp_path / out),
+                                               progress=False))
+    first, again = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert first["model.layers.1.mlp.down_proj.weight"].shape == (64, 96)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "nemotron-nas"
