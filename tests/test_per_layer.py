@@ -133,8 +133,9 @@ def test_apply_plan_recreates_per_layer_widths_bit_for_bit(base, tmp_path):
                      recipe=recipe.to_json())
     plan.save(plan_path)
     for out in ("a", "b"):
-        apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(plan_path), str(tmp_path / out),
-                                               progress=False))
+        result = apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(plan_path), str(tmp_path / out),
+                                                        progress=False))
+    assert "load model and tokenizer with trust_remote_code=True" in result.summary()
     first, again = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert first["model.layers.1.mlp.down_proj.weight"].shape == (64, 96)

@@ -55,6 +55,9 @@ class PruneResult:
             lines.append(f"dropped experts   took {100 * sum(routes) / len(routes):.2f} % of the calibration tokens' "
                          f"routes (most in one layer: {100 * max(routes):.2f} %)")
         lines.append(f"\nsaved {self.report['saved_as']} checkpoint, plan.json and report.json to {self.out}")
+        if self.report["saved_as"] == DECILM_MODEL_TYPE:  # its code travels with it (auto_map)
+            lines.append("it brings its own modeling code: load model and tokenizer with trust_remote_code=True "
+                         "(transformers), or --trust-remote-code (vllm serve)")
         return "\n".join(lines)
 
 
