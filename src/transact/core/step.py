@@ -123,7 +123,6 @@ def allocated_widths(model: nn.Module, tokenizer, recipe: PruneRecipe, statistic
                             "the model's tokenizer")
     options, refit = recipe.allocation, "refit" in recipe.correctors
     levels = width_levels(shape_of(model).intermediate_size, options.step, options.min_width)
-    check_budget(mean_width, levels)
     variants = mlp_variants(model, statistics.activation("mlp", "gram") if refit else None, mlp_scores, levels,
                             damp_for(statistics, recipe.options_of("refit")) if refit else None)
     found = search_widths(model, calibration_windows(tokenizer, recipe, texts), variants, mean_width, options,
