@@ -102,6 +102,8 @@ def test_cli_allocate_search_and_apply_plan_recreate_the_checkpoint(base, tmp_pa
     args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "8", "--seq-len", "32",
             "--quiet", "--mlp", "48"]
     for extra, message in ((["--search-step", "16"], "--search-step belongs to --allocate search"),
+                           (["--search-step", "256"], "--search-step belongs to --allocate search"),  # the default
+                           (["--search-generations", "40"], "--search-generations belongs to --allocate search"),
                            (["--allocate", "search"], "not a multiple of the search step 256"),
                            (["--allocate", "search", "--search-step", "16", "--layerwise"], "not available with"),
                            (["--allocate", "search", "--search-step", "32"], "mean MLP width 48")):

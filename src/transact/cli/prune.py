@@ -108,10 +108,10 @@ def _add_allocation_flags(p) -> None:
                    "calibration loss at the same total (search: --mlp is the mean width, a multiple of --search-step; "
                    "the checkpoint is saved in the DeciLM / Nemotron-NAS layout, which vLLM and llama.cpp load, and "
                    "transformers with trust_remote_code)")
-    p.add_argument("--search-step", type=at_least(1), default=search.step,
+    p.add_argument("--search-step", type=at_least(1), default=None,
                    help=f"with --allocate search: widths are multiples of this many channels (default {search.step}: "
                    "what llama.cpp's K-quants and its converter's DeciLM widths need)")
-    p.add_argument("--search-generations", type=at_least(0), default=search.generations,
+    p.add_argument("--search-generations", type=at_least(0), default=None,
                    help=f"with --allocate search: generations of the evolutionary search (default "
                    f"{search.generations}; "
                    f"each scores {search.offspring} candidates on {search.first_samples} calibration windows and "
@@ -121,16 +121,19 @@ def _add_allocation_flags(p) -> None:
 
 
 def _allocation(args) -> WidthSearch | None:
+    """The search ``--allocate search`` asks for (its flags given or their defaults); a search flag without it
+    is refused, even at its default value (None: not given)."""
+    flags = {"--search-step": args.search_step, "--search-generations": args.search_generations,
+             "--search-seconds": args.search_seconds}
     if args.allocate == "uniform":
-        defaults = WidthSearch()
-        given = [flag for flag, changed in (("--search-step", args.search_step != defaults.step),
-                                            ("--search-generations", args.search_generations != defaults.generations),
-                                            ("--search-seconds", args.search_seconds is not None)) if changed]
+        given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise TransactError(f"{given[0]} belongs to --allocate search, which is not given")
         return None
-    return WidthSearch(step=args.search_step, generations=args.search_generations, seconds=args.search_seconds,
-                       seed=args.seed)
+    defaults = WidthSearch()
+    return WidthSearch(step=defaults.step if args.search_step is None else args.search_step,
+                       generations=defaults.generations if args.search_generations is None else args.search_generations,
+                       seconds=args.search_seconds, seed=args.seed)
 
 
 def drop_count(text: str) -> int | float:
