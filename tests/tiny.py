@@ -163,17 +163,21 @@ def two_shot_run(tmp_path, dense, corpus: list[str], target: dict, method: str, 
     return loop.run(recipe, progress=False)
 
 
-def run_killed_at(transact_bin, recipe, out, phase: int = 2, step: int = 10, timeout: float = 240) -> int:
-    """Start ``transact run RECIPE`` and SIGKILL it once its saved state (``OUT/state/progress.json``) is at
-    least ``step`` steps into ``phase``; -> the process's return code (-SIGKILL when it was killed, not ended)."""
+def run_killed_at(transact_bin, recipe, out, phase: int = 2, step: int = 10, timeout: float = 240,
+                  command: list[str] | None = None, env: dict | None = None) -> int:
+    """Start ``transact run RECIPE`` (or ``command``) and SIGKILL it, with every process it started, once its
+    saved state (``OUT/state/progress.json``) is at least ``step`` steps into ``phase``; -> the process's
+    return code (-SIGKILL when it was killed, not ended)."""
+    import contextlib
     import json
+    import os
     import signal
     import subprocess
     import time
     from pathlib import Path
 
-    proc = subprocess.Popen([str(transact_bin), "run", str(recipe), "--quiet"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command or [str(transact_bin), "run", str(recipe), "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
     progress = Path(out) / "state" / "progress.json"
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
@@ -185,5 +189,27 @@ def run_killed_at(transact_bin, recipe, out, phase: int = 2, step: int = 10, tim
             pass
         time.sleep(0.02)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # a launcher's workers too, as when the machine stops
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by ``pid``, its children's too (read from /proc; a launcher such as torchrun
+    starts its workers in sessions of their own)."""
+    from pathlib import Path
+
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found

@@ -40,12 +40,12 @@ from transact.io.models import (
     with_compute_dtype,
 )
 from transact.io.text import read_texts, token_stream
-from transact.measure.costs import count_parameters, model_summary
+from transact.measure.costs import count_parameters, model_summary, peak_memory_bytes
 from transact.measure.perplexity import heldout_perplexity
 from transact.recipes import RunRecipe
-from transact.recovery import memory, optim
+from transact.recovery import memory, optim, sharded
 from transact.recovery.data import BlockStream, check_training_data
-from transact.recovery.distributed import Processes, weights_digest
+from transact.recovery.distributed import Processes, check_launch, weights_digest
 from transact.recovery.methods import RunFacts, get_method
 from transact.recovery.report import plot_training, report_markdown
 from transact.recovery.schedule import compose_plans, phase_steps, schedule_of
@@ -56,6 +56,7 @@ from transact.recovery.state import (
     load_optimizer_state,
     load_state,
     mark_done,
+    save_sharded_state,
     save_state,
 )
 from transact.recovery.train import PhaseSpec, steps_for, train_phase
@@ -111,16 +112,6 @@ def check_out(recipe: RunRecipe, resume: bool) -> Path:
     return out
 
 
-def _mixed_precision(recipe: RunRecipe, device: torch.device, weights: torch.dtype) -> str:
-    """Autocast of fp32 weights; weights held in bf16 compute in bf16 without it."""
-    p = recipe.training.precision
-    if weights != torch.float32:
-        return "no"
-    if p == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if p == "bf16" else "no"
-
-
 # ---------------------------------------------------------------- the run
 
 class Run:
@@ -148,9 +139,11 @@ class Run:
         if self.trains:
             check_training_data(training.data)
         self.tokenizer = require_tokenizer(self.prep.source, "calibration, training and perplexity")
-        self.mixed = _mixed_precision(recipe, self.prep.device, self.weights)
+        self.mixed = optim.autocast_of(training, self.prep.device, self.weights)
         self.accelerator = Accelerator(cpu=self.prep.device.type == "cpu", mixed_precision=self.mixed)
         self.procs = Processes(self.accelerator)
+        check_launch(self.accelerator)
+        self.sharded = training.distributed == "fsdp" and self.procs.count > 1  # FSDP2 slices while training
         self.teacher = self.method.teacher(RunFacts(training, self.accelerator.device, self.procs.count,
                                                     phase_steps(training, len(self.schedule), self.procs.count),
                                                     self.prep.shape.vocab_size))
@@ -162,6 +155,7 @@ class Run:
         self.wrapped = False  # the model is wrapped by the method for the phase in progress
         self.resumed_optimizer: dict | None = None  # moments to continue a phase with, after a resume
         self.end_optimizer: torch.optim.Optimizer | None = None  # the finished phase's, saved with its state
+        self.resumed_shards: Path | None = None  # a sharded state to continue the phase from, after a resume
 
     def _check_memory(self) -> memory.MemoryEstimate | None:
         """The run's estimated peak, from the config alone; refused here where it cannot fit the device."""
@@ -174,7 +168,8 @@ class Run:
         self.weights = memory.choose_weights(shape, params, training, device.type, teacher_here=teacher_here,
                                              available=available)
         chosen = replace(training, weights="bf16" if self.weights == torch.bfloat16 else "fp32")
-        return memory.check_fits(shape, params, chosen, device.type, teacher_here=teacher_here, available=available)
+        return memory.check_fits(shape, params, chosen, device.type, teacher_here=teacher_here, available=available,
+                                 processes=self.procs.count)
 
     def heldout_ppl(self, model: nn.Module) -> float | None:
         if self.heldout_ids is None:
@@ -187,6 +182,9 @@ class Run:
         return self.procs.broadcast(result)
 
     def save(self, model: nn.Module, optimizer, state: RunState) -> None:
+        if sharded.is_sharded(model):
+            save_sharded_state(self.out, model, optimizer, state, self.procs)
+            return
         if self.procs.main:
             save_state(self.out, model, optimizer, state)
         self.procs.wait()
@@ -201,12 +199,19 @@ class Run:
             self.heldout_ids = token_stream(self.tokenizer, self.heldout_texts, limit=self.recipe.heldout.tokens)
         if self.teacher is not None:
             self.teacher.attach(model)
+            teacher_model = getattr(self.teacher, "model", None)  # a teacher's weights beside the student's
+            if self.sharded and teacher_model is not None and self.teacher.on(self.accelerator.device):
+                sharded.shard(teacher_model, self.mixed)  # forward only: 1/N on each process
         saved = latest_state(self.out) if self.resume else None
         if saved is None:
             return model, RunState(dense={**model_summary(model), "perplexity": self.heldout_ppl(model)})
         state = load_state(saved)
         for plan in state.plans:
             apply_step(model, PrunePlan.from_json(plan))
+        if state.step and sharded.has_shards(saved):  # saved mid-phase in slices: loaded once the model is sharded
+            sharded.check_shards(saved, self.procs.count)
+            self.resumed_shards = saved
+            return model, state
         if state.step:  # saved mid-phase: as the method trains it (LoRA: adapters included)
             model = self._wrap(model, state.phase)
         load_weights(model, str(saved / "model.safetensors"), device=str(self.accelerator.device))
@@ -254,10 +259,25 @@ class Run:
             return model
         if not self.wrapped:
             model = self._wrap(model, phase)
+        if self.sharded:
+            return self._train_sharded(model, state, total)
         optimizer = self._train_steps(model, state, total)
         self.end_optimizer = optimizer if self.method.keeps_moments else None  # LoRA's end with its adapters
         self.wrapped = False
         return self.method.merge(model)
+
+    def _train_sharded(self, model: nn.Module, state: RunState, total: int) -> nn.Module:
+        """The phase trained on FSDP2 slices (``transact.recovery.sharded``); -> the whole model again. The
+        moments end with the phase (each phase trains with new ones), so none are saved with its end."""
+        sharded.shard(model, self.mixed)
+        if self.resumed_shards is not None:
+            self.resumed_optimizer = sharded.load_shards(self.resumed_shards, model, self.procs.rank,
+                                                         self.procs.count)
+            self.resumed_shards = None
+        self._train_steps(model, state, total)
+        self.end_optimizer, self.wrapped = None, False
+        plans = [PrunePlan.from_json(p) for p in state.plans]
+        return sharded.plain_model(model, self.prep.config, plans, self.weights)
 
     def _train_steps(self, model: nn.Module, state: RunState, total: int) -> torch.optim.Optimizer:
         training, current = self.recipe.training, state.current
@@ -319,9 +339,12 @@ class Run:
                 "final": model_summary(model), "phases": [p.to_json() for p in state.shots],
                 "schedule": [t.widths() for t in self.schedule],
                 "processes": self.procs.count, "device": str(self.accelerator.device),
+                "distributed": self.recipe.training.distributed if self.procs.count > 1 else None,
+                "peak_memory_bytes_per_process": self.procs.gather(peak_memory_bytes(self.accelerator.device)),
                 "mixed_precision": self.mixed, "weights": dtype_name(self.weights),
                 "optimizer": self.optimizer if self.trains else None, "weights_sha256_per_process": digests,
                 "memory_estimate": self.memory.parts if self.memory else None,
+                "memory_estimate_bytes": self.memory.total if self.memory else None,
                 "teacher_logits": self.teacher.note() if self.teacher is not None else None,
                 "seconds_this_process": round(seconds, 1), "versions": library_versions()}
 

@@ -210,3 +210,13 @@ def layerwise_memory(shape: ModelShape, dtype: torch.dtype, calibration, *, refi
                             + 2 * 8 * shape.intermediate_size ** 2 if refit else 0),
              "runtime": RUNTIME_OVERHEAD_BYTES}
     return {**parts, "total": sum(parts.values())}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this process has held so far: allocated on a GPU, resident on a CPU (the kernel's
+    high-water mark, libraries included)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

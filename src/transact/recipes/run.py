@@ -14,11 +14,12 @@ from transact.errors import TransactError
 from transact.io.text import BUILTIN
 from transact.recipes.prune import WIDTHS, PruneRecipe, Width
 from transact.recipes.text import Calibration, HeldoutText
-from transact.recovery.methods import METHODS, method_names
+from transact.recovery.methods import METHODS, get_method, method_names
 
 PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHT_DTYPES = ("auto", "fp32", "bf16")  # what trained weights are held in (transact.recovery.optim)
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit")
+DISTRIBUTED = ("ddp", "fsdp")  # how several processes train: whole replicas, or FSDP2 slices
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Training:
     weights: str = "auto"  # fp32 where the run fits that way, else bf16 (stochastic rounding)
     optimizer: str = "auto"  # adamw on a CPU, adamw_8bit on a GPU
     gradient_checkpointing: bool = False
+    distributed: str = "ddp"  # several processes: whole replicas (ddp) or each holding 1/N (fsdp)
     check_memory: bool = True  # estimate the peak before loading and refuse a run that cannot fit
     seed: int = 0
     shuffle_buffer: int = 256
@@ -106,10 +108,24 @@ class Training:
         check_choice(p + "precision", self.precision, PRECISIONS)
         check_choice(p + "weights", self.weights, WEIGHT_DTYPES)
         check_choice(p + "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(p + "distributed", self.distributed, DISTRIBUTED)
+        self._check_fsdp()
         for flag in ("gradient_checkpointing", "check_memory"):
             if not isinstance(getattr(self, flag), bool):
                 raise fail(p + flag, f"must be true or false, got {getattr(self, flag)!r}")
         object.__setattr__(self, "methods", _method_settings(self.methods))
+
+    def _check_fsdp(self) -> None:
+        """What FSDP2 training does not support, refused by name (see ``transact.recovery.sharded``)."""
+        if self.distributed != "fsdp":
+            return
+        if not get_method(self.method).shards:
+            sharding = ", ".join(n for n, m in METHODS.items() if m.shards)
+            raise fail("training.distributed", f"fsdp trains every parameter (method {sharding}); {self.method}'s "
+                       f"partial training is not sharded here: use distributed: ddp with method: {self.method}")
+        if self.weights == "bf16" or self.optimizer == "adamw_8bit":
+            raise fail("training.distributed", "fsdp holds fp32 weights with torch's AdamW (bf16 compute through "
+                       "training.precision: bf16); bf16 weights and adamw_8bit are for ddp")
 
     def settings_of(self, method: str) -> Any:
         """The settings of recovery method ``method`` (its ``training.<method>`` section; None for a method

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from transact.errors import TransactError
+
 
 class Processes:
     """The processes of one run, through an ``accelerate.Accelerator``."""
@@ -19,6 +21,10 @@ class Processes:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
 
     @property
     def count(self) -> int:
@@ -55,6 +61,17 @@ class Processes:
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def check_launch(accelerator) -> None:
+    """Refuse an accelerate configuration that would shard or partition the model itself (its FSDP,
+    DeepSpeed or Megatron plugins): a pruning shot slices whole matrices between phases, so sharding is the
+    run's own (``training.distributed: fsdp``), under a plain multi-process launch."""
+    kind = accelerator.distributed_type.name
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TransactError(f"transact run was launched with accelerate's {kind} configuration; launch it as plain "
+                            "processes (torchrun, or an accelerate config without FSDP/DeepSpeed) and set "
+                            "training.distributed: fsdp in the recipe to shard the model")
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -22,6 +22,17 @@ it writes that layer's gradients, so without checkpointing the peak holds the la
 activations and the logits when the backward starts, or all gradients when it ends), not their sum. With
 checkpointing a layer is recomputed while the gradients accumulate, and both are counted.
 
+With ``training.distributed: fsdp`` over N processes (``transact.recovery.sharded``) each process holds 1/N
+of the weights, gradients, moments and teacher, plus what FSDP2 gathers whole for a moment ("gathered": the
+root unit, the embeddings and LM head counted as two matrices, its weights and gradients, three decoder
+layers: the one computing, the next one prefetched, one's gradients before they are reduced, and a
+``kd`` teacher's embeddings, which its root unit keeps gathered after the forward pass); activations
+and logits are each process's own micro-batch's. Outside training every process holds the whole model (it
+loads it, and a pruning shot slices whole matrices), with the teacher whole while the run loads: that is
+the estimate's floor ("whole model"), the peak where the sharded training step is smaller. Not counted:
+the calibration statistics the main process collects for each shot (measured 0.5 GiB on SmolLM2 with the
+refit, docs/results.md "Sharded recovery"), which can make the main process's peak the larger one.
+
 The activation coefficients were fitted to measured peaks on the 2-core CPU machine of docs/results.md
 ("Memory planner"), where the estimate is checked against measured peaks.
 """
@@ -54,14 +65,21 @@ class MemoryEstimate:
     device: str
     available: int | None
     overlap: bool = True  # gradients replace activations during the backward pass (no checkpointing)
+    floor: int = 0  # bytes held outside training (the whole model of a sharded run), a peak of its own
+    processes: int = 1  # the estimate is per process; more than 1: sharded (fsdp) over that many
 
     @property
-    def total(self) -> int:
+    def step(self) -> int:
+        """The peak of a training step."""
         total = sum(self.parts.values())
         if not self.overlap:
             return total
         dynamic = self.parts["activations"] + self.parts["logits"]
         return total - dynamic - self.parts["gradients"] + max(dynamic, self.parts["gradients"])
+
+    @property
+    def total(self) -> int:
+        return max(self.step, self.floor)
 
     @property
     def fits(self) -> bool:
@@ -72,7 +90,10 @@ class MemoryEstimate:
         if self.overlap:
             parts += "; gradients and activations not at once"
         room = f" of {self.available / GIB:.1f} GiB available" if self.available is not None else ""
-        return f"estimated peak memory {self.total / GIB:.2f} GiB{room} on {self.device} ({parts} GiB)"
+        each = f" per process of {self.processes} (fsdp)" if self.processes > 1 else ""
+        floor = f"; the whole model while loading and pruning {self.floor / GIB:.2f}" if self.floor else ""
+        return (f"estimated peak memory {self.total / GIB:.2f} GiB{each}{room} on {self.device} ({parts} GiB"
+                f"{floor})")
 
 
 def layer_activation_values(shape: ModelShape, seq_len: int) -> int:
@@ -88,9 +109,10 @@ def layer_activation_values(shape: ModelShape, seq_len: int) -> int:
 
 
 def estimate(shape: ModelShape, params: int, training, *, device: str = "cpu", teacher_here: bool = True,
-             available: int | None = None) -> MemoryEstimate:
+             available: int | None = None, processes: int = 1) -> MemoryEstimate:
     """The estimated peak of training ``shape`` (``params`` parameters) with ``training`` (a
-    ``transact.recipes.Training``); ``teacher_here``: a ``kd`` teacher on the same device."""
+    ``transact.recipes.Training``) on each of ``processes`` processes; ``teacher_here``: a ``kd`` teacher on
+    the same device."""
     weights, optimizer = optim.resolve(training, torch.device(device))
     value = weights.itemsize  # weights, teacher and activations are held in the weights' dtype
     tokens = training.batch_size * training.seq_len
@@ -104,7 +126,23 @@ def estimate(shape: ModelShape, params: int, training, *, device: str = "cpu", t
              "optimizer": optim.moment_bytes(method.trainable, method.moments_dtype, optimizer),
              "teacher": method.teacher, "activations": activations,
              "logits": method.logits, "runtime": RUNTIME_OVERHEAD_BYTES if device == "cpu" else 0}
-    return MemoryEstimate(parts, device, available, overlap=not training.gradient_checkpointing)
+    overlap = not training.gradient_checkpointing
+    if training.distributed != "fsdp" or processes < 2:
+        return MemoryEstimate(parts, device, available, overlap=overlap)
+    whole = parts["weights"] + parts["teacher"] + parts["runtime"]
+    for name in ("weights", "gradients", "optimizer", "teacher"):
+        parts[name] = -(-parts[name] // processes)
+    parts["gathered"] = gathered_bytes(shape, params, value, teacher=method.teacher > 0)
+    return MemoryEstimate(parts, device, available, overlap=overlap, floor=whole, processes=processes)
+
+
+def gathered_bytes(shape: ModelShape, params: int, value: int, teacher: bool = False) -> int:
+    """Bytes FSDP2 holds whole at a moment of a sharded step: the root unit's weights and gradients (the
+    embeddings and the LM head, counted as two matrices), three decoder layers, and a teacher's embedding
+    matrix (its root unit stays gathered after its forward pass; see the module docstring)."""
+    embeddings = (shape.vocab_size or 0) * shape.hidden_size
+    layer = max(0, params - embeddings) // max(1, shape.num_layers)
+    return (2 * 2 * embeddings + 3 * layer + (embeddings if teacher else 0)) * value
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -127,7 +165,7 @@ def _fields(path: str) -> dict[str, str]:
 
 
 def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teacher_here: bool,
-                available: int) -> list[str]:
+                available: int, processes: int = 1) -> list[str]:
     """Recipe changes that bring the estimate within ``available``, each with its estimate, in words."""
     options = []
     if not training.gradient_checkpointing:
@@ -140,6 +178,8 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
     for lighter in get_method(training.method).lighter:
         options.append((f"training.method: {lighter}", replace(training, method=lighter)))
     weights, optimizer = optim.resolve(training, torch.device(device))
+    if training.distributed == "fsdp":  # fsdp trains fp32 weights with torch's AdamW only
+        weights, optimizer = torch.bfloat16, "adamw_8bit"
     if optimizer != "adamw_8bit":
         options.append(("training.optimizer: adamw_8bit", replace(training, optimizer="adamw_8bit")))
     if weights != torch.bfloat16:
@@ -149,16 +189,35 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
                             replace(training, weights="bf16", optimizer="adamw_8bit")))
     found = []
     for words, changed in options:
-        total = estimate(shape, params, changed, device=device, teacher_here=teacher_here).total
+        total = estimate(shape, params, changed, device=device, teacher_here=teacher_here, processes=processes).total
         if total <= available:
             found.append(f"{words} ({total / GIB:.2f} GiB)")
-    return found + get_method(training.method).advice(training, device, teacher_here)
+    return found + _ways_with_fsdp(shape, params, training, device, teacher_here, available) + \
+        get_method(training.method).advice(training, device, teacher_here)
+
+
+def _ways_with_fsdp(shape: ModelShape, params: int, training, device: str, teacher_here: bool,
+                    available: int) -> list[str]:
+    """The fewest processes (2 to 64, each with a device like this one) over which ``fsdp`` fits, in words."""
+    if training.distributed == "fsdp" or not get_method(training.method).shards:
+        return []
+    sharded = replace(training, distributed="fsdp", optimizer="adamw",
+                      weights="fp32" if training.weights == "auto" else training.weights)
+    if sharded.weights == "bf16":
+        return []
+    for n in (2, 4, 8, 16, 32, 64):
+        total = estimate(shape, params, sharded, device=device, teacher_here=teacher_here, processes=n).total
+        if total <= available:
+            return [f"training.distributed: fsdp with {n} processes, each on a device like this one "
+                    f"({total / GIB:.2f} GiB each; torchrun --nproc_per_node {n})"]
+    return []
 
 
 def choose_weights(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool,
                    available: int | None) -> torch.dtype:
-    """The dtype to train in: the recipe's, or for ``auto`` fp32 unless only bf16 fits ``available`` bytes."""
-    if training.weights != "auto":
+    """The dtype to train in: the recipe's, or for ``auto`` fp32 unless only bf16 fits ``available`` bytes
+    (``fsdp`` trains fp32 weights only)."""
+    if training.weights != "auto" or training.distributed == "fsdp":
         return optim.resolve(training, torch.device(device))[0]
     fp32 = estimate(shape, params, replace(training, weights="fp32"), device=device, teacher_here=teacher_here)
     if available is None or fp32.total <= available:
@@ -168,13 +227,15 @@ def choose_weights(shape: ModelShape, params: int, training, device: str, *, tea
 
 
 def check_fits(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool,
-               available: int | None) -> MemoryEstimate:
-    """The estimate for this run on ``device`` with ``available`` bytes free (None: not checked); a
-    TransactError naming what would fit where it does not."""
-    result = estimate(shape, params, training, device=device, teacher_here=teacher_here, available=available)
+               available: int | None, processes: int = 1) -> MemoryEstimate:
+    """The estimate for this run on ``device`` (each of ``processes``) with ``available`` bytes free (None:
+    not checked); a TransactError naming what would fit where it does not."""
+    result = estimate(shape, params, training, device=device, teacher_here=teacher_here, available=available,
+                      processes=processes)
     if result.fits:
         return result
-    ways = ways_to_fit(shape, params, training, device=device, teacher_here=teacher_here, available=available)
+    ways = ways_to_fit(shape, params, training, device=device, teacher_here=teacher_here, available=available,
+                       processes=processes)
     advice = ("; ".join(ways) if ways else "no single change of gradient checkpointing, micro-batch size, LoRA, "
               "bf16 weights or 8-bit optimizer moments is enough: use a smaller model, a shorter "
               "training.seq_len or a larger device")

@@ -48,10 +48,21 @@ IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 def resolve(training, device: torch.device) -> tuple[torch.dtype, str]:
     """The weights' dtype and the optimizer ``training`` (a ``transact.recipes.Training``) asks for on
     ``device``; ``auto`` weights read as fp32 here (``memory.choose_weights`` falls back to bf16 where fp32
-    does not fit), the ``auto`` optimizer is adamw_8bit on a GPU that has bf16 and adamw otherwise."""
-    low = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    does not fit), the ``auto`` optimizer is adamw_8bit on a GPU that has bf16 and adamw otherwise (adamw
+    always with ``fsdp``, whose sharded moments are torch's AdamW's)."""
+    low = device.type == "cuda" and torch.cuda.is_bf16_supported() and training.distributed != "fsdp"
     optimizer = training.optimizer if training.optimizer != "auto" else ("adamw_8bit" if low else "adamw")
     return (torch.bfloat16 if training.weights == "bf16" else torch.float32), optimizer
+
+
+def autocast_of(training, device: torch.device, weights: torch.dtype) -> str:
+    """The mixed precision of fp32 weights (``training.precision``; ``auto``: bf16 on a GPU that has it), as
+    accelerate names it; weights held in bf16 compute in bf16 without it."""
+    if weights != torch.float32:
+        return "no"
+    if training.precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if training.precision == "bf16" else "no"
 
 
 def needs_torchao(weights: torch.dtype, optimizer: str) -> bool:
@@ -133,6 +144,8 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Ten
         keys[str(i)] = list(values)
         for k, v in values.items():
             name = f"{i}.{k}"
+            if hasattr(v, "to_local"):  # a sharded parameter's moment (FSDP2): this process's slice
+                v = v.to_local()
             if type(v) is torch.Tensor:
                 tensors[name] = v.detach().cpu().contiguous()
                 continue

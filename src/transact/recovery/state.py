@@ -1,9 +1,10 @@
 """The resumable state of ``transact run``: where the run is (a typed ``RunState`` with a JSON round trip)
 and the weights and optimizer moments, all under ``OUT/state/``.
 
-The directory is written whole into a hidden sibling and swapped in (``replace_dir``), so a run killed at
-any moment finds the last complete state: ``state/``, or the parked previous one if it died between the
-two renames.
+A model sharded with FSDP2 is saved in slices, one per process (``save_sharded_state``, see
+``transact.recovery.sharded``). The directory is written whole into a hidden sibling and swapped in
+(``replace_dir``), so a run killed at any moment finds the last complete state: ``state/``, or the parked
+previous one if it died between the two renames.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from transact.errors import TransactError
 from transact.io.files import old_dir, replace_dir, staging_dir, write_json_atomic
+from transact.recovery import sharded
 from transact.recovery.optim import state_dict_from, state_tensors
 
 STATE_FORMAT = 1
@@ -122,6 +124,29 @@ def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
         replace_dir(tmp, out / STATE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_sharded_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
+                       procs) -> None:
+    """``save_state`` for a model sharded with FSDP2, on every process at once: each writes its slice of the
+    weights and moments (``sharded.save_shards``) into the main process's new directory, which is swapped in
+    once all have written. ``procs``: the run's ``Processes``."""
+    tmp = staging_dir(out / STATE) if procs.main else None
+    tmp = Path(procs.broadcast(str(tmp) if tmp else None))
+    try:
+        if not tmp.is_dir():
+            raise TransactError(f"process {procs.rank} cannot see {tmp}: with training.distributed: fsdp every "
+                                "process writes its slice of the state into the run's directory, so it must be "
+                                "on a filesystem all of them share")
+        sharded.save_shards(tmp, model, optimizer, procs.rank, procs.count)
+        procs.wait()
+        if procs.main:
+            (tmp / "progress.json").write_text(json.dumps(state.to_json(), indent=1) + "\n")
+            replace_dir(tmp, out / STATE)
+        procs.wait()
+    finally:
+        if procs.main:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def mark_done(out: Path, state: RunState) -> None:

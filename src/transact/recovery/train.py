@@ -1,7 +1,7 @@
 """Recovery training between pruning shots: one phase of AdamW steps on packed blocks, through Hugging Face
-``accelerate`` (one CPU, one GPU, or many processes with DDP/FSDP/DeepSpeed as ``accelerate launch``
-configures them). The loss is the recovery method's (``transact.recovery.methods``: full fine-tuning, LoRA,
-distillation from the dense model).
+``accelerate`` (one CPU, one GPU, or many processes with DDP as ``accelerate launch`` or ``torchrun`` start
+them), or on a model sharded with FSDP2 (``transact.recovery.sharded``). The loss is the recovery method's
+(``transact.recovery.methods``: full fine-tuning, LoRA, distillation from the dense model).
 
 Every step reseeds torch from (seed, phase, step, rank), so a phase resumed from a saved step draws the
 same random numbers (LoRA dropout) as an uninterrupted one without carrying generator state around.
@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transact.errors import TransactError
-from transact.recovery import optim
+from transact.recovery import optim, sharded
 from transact.recovery.data import BlockStream
 from transact.recovery.methods import MicroBatch, RecoveryMethod, Teacher, get_method
 
@@ -110,6 +110,8 @@ def train_phase(
     optimizer = optim.make_optimizer(model, training, kind)
     if spec.optimizer_state is not None:
         optim.load_state(optimizer, spec.optimizer_state)
+        if sharded.is_sharded(model):
+            sharded.wrap_moments(optimizer)
     world = accelerator.num_processes
     tokens_per_step = training.tokens_per_step * world
     ema = None
@@ -117,16 +119,17 @@ def train_phase(
                disable=not (progress and accelerator.is_main_process))
     try:
         with training_mode(model, training.gradient_checkpointing):
-            # Prepared after the mode switch: DDP/FSDP must wrap the model as it will be trained.
-            prepared, optimizer = accelerator.prepare(model, optimizer)
+            # Prepared after the mode switch: DDP must wrap the model as it will be trained. A model sharded
+            # with FSDP2 (``transact.recovery.sharded``) is already what trains.
+            prepared, optimizer = (model, optimizer) if sharded.is_sharded(model) else \
+                accelerator.prepare(model, optimizer)
             for step in range(spec.start_step, spec.total_steps):
                 torch.manual_seed(step_seed(training.seed, spec.phase, step, accelerator.process_index))
                 lr = training.lr * lr_factor(step, spec.total_steps, training.warmup, training.min_lr_ratio)
                 optim.set_lr(optimizer, lr)
                 loss = _accumulate_gradients(accelerator, prepared, stream, training, method, teacher)
-                grad_norm = accelerator.clip_grad_norm_(prepared.parameters(), training.max_grad_norm or math.inf)
+                grad_norm = _clip_gradients(accelerator, prepared, training.max_grad_norm or math.inf)
                 loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                grad_norm = float(grad_norm)
                 ema = _check_health(loss, grad_norm, ema, step - spec.start_step, training.explode_factor, spec, step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -146,6 +149,15 @@ def train_phase(
     return log, optimizer
 
 
+def _clip_gradients(accelerator, model: nn.Module, max_norm: float) -> float:
+    """Clip the gradients' global norm to ``max_norm``; -> the norm before clipping (over every slice of a
+    sharded model)."""
+    if not sharded.is_sharded(model):
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def _accumulate_gradients(accelerator, model: nn.Module, stream: BlockStream, training: Training,
                           method: RecoveryMethod, teacher: Teacher | None) -> torch.Tensor:
     """Forward and backward ``grad_accum`` micro-batches; gradients sync only on the last. -> mean loss."""
@@ -154,11 +166,25 @@ def _accumulate_gradients(accelerator, model: nn.Module, stream: BlockStream, tr
     for micro in range(training.grad_accum):
         ids = stream.take(training.batch_size).to(accelerator.device)  # (batch, seq_len)
         sync = micro == training.grad_accum - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
+        with _gradient_sync(accelerator, model, sync):
             loss = method.loss(MicroBatch(student, model, ids, stream.last_positions, training, teacher))
             accelerator.backward(loss / training.grad_accum)
         total += loss.detach() / training.grad_accum
     return total
+
+
+@contextmanager
+def _gradient_sync(accelerator, model: nn.Module, sync: bool) -> Iterator[None]:
+    """Gradients reduced across processes after this backward pass only where ``sync``."""
+    if not sharded.is_sharded(model):
+        with nullcontext() if sync else accelerator.no_sync(model):
+            yield
+        return
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _check_health(loss: float, grad_norm: float, ema: float | None, steps_in: int, factor: float,

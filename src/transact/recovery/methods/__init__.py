@@ -127,7 +127,8 @@ class RecoveryMethod:
     ``merge(model)`` -> the plain model again; ``teacher(facts)`` -> a ``Teacher`` or None;
     ``loss(batch)`` -> the scalar loss of a ``MicroBatch``; ``memory(inputs)`` -> its ``MethodMemory``;
     ``lighter``: methods to suggest when a run of this one does not fit; ``advice(training, device,
-    teacher_here)``: further changes of its own settings that save memory, in words."""
+    teacher_here)``: further changes of its own settings that save memory, in words; ``shards``: whether it
+    trains on a model sharded with FSDP2 (``training.distributed: fsdp``: every parameter trains)."""
 
     name: str
     summary: str
@@ -140,6 +141,7 @@ class RecoveryMethod:
     memory: Callable[[MemoryInputs], MethodMemory] = every_parameter
     lighter: tuple[str, ...] = field(default=())
     advice: Callable[[Training, str, bool], list[str]] = no_advice
+    shards: bool = True
 
 
 METHODS: Registry[RecoveryMethod] = Registry("recovery method", __name__, key=lambda method: method.name,

@@ -67,4 +67,5 @@ def lora_memory(memory: MemoryInputs) -> MethodMemory:
 
 METHOD = register_method(RecoveryMethod(
     "lora", "peft LoRA adapters on q/k/v/o/gate/up/down (training.lora: r, alpha, dropout), merged after each "
-    "phase", settings=LoraSettings, wrap=lora_wrap, merge=lora_merge, keeps_moments=False, memory=lora_memory))
+    "phase", settings=LoraSettings, wrap=lora_wrap, merge=lora_merge, keeps_moments=False, memory=lora_memory,
+    shards=False))
