@@ -86,14 +86,14 @@ class MemoryEstimate:
         return self.available is None or self.total <= self.available
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts.items() if value)
+        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts.items() if value) + " GiB"
         if self.overlap:
             parts += "; gradients and activations not at once"
+        if self.floor:
+            parts += f"; the whole model while loading and pruning {self.floor / GIB:.2f} GiB"
         room = f" of {self.available / GIB:.1f} GiB available" if self.available is not None else ""
         each = f" per process of {self.processes} (fsdp)" if self.processes > 1 else ""
-        floor = f"; the whole model while loading and pruning {self.floor / GIB:.2f}" if self.floor else ""
-        return (f"estimated peak memory {self.total / GIB:.2f} GiB{each}{room} on {self.device} ({parts} GiB"
-                f"{floor})")
+        return f"estimated peak memory {self.total / GIB:.2f} GiB{each}{room} on {self.device} ({parts})"
 
 
 def layer_activation_values(shape: ModelShape, seq_len: int) -> int:
