@@ -67,7 +67,8 @@ def plain_model(sharded: nn.Module, dense_config, plans: list, dtype: torch.dtyp
 
     from transact.core.step import apply_step
 
-    weights = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    weights = {name: _own_storage(t) for name, t in
+               get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)).items()}
     model = skeleton(copy.deepcopy(dense_config), dtype)  # the skeleton shares its config, which pruning changes
     for plan in plans:
         apply_step(model, plan)
@@ -147,6 +148,13 @@ def wrap_moments(optimizer: torch.optim.Optimizer) -> None:
                 if type(value) is torch.Tensor and value.shape == p.to_local().shape and value.dim():
                     state[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
                                                     shape=p.shape, stride=p.stride(), run_check=False)
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied where it is a view into a larger buffer (a gathered parameter of uneven size can be),
+    which safetensors refuses to save."""
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole and tensor.is_contiguous() else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
