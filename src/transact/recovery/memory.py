@@ -178,15 +178,8 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
     for lighter in get_method(training.method).lighter:
         options.append((f"training.method: {lighter}", replace(training, method=lighter)))
     weights, optimizer = optim.resolve(training, torch.device(device))
-    if training.distributed == "fsdp":  # fsdp trains fp32 weights with torch's AdamW only
-        weights, optimizer = torch.bfloat16, "adamw_8bit"
-    if optimizer != "adamw_8bit":
-        options.append(("training.optimizer: adamw_8bit", replace(training, optimizer="adamw_8bit")))
-    if weights != torch.bfloat16:
-        options.append(("training.weights: bf16", replace(training, weights="bf16")))
-        if optimizer != "adamw_8bit":
-            options.append(("training.weights: bf16 with training.optimizer: adamw_8bit",
-                            replace(training, weights="bf16", optimizer="adamw_8bit")))
+    if training.distributed != "fsdp":  # fsdp trains fp32 weights with torch's AdamW only
+        options += _lower_precision(training, weights, optimizer)
     found = []
     for words, changed in options:
         total = estimate(shape, params, changed, device=device, teacher_here=teacher_here, processes=processes).total
@@ -194,6 +187,19 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
             found.append(f"{words} ({total / GIB:.2f} GiB)")
     return found + _ways_with_fsdp(shape, params, training, device, teacher_here, available) + \
         get_method(training.method).advice(training, device, teacher_here)
+
+
+def _lower_precision(training, weights: torch.dtype, optimizer: str) -> list[tuple[str, object]]:
+    """8-bit moments and bf16 weights, where the run does not use them yet: (words, changed training)."""
+    options = []
+    if optimizer != "adamw_8bit":
+        options.append(("training.optimizer: adamw_8bit", replace(training, optimizer="adamw_8bit")))
+    if weights != torch.bfloat16:
+        options.append(("training.weights: bf16", replace(training, weights="bf16")))
+        if optimizer != "adamw_8bit":
+            options.append(("training.weights: bf16 with training.optimizer: adamw_8bit",
+                            replace(training, weights="bf16", optimizer="adamw_8bit")))
+    return options
 
 
 def _ways_with_fsdp(shape: ModelShape, params: int, training, device: str, teacher_here: bool,

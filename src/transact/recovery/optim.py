@@ -144,8 +144,7 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Ten
         keys[str(i)] = list(values)
         for k, v in values.items():
             name = f"{i}.{k}"
-            if hasattr(v, "to_local"):  # a sharded parameter's moment (FSDP2): this process's slice
-                v = v.to_local()
+            v = local_part(v)
             if type(v) is torch.Tensor:
                 tensors[name] = v.detach().cpu().contiguous()
                 continue
@@ -158,6 +157,11 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Ten
     groups = [{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items()}
               for g in state["param_groups"]]
     return tensors, {"param_groups": groups, "keys": keys, "packed": packed}
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's slice of a tensor sharded with FSDP2 (a DTensor); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def state_dict_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:

@@ -31,7 +31,7 @@ from torch import nn
 from transact.arch import get_adapter
 from transact.errors import TransactError
 from transact.io.models import skeleton
-from transact.recovery.optim import state_dict_from, state_tensors
+from transact.recovery.optim import local_part, state_dict_from, state_tensors
 
 # FSDP2 warns on every forward that the model returns a view (its hidden states); nothing here writes
 # into a model's output in place, the case the warning is about.
@@ -85,6 +85,9 @@ def plain_model(sharded: nn.Module, dense_config, plans: list, dtype: torch.dtyp
 
 # ---------------------------------------------------------------- the sharded state on disk
 
+MODEL_SLICES = "model.rank*-of-*.safetensors"  # every process's slice of the weights (``shard_files``)
+
+
 def shard_files(rank: int, count: int) -> tuple[str, str, str]:
     """The files of process ``rank`` of ``count`` in a sharded state: its slice of the weights, of the optimizer
     moments, and the moments' metadata."""
@@ -95,7 +98,7 @@ def shard_files(rank: int, count: int) -> tuple[str, str, str]:
 def save_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, count: int) -> None:
     """Write this process's slice of ``model``'s parameters and of ``optimizer``'s state into ``directory``."""
     model_file, optimizer_file, meta_file = shard_files(rank, count)
-    local = {name: _local(p).detach().cpu().contiguous() for name, p in model.named_parameters()}
+    local = {name: local_part(p).detach().cpu().contiguous() for name, p in model.named_parameters()}
     save_file(local, str(directory / model_file))
     tensors, meta = state_tensors(optimizer)
     save_file(tensors, str(directory / optimizer_file))
@@ -104,7 +107,7 @@ def save_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 def check_shards(directory: Path, count: int) -> None:
     """Refuse a sharded state written by another number of processes, naming the count that resumes it."""
-    written = sorted(directory.glob("model.rank*-of-*.safetensors"))
+    written = sorted(directory.glob(MODEL_SLICES))
     if not written:
         return
     counts = {int(f.name.split("-of-")[1].split(".")[0]) for f in written}
@@ -119,17 +122,17 @@ def check_shards(directory: Path, count: int) -> None:
 
 
 def has_shards(directory: Path) -> bool:
-    return any(directory.glob("model.rank*-of-*.safetensors"))
+    return any(directory.glob(MODEL_SLICES))
 
 
 def load_shards(directory: Path, model: nn.Module, rank: int, count: int) -> dict:
     """Copy this process's saved slice into ``model``'s (sharded) parameters; -> its optimizer state_dict, to
-    load once the optimizer exists (``load_optimizer_shard``)."""
+    load once the optimizer exists (``optim.load_state``, then ``wrap_moments``)."""
     model_file, optimizer_file, meta_file = shard_files(rank, count)
     saved = load_file(str(directory / model_file))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            _local(p).copy_(saved[name])
+            local_part(p).copy_(saved[name])
     meta = json.loads((directory / meta_file).read_text())
     return state_dict_from(load_file(str(directory / optimizer_file)), meta)
 
@@ -155,7 +158,3 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     which safetensors refuses to save."""
     whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return tensor if whole and tensor.is_contiguous() else tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
