@@ -127,13 +127,41 @@ def test_a_mixture_of_experts_trains_sharded(workdir):
     assert AutoModelForCausalLM.from_pretrained(workdir / "moe-fsdp").config.num_experts == 3
 
 
+def test_bf16_weights_and_8bit_moments_resume_from_their_slices_bit_identically(tmp_path):
+    """tests/fsdp_state_check.py on two processes: bf16 weights (torchao's AdamW, stochastic rounding) and
+    fp32 weights with 8-bit moments (saved packed, re-wrapped as distributed tensors on load) continue from
+    saved slices exactly as the run that saved them."""
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29536",
+               str(Path(__file__).parent / "fsdp_state_check.py"), str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=400, env=ENV, cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [row for rank in (0, 1) for row in json.loads((tmp_path / f"results.rank{rank}.json").read_text())]
+    assert [(r["weights"], r["optimizer"]) for r in rows] == [("bf16", "adamw"), ("fp32", "adamw_8bit")] * 2
+    assert all(r["identical"] for r in rows)
+    kinds = [(r["dtype"], r["packed"]) for r in rows[:2]]
+    assert kinds == [("torch.bfloat16", []), ("torch.float32", ["OptimState8bit"])]
+
+
+def test_bf16_weights_train_sharded(workdir):
+    """A 2-shot distillation with bf16 weights over two processes: both end with the same bf16 weights, each
+    shot's training lowers the held-out perplexity, and the checkpoint is bf16."""
+    data = recipe_dict(workdir, "fsdp-bf16", method="kd", distributed="fsdp", weights="bf16", optimizer="adamw",
+                       tokens_per_shot=2048, final_tokens=0, lr=3e-3)
+    torchrun(write_recipe(workdir, "fsdp-bf16", data), 29537)
+    report = json.loads((workdir / "fsdp-bf16" / "report.json").read_text())
+    digests = report["weights_sha256_per_process"]
+    assert (report["distributed"], report["weights"], digests[0]) == ("fsdp", "bfloat16", digests[1])
+    assert all(p["perplexity"] < p["perplexity_pruned"] for p in report["phases"])
+    assert {t.dtype for t in weights_of(workdir / "fsdp-bf16").values()} == {torch.bfloat16}
+
+
 def test_fsdp_refuses_what_it_does_not_shard():
     with pytest.raises(TransactError, match=r"training\.distributed.*method full, kd.*ddp with method: lora"):
         Training(distributed="fsdp", method="lora")
-    with pytest.raises(TransactError, match=r"training\.distributed.*bf16 weights and adamw_8bit"):
-        Training(distributed="fsdp", weights="bf16")
-    with pytest.raises(TransactError, match=r"training\.distributed.*adamw_8bit"):
-        Training(distributed="fsdp", optimizer="adamw_8bit")
+    with pytest.raises(TransactError, match=r"training\.distributed.*bf16 weights or 8-bit moments, not both"):
+        Training(distributed="fsdp", weights="bf16", optimizer="adamw_8bit")
+    Training(distributed="fsdp", weights="bf16")  # each alone is sharded
+    Training(distributed="fsdp", optimizer="adamw_8bit")
     with pytest.raises(TransactError, match=r"training\.distributed"):
         Training(distributed="zero3")
 
@@ -159,6 +187,46 @@ def test_memory_planner_divides_the_sharded_parts_by_the_processes():
     assert "per process of 4 (fsdp)" in four.describe()
     ddp = memory.estimate(SHAPE, params, replace(training, distributed="ddp"), device="cuda", processes=4)
     assert ddp.total == one.total  # replicas each hold everything
+
+
+def test_calibration_statistics_are_counted_by_hand():
+    """SHAPE: 10 layers, attention width 4 x 16 = 64, MLP 128; a vector per layer and module for sum_sq and
+    sum, a square matrix for gram, fp32. A mixture of 4 experts of 32 with a shared expert of 16 holds each
+    expert's."""
+    from transact.core.calibrate import statistics_bytes
+
+    assert statistics_bytes(SHAPE, ("sum_sq", "sum", "gram")) == 4 * 10 * (2 * (64 + 128) + 64**2 + 128**2)
+    moe = replace(SHAPE, intermediate_size=32, num_experts=4, experts_per_token=2, shared_expert_size=16)
+    assert statistics_bytes(moe, ("sum", "gram")) == 4 * 10 * (64 + 4 * 32 + 16 + 64**2 + 4 * 32**2 + 16**2)
+    assert statistics_bytes(SHAPE, ()) == 0
+
+
+def test_the_sharded_floor_holds_the_whole_model_and_the_shots_statistics():
+    """Loading holds the whole student and teacher; a shot holds the whole student, the teacher's slice and
+    the statistics on the main process: the floor is the larger."""
+    training, params = Training(method="kd", distributed="fsdp"), 1_000_000
+    small = memory.estimate(SHAPE, params, training, device="cuda", processes=4, statistics=1_000)
+    assert small.floor == 2 * params * 4
+    large = memory.estimate(SHAPE, params, training, device="cuda", processes=4, statistics=6_000_000)
+    assert large.floor == params * 4 + params * 4 // 4 + 6_000_000
+    assert "calibration statistics 0.01" in large.describe()
+
+
+def test_fsdp_is_offered_bf16_weights_or_8bit_moments_never_both():
+    training = Training(method="full", distributed="fsdp", weights="fp32", optimizer="adamw")
+    params = 200_000_000
+    one = memory.estimate(SHAPE, params, training, device="cuda", processes=2).total
+    ways = memory.ways_to_fit(SHAPE, params, training, device="cuda", teacher_here=False, available=one - 1,
+                              processes=2)
+    assert any(w.startswith("training.optimizer: adamw_8bit") for w in ways)
+    assert any(w.startswith("training.weights: bf16 (") for w in ways)
+    assert not any("bf16 with training.optimizer: adamw_8bit" in w for w in ways)
+    assert any(w.startswith("training.method: lora with distributed: ddp") for w in ways)  # lora is not sharded
+    eight = replace(training, weights="auto", optimizer="adamw_8bit")
+    assert memory.choose_weights(SHAPE, params, eight, "cuda", teacher_here=False, available=1,
+                                 processes=2) == torch.float32  # bf16 would need both at once
+    assert memory.choose_weights(SHAPE, params, replace(eight, optimizer="adamw"), "cuda", teacher_here=False,
+                                 available=one - 1, processes=2) == torch.bfloat16
 
 
 def test_a_run_too_large_for_one_device_is_told_how_many_fsdp_processes_fit():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from transact.arch import get_adapter
+from transact.arch import ModelShape, get_adapter
 from transact.arch.parts import ExpertParts, Part, weight_grad
 from transact.core.experts import ExpertCall, recording_experts
 from transact.errors import TransactError
@@ -308,6 +308,25 @@ class Statistics:
             raise TransactError(f"the statistic {name!r} was not collected; calibrate with it")
         return group[name]
 
+
+def statistics_bytes(shape: ModelShape, names: tuple[str, ...]) -> int:
+    """Bytes ``collect_statistics`` holds for ``names`` over the whole model: fp32 accumulators of each
+    softmax-attention layer's o_proj input (width heads x head_dim) and each layer's down_proj input (the MLP
+    width; each expert's and a shared expert's in a mixture), a vector per statistic and a square matrix for
+    "gram"; and for ``WEIGHT_X_GRAD`` the prunable weights' gradients and their products, in fp32.
+    Hand-checked in tests/test_fsdp.py."""
+    attention = shape.num_heads * shape.head_dim
+    mlp = [shape.intermediate_size] * (shape.num_experts or 1) + [shape.shared_expert_size or 0]
+    total = 0
+    for name in names:
+        if name == WEIGHT_X_GRAD:
+            kv = shape.num_kv_heads * shape.head_dim
+            total += 2 * shape.hidden_size * (shape.num_attention_layers * (2 * attention + 2 * kv)
+                                              + shape.num_layers * 3 * sum(mlp))
+            continue
+        power = 2 if name == "gram" else 1
+        total += shape.num_attention_layers * attention**power + shape.num_layers * sum(w**power for w in mlp)
+    return 4 * total
 
 def collect_statistics(model: nn.Module, windows: torch.Tensor | None, names: tuple[str, ...], *,
                        batch_size: int = 4, progress: bool = True, gate_weighted: bool = True) -> Statistics:

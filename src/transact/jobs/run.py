@@ -15,7 +15,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from safetensors.torch import load_model as load_weights
 from torch import nn
 
 from transact.arch import get_adapter
+from transact.core.calibrate import statistics_bytes
 from transact.core.layerwise import prune_model
 from transact.core.plan import PrunePlan
 from transact.core.step import apply_step, check_step
@@ -30,6 +31,7 @@ from transact.errors import TransactError
 from transact.extras import require
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir, check_writable, move_into_place, write_json_atomic
+from transact.io.lazy import release_freed_memory
 from transact.io.models import (
     dtype_name,
     load_model,
@@ -165,11 +167,10 @@ class Run:
         params, shape, device = count_parameters(skeleton(self.prep.config)), self.prep.shape, self.accelerator.device
         teacher_here = self.teacher is not None and self.teacher.on(device)
         available = memory.available_bytes(device) if training.check_memory else None
-        self.weights = memory.choose_weights(shape, params, training, device.type, teacher_here=teacher_here,
-                                             available=available)
-        chosen = replace(training, weights="bf16" if self.weights == torch.bfloat16 else "fp32")
-        return memory.check_fits(shape, params, chosen, device.type, teacher_here=teacher_here, available=available,
-                                 processes=self.procs.count)
+        self.weights, estimate = memory.settle(shape, params, training, device.type, teacher_here=teacher_here,
+                                               available=available, processes=self.procs.count,
+                                               statistics=statistics_bytes(shape, self.prune_recipe.statistics))
+        return estimate
 
     def heldout_ppl(self, model: nn.Module) -> float | None:
         if self.heldout_ids is None:
@@ -235,6 +236,7 @@ class Run:
                                     sequential=self.recipe.sequential, targets=targets, texts=self.calib_texts,
                                     note={"shot": shot}, progress=self.progress_bars).to_json()
         plan = PrunePlan.from_json(self.procs.broadcast(plan_json))
+        release_freed_memory()  # the statistics' pages, or the training steps are counted on top of them
         if not self.procs.main:
             apply_step(model, plan)
         if plan.corrections:  # the corrected weights exist on the main process only

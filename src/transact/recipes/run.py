@@ -123,9 +123,10 @@ class Training:
             sharding = ", ".join(n for n, m in METHODS.items() if m.shards)
             raise fail("training.distributed", f"fsdp trains every parameter (method {sharding}); {self.method}'s "
                        f"partial training is not sharded here: use distributed: ddp with method: {self.method}")
-        if self.weights == "bf16" or self.optimizer == "adamw_8bit":
-            raise fail("training.distributed", "fsdp holds fp32 weights with torch's AdamW (bf16 compute through "
-                       "training.precision: bf16); bf16 weights and adamw_8bit are for ddp")
+        if self.weights == "bf16" and self.optimizer == "adamw_8bit":  # torchao's step fails on such slices
+            raise fail("training.distributed", "fsdp trains bf16 weights or 8-bit moments, not both at once "
+                       "(torchao's 8-bit step cannot update bf16 slices): use weights: fp32 with adamw_8bit, "
+                       "weights: bf16 with adamw, or distributed: ddp")
 
     def settings_of(self, method: str) -> Any:
         """The settings of recovery method ``method`` (its ``training.<method>`` section; None for a method

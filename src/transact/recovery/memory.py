@@ -28,10 +28,10 @@ root unit, the embeddings and LM head counted as two matrices, its weights and g
 layers: the one computing, the next one prefetched, one's gradients before they are reduced, and a
 ``kd`` teacher's embeddings, which its root unit keeps gathered after the forward pass); activations
 and logits are each process's own micro-batch's. Outside training every process holds the whole model (it
-loads it, and a pruning shot slices whole matrices), with the teacher whole while the run loads: that is
-the estimate's floor ("whole model"), the peak where the sharded training step is smaller. Not counted:
-the calibration statistics the main process collects for each shot (measured 0.5 GiB on SmolLM2 with the
-refit, docs/results.md "Sharded recovery"), which can make the main process's peak the larger one.
+loads it, and a pruning shot slices whole matrices): with the teacher whole while the run loads, and on
+the main process with the calibration statistics of a shot (``statistics``, bytes from
+``transact.core.calibrate.statistics_bytes``) while it prunes. The larger of the two is the estimate's
+floor ("whole model"), the peak where the sharded training step is smaller.
 
 The activation coefficients were fitted to measured peaks on the 2-core CPU machine of docs/results.md
 ("Memory planner"), where the estimate is checked against measured peaks.
@@ -67,6 +67,7 @@ class MemoryEstimate:
     overlap: bool = True  # gradients replace activations during the backward pass (no checkpointing)
     floor: int = 0  # bytes held outside training (the whole model of a sharded run), a peak of its own
     processes: int = 1  # the estimate is per process; more than 1: sharded (fsdp) over that many
+    statistics: int = 0  # of the floor: a pruning shot's calibration statistics (main process)
 
     @property
     def step(self) -> int:
@@ -90,7 +91,8 @@ class MemoryEstimate:
         if self.overlap:
             parts += "; gradients and activations not at once"
         if self.floor:
-            parts += f"; the whole model while loading and pruning {self.floor / GIB:.2f} GiB"
+            stats = f", calibration statistics {self.statistics / GIB:.2f}" if self.statistics else ""
+            parts += f"; the whole model while loading and pruning{stats}: {self.floor / GIB:.2f} GiB"
         room = f" of {self.available / GIB:.1f} GiB available" if self.available is not None else ""
         each = f" per process of {self.processes} (fsdp)" if self.processes > 1 else ""
         return f"estimated peak memory {self.total / GIB:.2f} GiB{each}{room} on {self.device} ({parts})"
@@ -109,10 +111,11 @@ def layer_activation_values(shape: ModelShape, seq_len: int) -> int:
 
 
 def estimate(shape: ModelShape, params: int, training, *, device: str = "cpu", teacher_here: bool = True,
-             available: int | None = None, processes: int = 1) -> MemoryEstimate:
+             available: int | None = None, processes: int = 1, statistics: int = 0) -> MemoryEstimate:
     """The estimated peak of training ``shape`` (``params`` parameters) with ``training`` (a
     ``transact.recipes.Training``) on each of ``processes`` processes; ``teacher_here``: a ``kd`` teacher on
-    the same device."""
+    the same device; ``statistics``: bytes of a shot's calibration statistics (counted where the run is
+    sharded, whose training step can be smaller than the pruning)."""
     weights, optimizer = optim.resolve(training, torch.device(device))
     value = weights.itemsize  # weights, teacher and activations are held in the weights' dtype
     tokens = training.batch_size * training.seq_len
@@ -129,11 +132,13 @@ def estimate(shape: ModelShape, params: int, training, *, device: str = "cpu", t
     overlap = not training.gradient_checkpointing
     if training.distributed != "fsdp" or processes < 2:
         return MemoryEstimate(parts, device, available, overlap=overlap)
-    whole = parts["weights"] + parts["teacher"] + parts["runtime"]
+    loading = parts["weights"] + parts["teacher"] + parts["runtime"]
     for name in ("weights", "gradients", "optimizer", "teacher"):
         parts[name] = -(-parts[name] // processes)
+    pruning = loading - method.teacher + parts["teacher"] + statistics  # the teacher is sharded by then
     parts["gathered"] = gathered_bytes(shape, params, value, teacher=method.teacher > 0)
-    return MemoryEstimate(parts, device, available, overlap=overlap, floor=whole, processes=processes)
+    return MemoryEstimate(parts, device, available, overlap=overlap, floor=max(loading, pruning),
+                          processes=processes, statistics=statistics)
 
 
 def gathered_bytes(shape: ModelShape, params: int, value: int, teacher: bool = False) -> int:
@@ -165,7 +170,7 @@ def _fields(path: str) -> dict[str, str]:
 
 
 def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teacher_here: bool,
-                available: int, processes: int = 1) -> list[str]:
+                available: int, processes: int = 1, statistics: int = 0) -> list[str]:
     """Recipe changes that bring the estimate within ``available``, each with its estimate, in words."""
     options = []
     if not training.gradient_checkpointing:
@@ -176,43 +181,49 @@ def ways_to_fit(shape: ModelShape, params: int, training, *, device: str, teache
         options.append((f"training.batch_size: {batch} with grad_accum: {accum} (the same tokens per step)",
                         replace(training, batch_size=batch, grad_accum=accum)))
     for lighter in get_method(training.method).lighter:
-        options.append((f"training.method: {lighter}", replace(training, method=lighter)))
+        if training.distributed == "fsdp" and not get_method(lighter).shards:  # whole replicas, each lighter
+            options.append((f"training.method: {lighter} with distributed: ddp",
+                            replace(training, method=lighter, distributed="ddp")))
+        else:
+            options.append((f"training.method: {lighter}", replace(training, method=lighter)))
     weights, optimizer = optim.resolve(training, torch.device(device))
-    if training.distributed != "fsdp":  # fsdp trains fp32 weights with torch's AdamW only
-        options += _lower_precision(training, weights, optimizer)
+    options += _lower_precision(training, weights, optimizer)
     found = []
     for words, changed in options:
-        total = estimate(shape, params, changed, device=device, teacher_here=teacher_here, processes=processes).total
+        total = estimate(shape, params, changed, device=device, teacher_here=teacher_here, processes=processes,
+                         statistics=statistics).total
         if total <= available:
             found.append(f"{words} ({total / GIB:.2f} GiB)")
-    return found + _ways_with_fsdp(shape, params, training, device, teacher_here, available) + \
+    return found + _ways_with_fsdp(shape, params, training, device, teacher_here, available, statistics) + \
         get_method(training.method).advice(training, device, teacher_here)
 
 
 def _lower_precision(training, weights: torch.dtype, optimizer: str) -> list[tuple[str, object]]:
-    """8-bit moments and bf16 weights, where the run does not use them yet: (words, changed training)."""
+    """8-bit moments and bf16 weights, where the run does not use them yet (under ``fsdp`` one or the other,
+    see ``Training._check_fsdp``): (words, changed training)."""
     options = []
-    if optimizer != "adamw_8bit":
+    fsdp = training.distributed == "fsdp"
+    if optimizer != "adamw_8bit" and not (fsdp and weights == torch.bfloat16):
         options.append(("training.optimizer: adamw_8bit", replace(training, optimizer="adamw_8bit")))
-    if weights != torch.bfloat16:
+    if weights != torch.bfloat16 and not (fsdp and optimizer == "adamw_8bit"):
         options.append(("training.weights: bf16", replace(training, weights="bf16")))
-        if optimizer != "adamw_8bit":
+        if optimizer != "adamw_8bit" and not fsdp:
             options.append(("training.weights: bf16 with training.optimizer: adamw_8bit",
                             replace(training, weights="bf16", optimizer="adamw_8bit")))
     return options
 
 
 def _ways_with_fsdp(shape: ModelShape, params: int, training, device: str, teacher_here: bool,
-                    available: int) -> list[str]:
-    """The fewest processes (2 to 64, each with a device like this one) over which ``fsdp`` fits, in words."""
+                    available: int, statistics: int) -> list[str]:
+    """The fewest processes (2 to 64, each with a device like this one) over which ``fsdp`` fits, in words
+    (with the run's weights and moments, but torch's AdamW beside bf16 weights)."""
     if training.distributed == "fsdp" or not get_method(training.method).shards:
         return []
-    sharded = replace(training, distributed="fsdp", optimizer="adamw",
-                      weights="fp32" if training.weights == "auto" else training.weights)
-    if sharded.weights == "bf16":
-        return []
+    both = training.weights == "bf16" and training.optimizer == "adamw_8bit"
+    sharded = replace(training, distributed="fsdp", optimizer="adamw" if both else training.optimizer)
     for n in (2, 4, 8, 16, 32, 64):
-        total = estimate(shape, params, sharded, device=device, teacher_here=teacher_here, processes=n).total
+        total = estimate(shape, params, sharded, device=device, teacher_here=teacher_here, processes=n,
+                         statistics=statistics).total
         if total <= available:
             return [f"training.distributed: fsdp with {n} processes, each on a device like this one "
                     f"({total / GIB:.2f} GiB each; torchrun --nproc_per_node {n})"]
@@ -220,30 +231,42 @@ def _ways_with_fsdp(shape: ModelShape, params: int, training, device: str, teach
 
 
 def choose_weights(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool,
-                   available: int | None) -> torch.dtype:
+                   available: int | None, processes: int = 1, statistics: int = 0) -> torch.dtype:
     """The dtype to train in: the recipe's, or for ``auto`` fp32 unless only bf16 fits ``available`` bytes
-    (``fsdp`` trains fp32 weights only)."""
-    if training.weights != "auto" or training.distributed == "fsdp":
+    (``fsdp`` with 8-bit moments trains fp32 weights only)."""
+    fixed = training.distributed == "fsdp" and optim.resolve(training, torch.device(device))[1] == "adamw_8bit"
+    if training.weights != "auto" or fixed:
         return optim.resolve(training, torch.device(device))[0]
-    fp32 = estimate(shape, params, replace(training, weights="fp32"), device=device, teacher_here=teacher_here)
+    each = {"device": device, "teacher_here": teacher_here, "processes": processes, "statistics": statistics}
+    fp32 = estimate(shape, params, replace(training, weights="fp32"), **each)
     if available is None or fp32.total <= available:
         return torch.float32
-    bf16 = estimate(shape, params, replace(training, weights="bf16"), device=device, teacher_here=teacher_here)
+    bf16 = estimate(shape, params, replace(training, weights="bf16"), **each)
     return torch.bfloat16 if bf16.total <= available else torch.float32  # neither: check_fits says what would
 
 
 def check_fits(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool,
-               available: int | None, processes: int = 1) -> MemoryEstimate:
+               available: int | None, processes: int = 1, statistics: int = 0) -> MemoryEstimate:
     """The estimate for this run on ``device`` (each of ``processes``) with ``available`` bytes free (None:
     not checked); a TransactError naming what would fit where it does not."""
     result = estimate(shape, params, training, device=device, teacher_here=teacher_here, available=available,
-                      processes=processes)
+                      processes=processes, statistics=statistics)
     if result.fits:
         return result
     ways = ways_to_fit(shape, params, training, device=device, teacher_here=teacher_here, available=available,
-                       processes=processes)
+                       processes=processes, statistics=statistics)
     advice = ("; ".join(ways) if ways else "no single change of gradient checkpointing, micro-batch size, LoRA, "
               "bf16 weights or 8-bit optimizer moments is enough: use a smaller model, a shorter "
               "training.seq_len or a larger device")
     raise TransactError(f"this run does not fit: {result.describe()}. What would fit: {advice}. "
                         "(training.check_memory: false runs it anyway)")
+
+
+def settle(shape: ModelShape, params: int, training, device: str, *, teacher_here: bool, available: int | None,
+           processes: int = 1, statistics: int = 0) -> tuple[torch.dtype, MemoryEstimate]:
+    """The dtype the run trains in (``choose_weights``) and its estimate with that dtype (``check_fits``:
+    refused where it does not fit)."""
+    each = {"teacher_here": teacher_here, "available": available, "processes": processes, "statistics": statistics}
+    weights = choose_weights(shape, params, training, device, **each)
+    chosen = replace(training, weights="bf16" if weights == torch.bfloat16 else "fp32")
+    return weights, check_fits(shape, params, chosen, device, **each)

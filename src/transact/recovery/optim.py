@@ -49,7 +49,8 @@ def resolve(training, device: torch.device) -> tuple[torch.dtype, str]:
     """The weights' dtype and the optimizer ``training`` (a ``transact.recipes.Training``) asks for on
     ``device``; ``auto`` weights read as fp32 here (``memory.choose_weights`` falls back to bf16 where fp32
     does not fit), the ``auto`` optimizer is adamw_8bit on a GPU that has bf16 and adamw otherwise (adamw
-    always with ``fsdp``, whose sharded moments are torch's AdamW's)."""
+    always with ``fsdp``: torchao's 8-bit moments of sharded parameters were checked on a CPU only, where
+    the run asks for them by name)."""
     low = device.type == "cuda" and torch.cuda.is_bf16_supported() and training.distributed != "fsdp"
     optimizer = training.optimizer if training.optimizer != "auto" else ("adamw_8bit" if low else "adamw")
     return (torch.bfloat16 if training.weights == "bf16" else torch.float32), optimizer

@@ -41,7 +41,8 @@ _VIEW_WARNING = r".*returned a view tensor.*"
 def shard(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     """Shard ``model`` in place across the default process group: each decoder layer its own FSDP2 unit,
     the rest (embeddings, final norm, LM head; tied weights stay in one unit) the root unit. With
-    ``mixed_precision`` "bf16" the fp32 weights compute in bf16 and gradients are reduced in fp32."""
+    ``mixed_precision`` "bf16" the fp32 weights compute in bf16 and gradients are reduced in fp32; bf16
+    weights (``training.weights: bf16``) are sharded, computed and reduced as they are."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     warnings.filterwarnings("ignore", message=_VIEW_WARNING)
@@ -139,7 +140,8 @@ def load_shards(directory: Path, model: nn.Module, rank: int, count: int) -> dic
 
 def wrap_moments(optimizer: torch.optim.Optimizer) -> None:
     """After loading saved slices into an optimizer of sharded parameters: each moment saved as the local
-    slice becomes a distributed tensor laid out as its parameter is (torch's loader leaves it plain)."""
+    slice becomes a distributed tensor laid out as its parameter is (torch's loader leaves it plain; an
+    8-bit moment is wrapped whole, as torchao makes it for a sharded parameter)."""
     from torch.distributed.tensor import DTensor
 
     for group in optimizer.param_groups:
@@ -148,7 +150,8 @@ def wrap_moments(optimizer: torch.optim.Optimizer) -> None:
                 continue
             state = optimizer.state.get(p, {})
             for key, value in state.items():
-                if type(value) is torch.Tensor and value.shape == p.to_local().shape and value.dim():
+                local = isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+                if local and value.dim() and value.shape == p.to_local().shape:
                     state[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
                                                     shape=p.shape, stride=p.stride(), run_check=False)
 
