@@ -5,11 +5,12 @@ against file bytes, with llama.cpp's decode speed.
         --out docs/bench/prune_vs_quantize/smollm2
 
 Each pruned model is the default one-shot pipeline (``transact prune``, 128 x 256 calibration tokens),
-kept in --work and reused on a rerun. Every model is written as each --types GGUF file (llama.cpp's
-converter, and its own quantizer for the 4-6-bit types) and evaluated on the held-out text by
-transformers running the file's own dequantized weights (fp32 arithmetic; llama.cpp's 8-bit activations
-are not modelled). Decode speed: llama.cpp (xllamacpp), batch 1, a 128-token prompt then 64 new tokens,
-median of --repeats, all files of one table loaded together and run interleaved.
+kept in --work and reused on a rerun; --recovered adds checkpoints pruned and trained by ``transact run``
+(NAME=DIR). Every model is written as each --types GGUF file (llama.cpp's converter, and its own
+quantizer for the 4-6-bit types) and evaluated on the held-out text by transformers running the file's
+own dequantized weights (fp32 arithmetic; llama.cpp's 8-bit activations are not modelled). Decode speed:
+llama.cpp (xllamacpp), batch 1, a 128-token prompt then 64 new tokens, median of --repeats, all files of
+one table loaded together and run interleaved.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from transact.recipes import Calibration, HeldoutText, PruneRecipe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--widths", nargs="+", required=True, help="heads/kv/mlp of each pruned model")
+    ap.add_argument("--widths", nargs="*", default=[], help="heads/kv/mlp of each pruned model")
+    ap.add_argument("--recovered", nargs="*", default=[], metavar="NAME=DIR",
+                    help="checkpoints of transact run (pruned and recovered), each under its name")
     ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -49,6 +52,7 @@ def main() -> None:
 
     work = Path(args.work) / args.model.replace(":", "_").replace("/", "_")
     checkpoints = {"dense": args.model} | {w: str(_pruned(args, w, work)) for w in args.widths}
+    checkpoints |= dict(_named(item) for item in args.recovered)
     heldout = HeldoutText(tokens=args.eval_tokens, window=args.window)
     rows, files = [], []
     if args.speed_only:  # perplexities from the last run's JSON, files from --work
@@ -86,6 +90,14 @@ def main() -> None:
     write_result(args.out, {"model": args.model, "rows": rows, "heldout": vars(heldout), "machine": machine(),
                             "xllamacpp": llamacpp.runtime_version(), "command": vars(args)}, table)
     _plot(args.model, rows, Path(args.out).with_suffix(".png"))
+
+
+def _named(item: str) -> tuple[str, str]:
+    """NAME=DIR -> (NAME, DIR), the directory checked to be a finished ``transact run``."""
+    name, sep, directory = item.partition("=")
+    if not sep or not (Path(directory) / "plans.json").is_file():
+        raise SystemExit(f"--recovered {item!r}: give NAME=DIR, DIR a finished transact run (with plans.json)")
+    return name, directory
 
 
 def _pruned(args, width: str, work: Path) -> Path:
@@ -141,7 +153,7 @@ def _plot(model: str, rows: list[dict], path: Path) -> None:
     ax.set_xlabel("GGUF file size (MB)")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
-    ax.set_title(f"{model}: prune, quantize, or both (one shot)")
+    ax.set_title(f"{model}: prune, quantize, or both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
