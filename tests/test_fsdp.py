@@ -236,6 +236,11 @@ def test_a_run_too_large_for_one_device_is_told_how_many_fsdp_processes_fit():
     ways = memory.ways_to_fit(SHAPE, params, training, device="cuda", teacher_here=True, available=one * 6 // 10)
     fsdp = [w for w in ways if "fsdp" in w]
     assert len(fsdp) == 1 and "fsdp with 2 processes" in fsdp[0] and "--nproc_per_node 2" in fsdp[0]
+    low = replace(training, weights="bf16", optimizer="adamw_8bit")  # not both under fsdp: AdamW it says
+    one = memory.estimate(SHAPE, params, low, device="cuda").total
+    ways = memory.ways_to_fit(SHAPE, params, low, device="cuda", teacher_here=True, available=one * 6 // 10)
+    sharded = [w for w in ways if "fsdp" in w]
+    assert len(sharded) == 1 and sharded[0].startswith("training.distributed: fsdp and training.optimizer: adamw")
 
 
 def test_an_accelerate_config_that_shards_by_itself_is_refused():

@@ -328,6 +328,7 @@ def statistics_bytes(shape: ModelShape, names: tuple[str, ...]) -> int:
         total += shape.num_attention_layers * attention**power + shape.num_layers * sum(w**power for w in mlp)
     return 4 * total
 
+
 def collect_statistics(model: nn.Module, windows: torch.Tensor | None, names: tuple[str, ...], *,
                        batch_size: int = 4, progress: bool = True, gate_weighted: bool = True) -> Statistics:
     """One hooked forward pass over ``windows`` for every activation statistic in ``names``, and backward

@@ -225,7 +225,8 @@ def _ways_with_fsdp(shape: ModelShape, params: int, training, device: str, teach
         total = estimate(shape, params, sharded, device=device, teacher_here=teacher_here, processes=n,
                          statistics=statistics).total
         if total <= available:
-            return [f"training.distributed: fsdp with {n} processes, each on a device like this one "
+            adamw = " and training.optimizer: adamw" if both else ""
+            return [f"training.distributed: fsdp{adamw} with {n} processes, each on a device like this one "
                     f"({total / GIB:.2f} GiB each; torchrun --nproc_per_node {n})"]
     return []
 
