@@ -12,7 +12,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,8 +28,7 @@ from transact.core.plan import PrunePlan
 from transact.core.step import apply_step, check_step
 from transact.errors import TransactError
 from transact.extras import require
-from transact.io.checkpoint import write_verified
-from transact.io.files import check_output_dir, check_writable, move_into_place, write_json_atomic
+from transact.io.files import check_output_dir, check_writable, write_json_atomic
 from transact.io.lazy import release_freed_memory
 from transact.io.models import (
     dtype_name,
@@ -49,8 +47,8 @@ from transact.recovery import memory, optim, sharded
 from transact.recovery.data import BlockStream, check_training_data
 from transact.recovery.distributed import Processes, check_launch, weights_digest
 from transact.recovery.methods import RunFacts, get_method
-from transact.recovery.report import plot_training, report_markdown
-from transact.recovery.schedule import compose_plans, phase_steps, schedule_of
+from transact.recovery.report import report_markdown, write_run_outputs
+from transact.recovery.schedule import phase_steps, schedule_of
 from transact.recovery.state import (
     PhaseRecord,
     RunState,
@@ -331,7 +329,8 @@ class Run:
                 report["final"]["perplexity_as_saved"] = self.heldout_ppl(model)
             report["final"]["saved_dtype"] = dtype_name(save_dtype)
         if self.procs.main:
-            self._write_outputs(model, state, report)
+            write_run_outputs(self.out, model, self.tokenizer, state.plans, state.losses, report,
+                              recipe=self.recipe.to_json(), save_dtype=self.prep.save_dtype, probe=self.heldout_ids)
             mark_done(self.out, state)
         self.procs.wait()
         return report
@@ -349,24 +348,6 @@ class Run:
                 "memory_estimate_bytes": self.memory.total if self.memory else None,
                 "teacher_logits": self.teacher.note() if self.teacher is not None else None,
                 "seconds_this_process": round(seconds, 1), "versions": library_versions()}
-
-    def _write_outputs(self, model: nn.Module, state: RunState, report: dict) -> None:
-        plans = [PrunePlan.from_json(p) for p in state.plans]
-        composed = plans[0]
-        for plan in plans[1:]:
-            composed = compose_plans(composed, plan, recipe=self.recipe.to_json(), versions=library_versions())
-        staged = self.out / ".final"
-        shutil.rmtree(staged, ignore_errors=True)
-        model.eval()
-        write_verified(model, self.tokenizer, staged, composed, report, save_dtype=self.prep.save_dtype, force=True,
-                       probe=self.heldout_ids)
-        (staged / "plans.json").write_text(json.dumps({"shots": state.plans}, indent=1) + "\n")
-        (staged / "losses.json").write_text(json.dumps(state.losses) + "\n")
-        (staged / "report.md").write_text(report_markdown(report) + "\n")
-        plot_training(state.losses, report["phases"], state.dense.get("perplexity"), staged / "loss.png")
-        for f in sorted(staged.iterdir()):
-            move_into_place(f, self.out / f.name)
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _announce(r: Run) -> None:

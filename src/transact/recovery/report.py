@@ -1,12 +1,22 @@
-"""The report of ``transact run``: a markdown table of every phase, and the loss curve over held-out
-perplexity (loss.png)."""
+"""The report of ``transact run``: a markdown table of every phase, the loss curve over held-out
+perplexity (loss.png), and the final outputs written beside the checkpoint."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from transact.core.plan import PrunePlan
+from transact.io.checkpoint import write_verified
+from transact.io.files import move_into_place
 from transact.measure.report import pyplot, save_figure
+from transact.recovery.schedule import compose_plans
+from transact.version import library_versions
 
 
 def report_markdown(report: dict) -> str:
@@ -24,6 +34,28 @@ def report_markdown(report: dict) -> str:
                      f"{_num(p.get('train_tokens_per_second'))} | {_num(p.get('perplexity'))} |")
     return "\n".join(lines)
 
+
+
+def write_run_outputs(out: Path, model: nn.Module, tokenizer, plans: list[dict], losses: list[dict], report: dict,
+                      *, recipe: dict, save_dtype: torch.dtype, probe: torch.Tensor | None) -> None:
+    """The run's final checkpoint (the shots' ``plans`` composed into one plan.json, reloaded and checked
+    against ``model`` on ``probe``), plans.json, losses.json, report.md and loss.png, staged and moved into
+    ``out`` file by file."""
+    parsed = [PrunePlan.from_json(p) for p in plans]
+    composed = parsed[0]
+    for plan in parsed[1:]:
+        composed = compose_plans(composed, plan, recipe=recipe, versions=library_versions())
+    staged = out / ".final"
+    shutil.rmtree(staged, ignore_errors=True)
+    model.eval()
+    write_verified(model, tokenizer, staged, composed, report, save_dtype=save_dtype, force=True, probe=probe)
+    (staged / "plans.json").write_text(json.dumps({"shots": plans}, indent=1) + "\n")
+    (staged / "losses.json").write_text(json.dumps(losses) + "\n")
+    (staged / "report.md").write_text(report_markdown(report) + "\n")
+    plot_training(losses, report["phases"], report["dense"].get("perplexity"), staged / "loss.png")
+    for f in sorted(staged.iterdir()):
+        move_into_place(f, out / f.name)
+    shutil.rmtree(staged, ignore_errors=True)
 
 def _num(x: float | None) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.2f}"
