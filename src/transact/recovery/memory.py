@@ -235,9 +235,9 @@ def choose_weights(shape: ModelShape, params: int, training, device: str, *, tea
                    available: int | None, processes: int = 1, statistics: int = 0) -> torch.dtype:
     """The dtype to train in: the recipe's, or for ``auto`` fp32 unless only bf16 fits ``available`` bytes
     (``fsdp`` with 8-bit moments trains fp32 weights only)."""
-    fixed = training.distributed == "fsdp" and optim.resolve(training, torch.device(device))[1] == "adamw_8bit"
-    if training.weights != "auto" or fixed:
-        return optim.resolve(training, torch.device(device))[0]
+    weights, optimizer = optim.resolve(training, torch.device(device))
+    if training.weights != "auto" or (training.distributed == "fsdp" and optimizer == "adamw_8bit"):
+        return weights
     each = {"device": device, "teacher_here": teacher_here, "processes": processes, "statistics": statistics}
     fp32 = estimate(shape, params, replace(training, weights="fp32"), **each)
     if available is None or fp32.total <= available:

@@ -35,7 +35,6 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-
 def write_run_outputs(out: Path, model: nn.Module, tokenizer, plans: list[dict], losses: list[dict], report: dict,
                       *, recipe: dict, save_dtype: torch.dtype, probe: torch.Tensor | None) -> None:
     """The run's final checkpoint (the shots' ``plans`` composed into one plan.json, reloaded and checked
