@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import FAMILIES, VOCAB, load_kwargs, tiny_model
+from tiny import FAMILIES, VOCAB, load_kwargs, same_weights, tiny_model
 
 from transact.arch import get_adapter, shape_of
 from transact.cli import main
@@ -245,10 +245,7 @@ def test_prune_drops_layers_and_apply_plan_recreates_it_bit_for_bit(base, tmp_pa
     assert "dropped layers" in result.summary()
     apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(tmp_path / "a" / "plan.json"),
                                            str(tmp_path / "b"), progress=False))
-    from safetensors.torch import load_file
-
-    first, again = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 def test_cli_drop_layers_and_its_refusals(base, tmp_path, capsys):

@@ -116,6 +116,14 @@ def load_kwargs(config) -> dict:
     return {"attn_implementation": "eager", **({"experts_implementation": "eager"} if odd_experts else {})}
 
 
+def same_weights(first_dir, second_dir) -> bool:
+    """Whether two checkpoints' model.safetensors hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    first, again = load_file(f"{first_dir}/model.safetensors"), load_file(f"{second_dir}/model.safetensors")
+    return first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def tiny_model(family: str, seed: int = 0, **config_kwargs):
     """A model whose every parameter (biases and norm gains included) is random, so no slicing error can
     hide behind a zero or a one."""

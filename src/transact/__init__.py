@@ -13,6 +13,7 @@ from transact.version import __version__  # noqa: I001  (first: the rest record 
 from transact.api import ApplyPlanJob, PruneJob, load, model_info, prune, run_apply_plan, run_prune, save
 from transact.arch import SUPPORTED_MODEL_TYPES, FamilyAdapter, ModelShape, get_adapter
 from transact.core.allocate import WidthSearch, search_widths
+from transact.core.budget import ParamBudget, budget_candidates
 from transact.core.calibrate import ActivationStats, Statistics, calibrate, record_transitional_stats
 from transact.core.correct import Corrector, corrector_names, get_corrector, register_corrector
 from transact.core.depth import DepthOptions, DepthPlan, drop_layers_, remove_layers_
@@ -20,7 +21,7 @@ from transact.core.metrics import LayerScores, Metric, get_metric, metric_names,
 from transact.core.plan import PrunePlan
 from transact.core.select import make_plan
 from transact.core.targets import resolve_targets
-from transact.core.step import apply_step, gather_statistics, plan_step, prune_step
+from transact.core.step import apply_step, budget_step, gather_statistics, plan_step, prune_step
 from transact.core.surgery import prune_
 from transact.errors import TransactError
 from transact.measure.jobs import BenchJob, CompareJob, EvalJob, run_bench, run_compare, run_eval
@@ -44,6 +45,7 @@ __all__ = [
     "LayerScores",
     "Metric",
     "ModelShape",
+    "ParamBudget",
     "PruneJob",
     "PrunePlan",
     "PruneRecipe",
@@ -55,6 +57,8 @@ __all__ = [
     "WidthSearch",
     "__version__",
     "apply_step",
+    "budget_candidates",
+    "budget_step",
     "calibrate",
     "corrector_names",
     "drop_layers_",

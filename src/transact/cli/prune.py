@@ -8,6 +8,7 @@ import argparse
 from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, multiple_of, width
 from transact.cli.plugins import add_plugin_flags, chosen_correctors, routed_options
 from transact.core.allocate import WidthSearch
+from transact.core.budget import ParamBudget
 from transact.core.depth import BLOCK_SCORES, DepthOptions
 from transact.errors import TransactError
 from transact.jobs import apply_plan, info, prune
@@ -43,6 +44,7 @@ def _prune_parser(sub) -> None:
                    "each token is routed to: a count or a fraction in (0,1)")
     _add_depth_flags(p)
     _add_allocation_flags(p)
+    _add_budget_flags(p)
     p.add_argument("--multiple-of", type=multiple_of, default=default(PruneRecipe, "multiple_of"), metavar="N|TYPE",
                    help="round every pruned width (heads x head_dim, MLP channels) to a multiple of N, or of what a "
                    "llama.cpp type needs (q4_k_m: 256, q4_0: 32); 128 suits vLLM's 4-bit Marlin kernels")
@@ -120,6 +122,34 @@ def _add_allocation_flags(p) -> None:
                    help="with --allocate search: stop after the generation that passes this many seconds")
 
 
+def _add_budget_flags(p) -> None:
+    p.add_argument("--budget", type=_budget_share, default=None, metavar="params=FRACTION",
+                   help="instead of widths: keep this share of the model's parameters, by the mix of dropped layers "
+                   "(a contiguous block) and uniform widths (MLP only, or heads and MLP) with the lowest calibration "
+                   "loss; --block-score, --loss-samples, --no-depth-map and --depth-damp say how its candidates "
+                   "drop layers")
+    p.add_argument("--budget-depths", type=at_least(1), default=None,
+                   help=f"with --budget: depths tried, from none to depth alone (default {ParamBudget(0.5).depths})")
+
+
+def _budget_share(text: str) -> float:
+    try:
+        return ParamBudget.parse(text).params
+    except TransactError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _budget(args, depth: DepthOptions | None) -> ParamBudget | None:
+    """The budget ``--budget`` asks for, its candidates dropping layers as the depth flags say."""
+    if args.budget is None:
+        if args.budget_depths is not None:
+            raise TransactError("--budget-depths belongs to --budget, which is not given")
+        return None
+    defaults = ParamBudget(args.budget)
+    return ParamBudget(args.budget, depths=args.budget_depths or defaults.depths,
+                       depth=depth if depth is not None else defaults.depth)
+
+
 def _allocation(args) -> WidthSearch | None:
     """The search ``--allocate search`` asks for (its flags given or their defaults); a search flag without it
     is refused, even at its default value (None: not given)."""
@@ -154,17 +184,20 @@ def drop_count(text: str) -> int | float:
 
 
 def _depth(args) -> DepthOptions | None:
+    """``--drop-layers`` with its flags; with ``--budget`` and no count, the flags alone (how the budget's
+    candidates drop layers, their count a placeholder)."""
     if args.drop_layers is None:
         defaults = DepthOptions(1)
         given = [flag for flag, changed in (("--block-score", args.block_score != defaults.score),
                                             ("--loss-samples", args.loss_samples != defaults.loss_samples),
                                             ("--no-depth-map", not args.depth_map),
                                             ("--depth-damp", args.depth_damp != defaults.damp)) if changed]
-        if given:
-            raise TransactError(f"{given[0]} belongs to --drop-layers, which is not given")
-        return None
-    return DepthOptions(args.drop_layers, score=args.block_score, compensate=args.depth_map, damp=args.depth_damp,
-                        loss_samples=args.loss_samples)
+        if given and args.budget is None:
+            raise TransactError(f"{given[0]} belongs to --drop-layers or --budget, neither of which is given")
+        if args.budget is None or not given:
+            return None
+    return DepthOptions(args.drop_layers or 1, score=args.block_score, compensate=args.depth_map,
+                        damp=args.depth_damp, loss_samples=args.loss_samples)
 
 
 def _eval_text(args) -> HeldoutText | None:
@@ -179,10 +212,15 @@ def recipe_of(args) -> PruneRecipe:
     """The prune recipe the flags describe."""
     correctors = chosen_correctors(args)
     metric_options, corrector_options = routed_options(args, args.metric, correctors)
+    depth = _depth(args)
+    if args.budget is not None and args.drop_layers is not None:
+        raise TransactError("--budget chooses the layers to drop itself; give either --budget or --drop-layers")
+    budget = _budget(args, depth)
     return PruneRecipe(heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp, experts=args.experts,
                        gate_weighted=args.gate_weighted, metric=args.metric, metric_options=metric_options,
                        seed=args.seed, multiple_of=args.multiple_of, correctors=tuple(correctors),
-                       corrector_options=corrector_options, depth=_depth(args), allocation=_allocation(args),
+                       corrector_options=corrector_options, depth=None if budget else depth,
+                       allocation=_allocation(args), budget=budget,
                        calibration=Calibration(text=args.calib, samples=args.samples, seq_len=args.seq_len,
                                                batch_size=args.batch_size))
 

@@ -310,6 +310,9 @@ def prune_by_layer(model: nn.Module, tokenizer, recipe: PruneRecipe, *, sequenti
     if recipe.allocation is not None:
         raise TransactError("the per-layer width search scores the whole model's calibration loss; it is not "
                             "available layer by layer (layerwise or sequential)")
+    if recipe.budget is not None:
+        raise TransactError("a budget tries each candidate on the whole model's calibration loss; it is not "
+                            "available layer by layer (layerwise or sequential)")
     targets = targets or resolve_targets(recipe, shape_of(model))
     check_step(model.config, recipe, targets)
     windows = calibration_windows(tokenizer, recipe, texts)

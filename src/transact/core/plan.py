@@ -67,6 +67,9 @@ class PrunePlan:
     mlp_widths: list[int] | None = None
     # what the width search did (calibration loss of the uniform and the searched widths, generations, time)
     allocation: dict[str, Any] | None = None
+    # what the budget's search did (``transact.core.step.budget_step``: every candidate mix of depth and
+    # width with its calibration loss, the one chosen); None where the recipe named the widths
+    budget: dict[str, Any] | None = None
 
     @property
     def uniform(self) -> bool:
@@ -86,7 +89,8 @@ class PrunePlan:
                 **({"dropped_expert_routes": self.dropped_expert_routes} if self.dropped_expert_routes else {}),
                 **({"depth": self.depth.to_json()} if self.depth is not None else {}),
                 **({"mlp_widths": self.mlp_widths} if self.mlp_widths is not None else {}),
-                **({"allocation": self.allocation} if self.allocation is not None else {})}
+                **({"allocation": self.allocation} if self.allocation is not None else {}),
+                **({"budget": self.budget} if self.budget is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PrunePlan:
@@ -105,6 +109,7 @@ class PrunePlan:
                 depth=DepthPlan.from_json(data["depth"]) if data.get("depth") else None,
                 mlp_widths=data.get("mlp_widths"),
                 allocation=data.get("allocation"),
+                budget=data.get("budget"),
             )
         except (KeyError, TypeError) as e:
             raise TransactError(f"not a transact plan: {e}") from None

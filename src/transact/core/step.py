@@ -9,18 +9,25 @@ once (``gather_statistics``) and hands them to every step.
 
 from __future__ import annotations
 
+import copy
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
+from itertools import groupby
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from transact.arch import get_adapter, shape_of
+from transact.arch import ModelShape, get_adapter, shape_of
 from transact.core.allocate import check_budget, mlp_variants, search_widths, width_levels
+from transact.core.budget import Candidate, budget_candidates, candidate_depth
 from transact.core.calibrate import Statistics, collect_statistics, sample_windows, windows_hash
 from transact.core.correct import get_corrector
 from transact.core.correct.refit import damp_for
 from transact.core.depth import DepthPlan, drop_layers_
+from transact.core.depth_calibrate import calibration_loss
 from transact.core.metrics import METRICS, get_metric
 from transact.core.plan import PrunePlan, dropped_routes, whole_plan
 from transact.core.select import make_plan
@@ -28,6 +35,7 @@ from transact.core.surgery import prune_
 from transact.core.targets import Targets, resolve_targets
 from transact.errors import TransactError
 from transact.io.text import read_texts
+from transact.measure.costs import count_parameters
 from transact.version import library_versions
 
 if TYPE_CHECKING:
@@ -149,8 +157,14 @@ def prune_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Tar
                texts: list[str] | None = None, statistics: Statistics | None = None, note: dict | None = None,
                progress: bool = True) -> PrunePlan:
     """The whole step on ``model``, in place: drop layers where the recipe says so, then calibrate, score,
-    select, correct, slice; -> the plan."""
-    depth = None
+    select, correct, slice (or, for a recipe with a budget, the mix of both that meets it: ``budget_step``);
+    -> the plan."""
+    if recipe.budget is not None:
+        if targets is not None or statistics is not None:
+            raise TransactError("a budget chooses the widths and calibrates each candidate itself; give neither "
+                                "targets nor statistics with it")
+        return budget_step(model, tokenizer, recipe, texts=texts, note=note, progress=progress)
+    depth = windows = None
     if recipe.depth is not None:
         if statistics is not None:
             raise TransactError("statistics collected beforehand describe every layer; a recipe that drops layers "
@@ -158,9 +172,19 @@ def prune_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Tar
         windows = calibration_windows(tokenizer, recipe, texts)
         depth = drop_layers_(model, windows, recipe.depth, batch_size=recipe.calibration.batch_size,
                              progress=progress)
-        if not recipe.has_widths:
-            return whole_plan(shape_of(model), recipe={**(note or {}), **recipe.to_json()},
-                              calibration_hash=windows_hash(windows), versions=library_versions(), depth=depth)
+    return _widths_after_drop(model, tokenizer, recipe, depth, windows, targets=targets, texts=texts,
+                              statistics=statistics, note=note, progress=progress)
+
+
+def _widths_after_drop(model: nn.Module, tokenizer, recipe: PruneRecipe, depth: DepthPlan | None,
+                       windows: torch.Tensor | None, *, targets: Targets | None = None, texts: list[str] | None = None,
+                       statistics: Statistics | None = None, note: dict | None = None,
+                       progress: bool = True) -> PrunePlan:
+    """The widths half of a step, on a model whose layers were dropped as ``depth`` records (None: none were,
+    and ``windows`` are not needed)."""
+    if depth is not None and not recipe.has_widths:
+        return whole_plan(shape_of(model), recipe={**(note or {}), **recipe.to_json()},
+                          calibration_hash=windows_hash(windows), versions=library_versions(), depth=depth)
     plan, statistics = plan_step(model, tokenizer, recipe, targets=targets, texts=texts, statistics=statistics,
                                  note=note, progress=progress)
     plan = apply_step(model, plan, statistics, recipe)
@@ -168,6 +192,83 @@ def prune_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Tar
         return plan
     # a width step that calibrated nothing (a data-free metric, no corrector) recorded no hash; the drop did
     return replace(plan, depth=depth, calibration_hash=plan.calibration_hash or windows_hash(windows))
+
+
+def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list[str] | None = None,
+                note: dict | None = None, progress: bool = True,
+                inspect: Callable[[Candidate, nn.Module], None] | None = None) -> PrunePlan:
+    """Meet ``recipe.budget`` with the candidate mix of depth and width whose pruned model has the lowest
+    loss on calibration windows no fit saw (``scoring_windows``; ``transact.core.budget``), and prune
+    ``model`` to it in place; -> its plan, which records the winner's widths and drop as its recipe (so
+    ``apply-plan`` recreates it without a search) and every candidate's loss in ``plan.budget``.
+    ``inspect(candidate, pruned)`` sees each candidate's pruned model once it is scored (a benchmark measures
+    what the choice did not see)."""
+    started = time.perf_counter()
+    budget, total, shape = recipe.budget, count_parameters(model), shape_of(model)
+    candidates = budget_candidates(shape, total, budget, recipe.multiple_of)  # an unreachable budget fails here
+    windows = calibration_windows(tokenizer, recipe, texts)
+    unseen = scoring_windows(tokenizer, recipe, texts)
+    losses, drops = [], {}
+    for drop, group in groupby(candidates, key=lambda c: c.drop):
+        base = copy.deepcopy(model)
+        drops[drop] = _drop_for(base, windows, recipe, drop, None, progress)
+        statistics = None
+        for candidate in group:
+            trial, concrete = copy.deepcopy(base), candidate_recipe(recipe, candidate, shape)
+            if concrete.has_widths:
+                if statistics is None:  # one calibration per depth serves both of its width mixes
+                    statistics = gather_statistics(trial, tokenizer, concrete, texts=texts, progress=progress)
+                plan = plan_step(trial, tokenizer, concrete, statistics=statistics, progress=progress)[0]
+                apply_step(trial, plan, statistics, concrete)
+            losses.append(calibration_loss(trial, unseen, batch_size=recipe.calibration.batch_size))
+            if progress:
+                print(f"budget: {candidate.describe()} ({candidate.params / total:.3f} of the parameters): "
+                      f"loss on unseen windows {losses[-1]:.4f}", file=sys.stderr)
+            if inspect is not None:
+                inspect(candidate, trial)
+            del trial
+        del base, statistics
+    best = candidates[min(range(len(candidates)), key=losses.__getitem__)]
+    winner = candidate_recipe(recipe, best, shape)
+    depth = _drop_for(model, windows, recipe, best.drop, drops[best.drop], progress)
+    plan = _widths_after_drop(model, tokenizer, winner, depth, windows, texts=texts, note=note, progress=progress)
+    record = {"budget": budget.to_json(), "parameters": total, "kept": round(count_parameters(model) / total, 6),
+              "candidates": [{**c.to_json(), "calibration_loss": round(loss, 6)}
+                             for c, loss in zip(candidates, losses, strict=True)],
+              "chosen": candidates.index(best), "seconds": round(time.perf_counter() - started, 1)}
+    return replace(plan, budget=record, calibration_hash=plan.calibration_hash or windows_hash(windows))
+
+
+def scoring_windows(tokenizer, recipe: PruneRecipe, texts: list[str] | None = None) -> torch.Tensor:
+    """The windows a budget's candidates are scored on: the ``score_samples`` windows that follow the
+    calibration windows in the same shuffled text, which no fit saw (a candidate that fits more gains nothing
+    from having seen them). -> (score_samples, seq_len)."""
+    cal, count = recipe.calibration, recipe.budget.score_samples
+    texts = texts if texts is not None else read_texts(cal.text)
+    try:
+        return sample_windows(tokenizer, texts, cal.samples + count, cal.seq_len, recipe.seed)[cal.samples:]
+    except TransactError:
+        raise TransactError(f"a budget scores its candidates on {count} windows of {cal.seq_len} tokens after the "
+                            f"{cal.samples} calibration windows; the calibration text has fewer than "
+                            f"{(cal.samples + count) * cal.seq_len} tokens: give more text, or fewer samples") from None
+
+
+def _drop_for(model: nn.Module, windows: torch.Tensor, recipe: PruneRecipe, drop: int, recorded: DepthPlan | None,
+              progress: bool) -> DepthPlan | None:
+    """Drop ``drop`` layers of ``model`` as the budget's depth options say (as ``recorded``, where given)."""
+    if not drop:
+        return None
+    return drop_layers_(model, windows, replace(recipe.budget.depth, layers=drop), recorded=recorded,
+                        batch_size=recipe.calibration.batch_size, progress=progress)
+
+
+def candidate_recipe(recipe: PruneRecipe, candidate: Candidate, shape: ModelShape) -> PruneRecipe:
+    """The recipe that prunes a model of ``shape`` to ``candidate``: the widths it prunes (the others left
+    whole) and its drop, no budget."""
+    attention = (candidate.heads, candidate.kv_heads) != (shape.num_heads, shape.num_kv_heads)
+    return replace(recipe, budget=None, depth=candidate_depth(recipe.budget, candidate),
+                   heads=candidate.heads if attention else None, kv_heads=candidate.kv_heads if attention else None,
+                   mlp=candidate.mlp if candidate.mlp != shape.intermediate_size else None)
 
 
 def check_reproducible(plan: PrunePlan) -> None:

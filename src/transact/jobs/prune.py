@@ -53,6 +53,9 @@ def run(job: PruneJob) -> PruneResult:
         if job.recipe.depth is not None:
             raise TransactError("dropping layers (--drop-layers) works on the whole model in memory; it is not "
                                 "available with --layerwise, --sequential or --resume yet")
+        if job.recipe.budget is not None:
+            raise TransactError("a budget (--budget) tries each candidate on the whole model in memory; it is not "
+                                "available with --layerwise, --sequential or --resume")
         if job.recipe.allocation is not None:
             raise TransactError("the per-layer width search (--allocate search) scores the whole model's calibration "
                                 "loss in memory; it is not available with --layerwise, --sequential or --resume")
@@ -67,7 +70,8 @@ def run(job: PruneJob) -> PruneResult:
     if eval_ids is not None:
         before["perplexity"] = _perplexity(model, eval_ids, job.eval_text, job.progress)
     t1 = time.perf_counter()
-    plan = prune_step(model, tokenizer, recipe, targets=inputs.targets, texts=inputs.texts, progress=job.progress)
+    targets = None if recipe.budget is not None else inputs.targets  # a budget's search chooses them
+    plan = prune_step(model, tokenizer, recipe, targets=targets, texts=inputs.texts, progress=job.progress)
     if plan.depth is not None and job.progress:
         for line in depth_notes(model, prep.config):
             print(f"note: {line}", file=sys.stderr)

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter
+from transact.core.budget import check_budget_shape
 from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, whole_plan
-from transact.core.step import check_step
+from transact.core.step import check_metric, check_step
 from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
 from transact.deploy import quantize, vllm
@@ -50,6 +51,8 @@ class PruneResult:
             lines.append(depth_line(self.plan.depth))
         if self.plan.mlp_widths is not None:
             lines.append(allocation_line(self.plan))
+        if self.plan.budget is not None:
+            lines += budget_lines(self.plan.budget)
         routes = self.plan.dropped_expert_routes
         if routes:
             lines.append(f"dropped experts   took {100 * sum(routes) / len(routes):.2f} % of the calibration tokens' "
@@ -84,10 +87,26 @@ def allocation_line(plan: PrunePlan) -> str:
     return f"MLP per layer     {found}{losses}"
 
 
+def budget_lines(record: dict) -> list[str]:
+    """The budget's candidates, their parameters and calibration losses, the chosen one marked."""
+    budget, total = record["budget"], record["parameters"]
+    lines = [f"budget            params {budget['params']} of {total / 1e6:.1f} M: {len(record['candidates'])} "
+             f"candidates scored on the {budget['score_samples']} windows after the calibration's, in "
+             f"{record['seconds']:.0f} s "
+             f"(kept {record['kept']:.3f})"]
+    for i, c in enumerate(record["candidates"]):
+        shape = (f"drop {c['drop']} + " if c["drop"] else "") + f"{c['heads']}/{c['kv_heads']}/{c['mlp']}"
+        mark = "  <- chosen" if i == record["chosen"] else ""
+        lines.append(f"  {c['mix']:<6} {shape:<22} {c['params'] / total:.3f}  loss {c['calibration_loss']:.4f}{mark}")
+    return lines
+
+
 def calibration_purpose(recipe: PruneRecipe) -> str:
     """What calibration is for, as a missing tokenizer's error names it."""
     if recipe.depth is not None:
         return "choosing the layers to drop (depth pruning calibrates on text)"
+    if recipe.budget is not None:
+        return "scoring the budget's candidates (a budget calibrates on text)"
     if get_metric(recipe.metric).data_free:
         return f"calibration for the {'/'.join(recipe.correctors)} corrector (--no-reconstruct prunes by weights alone)"
     return "calibration and perplexity"
@@ -124,7 +143,10 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     if recipe.has_widths:
         targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
         check_step(prep.config, recipe, targets)
-    else:  # only layers are dropped
+    else:  # only layers are dropped, or a budget chooses the widths after loading
+        if recipe.budget is not None:
+            check_budget_shape(prep.shape)
+            check_metric(prep.shape, recipe)
         targets = whole_plan(prep.shape).targets
     if job.progress:
         for line in deployment_notes(prep.shape, targets, prep.config):

@@ -8,6 +8,7 @@ from typing import Any
 
 from transact.checks import fields_from
 from transact.core.allocate import WidthSearch
+from transact.core.budget import ParamBudget
 from transact.core.correct import get_corrector
 from transact.core.depth import DepthOptions
 from transact.core.metrics import get_metric
@@ -105,6 +106,9 @@ class PruneRecipe:
     # MLP widths per layer (mean ``mlp``) searched on the calibration loss (transact.core.allocate; None:
     # every layer keeps ``mlp`` channels)
     allocation: WidthSearch | None = None
+    # a share of the parameters to keep, met by the mix of dropped layers and uniform widths with the lowest
+    # calibration loss (transact.core.budget; None: the widths and depth above say what to prune)
+    budget: ParamBudget | None = None
 
     def __post_init__(self) -> None:
         for name in WIDTHS:
@@ -131,6 +135,18 @@ class PruneRecipe:
                                                                              "allocation")))
         if self.allocation is not None:
             self._check_allocation()
+        if self.budget is not None:
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        """A budget decides the widths and the depth, so the recipe names neither, nor a width search."""
+        if not isinstance(self.budget, ParamBudget):
+            object.__setattr__(self, "budget", ParamBudget(**fields_from(ParamBudget, self.budget, "budget")))
+        named = [name for name in WIDTHS if getattr(self, name) is not None]
+        if named or self.depth is not None or self.allocation is not None:
+            what = named[0] if named else "depth (layers to drop)" if self.depth is not None else "allocation"
+            raise TransactError(f"a budget chooses the widths and the layers to drop itself; give either the budget "
+                                f"or {what}, not both")
 
     def _check_allocation(self) -> None:
         """A width search needs the mean MLP width, and a corrector it can try at every width (the refit, or
@@ -188,12 +204,12 @@ class PruneRecipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return bool(self.statistics) or self.depth is not None
+        return bool(self.statistics) or self.depth is not None or self.budget is not None
 
     @property
     def prunes_something(self) -> bool:
-        """Whether the recipe drops layers or names a width."""
-        return self.has_widths or self.depth is not None
+        """Whether the recipe drops layers, names a width or a budget."""
+        return self.has_widths or self.depth is not None or self.budget is not None
 
     def to_json(self) -> dict[str, Any]:
         out = {name: None if getattr(self, name) is None else getattr(self, name).to_json() for name in WIDTHS}
@@ -207,6 +223,8 @@ class PruneRecipe:
             out["depth"] = self.depth.to_json()
         if self.allocation is not None:
             out["allocation"] = asdict(self.allocation)
+        if self.budget is not None:
+            out["budget"] = self.budget.to_json()
         return out
 
     @classmethod

@@ -192,6 +192,9 @@ class RunRecipe:
         if self.prune.depth is not None:
             raise fail("prune.depth", "dropping layers is a step of transact prune; a run's shots prune widths "
                        "(prune the layers first, then run on that checkpoint)")
+        if self.prune.budget is not None:
+            raise fail("prune.budget", "a budget is a step of transact prune; a run's shots bring their widths "
+                       "(prune to the budget first, then run on that checkpoint)")
         check_str("device", self.device)
         for key in ("layerwise", "sequential"):
             if not isinstance(getattr(self, key), bool):

@@ -1,0 +1,131 @@
+"""A parameter budget on one real model: every candidate mix of depth and width that ``--budget params=F``
+tries (MLP only, heads and MLP, dropped layers with either, depth alone), its loss on calibration windows
+its fits did not see (what the budget chooses on), on windows they saw, and its held-out perplexity, and the
+candidate chosen. One shot,
+no training; the pruning is exactly ``transact prune --budget`` (``transact.core.step.budget_step``).
+
+    python benchmarks/budget.py --model builtin:smollm2 --budgets 0.9 0.75 0.6 --out docs/bench/budget/smollm2
+    python benchmarks/budget.py --model builtin:gemma3-270m --budgets 0.9 0.8 --loss-samples 4 \
+        --out docs/bench/budget/gemma3_270m
+
+Each budget's rows are written when it finishes, so an interrupted run continues with the next budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, previous_result, write_result
+
+from transact.core.budget import ParamBudget
+from transact.core.calibrate import sample_windows
+from transact.core.depth_calibrate import calibration_loss
+from transact.core.step import budget_step
+from transact.io.models import load_model, prepare_model
+from transact.io.text import read_texts, token_stream
+from transact.measure.costs import count_parameters
+from transact.measure.perplexity import heldout_perplexity
+from transact.recipes import Calibration, HeldoutText, PruneRecipe
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6],
+                    help="shares of the model's parameters to keep")
+    ap.add_argument("--depths", type=int, default=ParamBudget(0.5).depths)
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--loss-samples", type=int, default=8,
+                    help="windows the block score and each candidate's calibration loss run on")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--out", required=True, help="path prefix for .json and .md")
+    return ap.parse_args()
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['model']}: calibration {result['calibration']} of the built-in text (seed 0), blocks scored "
+             f"on its first {result['loss_samples']} windows and candidates on the {result['loss_samples']} after "
+             f"them (unseen: the budget chooses on these); held-out perplexity on "
+             f"{result['eval_tokens']:,} LAMBADA tokens (dense {result['dense_perplexity']:.2f}). One shot, no "
+             "training; '*' marks the candidate the budget chose, 'best' the lowest held-out perplexity.", "",
+             "| budget | candidate | mix | params | loss on unseen windows | loss on fitted windows | held-out ppl | |",
+             "|---:|---|---|---:|---:|---:|---:|---|"]
+    for budget in result["budgets"]:
+        rows = budget["candidates"]
+        best = min(range(len(rows)), key=lambda i: rows[i]["perplexity"])
+        for i, r in enumerate(rows):
+            mark = " ".join(m for m, on in (("*", i == budget["chosen"]), ("best", i == best)) if on)
+            lines.append(f"| {budget['params']} | {r['shape']} | {r['mix']} | {r['params_ratio']:.3f} | "
+                         f"{r['unseen_loss']:.4f} | {r['fitted_loss']:.4f} | {r['perplexity']:.2f} | {mark} |")
+        chosen = rows[budget["chosen"]]["perplexity"]
+        fitted = rows[min(range(len(rows)), key=lambda i: rows[i]["fitted_loss"])]["perplexity"]
+        lines.append(f"| | chosen / best held-out: {chosen / rows[best]['perplexity']:.3f} (by the fitted windows' "
+                     f"loss: {fitted / rows[best]['perplexity']:.3f}); search and prune {budget['seconds']:.0f} s "
+                     "(held-out evaluations not counted) | | | | | | |")
+    return "\n".join(lines)
+
+
+def measure_budget(share: float, args, dense, tok, texts: list[str], ppl) -> dict:
+    """Prune a copy of ``dense`` to the budget, every candidate's held-out perplexity and its loss on the first
+    ``--loss-samples`` calibration windows, which its fits saw (the budget scores on the windows after them),
+    measured as it is scored; -> the budget's row."""
+    fitted = sample_windows(tok, texts, args.loss_samples, args.seq_len, 0)
+    total = count_parameters(dense)
+    budget = ParamBudget(share, depths=args.depths, score_samples=args.loss_samples,
+                         depth={"loss_samples": args.loss_samples})
+    recipe = PruneRecipe(budget=budget, calibration=Calibration("builtin", samples=args.samples, seq_len=args.seq_len))
+    measured, evaluating = [], [0.0]
+
+    def held_out(candidate, pruned) -> None:
+        started = time.perf_counter()
+        measured.append({"shape": candidate.describe(), "mix": candidate.mix,
+                         "params_ratio": round(count_parameters(pruned) / total, 4), "perplexity": ppl(pruned),
+                         "fitted_loss": round(calibration_loss(pruned, fitted), 6)})
+        print(f"{share}: {measured[-1]}", file=sys.stderr, flush=True)
+        evaluating[0] += time.perf_counter() - started
+
+    model = copy.deepcopy(dense)
+    t = time.perf_counter()
+    plan = budget_step(model, tok, recipe, texts=texts, inspect=held_out)
+    seconds = time.perf_counter() - t
+    record = plan.budget
+    rows = [{**m, "unseen_loss": c["calibration_loss"]}
+            for m, c in zip(measured, record["candidates"], strict=True)]
+    assert abs(ppl(model) - rows[record["chosen"]]["perplexity"]) < 1e-2, "the pruned model is not the chosen one"
+    return {"params": share, "candidates": rows, "chosen": record["chosen"],
+            "seconds": round(seconds - evaluating[0], 1)}
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    settings = {"model": args.model, "calibration": f"{args.samples} x {args.seq_len}", "depths": args.depths,
+                "loss_samples": args.loss_samples, "eval_tokens": args.eval_tokens, "window": args.window}
+    previous = previous_result(out, settings)
+    dense, tok = load_model(prepare_model(args.model, "cpu", "float32"))
+    texts = read_texts("builtin")
+    ids = token_stream(tok, read_texts("builtin", builtin="heldout"), limit=args.eval_tokens)
+    heldout = HeldoutText(tokens=args.eval_tokens, window=args.window)
+
+    def ppl(model) -> float:
+        return round(heldout_perplexity(model, ids, heldout, progress=False).perplexity, 3)
+
+    result = previous or {"settings": settings, **settings, "dense_perplexity": ppl(dense),
+                          "dense_params": count_parameters(dense), "budgets": [], "machine": machine()}
+    done = {b["params"] for b in result["budgets"]}
+    for share in args.budgets:
+        if share not in done:
+            result["budgets"].append(measure_budget(share, args, dense, tok, texts, ppl))
+            write_result(out, result, table(result))
+    write_result(out, result, table(result))
+
+
+if __name__ == "__main__":
+    main()

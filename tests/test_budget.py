@@ -1,0 +1,144 @@
+"""A parameter budget: its candidates meet it by hand-checked arithmetic, the search prunes to the candidate
+with the lowest calibration loss (the same model the candidate was scored as), records all of them, and the
+plan recreates the checkpoint bit for bit; bad budgets are refused before any work."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny import same_weights, tiny_model
+
+from transact.arch import ModelShape, shape_of
+from transact.cli import main
+from transact.core.budget import ParamBudget, budget_candidates, estimated_parameters
+from transact.core.depth_calibrate import calibration_loss
+from transact.core.plan import PrunePlan
+from transact.core.step import calibration_windows, prune_step, scoring_windows
+from transact.errors import TransactError
+from transact.jobs import apply_plan, prune
+from transact.measure.costs import count_parameters
+from transact.recipes import Calibration, PruneRecipe
+from transact.recipes.run import RunRecipe
+
+# SmolLM2-135M's shape: 30 layers of hidden 576, 9 heads in 3 KV groups of 64, MLP 1536, tied embeddings
+SMOLLM2 = ModelShape("llama", 30, 576, 9, 3, 64, 1536, vocab_size=49152)
+SMOLLM2_PARAMETERS = 134_515_008
+
+
+def test_estimated_parameters_by_hand():
+    # a layer: q and o 576 x 576 each, k and v 576 x 192 each, gate/up/down 3 x 576 x 1536
+    layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert estimated_parameters(SMOLLM2, SMOLLM2_PARAMETERS, 0, 9, 3, 1536) == SMOLLM2_PARAMETERS
+    outside = SMOLLM2_PARAMETERS - 30 * layer
+    pruned = 2 * 576 * 384 + 2 * 576 * 128 + 3 * 576 * 1000  # 6 heads in 2 groups, MLP 1000
+    assert estimated_parameters(SMOLLM2, SMOLLM2_PARAMETERS, 4, 6, 2, 1000) == outside + 26 * pruned
+
+
+def test_candidates_meet_the_budget_from_width_alone_to_depth_alone():
+    candidates = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, ParamBudget(0.75))
+    target = 0.75 * SMOLLM2_PARAMETERS
+    assert [(c.mix, c.drop) for c in candidates] == [("mlp", 0), ("both", 0), ("mlp", 5), ("both", 5), ("depth", 10)]
+    # depth alone: the fewest layers whose removal meets the budget (9 layers leave 0.763)
+    alone = candidates[-1]
+    assert (alone.heads, alone.kv_heads, alone.mlp) == (9, 3, 1536) and alone.params <= target
+    assert estimated_parameters(SMOLLM2, SMOLLM2_PARAMETERS, 9, 9, 3, 1536) > target
+    for c in candidates[:-1]:  # each fills the budget to within one MLP channel of every layer
+        assert target - (30 - c.drop) * 3 * 576 < c.params <= target
+    mlp_only, both = candidates[0], candidates[1]
+    assert (mlp_only.heads, mlp_only.kv_heads) == (9, 3) and mlp_only.mlp == 887
+    assert (both.heads, both.kv_heads) == (6, 2)  # 6/9 of the heads, closest to its MLP's 1057/1536
+
+
+def test_candidates_round_widths_to_the_multiple_asked():
+    for c in budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, ParamBudget(0.8), multiple_of=128):
+        assert c.mlp % 128 == 0 or c.mlp == 1536  # unpruned widths stay as they are, as --multiple-of leaves them
+        assert (c.heads * 64) % 128 == 0 or c.heads == 9
+
+
+def test_unreachable_budgets_and_bad_models_are_refused():
+    with pytest.raises(TransactError, match=r"least this model reaches .* are outside its layers"):
+        budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, ParamBudget(0.2))
+    moe = ModelShape("qwen3_moe", 4, 64, 4, 2, 16, 32, num_experts=8, experts_per_token=2)
+    with pytest.raises(TransactError, match="mixture of experts"):
+        budget_candidates(moe, 10**6, ParamBudget(0.7))
+    for value in (0.0, 1.0, 1.5, "x", True):
+        with pytest.raises(TransactError, match="share in"):
+            ParamBudget(value)
+    with pytest.raises(TransactError, match="params=FRACTION"):
+        ParamBudget.parse("flops=0.5")
+    with pytest.raises(TransactError, match="each candidate sets the layers"):
+        ParamBudget(0.5, depth={"layers": 2})
+    with pytest.raises(TransactError, match="either the budget or mlp"):
+        PruneRecipe(mlp=64, budget=ParamBudget(0.5))
+    with pytest.raises(TransactError, match=r"prune\.budget"):
+        RunRecipe.from_dict({"model": "m", "out": "o", "target": {"mlp": 0.5}, "prune": {"budget": {"params": 0.6}}})
+
+
+def _recipe(root, share: float = 0.7) -> PruneRecipe:
+    return PruneRecipe(budget=ParamBudget(share, score_samples=4, depth={"score": "angular"}),
+                       calibration=Calibration(str(root / "cal.txt"), samples=16, seq_len=32))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer, corpus):
+    root = tmp_path_factory.mktemp("budget")
+    model = tiny_model("llama", seed=3, layers=6, heads=4, kv_heads=2, mlp=96)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "cal.txt").write_text("\n\n".join(corpus))
+    return root
+
+
+def test_the_search_prunes_to_the_candidate_with_the_lowest_loss(base, tokenizer, corpus):
+    model = tiny_model("llama", seed=3, layers=6, heads=4, kv_heads=2, mlp=96)
+    total, recipe = count_parameters(model), _recipe(base)
+    plan = prune_step(model, tokenizer, recipe, texts=corpus, progress=False)
+    record = plan.budget
+    losses = [c["calibration_loss"] for c in record["candidates"]]
+    chosen = record["candidates"][record["chosen"]]
+    assert len(losses) >= 3 and chosen["calibration_loss"] == min(losses)
+    assert {c["mix"] for c in record["candidates"]} >= {"mlp", "both"}
+    # the model pruned in place is the model the winner was scored as
+    unseen = scoring_windows(tokenizer, recipe, corpus)  # the 4 windows after the 16 the fits saw
+    more = replace(recipe, budget=None, mlp=64, calibration=replace(recipe.calibration, samples=20))
+    assert torch.equal(unseen, calibration_windows(tokenizer, more, corpus)[16:])
+    assert calibration_loss(model, unseen) == pytest.approx(chosen["calibration_loss"], abs=1e-5)
+    shape = shape_of(model)
+    assert (shape.num_layers, shape.num_heads, shape.intermediate_size) == \
+        (6 - chosen["drop"], chosen["heads"], chosen["mlp"])
+    assert count_parameters(model) / total == pytest.approx(record["kept"], abs=1e-6) and record["kept"] <= 0.7 + 0.01
+    assert "budget" not in plan.recipe and (plan.depth is not None) == (chosen["drop"] > 0)
+
+
+def test_prune_job_writes_the_budgets_record_and_apply_plan_recreates_it(base, tmp_path, capsys):
+    args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--budget", "params=0.7", "--budget-depths", "3",
+                 "--block-score", "angular"]) == 0
+    out = capsys.readouterr()
+    assert "<- chosen" in out.out and "budget: " in out.err
+    plan = PrunePlan.load(tmp_path / "a" / "plan.json")
+    assert plan.budget["budget"]["depth"]["score"] == "angular"
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["after"]["layers"] == plan.source.num_layers
+    apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(tmp_path / "a" / "plan.json"),
+                                           str(tmp_path / "b"), progress=False))
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_cli_refuses_budgets_before_any_work(base, tmp_path, capsys):
+    args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32",
+            "--quiet", "--out", str(tmp_path / "x")]
+    for extra, message in ((["--budget", "params=0.7", "--mlp", "64"], "either the budget or mlp"),
+                           (["--budget", "params=0.7", "--drop-layers", "1"], "either --budget or --drop-layers"),
+                           (["--budget-depths", "2", "--mlp", "64"], "--budget-depths belongs to --budget"),
+                           (["--budget", "params=0.7", "--layerwise"], "not available with --layerwise"),
+                           (["--budget", "params=0.01"], "least this model reaches")):
+        assert main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        main([*args, "--budget", "0.7"])
+    assert "params=FRACTION" in capsys.readouterr().err
+    with pytest.raises(TransactError, match="not available with --layerwise, --sequential"):
+        prune.run(prune.PruneJob(str(base / "base"), str(tmp_path / "y"), _recipe(base), sequential=True,
+                                 progress=False))
