@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", required=True)
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6],
                     help="shares of the model's parameters to keep")
-    ap.add_argument("--depths", type=int, default=ParamBudget(0.5).depths)
+    ap.add_argument("--depths", type=int, default=ParamBudget(0.5).depths)  # the budget's own default
     ap.add_argument("--samples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--loss-samples", type=int, default=8,

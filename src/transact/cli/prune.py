@@ -125,11 +125,12 @@ def _add_allocation_flags(p) -> None:
 def _add_budget_flags(p) -> None:
     p.add_argument("--budget", type=_budget_share, default=None, metavar="params=FRACTION",
                    help="instead of widths: keep this share of the model's parameters, by the mix of dropped layers "
-                   "(a contiguous block) and uniform widths (MLP only, or heads and MLP) with the lowest calibration "
-                   "loss; --block-score, --loss-samples, --no-depth-map and --depth-damp say how its candidates "
-                   "drop layers")
+                   "(a contiguous block) and uniform widths (MLP only, or heads and MLP) with the lowest loss on "
+                   "calibration text its fits did not see; --block-score, --loss-samples, --no-depth-map and "
+                   "--depth-damp say how its candidates drop layers")
     p.add_argument("--budget-depths", type=at_least(1), default=None,
-                   help=f"with --budget: depths tried, from none to depth alone (default {ParamBudget(0.5).depths})")
+                   help="with --budget: depths tried, from none to depth alone (default "
+                   f"{default(ParamBudget, 'depths')})")
 
 
 def _budget_share(text: str) -> float:
@@ -145,9 +146,8 @@ def _budget(args, depth: DepthOptions | None) -> ParamBudget | None:
         if args.budget_depths is not None:
             raise TransactError("--budget-depths belongs to --budget, which is not given")
         return None
-    defaults = ParamBudget(args.budget)
-    return ParamBudget(args.budget, depths=args.budget_depths or defaults.depths,
-                       depth=depth if depth is not None else defaults.depth)
+    return ParamBudget(args.budget, depths=args.budget_depths or default(ParamBudget, "depths"),
+                       depth=depth if depth is not None else default(ParamBudget, "depth"))
 
 
 def _allocation(args) -> WidthSearch | None:

@@ -36,7 +36,6 @@ from transact.errors import TransactError
 from transact.measure.costs import attention_parameters, layer_parameters, mlp_parameters
 
 BUDGET_KINDS = ("params",)
-MIXES = ("depth", "mlp", "both")
 
 
 @dataclass(frozen=True)
@@ -104,6 +103,11 @@ class Candidate:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Candidate:
+        """A candidate from its record in ``plan.budget`` (which adds its loss beside its fields)."""
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
 
 def with_widths(shape: ModelShape, heads: int, kv_heads: int, mlp: int) -> ModelShape:
     return replace(shape, num_heads=heads, num_kv_heads=kv_heads, intermediate_size=mlp)
@@ -112,8 +116,14 @@ def with_widths(shape: ModelShape, heads: int, kv_heads: int, mlp: int) -> Model
 def estimated_parameters(shape: ModelShape, total: int, drop: int, heads: int, kv_heads: int, mlp: int) -> int:
     """The parameter count of a model of ``total`` parameters and ``shape`` after dropping ``drop`` layers and
     pruning the rest to heads/kv_heads/mlp (projections only change; see the module docstring)."""
-    outside = total - shape.num_layers * layer_parameters(shape)
-    return outside + (shape.num_layers - drop) * layer_parameters(with_widths(shape, heads, kv_heads, mlp))
+    kept = layer_parameters(with_widths(shape, heads, kv_heads, mlp))
+    return outside_layers(shape, total) + (shape.num_layers - drop) * kept
+
+
+def outside_layers(shape: ModelShape, total: int) -> int:
+    """The parameters of a model of ``total`` parameters outside its layers' projections (embeddings, norms,
+    biases), which no candidate changes."""
+    return total - shape.num_layers * layer_parameters(shape)
 
 
 def check_budget_shape(shape: ModelShape) -> None:
@@ -130,8 +140,7 @@ def budget_candidates(shape: ModelShape, total: int, budget: ParamBudget, multip
     """The candidates meeting ``budget`` for a model of ``shape`` and ``total`` parameters, widths rounded
     down to multiples of ``multiple_of``; refused, naming the least reachable share, when none does."""
     check_budget_shape(shape)
-    target = budget.params * total
-    full = layer_parameters(shape)
+    target, outside = budget.params * total, outside_layers(shape, total)
     most = shape.num_layers // 2
     alone = next((d for d in range(1, most + 1)
                   if estimated_parameters(shape, total, d, shape.num_heads, shape.num_kv_heads,
@@ -146,13 +155,13 @@ def budget_candidates(shape: ModelShape, total: int, budget: ParamBudget, multip
                                         estimated_parameters(shape, total, drop, shape.num_heads,
                                                              shape.num_kv_heads, shape.intermediate_size)))
             continue
-        per_layer = (target - (total - shape.num_layers * full)) / (shape.num_layers - drop)
+        per_layer = (target - outside) / (shape.num_layers - drop)
         candidates += width_candidates(shape, total, drop, per_layer, multiple_of)
     if not candidates:
         least = estimated_parameters(shape, total, most, *smallest_pair(shape, multiple_of), multiple_of)
         raise TransactError(f"budget params={budget.params}: the least this model reaches by dropping up to {most} "
                             f"layers and pruning the rest to one KV group and {multiple_of} MLP channel(s) is "
-                            f"{least / total:.3f} of its parameters ({(total - shape.num_layers * full) / total:.3f}"
+                            f"{least / total:.3f} of its parameters ({outside / total:.3f}"
                             " are outside its layers' projections: embeddings, norms, biases)")
     return candidates
 

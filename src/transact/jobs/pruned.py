@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter
-from transact.core.budget import check_budget_shape
+from transact.core.budget import Candidate, check_budget_shape
 from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, whole_plan
@@ -92,12 +92,11 @@ def budget_lines(record: dict) -> list[str]:
     budget, total = record["budget"], record["parameters"]
     lines = [f"budget            params {budget['params']} of {total / 1e6:.1f} M: {len(record['candidates'])} "
              f"candidates scored on the {budget['score_samples']} windows after the calibration's, in "
-             f"{record['seconds']:.0f} s "
-             f"(kept {record['kept']:.3f})"]
+             f"{record['seconds']:.0f} s (kept {record['kept']:.3f})"]
     for i, c in enumerate(record["candidates"]):
-        shape = (f"drop {c['drop']} + " if c["drop"] else "") + f"{c['heads']}/{c['kv_heads']}/{c['mlp']}"
         mark = "  <- chosen" if i == record["chosen"] else ""
-        lines.append(f"  {c['mix']:<6} {shape:<22} {c['params'] / total:.3f}  loss {c['calibration_loss']:.4f}{mark}")
+        lines.append(f"  {c['mix']:<6} {Candidate.from_json(c).describe():<22} {c['params'] / total:.3f}  "
+                     f"loss {c['calibration_loss']:.4f}{mark}")
     return lines
 
 
