@@ -147,10 +147,12 @@ def measure(v: dict, dense, tok, stats, texts, args, ppl) -> dict:
     if v["mode"] == "layerwise":
         plan = prune_by_layer(model, tok, recipe, sequential=True, texts=texts, progress=False)
     else:
-        plan = prune_step(model, None, recipe, statistics=stats)
+        plan = prune_step(model, tok, recipe, statistics=stats, texts=texts, progress=False)
     seconds = time.perf_counter() - t
     row = {**v, "perplexity": ppl(model), "prune_seconds": round(seconds, 1), "corrections": plan.corrections,
            "kv_groups": [layer.kv_heads for layer in plan.layers]}
+    if "mlp_score_choice" in plan.recipe:  # mlp_score auto: both rankings' losses on unseen calibration windows
+        row["mlp_score_choice"] = plan.recipe["mlp_score_choice"]
     del model
     return row
 

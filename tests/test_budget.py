@@ -100,7 +100,8 @@ def test_the_search_prunes_to_the_candidate_with_the_lowest_loss(base, tokenizer
     assert len(losses) >= 3 and chosen["calibration_loss"] == min(losses)
     assert {c["mix"] for c in record["candidates"]} >= {"mlp", "both"}
     # the model pruned in place is the model the winner was scored as
-    unseen = scoring_windows(tokenizer, recipe, corpus)  # the 4 windows after the 16 the fits saw
+    # the 4 windows after the 16 the fits saw
+    unseen = scoring_windows(tokenizer, recipe, corpus, recipe.budget.score_samples, "a budget")
     more = replace(recipe, budget=None, mlp=64, calibration=replace(recipe.calibration, samples=20))
     assert torch.equal(unseen, calibration_windows(tokenizer, more, corpus)[16:])
     assert calibration_loss(model, unseen) == pytest.approx(chosen["calibration_loss"], abs=1e-5)

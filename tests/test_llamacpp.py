@@ -486,3 +486,65 @@ def test_quantizer_fallbacks_are_summarized_by_type():
     lines = [line.format(i=i, t="ffn_up", a="q4_K", b="q5_0") for i in range(3)]
     lines.append(line.format(i=0, t="attn_v", a="q6_K", b="q8_0"))
     assert _fallback_counts(lines) == "q4_K -> q5_0: 3, q6_K -> q8_0: 1"
+
+
+def _per_layer_checkpoint(path: Path, tokenizer, qkv_bias: bool, tie: bool) -> list[tuple[int, int]]:
+    """A tiny checkpoint in the DeciLM layout transact writes for per-layer widths, random weights: 2 query
+    heads of 16 (so heads x head_dim is not the hidden size 64, as after pruning heads), its layers of other
+    KV-head counts and MLP widths; -> the (KV heads, MLP width) of each layer."""
+    from transact.decilm.configuration_decilm import DeciLMConfig
+    from transact.decilm.modeling_decilm import DeciLMForCausalLM
+    from transact.io.per_layer import AUTO_MAP, copy_code
+
+    widths = [(1, 40), (2, 96), (2, 24)]
+    blocks = [{"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 2 // kv},
+               "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": mlp}}
+              for kv, mlp in widths]
+    config = DeciLMConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, head_dim=16,
+                          num_key_value_heads=2, intermediate_size=96, block_configs=blocks, qkv_bias=qkv_bias,
+                          tie_word_embeddings=tie, rms_norm_eps=1e-5, architectures=["DeciLMForCausalLM"],
+                          auto_map=dict(AUTO_MAP), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = DeciLMForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.15)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    copy_code(path)
+    return widths
+
+
+@pytest.mark.parametrize(("qkv_bias", "tie"), [(False, False), (True, True)], ids=["llama", "qwen2-tied"])
+def test_per_layer_widths_export_as_deci_and_agree(tmp_path, gguf_tokenizer, qkv_bias, tie):
+    """Per-layer KV heads and MLP widths (with Qwen2's q/k/v biases, tied embeddings) reach llama.cpp as its
+    deci architecture, whose predictions match transformers' through the project's own modeling file."""
+    from gguf import GGUFReader
+
+    widths = _per_layer_checkpoint(tmp_path / "model", gguf_tokenizer, qkv_bias, tie)
+    result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
+                                           progress=False))
+    check = result["verification"]
+    assert check["ok"] and check["steps"] == 32 and check["agree"] >= 30
+    assert check["max_margin"] < 0.005 and check["max_logprob_diff"] < 0.01
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.get_field("general.architecture").contents() == "deci"
+    assert reader.get_field("deci.feed_forward_length").contents() == [w for _, w in widths]
+    assert reader.get_field("deci.attention.head_count_kv").contents() == [kv for kv, _ in widths]
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert [shapes[f"blk.{i}.ffn_down.weight"] for i in range(3)] == [(w, 64) for _, w in widths]
+    assert [shapes[f"blk.{i}.attn_k.weight"] for i in range(3)] == [(64, 16 * kv) for kv, _ in widths]
+    assert ("blk.0.attn_q.bias" in shapes) == qkv_bias and "blk.0.attn_output.bias" not in shapes
+    assert ("output.weight" in shapes) != tie
+    assert "deci, 2 heads / 1-2 (per layer) KV heads x 16" in result.summary()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "model"]  # no temporary left behind
+
+
+def test_per_layer_widths_refuse_what_cannot_be_checked(tmp_path, gguf_tokenizer):
+    _per_layer_checkpoint(tmp_path / "model", gguf_tokenizer, qkv_bias=False, tie=False)
+    with pytest.raises(TransactError, match="transformers cannot read back to check"):
+        run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "q4_0", progress=False))
+    with pytest.raises(TransactError, match="per-layer widths convert to f32, f16, bf16"):
+        llamacpp.convert(tmp_path / "model", tmp_path / "m.gguf", "q8_0", progress=False)
+    assert not (tmp_path / "m.gguf").exists()

@@ -18,10 +18,15 @@ from transact.core.plan import PrunePlan
 from transact.core.select import make_plan
 from transact.core.step import apply_step, check_allocation
 from transact.core.targets import Targets
+from transact.decilm.modeling_decilm import DeciLMForCausalLM
+from transact.deploy import vllm
 from transact.errors import TransactError
 from transact.io.checkpoint import write_verified
 from transact.io.per_layer import ffn_mult, has_per_layer_widths
+from transact.io.text import read_texts, token_stream
 from transact.jobs import apply_plan
+from transact.measure.costs import count_parameters, model_summary
+from transact.measure.perplexity import perplexity
 from transact.recipes import PruneRecipe
 from transact.recipes.run import RunRecipe
 
@@ -57,8 +62,19 @@ def test_per_layer_widths_are_saved_as_decilm_and_reload_exactly(family, tmp_pat
         uncached = reloaded.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=1)
     assert torch.equal(cached, uncached)
     assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == [32, 80, 56]
-    assert main(["info", str(tmp_path / "out")]) == 2  # transact's own commands refuse it by name, no prompt
-    assert "brings its own modeling code (nemotron-nas" in capsys.readouterr().err
+    assert vllm.serve_command(tmp_path / "out", None) == f"vllm serve {tmp_path / 'out'} --trust-remote-code"
+
+
+def test_a_head_count_that_does_not_divide_the_hidden_size_is_saved_and_reloaded(tmp_path, tokenizer):
+    """3 heads of 16 on hidden 64 (Llama's own config refuses it when saved): the DeciLM config checks its own
+    rule only, so the checkpoint is written and reloads with identical logits (write_verified checks)."""
+    model = tiny_model("llama", layers=3, kv_heads=4)
+    scores = random_layer_scores(shape_of(model), 0)
+    plan = apply_step(model, make_plan(scores.heads, scores.mlp, Targets(3, 3, 56), shape_of(model),
+                                       mlp_widths=[32, 80, 56]))
+    out = write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_attention_heads"] == 3 and config["head_dim"] == 16 and config["hidden_size"] == 64
 
 
 def test_the_engines_width_rule_is_written_only_where_it_gives_the_width_back():
@@ -142,3 +158,58 @@ def test_apply_plan_recreates_per_layer_widths_bit_for_bit(base, tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert first["model.layers.1.mlp.down_proj.weight"].shape == (64, 96)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "nemotron-nas"
+
+
+def test_transacts_commands_measure_a_per_layer_checkpoint_with_its_own_classes_and_refuse_to_prune_it(
+        tmp_path, tokenizer, corpus, capsys, monkeypatch):
+    """A per-layer checkpoint is read with the project's own classes (the copies beside the weights never run):
+    info lists each layer's width, eval scores what the model in memory scores, its costs count what its
+    modules hold; prune, apply-plan and run refuse it by name before any weights are read."""
+    model, plan = _per_layer_model("qwen2", [32, 80, 56])
+    out = write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)
+    (out / "modeling_decilm.py").write_text("raise RuntimeError('the checkpoint copy ran')\n")
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n\n".join(corpus))
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "family            nemotron-nas" in printed and "2 heads / 1 KV heads" in printed
+    assert "56 channels on average, per layer: 32 80 56" in printed and "prunable          no: " in printed
+    assert main(["eval", str(out), "--text", str(text), "--eval-tokens", "300", "--windows", "64", "--json",
+                 str(tmp_path / "eval.json"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    expected = perplexity(model, token_stream(tokenizer, read_texts(text), limit=300), window=64, progress=False)
+    assert result["perplexity"][f"{text}@64"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
+    summary = result["summary"]
+    assert summary["mlp"] == 56 and summary["mlp_per_layer"] == [32, 80, 56] and summary["kv_heads"] == 1
+    assert result["params"] == count_parameters(model)
+    # widths 32, 80, 56 hold as many MLP weights (3 x hidden 64 x 168) as 56 in every layer: the same costs
+    uniform = model_summary(tiny_model("qwen2", layers=3, mlp=56, heads=2, kv_heads=1))
+    assert summary["params"] == uniform["params"] and summary["flops_per_token"] == uniform["flops_per_token"]
+    assert summary["kv_cache_bytes_per_token"] == 2 * 3 * 1 * 16 * 4
+    monkeypatch.setattr(DeciLMForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps({"model": str(out), "out": str(tmp_path / "r"), "target": {"mlp": 16},
+                                  "training": {"data": str(text), "tokens_per_shot": 64}}))
+    for argv in (["prune", str(out), "--mlp", "16", "--calib", str(text), "--out", str(tmp_path / "p"), "--quiet"],
+                 ["prune", str(out), "--drop-layers", "1", "--out", str(tmp_path / "p"), "--quiet"],
+                 ["apply-plan", str(out), str(out / "plan.json"), "--out", str(tmp_path / "p"), "--quiet"],
+                 ["run", str(recipe), "--quiet"]):
+        assert main(argv) == 2, argv
+        assert "per-layer widths (the DeciLM / Nemotron-NAS layout)" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
+def test_only_the_per_layer_checkpoints_transact_writes_are_read(tmp_path, tokenizer, capsys):
+    """Another checkpoint with its own code, or a DeciLM one with layers this modeling file does not build
+    (widths given only as ffn_mult, no-op blocks), is refused by name; transformers never asks to run code."""
+    model, plan = _per_layer_model("llama", [32, 80, 56])
+    out = write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    for change, message in (({"model_type": "custom"}, "brings its own modeling code (model_type 'custom')"),
+                            ({"block_configs": [{"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 2.0}}] * 3},
+                             "needs each layer's ffn.intermediate_size"),
+                            ({"block_configs": [{"attention": {"no_op": True}, "ffn": {"intermediate_size": 8}}] * 3},
+                             "no-op and linear blocks are not supported")):
+        (out / "config.json").write_text(json.dumps(config | change))
+        assert main(["info", str(out)]) == 2
+        assert message in capsys.readouterr().err

@@ -306,7 +306,7 @@ def _family_reads(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_family_knowledge_stays_in_arch():
-    # io/decilm is a model definition of the project's own (configuration and modeling files written beside a
+    # decilm is a model definition of the project's own (configuration and modeling files written beside a
     # checkpoint), so it reads its config as a transformers modeling file does
     leaks = [f"{p.relative_to(SRC)}:{line}: {text}" for p in SRC.rglob("*.py")
              if p.parent.name not in ("arch", "decilm")

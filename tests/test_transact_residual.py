@@ -169,3 +169,51 @@ def test_mlp_score_consumer_error_ranks_channels_by_the_error_their_removal_leav
     assert chosen(("refit",), None) == chosen((), None) == eq5  # the default: eq. 5 whatever the correction
     with pytest.raises(TransactError, match="mlp_score"):
         PruneRecipe(heads=2, metric="transact_residual", metric_options={"mlp_score": "obs"})
+
+
+def test_mlp_score_auto_keeps_the_ranking_whose_pruned_model_has_the_lower_unseen_loss(tokenizer, corpus):
+    """``mlp_score="auto"`` prunes a copy with each ranking (refit included) and keeps the one with the lower
+    loss on the windows after the calibration's: the model pruned in place is, to the bit, the winner's
+    ranking pruned alone, its loss on those windows is the recorded one, and apply-plan recreates it from the
+    plan (which records the chosen ranking, not auto). Layer by layer, auto is eq. 5; too little text for
+    the unseen windows is refused by name."""
+    import copy
+    from dataclasses import replace
+
+    from transact.core.calibrate import sample_windows
+    from transact.core.depth_calibrate import calibration_loss
+    from transact.core.step import MLP_SCORE_WINDOWS, prune_step, reapply_plan
+
+    model = tiny_model("qwen2", heads=4, kv_heads=2, mlp=48)
+    calibration = {"text": "builtin", "samples": 8, "seq_len": 32}
+    recipe = PruneRecipe(heads=4, kv_heads=2, mlp=24, correctors=("refit",), calibration=calibration,
+                         metric_options={"mlp_score": "auto"})
+    pruned = copy.deepcopy(model)
+    plan = prune_step(pruned, tokenizer, recipe, texts=corpus, progress=False)
+    choice = plan.recipe["mlp_score_choice"]
+    losses = choice["losses"]
+    assert set(losses) == {"eq5", "consumer_error"} and losses["eq5"] != losses["consumer_error"]
+    assert choice["chosen"] == min(losses, key=losses.get) and plan.recipe["metric_options"]["mlp_score"] == \
+        choice["chosen"]
+    alone = copy.deepcopy(model)
+    prune_step(alone, tokenizer, replace(recipe, metric_options={"mlp_score": choice["chosen"]}), texts=corpus,
+               progress=False)
+    ids = torch.randint(2, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(pruned(ids).logits, alone(ids).logits)
+    unseen = sample_windows(tokenizer, corpus, 8 + MLP_SCORE_WINDOWS, 32, 0)[8:]
+    assert calibration_loss(pruned, unseen) == pytest.approx(losses[choice["chosen"]], abs=1e-5)
+    again = copy.deepcopy(model)
+    reapply_plan(again, plan, tokenizer, recipe=PruneRecipe.from_json(plan.recipe), texts=corpus, progress=False)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, pruned(ids).logits)
+    from transact.core.layerwise import prune_by_layer
+
+    layerwise, eq5 = copy.deepcopy(model), copy.deepcopy(model)
+    by_layer = prune_by_layer(layerwise, tokenizer, recipe, sequential=False, texts=corpus, progress=False)
+    eq5_plan = prune_by_layer(eq5, tokenizer, replace(recipe, metric_options={"mlp_score": "eq5"}), sequential=False,
+                              texts=corpus,
+                              progress=False)
+    assert [layer.mlp for layer in by_layer.layers] == [layer.mlp for layer in eq5_plan.layers]
+    with pytest.raises(TransactError, match="mlp_score auto scores its candidates on 16 windows"):
+        prune_step(copy.deepcopy(model), tokenizer, recipe, texts=[corpus[0][:600]], progress=False)

@@ -6,11 +6,14 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
+from transact.arch import FAMILIES as ADAPTERS
 from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter
 
-# Every registered family enters the test matrix (exact surgery, round trips, FLOPs); a family whose tiny
-# config needs settings of its own lists them in FAMILY_SETTINGS.
-FAMILIES = SUPPORTED_MODEL_TYPES
+# Every registered family transact prunes enters the test matrix (exact surgery, round trips, FLOPs); a family
+# whose tiny config needs settings of its own lists them in FAMILY_SETTINGS. A family the adapters only read
+# (per-layer checkpoints, ``nemotron-nas``: no config of its own in transformers, never pruned again) is
+# tested where transact writes it (tests/test_per_layer.py).
+FAMILIES = tuple(name for name in SUPPORTED_MODEL_TYPES if ADAPTERS.get(name).prune_refusal is None)
 # Settings are chosen so that every family constant pruning must keep is away from its neutral value: an
 # attention scale that is not head_dim ** -0.5, windows shorter than the test prompts, NoPE layers.
 FAMILY_SETTINGS = {

@@ -84,7 +84,7 @@ class CheckpointRules:
       everything they hold (None: ``AutoModelForCausalLM``; a multimodal family whose causal-LM class would
       drop the vision tower names its image-text class).
     - ``per_layer(text_config)``: the fields a DeciLM / Nemotron-NAS config needs beyond the Llama ones to
-      hold this family's model with widths that differ per layer (``transact.io.decilm``), or a TransactError
+      hold this family's model with widths that differ per layer (``transact.decilm``), or a TransactError
       naming why it cannot; None: the family has no such checkpoint.
     """
 
@@ -138,6 +138,8 @@ class FamilyAdapter:
       (Gemma's post-feedforward norm), so that no linear map folds into ``down_proj`` (depth pruning's
       compensation, ``transact.core.depth``). ``mlp_output_norm`` names that norm, whose gain can carry a
       per-channel map instead.
+    - ``prune_refusal``: why transact does not prune (or train) models of this kind (None: it does); every job
+      that would is refused with it before any work.
     """
 
     model_type: str
@@ -151,10 +153,16 @@ class FamilyAdapter:
     notes: Callable[[PretrainedConfig], tuple[str, ...]] = field(default=lambda config: ())
     mlp_residual: Callable[[PretrainedConfig], float | None] = field(default=lambda config: 1.0)
     mlp_output_norm: NormGain | None = None
+    prune_refusal: str | None = None
 
     def model_class(self) -> type:
         """The auto class whose ``from_pretrained`` / ``from_config`` gives this family's full model."""
         return self.checkpoint.auto_class or AutoModelForCausalLM
+
+    def check_prunable(self) -> None:
+        """Refuse, before any work, a job that would prune or train a model of this kind (``prune_refusal``)."""
+        if self.prune_refusal:
+            raise TransactError(self.prune_refusal)
 
     @property
     def layers_path(self) -> str:

@@ -185,13 +185,64 @@ def _widths_after_drop(model: nn.Module, tokenizer, recipe: PruneRecipe, depth: 
     if depth is not None and not recipe.has_widths:
         return whole_plan(shape_of(model), recipe={**(note or {}), **recipe.to_json()},
                           calibration_hash=windows_hash(windows), versions=library_versions(), depth=depth)
-    plan, statistics = plan_step(model, tokenizer, recipe, targets=targets, texts=texts, statistics=statistics,
-                                 note=note, progress=progress)
+    if chooses_mlp_score(recipe, shape_of(model), targets):
+        recipe, plan, statistics = choose_mlp_score(model, tokenizer, recipe, targets=targets, texts=texts,
+                                                    statistics=statistics, note=note, progress=progress)
+    else:
+        plan, statistics = plan_step(model, tokenizer, recipe, targets=targets, texts=texts, statistics=statistics,
+                                     note=note, progress=progress)
     plan = apply_step(model, plan, statistics, recipe)
     if depth is None:
         return plan
     # a width step that calibrated nothing (a data-free metric, no corrector) recorded no hash; the drop did
     return replace(plan, depth=depth, calibration_hash=plan.calibration_hash or windows_hash(windows))
+
+
+MLP_SCORES = ("eq5", "consumer_error")  # what mlp_score "auto" chooses between
+MLP_SCORE_WINDOWS = 16  # windows after the calibration's that the two pruned models are compared on
+
+
+def chooses_mlp_score(recipe: PruneRecipe, shape: ModelShape, targets: Targets | None) -> bool:
+    """Whether the step prunes dense MLP channels with a metric told to choose its MLP ranking (``auto``)."""
+    if getattr(recipe.metric_options, "mlp_score", None) != "auto" or shape.is_moe:
+        return False
+    return (targets or resolve_targets(recipe, shape)).mlp != shape.intermediate_size
+
+
+def choose_mlp_score(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targets | None = None,
+                     texts: list[str] | None = None, statistics: Statistics | None = None, note: dict | None = None,
+                     progress: bool = True) -> tuple[PruneRecipe, PrunePlan, Statistics]:
+    """Plan with each MLP ranking of ``MLP_SCORES`` from one calibration, prune a copy of ``model`` with each
+    (correctors included), and keep the ranking whose pruned copy has the lower loss on the
+    ``MLP_SCORE_WINDOWS`` windows that follow the calibration windows (which no fit saw); ``model`` is left
+    as it is. -> (the recipe with that ranking, its plan, which records the choice, the statistics)."""
+    if tokenizer is None:
+        raise TransactError("mlp_score auto compares pruned models on calibration text, which needs the model's "
+                            "tokenizer")
+    if statistics is None:
+        statistics = gather_statistics(model, tokenizer, recipe, texts=texts, progress=progress)
+    unseen = scoring_windows(tokenizer, recipe, texts, MLP_SCORE_WINDOWS, "mlp_score auto")
+    plans, losses = {}, {}
+    for score in MLP_SCORES:
+        trial, concrete = copy.deepcopy(model), _with_mlp_score(recipe, score)
+        plans[score] = plan_step(trial, tokenizer, concrete, targets=targets, statistics=statistics, note=note,
+                                 progress=progress)[0]
+        apply_step(trial, plans[score], statistics, concrete)
+        losses[score] = calibration_loss(trial, unseen, batch_size=recipe.calibration.batch_size)
+        del trial
+    chosen = min(MLP_SCORES, key=losses.__getitem__)
+    if progress:
+        print("mlp_score auto: loss on unseen calibration windows " + ", ".join(
+            f"{score} {loss:.4f}" for score, loss in losses.items()) + f"; keeping {chosen}", file=sys.stderr)
+    choice = {"losses": {score: round(loss, 6) for score, loss in losses.items()}, "chosen": chosen,
+              "windows": MLP_SCORE_WINDOWS}
+    plan = plans[chosen]
+    return _with_mlp_score(recipe, chosen), replace(plan, recipe={**plan.recipe, "mlp_score_choice": choice}), \
+        statistics
+
+
+def _with_mlp_score(recipe: PruneRecipe, score: str) -> PruneRecipe:
+    return replace(recipe, metric_options=replace(recipe.metric_options, mlp_score=score))
 
 
 def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list[str] | None = None,
@@ -207,7 +258,7 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     budget, total, shape = recipe.budget, count_parameters(model), shape_of(model)
     candidates = budget_candidates(shape, total, budget, recipe.multiple_of)  # an unreachable budget fails here
     windows = calibration_windows(tokenizer, recipe, texts)
-    unseen = scoring_windows(tokenizer, recipe, texts)
+    unseen = scoring_windows(tokenizer, recipe, texts, recipe.budget.score_samples, "a budget")
     losses, drops = [], {}
     for drop, group in groupby(candidates, key=lambda c: c.drop):
         base = copy.deepcopy(model)
@@ -239,16 +290,16 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     return replace(plan, budget=record, calibration_hash=plan.calibration_hash or windows_hash(windows))
 
 
-def scoring_windows(tokenizer, recipe: PruneRecipe, texts: list[str] | None = None) -> torch.Tensor:
-    """The windows a budget's candidates are scored on: the ``score_samples`` windows that follow the
-    calibration windows in the same shuffled text, which no fit saw (a candidate that fits more gains nothing
-    from having seen them). -> (score_samples, seq_len)."""
-    cal, count = recipe.calibration, recipe.budget.score_samples
+def scoring_windows(tokenizer, recipe: PruneRecipe, texts: list[str] | None, count: int, who: str) -> torch.Tensor:
+    """The windows pruned candidates are compared on (by ``who``: a budget, mlp_score auto): the ``count``
+    windows that follow the calibration windows in the same shuffled text, which no fit saw (a candidate that
+    fits more gains nothing from having seen them). -> (count, seq_len)."""
+    cal = recipe.calibration
     texts = texts if texts is not None else read_texts(cal.text)
     try:
         return sample_windows(tokenizer, texts, cal.samples + count, cal.seq_len, recipe.seed)[cal.samples:]
     except TransactError:
-        raise TransactError(f"a budget scores its candidates on {count} windows of {cal.seq_len} tokens after the "
+        raise TransactError(f"{who} scores its candidates on {count} windows of {cal.seq_len} tokens after the "
                             f"{cal.samples} calibration windows; the calibration text has fewer than "
                             f"{(cal.samples + count) * cal.seq_len} tokens: give more text, or fewer samples") from None
 

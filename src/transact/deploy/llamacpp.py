@@ -31,6 +31,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from transact.arch import GgufTarget, get_adapter
+from transact.deploy import deci_gguf
 from transact.errors import TransactError
 from transact.extras import require
 
@@ -158,18 +159,38 @@ def convert(model_dir: Path, out_file: Path, outtype: str, *, progress: bool = T
                             "(quantize.write_gguf makes the others)")
     from transformers import AutoConfig
 
-    script = converter_dir(progress=progress) / "convert_hf_to_gguf.py"
+    if deci_gguf.is_per_layer(model_dir):
+        _convert_per_layer(model_dir, out_file, outtype, progress=progress)
+        return
     target = gguf_target(AutoConfig.from_pretrained(model_dir))
     with tempfile.TemporaryDirectory(prefix="transact-gguf-") as work:
         source = _conversion_input(model_dir, Path(work), target)
-        cmd = [sys.executable, str(script), str(source), "--outfile", str(out_file), "--outtype", outtype,
-               *target.converter_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("NO_LOCAL_GGUF", None)  # the converter must use the gguf-py it ships with
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        _run_converter(source, out_file, outtype, target.converter_args, progress=progress)
+
+
+def _run_converter(source: Path, out_file: Path, outtype: str, args: tuple[str, ...] | list[str] = (), *,
+                   progress: bool) -> None:
+    script = converter_dir(progress=progress) / "convert_hf_to_gguf.py"
+    cmd = [sys.executable, str(script), str(source), "--outfile", str(out_file), "--outtype", outtype, *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("NO_LOCAL_GGUF", None)  # the converter must use the gguf-py it ships with
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0 or not out_file.is_file():
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-12:])
-        raise TransactError(f"llama.cpp's converter failed on {model_dir}:\n{tail}")
+        raise TransactError(f"llama.cpp's converter failed on {source}:\n{tail}")
+
+
+def _convert_per_layer(model_dir: Path, out_file: Path, outtype: str, *, progress: bool) -> None:
+    """A checkpoint of per-layer widths as llama.cpp's ``deci`` (``transact.deploy.deci_gguf``): its uniform
+    twin through the converter's Llama path, then rewritten with each layer's own widths."""
+    if outtype not in deci_gguf.UNQUANTIZED:
+        raise TransactError(f"per-layer widths convert to {', '.join(deci_gguf.UNQUANTIZED)} and llama.cpp's "
+                            f"quantizer's types, not {outtype!r}")
+    with tempfile.TemporaryDirectory(prefix="transact-gguf-", dir=out_file.parent) as work:
+        twin, widths = deci_gguf.write_twin(model_dir, Path(work) / "twin")
+        uniform = Path(work) / "twin.gguf"
+        _run_converter(Path(work) / "twin", uniform, outtype, progress=progress)
+        deci_gguf.rewrite_as_deci(uniform, out_file, widths, twin["head_dim"])
 
 
 # ---------------------------------------------------------------- the runtime

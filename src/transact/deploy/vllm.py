@@ -65,8 +65,12 @@ def serve_overrides(config: PretrainedConfig) -> dict | None:
 
 
 def serve_command(model_dir: str | Path, overrides: dict | None) -> str:
-    """The ``vllm serve`` command line for a checkpoint."""
+    """The ``vllm serve`` command line for a checkpoint (one that names its own code in ``auto_map``, as
+    transact's per-layer checkpoints do, needs ``--trust-remote-code`` there, as the worker loads it)."""
     flag = f" --hf-overrides '{json.dumps(overrides)}'" if overrides else ""
+    config = Path(model_dir) / "config.json"
+    if config.is_file() and "auto_map" in json.loads(config.read_text()):
+        flag += " --trust-remote-code"
     return f"vllm serve {model_dir}{flag}"
 
 

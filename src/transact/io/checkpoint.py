@@ -18,8 +18,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter, shape_of
+from transact.decilm.modeling_decilm import DeciLMForCausalLM
 from transact.errors import TransactError
-from transact.io.decilm.modeling_decilm import DeciLMForCausalLM
 from transact.io.files import check_output_dir, replace_dir, staging_dir
 from transact.io.models import dtype_name, skeleton
 from transact.io.per_layer import copy_code, decilm_model, has_per_layer_widths

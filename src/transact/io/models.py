@@ -23,7 +23,7 @@ from transact.arch import ModelShape, get_adapter, shape_of
 from transact.errors import TransactError
 from transact.io import assets
 from transact.io.files import publish_modes, staging_dir
-from transact.io.per_layer import refuse_own_code
+from transact.io.per_layer import own_code_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -113,10 +113,9 @@ def smollm2_dir() -> Path:
 
 def load_config(source: ModelSource) -> PretrainedConfig:
     """The config (and with it the family check) without reading weights."""
-    if source.gguf_file is None:
-        refuse_own_code(Path(source.path), source.spec)
+    own = own_code_config(Path(source.path), source.spec) if source.gguf_file is None else None
     try:
-        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        config = own or AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError) as e:
         raise TransactError(f"could not read the config of {source.spec!r}: {_first_line(e)}") from None
     get_adapter(config)
@@ -376,12 +375,12 @@ def load_tokenizer(source: ModelSource):
 
     transformers 5 builds an *empty* tokenizer for some families (Qwen2: a vocabulary of 1 that turns
     every text into no tokens) when a directory has no tokenizer files, so a local directory must hold
-    one of ``TOKENIZER_FILES`` and the result must have a real vocabulary.
-    """
+    one of ``TOKENIZER_FILES`` and the result must have a real vocabulary. Never a checkpoint's own code
+    (per-layer widths name theirs in auto_map; left unset, transformers would stop to ask)."""
     if source.is_local and not source.gguf_file and not any((Path(source.path) / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
     except (OSError, ValueError):
         return None
     return tokenizer if len(tokenizer) > 1 else None

@@ -3,7 +3,7 @@
 A vanilla Llama or Qwen2 config has one MLP width and one KV-head count for every layer, so a model pruned to
 per-layer widths (``transact.core.allocate``) is saved as ``DeciLMForCausalLM``: the same tensor names, a
 config with one ``block_configs`` entry per layer, and the configuration and modeling files the project
-writes itself (``transact/io/decilm/``), copied beside the weights so that transformers loads the checkpoint
+writes itself (``transact/decilm/``), copied beside the weights so that transformers loads the checkpoint
 with ``trust_remote_code=True``. vLLM runs the layout natively; llama.cpp's converter reads it as ``deci``.
 Which families fit the layout, and with which extra fields, is adapter data
 (``CheckpointRules.per_layer``).
@@ -20,11 +20,11 @@ from torch import nn
 
 from transact.arch import get_adapter
 from transact.arch.adapter import head_layout
+from transact.decilm.configuration_decilm import MODEL_TYPE, DeciLMConfig
+from transact.decilm.modeling_decilm import DeciLMForCausalLM
 from transact.errors import TransactError
-from transact.io.decilm.configuration_decilm import DeciLMConfig
-from transact.io.decilm.modeling_decilm import DeciLMForCausalLM
 
-SOURCE = Path(__file__).parent / "decilm"
+SOURCE = Path(__file__).parent.parent / "decilm"  # transact/decilm
 FILES = ("configuration_decilm.py", "modeling_decilm.py")
 AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
             "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
@@ -106,18 +106,37 @@ def copy_code(directory: Path) -> None:
         shutil.copyfile(SOURCE / name, Path(directory) / name)
 
 
-def refuse_own_code(directory: Path, spec: str) -> None:
-    """Refuse by name a checkpoint that brings its own modeling code (``auto_map`` in its config.json:
-    per-layer widths in this layout, or any other), which transact does not read yet; transformers would
-    otherwise stop to ask whether to run it."""
-    path = directory / "config.json"
+def read_config(directory: Path) -> DeciLMConfig:
+    """The DeciLM config of a checkpoint in this layout, read with the project's own class (the copy beside the
+    weights is not run); a layer of a kind transact does not write (no-op or linear blocks, widths given only
+    as ``ffn_mult``) is refused by name."""
+    try:
+        return DeciLMConfig.from_pretrained(directory)
+    except (ValueError, TypeError) as e:
+        raise TransactError(f"{directory}: {e}; transact reads only the per-layer widths it writes") from None
+
+
+def load_per_layer(directory: Path) -> DeciLMForCausalLM:
+    """A checkpoint transact wrote in this layout, read with the project's own classes (the copies beside the
+    weights are not run), fp32, eval mode."""
+    return DeciLMForCausalLM.from_pretrained(directory, config=read_config(directory), dtype=torch.float32).eval()
+
+
+def own_code_config(directory: Path, spec: str) -> DeciLMConfig | None:
+    """The config of a checkpoint that brings its own modeling code (``auto_map`` in its config.json): one in
+    this layout is read with the project's own classes (``read_config``), any other refused by name, since
+    transformers would otherwise stop to ask whether to run it. None: the checkpoint brings none."""
+    path = Path(directory) / "config.json"
     if not path.is_file():
-        return
+        return None
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
-        return  # transformers names what is wrong with it
-    if isinstance(config, dict) and "auto_map" in config:
-        raise TransactError(f"{spec!r} brings its own modeling code ({config.get('model_type')}: per-layer widths in "
-                            "the DeciLM / Nemotron-NAS layout, if transact wrote it), which transact does not read "
-                            "yet; load it with transformers (trust_remote_code=True) or vLLM")
+        return None  # transformers names what is wrong with it
+    if not isinstance(config, dict) or "auto_map" not in config:
+        return None
+    if config.get("model_type") == MODEL_TYPE and "block_configs" in config:
+        return read_config(Path(directory))
+    raise TransactError(f"{spec!r} brings its own modeling code (model_type {config.get('model_type')!r}), which "
+                        "transact does not run; it reads the per-layer checkpoints it writes itself (the DeciLM / "
+                        "Nemotron-NAS layout) with its own classes")

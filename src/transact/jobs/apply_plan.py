@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transact.arch import get_adapter
 from transact.core.plan import PrunePlan
 from transact.core.step import check_reproducible, needs_recalibration, reapply_plan
 from transact.io.checkpoint import write_verified
@@ -38,6 +39,7 @@ def run(job: ApplyPlanJob) -> PruneResult:
     # how to run its correctors, and the drop, again
     recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections or plan.depth else None
     prep = prepare_model(job.model, job.device, job.dtype)
+    get_adapter(prep.config).check_prunable()
     plan.check_applies_to(prep.shape)
     texts, tokenizer = None, None
     if needs_recalibration(plan):  # the calibration text and tokenizer are checked before the weights are read

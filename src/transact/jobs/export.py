@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from transact.deploy import llamacpp, quantize
+from transact.deploy import deci_gguf, llamacpp, quantize
 from transact.deploy.agreement import FILE_WEIGHT_TYPES, compare_predictions, failure_message, quantized_reference
 from transact.errors import TransactError
 from transact.io.files import check_writable, move_into_place, staging_file
-from transact.io.models import load_model, prepare_model, require_tokenizer
+from transact.io.models import load_model, prepare_model, require_tokenizer, resolve_source
+from transact.io.per_layer import load_per_layer
 from transact.io.text import check_source, read_texts
 
 
@@ -60,8 +61,9 @@ class ExportResult(dict):
 
     def summary(self) -> str:
         s = self["summary"]
-        lines = [f"wrote {self['out']}: llama.cpp architecture {s['architecture']}, {s['head_count']} heads / "
-                 f"{s['head_count_kv']} KV heads x {s['key_length']}, {s['file_bytes'] / 2**20:,.1f} MiB "
+        lines = [f"wrote {self['out']}: llama.cpp architecture {s['architecture']}, {_per_layer(s['head_count'])} "
+                 f"heads / {_per_layer(s['head_count_kv'])} KV heads x {s['key_length']}, "
+                 f"{s['file_bytes'] / 2**20:,.1f} MiB "
                  f"({self['outtype']})"]
         if self.get("fallbacks"):
             lines.append(f"llama.cpp wrote {len(self['fallbacks'])} tensors in a fallback type (input width not a "
@@ -77,6 +79,13 @@ class ExportResult(dict):
                          + (f", mean {v['mean_logprob_diff']:.3f} (at most {v['mean_tolerance']})"
                             if v.get("mean_tolerance") is not None else "") + "; tokenizers agree")
         return "\n".join(lines)
+
+
+def _per_layer(count: int | list[int]) -> str:
+    """A GGUF head count: one number, or a per-layer array (llama.cpp's deci) as its range."""
+    if not isinstance(count, list):
+        return str(count)
+    return str(count[0]) if len(set(count)) == 1 else f"{min(count)}-{max(count)} (per layer)"
 
 
 def _fallback_counts(lines: list[str]) -> str:
@@ -101,13 +110,27 @@ def check_gguf_output(out: str | Path, *, force: bool) -> Path:
     return out
 
 
+def _check_per_layer_export(job: GgufExportJob) -> None:
+    """Per-layer widths go to llama.cpp's ``deci`` (``transact.deploy.deci_gguf``); a file whose type rounds
+    the weights cannot be checked, since transformers does not read a ``deci`` file back."""
+    if job.verify and job.outtype in FILE_WEIGHT_TYPES:
+        raise TransactError(f"{job.model!r} has per-layer widths (llama.cpp's deci architecture), whose "
+                            f"{job.outtype} file transformers cannot read back to check; export f32, f16 or bf16, "
+                            "or pass --no-verify")
+
+
 def run(job: GgufExportJob) -> ExportResult:
     """Convert, verify in llama.cpp, then move into place; returns what was written and checked."""
-    prep = prepare_model(job.model, "cpu", "float32")  # family and weight files checked
-    source = prep.source
+    source = resolve_source(job.model)
     if source.gguf_file or not source.is_local:
         raise TransactError(f"{job.model!r}: export needs a local Hugging Face model directory")
-    arch = llamacpp.gguf_architecture(prep.config)
+    per_layer = deci_gguf.is_per_layer(Path(source.path))
+    if per_layer:
+        _check_per_layer_export(job)
+        prep, arch = None, "deci"
+    else:
+        prep = prepare_model(job.model, "cpu", "float32")  # family and weight files checked
+        arch = llamacpp.gguf_architecture(prep.config)
     out = check_gguf_output(job.out, force=job.force)
     tokenizer = require_tokenizer(source, "GGUF conversion (the vocabulary goes into the file)")
     llamacpp.runtime_version()
@@ -115,8 +138,9 @@ def run(job: GgufExportJob) -> ExportResult:
 
     quantized = quantize.is_quantized_type(job.outtype)
     if quantized:
-        for warning in quantize.width_warnings(quantize.matrix_widths(prep.shape), job.outtype):
-            print(f"warning: {warning}", file=sys.stderr)
+        if prep is not None:
+            for warning in quantize.width_warnings(quantize.matrix_widths(prep.shape), job.outtype):
+                print(f"warning: {warning}", file=sys.stderr)
         quantize.tools_dir(progress=job.progress)  # built once, before any conversion
 
     t0 = time.perf_counter()
@@ -136,7 +160,7 @@ def run(job: GgufExportJob) -> ExportResult:
         if job.verify:
             if job.progress:
                 print("checking llama.cpp's predictions against transformers ...")
-            model, _ = load_model(prep, tokenizer=tokenizer)
+            model = load_per_layer(Path(source.path)) if per_layer else load_model(prep, tokenizer=tokenizer)[0]
             rounded = job.outtype in FILE_WEIGHT_TYPES
             reference, weights = quantized_reference(tmp, model, job.outtype) if rounded else (model, {})
             check = compare_predictions(tmp, reference, tokenizer, job.outtype, new_tokens=job.new_tokens,

@@ -39,7 +39,9 @@ def run(job: InfoJob) -> InfoResult:
     info.as_json = job.json
     shape = prep.shape
     info["prunable"] = {"heads_kv_pairs": valid_head_pairs(shape), "mlp": f"1..{shape.intermediate_size}"}
-    if shape.is_moe:
+    if refusal := get_adapter(prep.config).prune_refusal:
+        info["prunable"] = {"refused": refusal}
+    elif shape.is_moe:
         m = shape.mlp_multiple
         info["prunable"]["mlp"] = f"{m}..{shape.intermediate_size} per expert, in multiples of {m}"
         info["prunable"]["experts"] = (f"{shape.experts_per_token}..{shape.num_experts} (--experts; at least the "
@@ -91,15 +93,23 @@ def info_text(info: dict) -> str:
         lines.append(f"experts           {info['experts']} per layer of {info['mlp']} channels each, "
                      f"{info['experts_per_token']} active per token")
         lines.append(f"active parameters {info['active_params']:,} per token")
+    elif "mlp_per_layer" in info:
+        lines.append(f"mlp               {info['mlp']} channels on average, per layer: "
+                     + " ".join(map(str, info["mlp_per_layer"])))
     else:
         lines.append(f"mlp               {info['mlp']} channels")
     lines += [f"parameters        {info['params']:,} ({info['dtype']})",
-              f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token",
-              f"prunable heads    {info['prunable']['heads_kv_pairs']}",
-              f"prunable mlp      {info['prunable']['mlp']}"]
+              f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token"]
+    if "refused" in info["prunable"]:
+        lines.append(f"prunable          no: {info['prunable']['refused']}")
+    else:
+        lines += [f"prunable heads    {info['prunable']['heads_kv_pairs']}",
+                  f"prunable mlp      {info['prunable']['mlp']}"]
     if "experts" in info["prunable"]:
         lines.append(f"prunable experts  {info['prunable']['experts']}")
     lines += [f"note              {note}" for note in info["notes"]]
+    if "refused" in info["prunable"]:
+        return "\n".join(lines)
     memory, cal = info["layerwise_memory_bytes"], Calibration()
     lines.append(f"prune --layerwise about {memory['total'] / 2**30:.2f} GiB peak memory with --reconstruct and "
                  f"{cal.samples} x {cal.seq_len} calibration tokens (one layer "

@@ -20,9 +20,9 @@ from transact.core.plan import PrunePlan, whole_plan
 from transact.core.step import check_metric, check_step
 from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
+from transact.decilm.configuration_decilm import MODEL_TYPE as DECILM_MODEL_TYPE
 from transact.deploy import quantize, vllm
 from transact.errors import TransactError
-from transact.io.decilm.configuration_decilm import MODEL_TYPE as DECILM_MODEL_TYPE
 from transact.io.files import check_output_dir
 from transact.io.models import PreparedModel, dtype_name, prepare_model, require_tokenizer
 from transact.io.per_layer import has_per_layer_widths
@@ -135,6 +135,7 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     out = check_output_dir(job.out, force=job.force, inputs=(job.model,))
     texts = read_texts(recipe.calibration.text) if recipe.needs_calibration else None
     prep = prepare_model(job.model, job.device, job.dtype)
+    get_adapter(prep.config).check_prunable()
     if check is not None:
         check(job, prep)
     if recipe.depth is not None:  # a count of layers the model cannot spare fails here

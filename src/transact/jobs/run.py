@@ -130,6 +130,7 @@ class Run:
             self.weights = torch.float32
         optim.check_available(self.weights, self.optimizer if self.trains else "adamw")
         self.prep = prepare_model(recipe.model, recipe.device, dtype_name(self.weights))
+        get_adapter(self.prep.config).check_prunable()
         self.schedule = schedule_of(recipe, self.prep.shape)
         self.prune_recipe = recipe.prune_recipe(recipe.target or recipe.schedule[-1])
         check_step(self.prep.config, self.prune_recipe, self.schedule[0])  # metric and correctors, before loading

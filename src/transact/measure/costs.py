@@ -141,9 +141,21 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in _unique_parameters(model))
 
 
+def mlp_widths_per_layer(model: nn.Module) -> list[int] | None:
+    """Each decoder layer's MLP width, read from its modules, where the layers differ (per-layer widths, whose
+    shape states the mean); None where they are all one width, or in a mixture of experts."""
+    adapter = get_adapter(model)
+    if adapter.is_moe:
+        return None
+    widths = [mlp.down.weight.shape[1] for _, mlp in adapter.layer_parts(model)]
+    return widths if len(set(widths)) > 1 else None
+
+
 def model_summary(model: nn.Module) -> dict:
-    """Widths and costs of a model as it is now (used before and after pruning)."""
+    """Widths and costs of a model as it is now (used before and after pruning); ``mlp`` is the mean width
+    where the layers keep their own (listed in ``mlp_per_layer``)."""
     shape = shape_of(model)
+    per_layer = mlp_widths_per_layer(model)
     dtype = next(model.parameters()).dtype
     hybrid = {"attention_layers": shape.num_attention_layers} if shape.attention_layers is not None else {}
     moe = {"experts": shape.num_experts, "experts_per_token": shape.experts_per_token,
@@ -159,6 +171,7 @@ def model_summary(model: nn.Module) -> dict:
         "head_dim": shape.head_dim,
         **hybrid,  # a hybrid model: how many layers have softmax attention (heads)
         "mlp": shape.intermediate_size,  # in a mixture of experts: each expert's width
+        **({"mlp_per_layer": per_layer} if per_layer else {}),
         "params": count_parameters(model),
         **moe,
         "dtype": dtype_name(dtype),

@@ -232,7 +232,8 @@ class PruneRecipe:
         """A recipe from its JSON (as plans record it); records written before plug-ins owned their options
         (``alpha``, ``damp`` beside the widths, ``bias_compensation``) are read as the same recipe."""
         data = _with_owned_options(dict(data))
-        for note in ("shot", "layerwise", "sequential"):  # how the plan was made, noted beside the recipe
+        # how the plan was made, noted beside the recipe
+        for note in ("shot", "layerwise", "sequential", "mlp_score_choice"):
             data.pop(note, None)
         return cls(**data)
 

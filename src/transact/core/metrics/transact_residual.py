@@ -12,8 +12,10 @@ half of the layers (docs/results.md, "Quality that transfers"). Where every grou
 
 The option ``mlp_score="consumer_error"`` ranks dense MLP channels the same way, one channel at a time: by
 the down_proj output error removing it alone leaves after the correction (under the refit the
-optimal-brain-surgeon saliency, ``salience.refit_removal_errors``). It is not the default because it won on
-one of the three real models and lost on the other two (docs/results.md).
+optimal-brain-surgeon saliency, ``salience.refit_removal_errors``). It won on one of the three real models
+and lost on the other two (docs/results.md), so ``mlp_score="auto"`` lets the whole-model step prune with
+both and keep the one whose pruned model has the lower loss on calibration windows no fit saw
+(``transact.core.step.choose_mlp_score``); where no whole model is compared (layer by layer), auto is eq. 5.
 """
 
 from __future__ import annotations
@@ -63,12 +65,13 @@ def group_scores(attn, gram: torch.Tensor, mean: torch.Tensor | None, heads: tor
 @dataclass(frozen=True)
 class TransactResidualOptions:
     alpha: float | None = option(None, ALPHA_HELP, low=0.0)
-    mlp_score: Literal["eq5", "consumer_error"] = option(
-        "eq5", "how dense MLP channels are ranked: eq5 (the channel's activation norm, paper eq. 5) or "
+    mlp_score: Literal["eq5", "consumer_error", "auto"] = option(
+        "eq5", "how dense MLP channels are ranked: eq5 (the channel's activation norm, paper eq. 5), "
         "consumer_error (the down_proj output error removing the channel alone leaves after the recipe's "
-        "correction: the refit's least-squares error, FLAP's fluctuation, or all it carried); consumer_error "
-        "measured better on Qwen2.5-Coder-0.5B at 4 of 5 widths, worse on SmolLM2-135M and Gemma-3-270M "
-        "(docs/results.md); experts' channels keep eq. 5")
+        "correction: the refit's least-squares error, FLAP's fluctuation, or all it carried), or auto (prune "
+        "with both and keep the pruned model with the lower loss on calibration windows no fit saw; eq5 layer "
+        "by layer); consumer_error measured better on Qwen2.5-Coder-0.5B at 4 of 5 widths, worse on "
+        "SmolLM2-135M and Gemma-3-270M (docs/results.md); experts' channels keep eq. 5")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -91,8 +94,8 @@ def mlp_channel_errors(down: torch.Tensor, layer: int, stats, correction: dict) 
 def mlp_channel_scores(model, stats, shape, targets, mlp_score: str, correction: dict,
                        eq5: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each layer's MLP channel scores: ``mlp_channel_errors`` where ``mlp_score`` is consumer_error, the model
-    dense and some channel goes; else ``eq5``."""
-    if mlp_score == "eq5" or shape.is_moe or targets.mlp == shape.intermediate_size:
+    dense and some channel goes; else ``eq5`` (also for auto, which only the whole-model step resolves)."""
+    if mlp_score != "consumer_error" or shape.is_moe or targets.mlp == shape.intermediate_size:
         return eq5
     return [mlp_channel_errors(ffn.down.weight, i, stats, correction).float()
             for i, (_, ffn) in enumerate(get_adapter(model).layer_parts(model))]

@@ -8,13 +8,15 @@ the query heads per KV head (``num_attention_heads`` is the same in every layer)
 vLLM runs such checkpoints natively (``DeciLMForCausalLM``; it reads ``ffn_mult`` where present, which is
 written only where it gives back w exactly), llama.cpp as its ``deci`` architecture; transformers loads them
 with ``trust_remote_code=True`` through this file and ``modeling_decilm.py``. It imports nothing but
-transformers, so that it works wherever the checkpoint is copied.
+transformers (and huggingface_hub, which transformers requires), so that it works wherever the checkpoint is
+copied.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 
@@ -41,6 +43,10 @@ class BlockConfig(dict):
 MODEL_TYPE = "nemotron-nas"  # vLLM's and the Nemotron-NAS checkpoints' name for this layout
 
 
+# transformers' configs are strict dataclasses whose checks (methods named validate_*) are collected when the
+# class is decorated: without its own decoration this class would run Llama's validate_architecture, which
+# refuses a hidden size that is not a multiple of the (pruned) head count, whenever it is saved.
+@strict
 class DeciLMConfig(LlamaConfig):
     """A Llama configuration plus ``block_configs`` (and ``qkv_bias``: query, key and value projections
     with biases and an output projection without, as Qwen2 has them)."""
@@ -55,6 +61,9 @@ class DeciLMConfig(LlamaConfig):
             if block.attention.get("no_op") or block.ffn.get("no_op") or block.attention.get("replace_with_linear") \
                     or block.ffn.get("replace_with_linear"):
                 raise ValueError(f"layer {i}: no-op and linear blocks are not supported by this modeling file")
+            if "intermediate_size" not in block.ffn or "n_heads_in_group" not in block.attention:
+                raise ValueError(f"layer {i}: this modeling file needs each layer's ffn.intermediate_size and "
+                                 "attention.n_heads_in_group")
 
     def validate_architecture(self) -> None:
         """Every layer's KV heads divide the query heads; the hidden size need not be a multiple of the head
@@ -68,3 +77,18 @@ class DeciLMConfig(LlamaConfig):
         """(KV heads, MLP width) of layer ``index``."""
         block = self.block_configs[index]
         return self.num_attention_heads // block.attention.n_heads_in_group, block.ffn.intermediate_size
+
+    def widths(self) -> list[tuple[int, int]]:
+        """(KV heads, MLP width) of every layer."""
+        return [self.layer_widths(i) for i in range(len(self.block_configs))]
+
+    def uniform_llama(self) -> dict[str, Any]:
+        """The values of a vanilla Llama config as wide as this model's widest layer (its MLP width and KV-head
+        count), without the per-layer entries: a shape every layer of this model fits inside."""
+        widths = self.widths()
+        own = ("block_configs", "auto_map", "qkv_bias", "model_type", "architectures", "transformers_version")
+        values = {key: value for key, value in self.to_dict().items() if key not in own}
+        return values | {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                         "intermediate_size": max(w for _, w in widths),
+                         "num_key_value_heads": max(kv for kv, _ in widths),
+                         "head_dim": self.head_dim or self.hidden_size // self.num_attention_heads}
