@@ -7,8 +7,8 @@ plot of held-out perplexity against llama.cpp's measured decode speed, and again
 Each --variant is NAME=FLAGS: ``transact prune MODEL FLAGS`` with the calibration options of this script,
 run in its own process and kept in --work (reused on a rerun). Each point named by --recover (a vanilla
 checkpoint) is also trained for --recover-tokens tokens by the same short ``transact run``
-(docs/recipes/frontier-recovery.yaml: one shot that keeps the checkpoint's widths, full fine-tuning) and
-appears again as recovered; per-layer checkpoints are not (``transact run`` does not read them yet).
+(docs/recipes/frontier-recovery.yaml: no shot, full fine-tuning of the checkpoint as it is, per-layer
+widths included) and appears again as recovered.
 Every checkpoint (and the dense model) is scored on the same held-out text in fp32 by transformers, written
 as one --outtype GGUF file by transact's export path (the converter; per-layer widths as llama.cpp's
 ``deci`` architecture), and timed in llama.cpp (xllamacpp), batch 1, a 128-token prompt then 128 new
@@ -19,7 +19,6 @@ point (width, depth, depth + width, per-layer) is read from its flags.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import subprocess
@@ -97,11 +96,9 @@ def recovered(args: argparse.Namespace, work: Path, name: str, checkpoint: Path)
     """``checkpoint`` after the short recovery run (reused when ``work`` already holds it)."""
     out = work / "recovered" / checkpoint.name
     if not (out / "report.json").is_file():
-        config = json.loads((checkpoint / "config.json").read_text())
         cmd = [sys.executable, "-m", "transact.cli", "run", str(RECOVERY_RECIPE), f"model={checkpoint}",
-               f"out={out}", f"target.heads={config['num_attention_heads']}",
-               f"target.kv_heads={config['num_key_value_heads']}", f"target.mlp={config['intermediate_size']}",
-               f"training.tokens_per_shot={args.recover_tokens}", "--quiet", *(["--resume"] if out.exists() else [])]
+               f"out={out}", f"training.final_tokens={args.recover_tokens}", "--quiet",
+               *(["--resume"] if out.exists() else [])]
         print("$", shlex.join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
     return out
@@ -233,10 +230,8 @@ def main() -> None:
     result["repeats"] = args.repeats
     kinds = {name: kind_of(shlex.split(flags)) for name, flags in (split_named(i, "--variant") for i in args.variant)}
     for name in args.recover:
-        if kinds.get(name) in (None, "per-layer"):
-            raise SystemExit(f"--recover {name!r}: not the name of a --variant"
-                             + (" of a vanilla checkpoint (transact run does not read per-layer widths yet)"
-                                if name in kinds else ""))
+        if name not in kinds:
+            raise SystemExit(f"--recover {name!r}: not the name of a --variant")
     points = [("dense", "dense", args.model, False)]
     for item in args.variant:
         name, flags = split_named(item, "--variant")

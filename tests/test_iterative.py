@@ -98,7 +98,8 @@ def test_unknown_keys_are_errors_that_name_them(tmp_path, override, key):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("shots=0", "shots"), ("training.lr=-1", "training.lr"), ("training.method=dpo", "training.method"),
+    ("shots=-1", "shots"), ("shots=0", "target"), ("training.lr=-1", "training.lr"),
+    ("training.method=dpo", "training.method"),
     ("training.seq_len=1", "training.seq_len"), ("training.betas=[0.9]", "training.betas"),
     ("training.warmup=0.9", "training.warmup"), ("training.kd.temperature=0", "training.kd.temperature"),
     ("training.lora.r=0", "training.lora.r"), ("target.heads=0", "target.heads"),
@@ -293,6 +294,39 @@ def test_one_shot_without_training_is_plain_pruning(workdir):
     assert len(report["phases"]) == 1 and report["phases"][0]["train_steps"] == 0
     assert report["phases"][0]["perplexity"] == report["phases"][0]["perplexity_pruned"]
     assert not (result.out / "losses.json").read_text().strip("[]\n")
+
+
+def test_a_run_without_shots_trains_the_model_as_a_shot_that_keeps_its_widths_would(workdir):
+    """``shots: 0`` only trains (``final_tokens``): the same weights and losses as one shot to the model's own
+    widths without the refit followed by as many tokens of training, and no plan.json (nothing was removed)."""
+    common = {k: v for k, v in recipe_dict(workdir, "zero").items() if k != "target"}
+    zero = common | {"shots": 0, "training": common["training"] | {"tokens_per_shot": 0, "final_tokens": 2048}}
+    keep = common | {"out": str(workdir / "keep"), "shots": 1, "reconstruct": False,
+                     "target": {"heads": 4, "kv_heads": 2, "mlp": 96},
+                     "training": common["training"] | {"tokens_per_shot": 2048, "final_tokens": 0}}
+    trained = loop.run(RunRecipe.from_dict(zero), progress=False)
+    reference = loop.run(RunRecipe.from_dict(keep), progress=False)
+    a, b = load_file(trained.out / "model.safetensors"), load_file(reference.out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"],
+                           load_file(workdir / "model" / "model.safetensors")["model.layers.0.mlp.down_proj.weight"])
+    assert json.loads((trained.out / "losses.json").read_text()) == \
+        json.loads((reference.out / "losses.json").read_text())
+    assert not (trained.out / "plan.json").exists() and (reference.out / "plan.json").is_file()
+    phases = trained.report["phases"]
+    assert len(phases) == 1 and "widths" not in phases[0] and phases[0]["train_steps"] == 8
+    assert json.loads((trained.out / "plans.json").read_text()) == {"shots": []}
+    assert "| input | 4/2/96 |" in trained.summary() and "plan.json" not in trained.summary()
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"target": {"mlp": 48}}, "target"), ({"schedule": [{"mlp": 48}]}, "schedule"),
+    ({"training": {"final_tokens": 0}}, "training.final_tokens"), ({"layerwise": True}, "layerwise"),
+])
+def test_a_run_without_shots_refuses_what_only_a_shot_uses(change, key):
+    data = {"model": "m", "out": "o", "shots": 0, "training": {"final_tokens": 1024}} | change
+    with pytest.raises(TransactError, match=f"'{key}'.*(shots: 0|only trains)"):
+        RunRecipe.from_dict(data)
 
 
 def test_every_shot_can_be_refitted(workdir):

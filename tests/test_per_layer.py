@@ -199,6 +199,33 @@ def test_transacts_commands_measure_a_per_layer_checkpoint_with_its_own_classes_
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
 
 
+def test_a_run_without_shots_trains_a_per_layer_checkpoint_and_keeps_its_widths(tmp_path, tokenizer, corpus):
+    """``transact run`` with shots: 0 trains a per-layer checkpoint as it is (the recovery of a searched
+    prune): the result is the same DeciLM layout with each layer's width, other weights, and reloads with its
+    logits (the run's own check), with the run's report and no plan.json."""
+    model, plan = _per_layer_model("qwen2", [32, 80, 56])
+    out = write_verified(model, tokenizer, tmp_path / "in", plan, {}, save_dtype=torch.float32)
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(corpus))
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps({"model": str(out), "out": str(tmp_path / "r"), "shots": 0, "device": "cpu",
+                                  "training": {"data": str(text), "final_tokens": 1024, "seq_len": 64,
+                                               "batch_size": 4, "lr": 1e-3},
+                                  "heldout": {"text": str(text), "tokens": 512, "window": 128}}))
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    result = tmp_path / "r"
+    config = json.loads((result / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas"
+    assert [b["ffn"]["intermediate_size"] for b in config["block_configs"]] == [32, 80, 56]
+    before, after = load_file(out / "model.safetensors"), load_file(result / "model.safetensors")
+    assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+    assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
+    report = json.loads((result / "report.json").read_text())
+    assert report["final"]["mlp_per_layer"] == [32, 80, 56] and len(report["phases"]) == 1
+    assert report["phases"][0]["perplexity"] < report["dense"]["perplexity"]  # it learned the toy text
+    assert not (result / "plan.json").exists()
+
+
 def test_only_the_per_layer_checkpoints_transact_writes_are_read(tmp_path, tokenizer, capsys):
     """Another checkpoint with its own code, or a DeciLM one with layers this modeling file does not build
     (widths given only as ffn_mult, no-op blocks), is refused by name; transformers never asks to run code."""

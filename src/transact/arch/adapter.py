@@ -138,8 +138,8 @@ class FamilyAdapter:
       (Gemma's post-feedforward norm), so that no linear map folds into ``down_proj`` (depth pruning's
       compensation, ``transact.core.depth``). ``mlp_output_norm`` names that norm, whose gain can carry a
       per-channel map instead.
-    - ``prune_refusal``: why transact does not prune (or train) models of this kind (None: it does); every job
-      that would is refused with it before any work.
+    - ``prune_refusal``: why transact does not prune models of this kind (None: it does); every job that would
+      is refused with it before any work (a run without shots, which only trains, is not).
     """
 
     model_type: str
@@ -160,7 +160,7 @@ class FamilyAdapter:
         return self.checkpoint.auto_class or AutoModelForCausalLM
 
     def check_prunable(self) -> None:
-        """Refuse, before any work, a job that would prune or train a model of this kind (``prune_refusal``)."""
+        """Refuse, before any work, a job that would prune a model of this kind (``prune_refusal``)."""
         if self.prune_refusal:
             raise TransactError(self.prune_refusal)
 

@@ -28,8 +28,9 @@ from transact.decilm.modeling_decilm import DeciLMForCausalLM
 from transact.errors import TransactError
 
 PRUNE_REFUSAL = ("this checkpoint has per-layer widths (the DeciLM / Nemotron-NAS layout); transact measures, "
-                 "verifies and exports it, but does not prune or train it again: plans describe one width per part "
-                 "for every layer. Prune the model it came from instead (its plan.json names it)")
+                 "verifies, exports and trains it (transact run with shots: 0), but does not prune it again: plans "
+                 "describe one width per part for every layer. Prune the model it came from instead (its plan.json "
+                 "names it)")
 
 
 def _widths(text_config: PretrainedConfig) -> list[tuple[int, int]]:

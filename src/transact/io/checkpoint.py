@@ -65,13 +65,14 @@ def write_checkpoint(
     tokenizer,
     out: str | Path,
     *,
-    plan: PrunePlan,
+    plan: PrunePlan | None,
     report: dict,
     save_dtype: torch.dtype,
     force: bool = False,
     verify: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save ``model`` (cast to ``save_dtype``) with tokenizer, plan.json and report.json, atomically.
+    """Save ``model`` (cast to ``save_dtype``) with tokenizer, plan.json (none where ``plan`` is None: a
+    model trained without pruning) and report.json, atomically.
 
     ``verify`` is called on the finished temporary directory before it is moved into place; an exception
     there leaves no output behind.
@@ -88,7 +89,8 @@ def write_checkpoint(
             copy_code(tmp)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
-        plan.save(tmp / "plan.json")
+        if plan is not None:
+            plan.save(tmp / "plan.json")
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         if verify is not None:
             verify(tmp)
@@ -159,7 +161,7 @@ def reload_and_compare(reference: nn.Module, tokens: torch.Tensor) -> Callable[[
     return check
 
 
-def write_verified(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan, report: dict, *,
+def write_verified(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan | None, report: dict, *,
                    save_dtype: torch.dtype, force: bool = False, verify: bool = True,
                    probe: torch.Tensor | None = None) -> Path:
     """``write_checkpoint`` with the reload check on a probe sequence: the first 64 of ``probe``'s tokens

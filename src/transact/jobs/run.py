@@ -79,7 +79,8 @@ class RunResult:
     def summary(self) -> str:
         if not self.main_process:
             return ""
-        return (report_markdown(self.report) + "\n\nsaved the final checkpoint, plan.json, plans.json, "
+        plan = "plan.json, " if (self.out / "plan.json").is_file() else ""  # none: a run without shots
+        return (report_markdown(self.report) + f"\n\nsaved the final checkpoint, {plan}plans.json, "
                 f"report.json/.md and loss.png to {self.out}")
 
 
@@ -130,11 +131,7 @@ class Run:
             self.weights = torch.float32
         optim.check_available(self.weights, self.optimizer if self.trains else "adamw")
         self.prep = prepare_model(recipe.model, recipe.device, dtype_name(self.weights))
-        get_adapter(self.prep.config).check_prunable()
-        self.schedule = schedule_of(recipe, self.prep.shape)
-        self.prune_recipe = recipe.prune_recipe(recipe.target or recipe.schedule[-1])
-        check_step(self.prep.config, self.prune_recipe, self.schedule[0])  # metric and correctors, before loading
-        self.calib_texts = read_texts(recipe.prune.calibration.text) if self.prune_recipe.needs_calibration else None
+        self._check_shots()
         self.heldout_texts = read_texts(recipe.heldout.text, builtin="heldout") if recipe.heldout.tokens else None
         self.phases = len(self.schedule) + (1 if training.final_tokens else 0)
         if self.trains:
@@ -158,6 +155,20 @@ class Run:
         self.end_optimizer: torch.optim.Optimizer | None = None  # the finished phase's, saved with its state
         self.resumed_shards: Path | None = None  # a sharded state to continue the phase from, after a resume
 
+    def _check_shots(self) -> None:
+        """The shots' widths, pruning recipe and calibration text, checked before loading (none for a
+        recovery-only run, which also trains models that transact does not prune, e.g. per-layer widths)."""
+        recipe = self.recipe
+        self.schedule, self.prune_recipe, self.calib_texts = [], None, None
+        if recipe.num_shots == 0:
+            return
+        get_adapter(self.prep.config).check_prunable()
+        self.schedule = schedule_of(recipe, self.prep.shape)
+        self.prune_recipe = recipe.prune_recipe(recipe.target or recipe.schedule[-1])
+        check_step(self.prep.config, self.prune_recipe, self.schedule[0])  # metric and correctors, before loading
+        if self.prune_recipe.needs_calibration:
+            self.calib_texts = read_texts(recipe.prune.calibration.text)
+
     def _check_memory(self) -> memory.MemoryEstimate | None:
         """The run's estimated peak, from the config alone; refused here where it cannot fit the device."""
         training = self.recipe.training
@@ -168,8 +179,12 @@ class Run:
         available = memory.available_bytes(device) if training.check_memory else None
         self.weights, estimate = memory.settle(shape, params, training, device.type, teacher_here=teacher_here,
                                                available=available, processes=self.procs.count,
-                                               statistics=statistics_bytes(shape, self.prune_recipe.statistics))
+                                               statistics=statistics_bytes(shape, self._statistics()))
         return estimate
+
+    def _statistics(self) -> tuple[str, ...]:
+        """The calibration statistics a shot collects (none without shots)."""
+        return self.prune_recipe.statistics if self.prune_recipe is not None else ()
 
     def heldout_ppl(self, model: nn.Module) -> float | None:
         if self.heldout_ids is None:

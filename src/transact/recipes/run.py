@@ -162,7 +162,8 @@ class RunRecipe:
     every shot prunes (a ``PruneRecipe`` without widths: metric and its options, correctors and theirs,
     calibration, seed); ``layerwise``: each shot one decoder layer at a time, ``sequential``: each layer
     calibrated on what the already-pruned layers produce (else on the current model's activations, the same
-    statistics as the whole-model step)."""
+    statistics as the whole-model step). ``shots: 0``: no shot, only the final recovery phase (a checkpoint
+    that is already pruned, trained as it is)."""
 
     model: str
     out: str
@@ -179,12 +180,14 @@ class RunRecipe:
     def __post_init__(self) -> None:
         check_str("model", self.model)
         check_str("out", self.out)
-        if self.target is None and self.schedule is None:
-            raise fail("target", "give the target widths (or an explicit schedule)")
+        if self.shots is not None:
+            check_int("shots", self.shots, 0)
+        if self.shots == 0:
+            self._check_recovery_only()
+        elif self.target is None and self.schedule is None:
+            raise fail("target", "give the target widths (or an explicit schedule; or shots: 0 to only train)")
         if self.schedule is not None and self.shots is not None and self.shots != len(self.schedule):
             raise fail("shots", f"is {self.shots} but the schedule lists {len(self.schedule)} shots")
-        if self.shots is not None:
-            check_int("shots", self.shots, 1)
         if self.schedule is not None and not self.schedule:
             raise fail("schedule", "must list at least one shot")
         if self.prune.has_widths:
@@ -205,9 +208,23 @@ class RunRecipe:
             raise fail("layerwise", f"metric {self.prune.metric!r} needs the whole model's loss; use it without "
                        "layerwise")
 
+    def _check_recovery_only(self) -> None:
+        """``shots: 0``: the run prunes nothing and trains the model as it is (an already pruned checkpoint,
+        per-layer widths included) for ``training.final_tokens``; what only a shot uses is refused."""
+        for key in ("target", "schedule"):
+            if getattr(self, key) is not None:
+                raise fail(key, "a run with shots: 0 prunes nothing; remove the key (or give shots >= 1)")
+        if self.training.final_tokens == 0:
+            raise fail("training.final_tokens", "a run with shots: 0 only trains: give the tokens of its recovery "
+                       "phase (e.g. training.final_tokens=48000)")
+        if self.layerwise:
+            raise fail("layerwise", "belongs to a shot, and a run with shots: 0 has none")
+
     @property
     def num_shots(self) -> int:
-        return len(self.schedule) if self.schedule is not None else (self.shots or 1)
+        if self.schedule is not None:
+            return len(self.schedule)
+        return 1 if self.shots is None else self.shots
 
     def prune_recipe(self, widths: Widths) -> PruneRecipe:
         """The recipe of a shot to ``widths``: the ``prune`` section with those widths."""

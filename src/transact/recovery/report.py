@@ -24,7 +24,8 @@ def report_markdown(report: dict) -> str:
     lines = ["| phase | widths (heads/kv/mlp[/experts]) | params | ppl after pruning | train tokens | train s | "
              "tokens/s | ppl |",
              "|---|---|---:|---:|---:|---:|---:|---:|",
-             f"| dense | {d['heads']}/{d['kv_heads']}/{d['mlp']} | {d['params'] / 1e6:.1f} M | | | | | "
+             f"| {'input' if report.get('schedule') == [] else 'dense'} | {d['heads']}/{d['kv_heads']}/{d['mlp']} | "
+             f"{d['params'] / 1e6:.1f} M | | | | | "
              f"{_num(d.get('perplexity'))} |"]
     for p in report["phases"]:
         name = f"shot {p['phase']}" if "widths" in p else "final"
@@ -38,10 +39,10 @@ def report_markdown(report: dict) -> str:
 def write_run_outputs(out: Path, model: nn.Module, tokenizer, plans: list[dict], losses: list[dict], report: dict,
                       *, recipe: dict, save_dtype: torch.dtype, probe: torch.Tensor | None) -> None:
     """The run's final checkpoint (the shots' ``plans`` composed into one plan.json, reloaded and checked
-    against ``model`` on ``probe``), plans.json, losses.json, report.md and loss.png, staged and moved into
-    ``out`` file by file."""
+    against ``model`` on ``probe``; no plan.json after a run without shots, which removed nothing),
+    plans.json, losses.json, report.md and loss.png, staged and moved into ``out`` file by file."""
     parsed = [PrunePlan.from_json(p) for p in plans]
-    composed = parsed[0]
+    composed = parsed[0] if parsed else None
     for plan in parsed[1:]:
         composed = compose_plans(composed, plan, recipe=recipe, versions=library_versions())
     staged = out / ".final"

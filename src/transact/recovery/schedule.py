@@ -98,7 +98,9 @@ def _compose_layers(a: LayerPlan, b: LayerPlan) -> LayerPlan:
 
 
 def schedule_of(recipe: RunRecipe, shape: ModelShape) -> list[Targets]:
-    """The widths after each shot, resolved against the dense model and checked."""
+    """The widths after each shot, resolved against the dense model and checked (none for ``shots: 0``)."""
+    if recipe.num_shots == 0:
+        return []
     def resolve(widths, key: str) -> Targets:
         try:
             return resolve_targets(widths, shape, multiple_of=recipe.prune.multiple_of)
