@@ -18,8 +18,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import load_dense_run, machine, previous_result, write_result
 
@@ -53,7 +51,8 @@ def parse_args() -> argparse.Namespace:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     ap.add_argument("--seconds", type=float, default=None, help="time budget of each search")
     ap.add_argument("--search-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                    help="the search scores candidates on a copy in this dtype (bf16: 2.5x faster on this CPU); "
+                    help="the search scores candidates on a copy in this dtype (WidthSearch.score_dtype; bf16: 2.5x "
+                         "faster on this CPU); "
                          "perplexities are measured in fp32")
     ap.add_argument("--out", required=True, help="path prefix for .json and .md")
     return ap.parse_args()
@@ -79,7 +78,7 @@ def main() -> None:
     args = parse_args()
     search = WidthSearch(**{k: getattr(args, k) for k in ("step", "generations", "offspring", "survivors",
                                                           "first_samples", "final_samples", "max_swaps", "seed",
-                                                          "seconds")})
+                                                          "seconds")}, score_dtype=args.search_dtype)
     settings = {"model": args.model, "calibration": f"{args.samples} x {args.seq_len}", "search": asdict(search),
                 "eval_tokens": args.eval_tokens, "window": args.window, "search_dtype": args.search_dtype}
     out = Path(args.out)
@@ -104,12 +103,10 @@ def main() -> None:
     result = previous or {"settings": settings, "dense_perplexity": ppl(dense), "dense_params": count_parameters(dense),
                           "refit_seconds": round(refit_seconds, 1), "rows": [], "machine": machine()}
     done = {r["mean_width"] for r in result["rows"]}
-    dtype = getattr(torch, args.search_dtype)
-    searched_model = dense if dtype == torch.float32 else copy.deepcopy(dense).to(dtype)
     for width in args.widths:
         if width in done:
             continue
-        found = search_widths(searched_model, windows, variants, width, search)
+        found = search_widths(dense, windows, variants, width, search)  # scored on a copy in --search-dtype
         with trial_widths(dense, variants) as trial:
             trial.set_([width] * len(variants))
             uniform = ppl(dense)

@@ -16,6 +16,7 @@ from transact.core.allocate import (
     check_budget,
     mlp_variants,
     mutate,
+    scoring_copy,
     search_widths,
     slice_to_widths_,
     trial_widths,
@@ -135,6 +136,26 @@ def test_the_search_keeps_the_budget_and_starves_a_layer_that_hardly_matters():
     assert found.widths[1] == 16 and found.loss < found.uniform_loss
     none = search_widths(model, windows, variants, 48, WidthSearch(step=16, generations=0))
     assert none.widths == [48, 48, 48] and none.loss == none.uniform_loss == pytest.approx(found.uniform_loss)
+
+
+def test_candidates_are_scored_on_a_bf16_copy_that_leaves_the_model_untouched():
+    """``score_dtype`` bfloat16 (the default) scores on a bf16 copy of an fp32 model, float32 on the model
+    itself; neither changes the model's weights, and both see nearly the same losses."""
+    model = tiny_model("llama", layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert scoring_copy(model, torch.float32) is model
+    twin = scoring_copy(model, torch.bfloat16)
+    assert twin is not model and next(twin.parameters()).dtype == torch.bfloat16
+    assert torch.equal(twin.model.layers[0].mlp.down_proj.weight,
+                       model.model.layers[0].mlp.down_proj.weight.to(torch.bfloat16))
+    windows = _sampled_windows(model)
+    _, _, variants = _variants(model, windows)
+    bf16 = search_widths(model, windows, variants, 48, WidthSearch(step=16, generations=3))
+    fp32 = search_widths(model, windows, variants, 48, WidthSearch(step=16, generations=3, score_dtype="float32"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert bf16.uniform_loss != fp32.uniform_loss and bf16.uniform_loss == pytest.approx(fp32.uniform_loss, rel=1e-2)
+    with pytest.raises(TransactError, match="score_dtype"):
+        WidthSearch(score_dtype="float16")
 
 
 def test_bad_budgets_and_settings_are_refused_before_any_work():

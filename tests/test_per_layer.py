@@ -120,6 +120,7 @@ def test_cli_allocate_search_and_apply_plan_recreate_the_checkpoint(base, tmp_pa
     for extra, message in ((["--search-step", "16"], "--search-step belongs to --allocate search"),
                            (["--search-step", "256"], "--search-step belongs to --allocate search"),  # the default
                            (["--search-generations", "40"], "--search-generations belongs to --allocate search"),
+                           (["--search-dtype", "float32"], "--search-dtype belongs to --allocate search"),
                            (["--allocate", "search"], "not a multiple of the search step 256"),
                            (["--allocate", "search", "--search-step", "16", "--layerwise"], "not available with"),
                            (["--allocate", "search", "--search-step", "32"], "mean MLP width 48")):

@@ -120,6 +120,10 @@ def _add_allocation_flags(p) -> None:
                    f"{search.survivors + 1} on {search.final_samples})")
     p.add_argument("--search-seconds", type=float, default=None,
                    help="with --allocate search: stop after the generation that passes this many seconds")
+    p.add_argument("--search-dtype", choices=("bfloat16", "float32"), default=None,
+                   help=f"with --allocate search: score candidates on a copy of the model in this dtype (default "
+                   f"{search.score_dtype}: 2.5x faster than float32 on a 2-core CPU; float32 scores on the model "
+                   "itself, without the copy's memory)")
 
 
 def _add_budget_flags(p) -> None:
@@ -154,7 +158,7 @@ def _allocation(args) -> WidthSearch | None:
     """The search ``--allocate search`` asks for (its flags given or their defaults); a search flag without it
     is refused, even at its default value (None: not given)."""
     flags = {"--search-step": args.search_step, "--search-generations": args.search_generations,
-             "--search-seconds": args.search_seconds}
+             "--search-seconds": args.search_seconds, "--search-dtype": args.search_dtype}
     if args.allocate == "uniform":
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
@@ -163,7 +167,8 @@ def _allocation(args) -> WidthSearch | None:
     defaults = WidthSearch()
     return WidthSearch(step=defaults.step if args.search_step is None else args.search_step,
                        generations=defaults.generations if args.search_generations is None else args.search_generations,
-                       seconds=args.search_seconds, seed=args.seed)
+                       seconds=args.search_seconds, seed=args.seed,
+                       score_dtype=args.search_dtype or defaults.score_dtype)
 
 
 def drop_count(text: str) -> int | float:

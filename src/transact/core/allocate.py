@@ -22,15 +22,21 @@ generation; scores the best ``survivors`` and the parent on ``final_samples`` ot
 the best of those is the next parent. At the end the result and the uniform allocation are scored on every
 search window, and the uniform one is returned where it is not worse: the result never has a higher
 calibration loss than uniform widths.
+
+Candidates are scored on a bf16 copy of an fp32 model by default (``score_dtype``): 2.5x faster on a 2-core
+CPU, and on SmolLM2, Qwen2.5-Coder-0.5B and Gemma-3-270M its searches beat uniform widths as the fp32
+search does (docs/results.md); ``float32`` scores on the model itself, without the copy's memory.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -60,6 +66,8 @@ class WidthSearch:
     min_width: int | None = option(None, "no layer keeps fewer MLP channels (default: one step)", low=1)
     seed: int = option(0, "seed of the mutations and of the windows each generation draws")
     seconds: float | None = option(None, "stop after the generation that passes this many seconds", low=0.0)
+    score_dtype: Literal["bfloat16", "float32"] = option(
+        "bfloat16", "candidates are scored on a copy of the model in this dtype (none where the model already is)")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -213,6 +221,7 @@ def search_widths(model: nn.Module, windows: torch.Tensor, variants: list[LayerV
     rng, start = random.Random(options.seed), time.monotonic()
     uniform = [mean_width] * len(variants)
     parent, history, evaluations = uniform, [], 0
+    model = scoring_copy(model, getattr(torch, options.score_dtype))
     with trial_widths(model, variants) as trial:
 
         def loss_of(widths: list[int], rows: list[int]) -> float:
@@ -236,6 +245,14 @@ def search_widths(model: nn.Module, windows: torch.Tensor, variants: list[LayerV
     if loss >= uniform_loss:
         parent, loss = uniform, uniform_loss
     return SearchResult(parent, loss, uniform_loss, done, evaluations, time.monotonic() - start, history)
+
+
+def scoring_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself where its floating-point weights already are ``dtype``, else a copy cast to it (trials
+    then never touch the model's own weights)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
 
 
 def _generation(parent: list[int], levels: Sequence[int], options: WidthSearch, rng: random.Random, windows: int,
