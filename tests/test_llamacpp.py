@@ -548,3 +548,21 @@ def test_per_layer_widths_refuse_what_cannot_be_checked(tmp_path, gguf_tokenizer
     with pytest.raises(TransactError, match="per-layer widths convert to f32, f16, bf16"):
         llamacpp.convert(tmp_path / "model", tmp_path / "m.gguf", "q8_0", progress=False)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_per_layer_q8_0_is_made_by_the_quantizer(tmp_path, gguf_tokenizer):
+    """q8_0 of per-layer widths (``transact bench --engine llama.cpp``'s second default type): the converter
+    cannot write it for the deci rewrite, so llama-quantize rounds the unquantized deci file; each layer keeps
+    its widths, and the widths that are no multiple of 32 stay unquantized (llama.cpp's fallback)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    widths = _per_layer_checkpoint(tmp_path / "model", gguf_tokenizer, qkv_bias=False, tie=False)
+    done = quantize.write_gguf(tmp_path / "model", tmp_path / "m.gguf", "q8_0", progress=False)
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.get_field("general.architecture").contents() == "deci"
+    assert reader.get_field("deci.feed_forward_length").contents() == [w for _, w in widths]
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.1.ffn_down.weight"] == GGMLQuantizationType.Q8_0  # width 96
+    assert types["blk.0.ffn_down.weight"] != GGMLQuantizationType.Q8_0  # width 40: no multiple of 32
+    assert done["quantized_from"] == "f32" and done["fallbacks"]

@@ -184,8 +184,9 @@ def _convert_per_layer(model_dir: Path, out_file: Path, outtype: str, *, progres
     """A checkpoint of per-layer widths as llama.cpp's ``deci`` (``transact.deploy.deci_gguf``): its uniform
     twin through the converter's Llama path, then rewritten with each layer's own widths."""
     if outtype not in deci_gguf.UNQUANTIZED:
-        raise TransactError(f"per-layer widths convert to {', '.join(deci_gguf.UNQUANTIZED)} and llama.cpp's "
-                            f"quantizer's types, not {outtype!r}")
+        raise TransactError(f"per-layer widths convert to {', '.join(deci_gguf.UNQUANTIZED)}; q8_0 and the other "
+                            f"quantized types are made from those by llama.cpp's quantizer (quantize.write_gguf), "
+                            f"not {outtype!r}")
     with tempfile.TemporaryDirectory(prefix="transact-gguf-", dir=out_file.parent) as work:
         twin, widths = deci_gguf.write_twin(model_dir, Path(work) / "twin")
         uniform = Path(work) / "twin.gguf"

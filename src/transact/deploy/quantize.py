@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transact.deploy import llamacpp
+from transact.deploy import deci_gguf, llamacpp
 from transact.deploy.llamacpp import CONVERTER_TYPES, XLLAMACPP_VERSION, default_threads
 from transact.errors import TransactError
 
@@ -222,7 +222,7 @@ def write_gguf(model_dir: Path, out_file: Path, outtype: str, *, imatrix_text: s
     quantizer run on the converter's output in the checkpoint's own precision (so weights are rounded once),
     guided by an importance matrix over ``imatrix_text`` if given. Returns what was done: the quantizer's
     fallbacks (tensors written in another type than asked) and the importance matrix's size."""
-    if not is_quantized_type(outtype):
+    if not (is_quantized_type(outtype) or _quantized_by_the_tool(model_dir, outtype)):
         llamacpp.convert(model_dir, out_file, outtype, progress=progress)
         return {}
     source_type = unquantized_type(model_dir)
@@ -242,6 +242,13 @@ def write_gguf(model_dir: Path, out_file: Path, outtype: str, *, imatrix_text: s
     return done
 
 
+def _quantized_by_the_tool(model_dir: Path, outtype: str) -> bool:
+    """q8_0 of per-layer widths: the converter writes q8_0 itself for other checkpoints, but a per-layer file is
+    rewritten from its uniform twin tensor by tensor (``deci_gguf``), which only unquantized tensors allow; so
+    llama-quantize rounds the rewritten file."""
+    return outtype == "q8_0" and deci_gguf.is_per_layer(model_dir)
+
+
 def unquantized_type(model_dir: Path) -> str:
     """The converter type that holds a checkpoint's weights exactly: f32, bf16 or f16 by its config's dtype."""
     values = json.loads((model_dir / "config.json").read_text())
@@ -253,13 +260,14 @@ def quantize(source: Path, out_file: Path, outtype: str, *, imatrix: Path | None
              threads: int | None = None, progress: bool = True) -> list[str]:
     """``llama-quantize`` an unquantized GGUF (f32/f16/bf16) into ``outtype``; returns llama.cpp's fallback
     warnings (one line per tensor written in another type than asked)."""
-    if outtype not in QUANT_TYPES:
-        raise TransactError(f"{outtype!r} is not a llama.cpp quantization type; known: {', '.join(QUANT_TYPES)}")
+    names = {"q8_0": "Q8_0", **{name: kind for name, (kind, _) in QUANT_TYPES.items()}}
+    if outtype not in names:
+        raise TransactError(f"{outtype!r} is not a llama.cpp quantization type; known: {', '.join(names)}")
     tool = tools_dir(progress=progress) / "llama-quantize"
     cmd = [str(tool)]
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
-    cmd += [str(source), str(out_file), QUANT_TYPES[outtype][0], str(threads or default_threads())]
+    cmd += [str(source), str(out_file), names[outtype], str(threads or default_threads())]
     result = subprocess.run(cmd, capture_output=True, text=True)
     log = result.stdout + result.stderr
     if result.returncode != 0 or not out_file.is_file():
