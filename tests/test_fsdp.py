@@ -127,6 +127,28 @@ def test_a_mixture_of_experts_trains_sharded(workdir):
     assert AutoModelForCausalLM.from_pretrained(workdir / "moe-fsdp").config.num_experts == 3
 
 
+def test_a_per_layer_checkpoint_trains_sharded_without_shots(workdir, tmp_path):
+    """``shots: 0`` on a per-layer (DeciLM) checkpoint under FSDP2: the whole model gathered again from the
+    slices keeps every layer's width, the two processes end equal, and training lowers the perplexity."""
+    from tiny import char_tokenizer, per_layer_model
+
+    from transact.io.checkpoint import write_verified
+
+    model, plan = per_layer_model("llama", [32, 80, 56])
+    write_verified(model, char_tokenizer(), tmp_path / "in", plan, {}, save_dtype=torch.float32)
+    data = {"model": str(tmp_path / "in"), "out": str(tmp_path / "out"), "device": "cpu", "shots": 0,
+            "training": {"data": str(workdir / "train.txt"), "final_tokens": 2048, "seq_len": 64, "batch_size": 2,
+                         "lr": 1e-3, "distributed": "fsdp"},
+            "heldout": {"text": str(workdir / "train.txt"), "tokens": 512, "window": 128}}
+    torchrun(write_recipe(tmp_path, "per-layer", data), 29537)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert [b["ffn"]["intermediate_size"] for b in config["block_configs"]] == [32, 80, 56]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    digests = report["weights_sha256_per_process"]
+    assert report["distributed"] == "fsdp" and digests[0] == digests[1]
+    assert report["phases"][0]["perplexity"] < report["dense"]["perplexity"]
+
+
 def test_bf16_weights_and_8bit_moments_resume_from_their_slices_bit_identically(tmp_path):
     """tests/fsdp_state_check.py on two processes: bf16 weights (torchao's AdamW, stochastic rounding) and
     fp32 weights with 8-bit moments (saved packed, re-wrapped as distributed tensors on load) continue from

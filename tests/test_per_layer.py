@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import VOCAB, tiny_config, tiny_model
+from tiny import VOCAB, per_layer_model, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import shape_of
@@ -31,20 +31,9 @@ from transact.recipes import PruneRecipe
 from transact.recipes.run import RunRecipe
 
 
-def _per_layer_model(family: str, widths: list[int]):
-    """A tiny model of ``family`` with 2 of its 4 heads (one KV group) and MLP widths ``widths`` per layer,
-    chosen by seeded random scores; -> (model, plan)."""
-    model = tiny_model(family, layers=len(widths))
-    shape = shape_of(model)
-    scores = random_layer_scores(shape, 0)
-    plan = make_plan(scores.heads, scores.mlp, Targets(2, 1, sum(widths) // len(widths)), shape,
-                     mlp_widths=widths)
-    return model, apply_step(model, plan)
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_per_layer_widths_are_saved_as_decilm_and_reload_exactly(family, tmp_path, tokenizer, capsys):
-    model, plan = _per_layer_model(family, [32, 80, 56])
+    model, plan = per_layer_model(family, [32, 80, 56])
     assert has_per_layer_widths(model) and not plan.uniform
     write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)  # reload check inside
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -166,7 +155,7 @@ def test_transacts_commands_measure_a_per_layer_checkpoint_with_its_own_classes_
     """A per-layer checkpoint is read with the project's own classes (the copies beside the weights never run):
     info lists each layer's width, eval scores what the model in memory scores, its costs count what its
     modules hold; prune, apply-plan and run refuse it by name before any weights are read."""
-    model, plan = _per_layer_model("qwen2", [32, 80, 56])
+    model, plan = per_layer_model("qwen2", [32, 80, 56])
     out = write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)
     (out / "modeling_decilm.py").write_text("raise RuntimeError('the checkpoint copy ran')\n")
     text = tmp_path / "heldout.txt"
@@ -204,7 +193,7 @@ def test_a_run_without_shots_trains_a_per_layer_checkpoint_and_keeps_its_widths(
     """``transact run`` with shots: 0 trains a per-layer checkpoint as it is (the recovery of a searched
     prune): the result is the same DeciLM layout with each layer's width, other weights, and reloads with its
     logits (the run's own check), with the run's report and no plan.json."""
-    model, plan = _per_layer_model("qwen2", [32, 80, 56])
+    model, plan = per_layer_model("qwen2", [32, 80, 56])
     out = write_verified(model, tokenizer, tmp_path / "in", plan, {}, save_dtype=torch.float32)
     text = tmp_path / "train.txt"
     text.write_text("\n\n".join(corpus))
@@ -230,7 +219,7 @@ def test_a_run_without_shots_trains_a_per_layer_checkpoint_and_keeps_its_widths(
 def test_only_the_per_layer_checkpoints_transact_writes_are_read(tmp_path, tokenizer, capsys):
     """Another checkpoint with its own code, or a DeciLM one with layers this modeling file does not build
     (widths given only as ffn_mult, no-op blocks), is refused by name; transformers never asks to run code."""
-    model, plan = _per_layer_model("llama", [32, 80, 56])
+    model, plan = per_layer_model("llama", [32, 80, 56])
     out = write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)
     config = json.loads((out / "config.json").read_text())
     for change, message in (({"model_type": "custom"}, "brings its own modeling code (model_type 'custom')"),
