@@ -8,6 +8,10 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from transact.arch import FAMILIES as ADAPTERS
 from transact.arch import SUPPORTED_MODEL_TYPES, get_adapter, shape_of
+from transact.core.metrics.random_choice import random_layer_scores
+from transact.core.select import make_plan
+from transact.core.step import apply_step
+from transact.core.targets import Targets
 
 # Every registered family transact prunes enters the test matrix (exact surgery, round trips, FLOPs); a family
 # whose tiny config needs settings of its own lists them in FAMILY_SETTINGS. A family the adapters only read
@@ -229,11 +233,6 @@ def descendants(pid: int) -> list[int]:
 def per_layer_model(family: str, widths: list[int]):
     """A tiny model of ``family`` with 2 of its 4 heads (one KV group) and MLP widths ``widths`` per layer,
     chosen by seeded random scores; -> (model, plan)."""
-    from transact.core.metrics.random_choice import random_layer_scores
-    from transact.core.select import make_plan
-    from transact.core.step import apply_step
-    from transact.core.targets import Targets
-
     model = tiny_model(family, layers=len(widths))
     shape = shape_of(model)
     scores = random_layer_scores(shape, 0)

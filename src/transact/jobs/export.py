@@ -125,8 +125,8 @@ def run(job: GgufExportJob) -> ExportResult:
     if source.gguf_file or not source.is_local:
         raise TransactError(f"{job.model!r}: export needs a local Hugging Face model directory")
     per_layer = deci_gguf.is_per_layer(Path(source.path))
-    if per_layer:
-        _check_per_layer_export(job)
+    if per_layer:  # not through prepare_model: its nemotron-nas adapter refuses per-layer KV-head counts,
+        _check_per_layer_export(job)  # which llama.cpp's deci holds and load_per_layer reads
         prep, arch = None, "deci"
     else:
         prep = prepare_model(job.model, "cpu", "float32")  # family and weight files checked
