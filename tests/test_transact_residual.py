@@ -217,3 +217,94 @@ def test_mlp_score_auto_keeps_the_ranking_whose_pruned_model_has_the_lower_unsee
     assert [layer.mlp for layer in by_layer.layers] == [layer.mlp for layer in eq5_plan.layers]
     with pytest.raises(TransactError, match="mlp_score auto scores its candidates on 16 windows"):
         prune_step(copy.deepcopy(model), tokenizer, recipe, texts=[corpus[0][:600]], progress=False)
+
+
+def test_query_heads_inside_a_group_by_the_error_their_keeping_leaves(monkeypatch):
+    """Within one group, the constant head 0 and the varying head 1 of ``_two_heads``: eq. 5 keeps head 0;
+    ``least_error_heads`` keeps head 1, whose channels rebuild head 0's output (error 0 against 16.04). On an
+    additive error across two groups, the greedy removal past the exact limit agrees with enumeration."""
+    x, o = _two_heads()
+    refit = salience.ConsumerError(o, x.T @ x, "refit", damp=0.0)
+
+    def heads_error(heads: list[int]) -> float:
+        return refit(torch.tensor([2 * h + c for h in heads for c in (0, 1)]))
+
+    assert salience.least_error_heads(heads_error, [[0, 1]], 1) == [1]
+    cost = [5.0, 1.0, 4.0, 2.0, 3.0, 0.5]  # heads 0-2 in one group, 3-5 in the other
+
+    def additive(heads: list[int]) -> float:
+        return sum(c for h, c in enumerate(cost) if h not in heads)
+
+    exact = salience.least_error_heads(additive, [[0, 1, 2], [3, 4, 5]], 2)
+    monkeypatch.setattr(salience, "EXACT_GROUP_SETS", 1)
+    assert salience.least_error_heads(additive, [[0, 1, 2], [3, 4, 5]], 2) == exact == [0, 2, 3, 4]
+
+
+def test_head_score_consumer_error_keeps_the_least_error_heads_of_every_layer():
+    """``head_score="consumer_error"``: each layer keeps, inside its kept groups, the query heads (two of each
+    group's four) with the least refit error of o_proj among every choice (brute force here); ``eq5`` keeps
+    eq. 5's, which differ on this model, so a wrong branch shows; ``auto`` (the default) is one or the other
+    by the share of MLP channels kept."""
+    import itertools
+
+    model = tiny_model("qwen2", heads=8, kv_heads=2, mlp=48)
+    x = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(model, x, ("sum_sq", "sum", "gram"), progress=False)
+    damp = damp_for(stats)
+
+    def least_error(attn, gram) -> list[int]:
+        error = salience.ConsumerError(attn.o.weight, gram, "refit", damp=damp)
+        sets = itertools.product(itertools.combinations(range(4), 2), itertools.combinations(range(4, 8), 2))
+        chosen = min(sets, key=lambda s: error(torch.tensor([h * 16 + c for g in s for h in g for c in range(16)])))
+        return sorted(h for g in chosen for h in g)
+
+    parts = get_adapter(model).layer_parts(model)
+    expected = [least_error(attn, g) for (attn, _), g in zip(parts, stats.activation("attn", "gram"), strict=True)]
+
+    def chosen(head_score: str | None, mlp: int = 48) -> list[list[int]]:
+        recipe = PruneRecipe(heads=4, kv_heads=2, mlp=mlp, metric="transact_residual", correctors=("refit",),
+                             metric_options={"head_score": head_score} if head_score else None)
+        plan, _ = plan_step(model, None, recipe, statistics=stats, progress=False)
+        return [sorted(layer.heads) for layer in plan.layers]
+
+    eq5 = chosen("eq5")
+    assert chosen("consumer_error") == expected and eq5 != expected
+    # the default, auto: error-chosen heads while the MLP keeps at least 3/4 of its 48 channels, eq. 5 below
+    assert chosen(None) == chosen(None, mlp=36) == expected
+    assert chosen(None, mlp=35) == chosen("auto", mlp=24) == eq5
+    with pytest.raises(TransactError, match="head_score"):
+        PruneRecipe(heads=2, metric="transact_residual", metric_options={"head_score": "obs"})
+
+
+def test_the_fast_greedy_removes_the_heads_the_solving_greedy_removes():
+    """Past the exact limit (6³ = 216 choices here) under the refit, heads leave by optimal-brain-surgeon
+    updates of H⁻¹ (``refit_greedy_heads``); each step removes the head that a full solve per candidate
+    (``least_error_heads`` on ``ConsumerError``) removes, so both keep the same heads."""
+    gen = torch.Generator().manual_seed(3)
+    mix = torch.randn(24, 24, generator=gen, dtype=torch.float64)
+    x = torch.randn(300, 24, generator=gen, dtype=torch.float64) @ mix  # correlated channels: 12 heads of 2
+    w = torch.randn(5, 24, generator=gen, dtype=torch.float64)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    refit = salience.ConsumerError(w, x.T @ x, "refit", damp=1e-8)
+
+    def heads_error(heads: list[int]) -> float:
+        return refit(torch.tensor([2 * h + c for h in heads for c in (0, 1)]))
+
+    solved = salience.least_error_heads(heads_error, groups, 2)
+    fast = salience.refit_greedy_heads(w, x.T @ x, 2, 1e-8, groups, 2)
+    assert fast == solved and len(fast) == 6 and all(sum(h in fast for h in g) == 2 for g in groups)
+
+
+def test_many_heads_per_group_take_the_fast_greedy():
+    """A layer of 12 heads in 2 groups keeping 3 of 6 in each (400 choices): the plan keeps, in every layer,
+    the heads ``refit_greedy_heads`` keeps."""
+    model = tiny_model("qwen2", heads=12, kv_heads=2, mlp=48)
+    x = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    stats = collect_statistics(model, x, ("sum_sq", "sum", "gram"), progress=False)
+    recipe = PruneRecipe(heads=6, kv_heads=2, mlp=48, metric="transact_residual", correctors=("refit",))
+    plan, _ = plan_step(model, None, recipe, statistics=stats, progress=False)
+    parts = get_adapter(model).layer_parts(model)
+    groups = [list(range(6)), list(range(6, 12))]
+    expected = [salience.refit_greedy_heads(attn.o.weight, g, 16, damp_for(stats), groups, 3)
+                for (attn, _), g in zip(parts, stats.activation("attn", "gram"), strict=True)]
+    assert [sorted(layer.heads) for layer in plan.layers] == expected

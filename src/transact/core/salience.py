@@ -188,14 +188,47 @@ def refit_removal_order(weight: torch.Tensor, gram: torch.Tensor, unit: int, dam
         errors = _unit_removal_errors(w, hinv, blocks, unit)
         errors[~alive] = float("inf")
         best = int(errors.argmin())
-        idx = blocks[best]
-        # remove the unit: the remaining columns absorb what it carried, and H⁻¹ loses its rows and columns
-        b_inv = torch.linalg.inv(hinv[idx][:, idx])  # (unit, unit)
-        e = hinv[:, idx]  # (C, unit)
-        w -= w[:, idx] @ b_inv @ e.T
-        hinv -= e @ b_inv @ e.T
+        _remove_unit_(w, hinv, blocks[best])
         scores[best], alive[best] = float(step), False
     return scores
+
+
+def _remove_unit_(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor) -> None:
+    """Remove one unit's channels ``idx`` in place: the remaining columns of ``w`` (out, C) absorb what it
+    carried (the refit), and H⁻¹ (C, C) loses its rows and columns (their block becomes zero)."""
+    b_inv = torch.linalg.inv(hinv[idx][:, idx])  # (unit, unit)
+    e = hinv[:, idx]  # (C, unit)
+    w -= w[:, idx] @ b_inv @ e.T
+    hinv -= e @ b_inv @ e.T
+
+
+def refit_greedy_heads(weight: torch.Tensor, gram: torch.Tensor, head_dim: int, damp: float,
+                       groups: list[list[int]], per_group: int) -> list[int]:
+    """``least_error_heads``' greedy removal under the refit, fast: each step removes, from the groups that
+    still hold more than ``per_group`` heads, the head whose removal adds the least o_proj output error once
+    the other kept heads' columns are refitted, by the optimal-brain-surgeon step of ``refit_removal_order``
+    on the kept groups' channels (one H⁻¹ update per step instead of one solve per candidate; H damped once,
+    by ``damp`` times the mean diagonal of those channels' Gram matrix).
+
+    weight: (out, C) o_proj; gram: (C, C); groups: each kept group's query heads -> the kept heads, ascending.
+    """
+    heads = [h for group in groups for h in group]
+    channels = torch.tensor([h * head_dim + c for h in heads for c in range(head_dim)])
+    hinv = damped_inverse(gram[channels][:, channels], damp)
+    w = weight.detach().cpu().double()[:, channels].clone()
+    blocks = torch.arange(len(channels)).reshape(len(heads), head_dim)
+    group_of = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    left = [len(group) for group in groups]
+    alive = torch.ones(len(heads), dtype=torch.bool)
+    while max(left) > per_group:
+        errors = _unit_removal_errors(w, hinv, blocks, head_dim)
+        full = torch.tensor([left[g] <= per_group for g in group_of.tolist()])
+        errors[~alive | full] = float("inf")
+        best = int(errors.argmin())
+        _remove_unit_(w, hinv, blocks[best])
+        alive[best] = False
+        left[int(group_of[best])] -= 1
+    return sorted(h for h, kept in zip(heads, alive.tolist(), strict=True) if kept)
 
 
 def _unit_removal_errors(w: torch.Tensor, hinv: torch.Tensor, blocks: torch.Tensor, unit: int) -> torch.Tensor:
@@ -273,3 +306,22 @@ def least_error_groups(error: Callable[[list[int]], float], num_groups: int, kee
     while len(kept) > keep:
         kept.remove(min(kept, key=lambda g: error([k for k in kept if k != g])))
     return kept
+
+
+def least_error_heads(error: Callable[[list[int]], float], groups: list[list[int]], per_group: int) -> list[int]:
+    """The ``per_group`` query heads of each kept KV group (``groups``: each group's heads) whose keeping
+    leaves the least ``error(heads)`` (ascending): every choice where there are at most ``EXACT_GROUP_SETS`` of
+    them, else removing one head at a time from the groups that still hold too many, each time the one whose
+    loss adds the least."""
+    choices = math.prod(math.comb(len(heads), per_group) for heads in groups)
+    if choices <= EXACT_GROUP_SETS:
+        sets = itertools.product(*(itertools.combinations(heads, per_group) for heads in groups))
+        return sorted(min(([h for kept in chosen for h in kept] for chosen in sets), key=error))
+    kept = [list(heads) for heads in groups]
+    while any(len(heads) > per_group for heads in kept):
+        flat = [h for heads in kept for h in heads]
+        candidates = [h for heads in kept if len(heads) > per_group for h in heads]
+        worst = min(candidates, key=lambda h: error([k for k in flat if k != h]))
+        next(heads for heads in kept if worst in heads).remove(worst)
+    return sorted(h for heads in kept for h in heads)
+

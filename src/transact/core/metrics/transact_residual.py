@@ -8,7 +8,8 @@ o_proj's input (``salience.ConsumerError``), every set of groups compared where 
 
 Why: eq. 5 ranks a group by the L2 norm of its heads' outputs, blind to o_proj's columns and to what the
 refit can rebuild. On Qwen2.5-Coder-0.5B it kept the KV group whose removal the refit repairs worse in about
-half of the layers (docs/results.md, "Quality that transfers"). Where every group stays, the metric is eq. 5.
+half of the layers (docs/results.md, "Quality that transfers"). Where every group stays and no query head goes
+inside one, the metric is eq. 5.
 
 The option ``mlp_score="consumer_error"`` ranks dense MLP channels the same way, one channel at a time: by
 the down_proj output error removing it alone leaves after the correction (under the refit the
@@ -16,10 +17,18 @@ optimal-brain-surgeon saliency, ``salience.refit_removal_errors``). It won on on
 and lost on the other two (docs/results.md), so ``mlp_score="auto"`` lets the whole-model step prune with
 both and keep the one whose pruned model has the lower loss on calibration windows no fit saw
 (``transact.core.step.choose_mlp_score``); where no whole model is compared (layer by layer), auto is eq. 5.
+
+The option ``head_score`` chooses the query heads kept inside each kept group the same way where some go:
+``consumer_error`` keeps those whose keeping leaves the least o_proj output error after the correction
+(every choice compared up to ``salience.EXACT_GROUP_SETS``; beyond, greedy removal, under the refit by
+optimal-brain-surgeon updates). It was better than eq. 5 on all three real models wherever the MLP kept at
+least 3/4 of its channels and worse wherever it kept half or less, so the default ``auto`` is that rule
+(``head_score_of``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,21 +54,36 @@ def correction_of(stats, recipe) -> dict:
     return {"correction": "none"}
 
 
-def group_scores(attn, gram: torch.Tensor, mean: torch.Tensor | None, heads: torch.Tensor, targets,
-                 correction: dict) -> torch.Tensor:
-    """(num_kv_heads,) scores of one layer's KV groups: 1 for the groups to keep, 0 for the others."""
-    head_dim = attn.head_dim
-    best_in_group = best_heads_in_groups(heads, attn.num_kv_heads, targets.heads // targets.kv_heads)
+def layer_choice(attn, gram: torch.Tensor, mean: torch.Tensor | None, heads: torch.Tensor, targets,
+                 correction: dict, head_score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (head scores (num_heads,), group scores (num_kv_heads,)): the groups to keep score 1, the
+    others 0, chosen with each group's eq. 5 best heads; with ``head_score="consumer_error"`` the query heads
+    kept inside the kept groups are then the ones whose keeping leaves the least error, and score above every
+    other head (eq. 5's order kept within each side)."""
+    head_dim, num_kv = attn.head_dim, attn.num_kv_heads
+    per_group = targets.heads // targets.kv_heads
     error = salience.ConsumerError(attn.o.weight, gram, **correction,
                                    mean=mean if correction["correction"] == "mean" else None)
 
-    def kept_error(groups: list[int]) -> float:
-        kept = [h * head_dim + c for k in groups for h in best_in_group[k] for c in range(head_dim)]
-        return error(torch.tensor(kept))
+    def kept_error(kept_heads: list[int]) -> float:
+        return error(torch.tensor([h * head_dim + c for h in kept_heads for c in range(head_dim)]))
 
-    scores = torch.zeros(attn.num_kv_heads)
-    scores[salience.least_error_groups(kept_error, attn.num_kv_heads, targets.kv_heads)] = 1.0
-    return scores
+    best_in_group = best_heads_in_groups(heads, num_kv, per_group)
+    groups = list(range(num_kv)) if targets.kv_heads == num_kv else salience.least_error_groups(
+        lambda kept: kept_error([h for k in kept for h in best_in_group[k]]), num_kv, targets.kv_heads)
+    group_scores = torch.zeros(num_kv)
+    group_scores[groups] = 1.0
+    size = heads.shape[0] // num_kv
+    if head_score != "consumer_error" or per_group == size:
+        return heads, group_scores
+    in_groups = [list(range(g * size, (g + 1) * size)) for g in groups]
+    if correction["correction"] == "refit" and math.comb(size, per_group) ** len(groups) > salience.EXACT_GROUP_SETS:
+        chosen = salience.refit_greedy_heads(attn.o.weight, gram, head_dim, correction["damp"], in_groups, per_group)
+    else:  # every choice compared, or greedy with the correction's own error
+        chosen = salience.least_error_heads(kept_error, in_groups, per_group)
+    lifted = heads.clone()
+    lifted[chosen] += float(heads.max() - heads.min()) + 1.0
+    return lifted, group_scores
 
 
 @dataclass(frozen=True)
@@ -72,9 +96,30 @@ class TransactResidualOptions:
         "with both and keep the pruned model with the lower loss on calibration windows no fit saw; eq5 layer "
         "by layer); consumer_error measured better on Qwen2.5-Coder-0.5B at 4 of 5 widths, worse on "
         "SmolLM2-135M and Gemma-3-270M (docs/results.md); experts' channels keep eq. 5")
+    head_score: Literal["eq5", "consumer_error", "auto"] = option(
+        "auto", "how the query heads kept inside each kept KV group are chosen where some go: eq5 (the best "
+        "heads by paper eq. 5), consumer_error (the heads whose keeping leaves the least o_proj output error "
+        "after the recipe's correction, every choice compared up to 70 of them, else greedy removal), or auto "
+        "(consumer_error where the MLP keeps at least 3/4 of its channels, eq5 where more go and on MoE "
+        "models: consumer_error measured better at every such width of SmolLM2-135M, Qwen2.5-Coder-0.5B and "
+        "Gemma-3-270M, worse at every width that kept half the MLP or less; docs/results.md)")
 
     def __post_init__(self) -> None:
         check_options(self)
+
+
+# head_score auto: error-chosen heads where the MLP keeps at least this share of its channels
+ERROR_HEADS_MLP_KEPT = 0.75
+
+
+def head_score_of(option: str, shape, targets) -> str:
+    """The head score a recipe's ``head_score`` option means for these targets: auto resolves by how much of
+    the MLP stays (``ERROR_HEADS_MLP_KEPT``); eq5 on MoE models, where it was never measured."""
+    if option != "auto":
+        return option
+    if shape.is_moe or targets.mlp < ERROR_HEADS_MLP_KEPT * shape.intermediate_size:
+        return "eq5"
+    return "consumer_error"
 
 
 def mlp_channel_errors(down: torch.Tensor, layer: int, stats, correction: dict) -> torch.Tensor:
@@ -107,23 +152,30 @@ def transact_residual_scores(model, stats, shape, recipe) -> LayerScores:
     correction = correction_of(stats, recipe)
     mlp = mlp_channel_scores(model, stats, shape, targets, recipe.metric_options.mlp_score, correction, scores.mlp)
     scores = LayerScores(scores.heads, mlp, scores.experts, scores.shared)
-    if targets.kv_heads == shape.num_kv_heads:  # no group leaves: nothing to choose
+    head_score = head_score_of(recipe.metric_options.head_score, shape, targets)
+    head_cut = head_score == "consumer_error" and targets.heads < shape.num_heads
+    if targets.kv_heads == shape.num_kv_heads and not head_cut:  # no group leaves, no error-chosen heads
         return scores
     grams = stats.activation("attn", "gram")
     sums = stats.activation("attn", "sum")
-    groups = []
+    heads, groups = [], []
     for i, (attn, _) in enumerate(get_adapter(model).layer_parts(model)):
         if attn is None:
+            heads.append(scores.heads[i])
             groups.append(torch.zeros(0))
             continue
         mean = sums[i] / stats.activations.tokens
-        groups.append(group_scores(attn, grams[i], mean, scores.heads[i], targets, correction))
-    return LayerScores(scores.heads, scores.mlp, scores.experts, scores.shared, groups)
+        layer_heads, layer_groups = layer_choice(attn, grams[i], mean, scores.heads[i], targets, correction,
+                                                 head_score)
+        heads.append(layer_heads)
+        groups.append(layer_groups)
+    return LayerScores(heads, scores.mlp, scores.experts, scores.shared, groups)
 
 
 METRIC = register_metric(Metric(
     "transact_residual", "eq. 5 for heads and channels, KV groups kept by the output error the correction "
     "leaves (refit, bias or none), computed from the Gram matrices (--alpha weights eq. 5's max; "
-    "--mlp-score consumer_error ranks MLP channels by that error too)",
+    "--mlp-score consumer_error ranks MLP channels by that error too; --head-score picks the query heads "
+    "inside the kept groups by it: auto, the default, where the MLP keeps at least 3/4)",
     transact_residual_scores, statistics=("sum_sq", "sum", "gram"), options=TransactResidualOptions, experts=True,
     corrector_aware=True))
