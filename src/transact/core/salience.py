@@ -217,17 +217,17 @@ def refit_greedy_heads(weight: torch.Tensor, gram: torch.Tensor, head_dim: int, 
     hinv = damped_inverse(gram[channels][:, channels], damp)
     w = weight.detach().cpu().double()[:, channels].clone()
     blocks = torch.arange(len(channels)).reshape(len(heads), head_dim)
-    group_of = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    group_of = [g for g, group in enumerate(groups) for _ in group]
     left = [len(group) for group in groups]
     alive = torch.ones(len(heads), dtype=torch.bool)
     while max(left) > per_group:
         errors = _unit_removal_errors(w, hinv, blocks, head_dim)
-        full = torch.tensor([left[g] <= per_group for g in group_of.tolist()])
+        full = torch.tensor([left[g] <= per_group for g in group_of])
         errors[~alive | full] = float("inf")
         best = int(errors.argmin())
         _remove_unit_(w, hinv, blocks[best])
         alive[best] = False
-        left[int(group_of[best])] -= 1
+        left[group_of[best]] -= 1
     return sorted(h for h, kept in zip(heads, alive.tolist(), strict=True) if kept)
 
 
@@ -308,13 +308,18 @@ def least_error_groups(error: Callable[[list[int]], float], num_groups: int, kee
     return kept
 
 
+def head_choices(groups: list[list[int]], per_group: int) -> int:
+    """How many ways there are to keep ``per_group`` heads of each group (``groups``: each group's heads);
+    up to ``EXACT_GROUP_SETS`` of them, ``least_error_heads`` compares every one."""
+    return math.prod(math.comb(len(heads), per_group) for heads in groups)
+
+
 def least_error_heads(error: Callable[[list[int]], float], groups: list[list[int]], per_group: int) -> list[int]:
     """The ``per_group`` query heads of each kept KV group (``groups``: each group's heads) whose keeping
     leaves the least ``error(heads)`` (ascending): every choice where there are at most ``EXACT_GROUP_SETS`` of
     them, else removing one head at a time from the groups that still hold too many, each time the one whose
     loss adds the least."""
-    choices = math.prod(math.comb(len(heads), per_group) for heads in groups)
-    if choices <= EXACT_GROUP_SETS:
+    if head_choices(groups, per_group) <= EXACT_GROUP_SETS:
         sets = itertools.product(*(itertools.combinations(heads, per_group) for heads in groups))
         return sorted(min(([h for kept in chosen for h in kept] for chosen in sets), key=error))
     kept = [list(heads) for heads in groups]

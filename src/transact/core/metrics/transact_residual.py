@@ -28,7 +28,6 @@ least 3/4 of its channels and worse wherever it kept half or less, so the defaul
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,7 +76,7 @@ def layer_choice(attn, gram: torch.Tensor, mean: torch.Tensor | None, heads: tor
     if head_score != "consumer_error" or per_group == size:
         return heads, group_scores
     in_groups = [list(range(g * size, (g + 1) * size)) for g in groups]
-    if correction["correction"] == "refit" and math.comb(size, per_group) ** len(groups) > salience.EXACT_GROUP_SETS:
+    if correction["correction"] == "refit" and salience.head_choices(in_groups, per_group) > salience.EXACT_GROUP_SETS:
         chosen = salience.refit_greedy_heads(attn.o.weight, gram, head_dim, correction["damp"], in_groups, per_group)
     else:  # every choice compared, or greedy with the correction's own error
         chosen = salience.least_error_heads(kept_error, in_groups, per_group)
