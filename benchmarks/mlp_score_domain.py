@@ -1,8 +1,8 @@
 """Which MLP ranking is best depends on the text it is judged on: ``transact_residual``'s two MLP channel rankings
-(eq5, consumer_error) and the choice ``mlp_score=auto`` makes between them, each judged by held-out perplexity
+(eq5, consumer_error) and the choice ``mlp_score=compare`` makes between them, each judged by held-out perplexity
 on two texts: the built-in LAMBADA passages (another distribution than the calibration text, as
-benchmarks/transfer.py measures) and windows of the calibration text itself that neither the fits nor auto's
-comparison saw (the calibration windows, then auto's 16 scoring windows, then these).
+benchmarks/transfer.py measures) and windows of the calibration text itself that neither the fits nor compare's
+comparison saw (the calibration windows, then compare's 16 scoring windows, then these).
 
     python benchmarks/mlp_score_domain.py --model builtin:gemma3-270m --widths 4/1/1536 4/1/1024 2/1/1536 \
         2/1/1024 1/1/512 --out docs/bench/transfer/mlp_score_domain_gemma3-270m
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--in-domain-windows", type=int, default=32, help="calibration-text windows scored (after "
-                    "the calibration's and auto's)")
+                    "the calibration's and compare's)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", required=True, help="path prefix for .json and .md")
     return ap.parse_args()
@@ -57,7 +57,8 @@ def table(result: dict) -> str:
     lines = [f"{result['model']}: held-out perplexity after one shot with the refit, calibration "
              f"{result['calibration']}; LAMBADA {result['eval_tokens']:,} tokens (dense {dense['lambada']:.2f}), "
              f"calibration text {result['in_domain_tokens']:,} unseen tokens (dense {dense['in_domain']:.2f}).", "",
-             "| width | eq5 LAMBADA | consumer_error LAMBADA | eq5 in-domain | consumer_error in-domain | auto keeps |",
+             "| width | eq5 LAMBADA | consumer_error LAMBADA | eq5 in-domain | consumer_error in-domain "
+             "| compare keeps |",
              "|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['width']} | {_cell(r, 'lambada', 'eq5')} | {_cell(r, 'lambada', 'consumer_error')} | "
@@ -79,7 +80,7 @@ def main() -> None:
         return {"lambada": heldout_perplexity(model, lambada, heldout, progress=False).perplexity,
                 "in_domain": perplexity(model, in_domain, window=args.seq_len, progress=False).perplexity}
 
-    base = PruneRecipe(correctors=("refit",), calibration=calibration, metric_options={"mlp_score": "auto"})
+    base = PruneRecipe(correctors=("refit",), calibration=calibration, metric_options={"mlp_score": "compare"})
     windows = calibration_windows(tok, base, texts)
     stats = collect_statistics(dense, windows, base.statistics, batch_size=4, progress=False)
     result = {"model": args.model, "calibration": f"{args.samples} x {args.seq_len}", "eval_tokens": args.eval_tokens,
@@ -87,9 +88,9 @@ def main() -> None:
     for width in args.widths:
         heads, kv, mlp = (int(v) for v in width.split("/"))
         recipe = replace(base, heads=heads, kv_heads=kv, mlp=mlp)
-        auto = prune_step(copy.deepcopy(dense), tok, recipe, statistics=stats, texts=texts, progress=False)
-        row = {"width": width, "auto": auto.recipe["mlp_score_choice"]["chosen"],
-               "auto_losses": auto.recipe["mlp_score_choice"]["losses"]}
+        compared = prune_step(copy.deepcopy(dense), tok, recipe, statistics=stats, texts=texts, progress=False)
+        row = {"width": width, "auto": compared.recipe["mlp_score_choice"]["chosen"],
+               "auto_losses": compared.recipe["mlp_score_choice"]["losses"]}
         for ranking in RANKINGS:
             model = copy.deepcopy(dense)
             prune_step(model, tok, replace(recipe, metric_options={"mlp_score": ranking}), statistics=stats,

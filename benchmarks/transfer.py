@@ -151,7 +151,7 @@ def measure(v: dict, dense, tok, stats, texts, args, ppl) -> dict:
     seconds = time.perf_counter() - t
     row = {**v, "perplexity": ppl(model), "prune_seconds": round(seconds, 1), "corrections": plan.corrections,
            "kv_groups": [layer.kv_heads for layer in plan.layers]}
-    if "mlp_score_choice" in plan.recipe:  # mlp_score auto: both rankings' losses on unseen calibration windows
+    if "mlp_score_choice" in plan.recipe:  # mlp_score compare: both rankings' losses on unseen calibration windows
         row["mlp_score_choice"] = plan.recipe["mlp_score_choice"]
     del model
     return row

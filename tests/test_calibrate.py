@@ -51,16 +51,44 @@ def test_stats_are_fp32_for_bf16_models():
 
 
 def _hook_count(model):
-    return sum(len(m._forward_pre_hooks) for m in model.modules())
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-def test_hooks_are_removed_even_on_error():
-    model = tiny_model("mistral")
+@pytest.mark.parametrize("family, statistics", [("mistral", ("sum_sq",)), ("gemma3_text", ("sum_sq", "gram"))])
+def test_hooks_are_removed_even_on_error(family, statistics):
+    model = tiny_model(family)
     assert _hook_count(model) == 0
-    with pytest.raises(RuntimeError, match="boom"), record_transitional_stats(model):
+    with pytest.raises(RuntimeError, match="boom"), record_transitional_stats(model, statistics):
         assert _hook_count(model) == 2 * model.config.num_hidden_layers
         raise RuntimeError("boom")
     assert _hook_count(model) == 0
+
+
+@pytest.mark.parametrize("family, normed", [("llama", False), ("gemma3_text", True)])
+def test_gram_is_weighted_by_the_output_norm_where_the_family_normalizes_it(family, normed):
+    """Gemma normalizes o_proj's and down_proj's outputs per token before the residual stream, so the Gram
+    matrices (the refit's objective) are sums of (x / rms(y)) (x / rms(y))ᵀ with y the consumer's output;
+    Llama adds them as they are: plain sums of x xᵀ. Eq. 5's sums of squares stay unweighted in both."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    seen, handles = {}, []
+    for i, layer in enumerate(adapter.layers(model)):
+        consumers = (("attn", adapter.attention(layer, model.config).o), ("mlp", adapter.mlp(layer, model.config).down))
+        for kind, mod in consumers:
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out, key=(kind, i): seen.setdefault(key, []).append((args[0].detach(), out.detach()))))
+    windows = torch.randint(0, VOCAB, (6, 10), generator=torch.Generator().manual_seed(1))
+    stats = calibrate(model, windows, batch_size=4, progress=False, statistics=("sum_sq", "gram"))
+    for h in handles:
+        h.remove()
+    for (kind, i), calls in seen.items():
+        x = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls]).double()  # (60, C)
+        y = torch.cat([b.reshape(-1, b.shape[-1]) for _, b in calls]).double()  # (60, hidden)
+        weights = y.square().mean(dim=1, keepdim=True).rsqrt() if normed else torch.ones(60, 1, dtype=torch.float64)
+        group = stats.attn if kind == "attn" else stats.mlp
+        torch.testing.assert_close(group["gram"][i].double(), (x * weights).T @ (x * weights), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(group["sum_sq"][i].double(), x.square().sum(0), rtol=1e-5, atol=1e-6)
+        assert normed == (weights.std() > 0.01)  # the weights do differ between tokens
 
 
 def test_read_texts_formats(tmp_path):

@@ -48,7 +48,7 @@ def test_options_are_checked_when_made():
     with pytest.raises(TransactError, match=r"corrector 'flap_bias', which this recipe does not run"):
         PruneRecipe(heads=2, corrector_options={"flap_bias": {}})
     recipe = PruneRecipe(heads=2, metric_options={"alpha": 0.5}, corrector_options={"refit": {"damp": 0.05}})
-    assert recipe.metric_options == TransactResidualOptions(alpha=0.5, mlp_score="eq5")  # the default metric's
+    assert recipe.metric_options == TransactResidualOptions(alpha=0.5, mlp_score="auto")  # the default metric's
     assert recipe.options_of("refit") == RefitOptions(0.05)
     assert recipe.options_of("flap_bias") is None
 
@@ -56,7 +56,7 @@ def test_options_are_checked_when_made():
 def test_a_recipe_reads_back_its_json_and_the_layout_before_options_moved():
     recipe = PruneRecipe(heads=2, mlp=0.5, metric_options={"alpha": 0.5}, corrector_options={"refit": {"damp": 0.05}})
     data = recipe.to_json()
-    assert data["metric_options"] == {"alpha": 0.5, "mlp_score": "eq5", "head_score": "auto"}  # defaults too
+    assert data["metric_options"] == {"alpha": 0.5, "mlp_score": "auto", "head_score": "auto"}  # defaults too
     assert data["corrector_options"] == {"refit": {"damp": 0.05}}
     assert PruneRecipe.from_json(json.loads(json.dumps(data))) == recipe
     legacy = {k: v for k, v in data.items() if k not in ("metric_options", "corrector_options")}

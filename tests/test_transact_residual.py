@@ -141,42 +141,54 @@ def _mlp_channels(plan) -> list[list[int]]:
 
 def test_mlp_score_consumer_error_ranks_channels_by_the_error_their_removal_leaves():
     """``mlp_score="consumer_error"``: under the refit each layer keeps the channels whose single removal costs
-    most after the refit; with slicing alone, those carrying most output (Σ x² · |W_:,j|²). The default (eq5)
-    keeps the largest activation norms. On this model the three choices differ, so a wrong branch shows."""
+    most after the refit; with slicing alone, those carrying most output (Σ x² · |W_:,j|²); eq5 keeps the
+    largest activation norms. The default, auto, is consumer_error under the refit where the MLP keeps at
+    least half its channels (32 and 24 of 48 here), eq5 where more go (16 of 48) and without the refit. On
+    this model the three rankings choose differently, so a wrong branch shows."""
     model = tiny_model("qwen2", heads=4, kv_heads=2, mlp=48)
     x = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
     stats = collect_statistics(model, x, ("sum_sq", "sum", "gram"), progress=False)
     downs = [ffn.down.weight for _, ffn in get_adapter(model).layer_parts(model)]
     sum_sq, grams = stats.activation("mlp", "sum_sq"), stats.activation("mlp", "gram")
 
-    def top(scores: list[torch.Tensor]) -> list[list[int]]:
-        return [sorted(s.topk(32).indices.tolist()) for s in scores]
+    def top(scores: list[torch.Tensor], mlp: int = 32) -> list[list[int]]:
+        return [sorted(s.topk(mlp).indices.tolist()) for s in scores]
 
-    refit = top([salience.refit_removal_errors(w, g, damp_for(stats)) for w, g in zip(downs, grams, strict=True)])
+    refit_errors = [salience.refit_removal_errors(w, g, damp_for(stats)) for w, g in zip(downs, grams, strict=True)]
+    refit = top(refit_errors)
     sliced = top([s.double() * w.double().square().sum(0) for w, s in zip(downs, sum_sq, strict=True)])
-    eq5 = top([salience.channel_norms(s) for s in sum_sq])
+    norms = [salience.channel_norms(s) for s in sum_sq]
+    eq5 = top(norms)
 
-    def chosen(correctors: tuple, mlp_score: str | None) -> list[list[int]]:
+    def chosen(correctors: tuple, mlp_score: str | None, mlp: int = 32) -> list[list[int]]:
         options = {"mlp_score": mlp_score} if mlp_score else None
-        recipe = PruneRecipe(heads=4, kv_heads=2, mlp=32, metric="transact_residual", correctors=correctors,
+        recipe = PruneRecipe(heads=4, kv_heads=2, mlp=mlp, metric="transact_residual", correctors=correctors,
                              metric_options=options)
         plan, _ = plan_step(model, None, recipe, statistics=stats, progress=False)
         return [sorted(layer.mlp) for layer in plan.layers]
 
     assert len({str(refit), str(sliced), str(eq5)}) == 3
-    assert chosen(("refit",), "consumer_error") == refit
+    assert chosen(("refit",), "consumer_error") == chosen(("refit",), None) == refit
     assert chosen((), "consumer_error") == sliced
-    assert chosen(("refit",), None) == chosen((), None) == eq5  # the default: eq. 5 whatever the correction
+    assert chosen(("refit",), "eq5") == chosen((), "eq5") == chosen((), None) == eq5
+    assert chosen(("refit",), None, 24) == top(refit_errors, 24)  # half kept: still the error
+    assert top(norms, 16) != top(refit_errors, 16)
+    assert chosen(("refit",), None, 16) == top(norms, 16)  # less than half: eq. 5
+    few = collect_statistics(model, x[:4], ("sum_sq", "sum", "gram"), progress=False)  # 128 tokens < 4 x 48
+    recipe = PruneRecipe(heads=4, kv_heads=2, mlp=32, metric="transact_residual", correctors=("refit",))
+    few_plan, _ = plan_step(model, None, recipe, statistics=few, progress=False)
+    few_norms = [salience.channel_norms(s) for s in few.activation("mlp", "sum_sq")]
+    assert [sorted(layer.mlp) for layer in few_plan.layers] == top(few_norms)  # few tokens a channel: eq. 5
     with pytest.raises(TransactError, match="mlp_score"):
         PruneRecipe(heads=2, metric="transact_residual", metric_options={"mlp_score": "obs"})
 
 
-def test_mlp_score_auto_keeps_the_ranking_whose_pruned_model_has_the_lower_unseen_loss(tokenizer, corpus):
-    """``mlp_score="auto"`` prunes a copy with each ranking (refit included) and keeps the one with the lower
-    loss on the windows after the calibration's: the model pruned in place is, to the bit, the winner's
+def test_mlp_score_compare_keeps_the_ranking_whose_pruned_model_has_the_lower_unseen_loss(tokenizer, corpus):
+    """``mlp_score="compare"`` prunes a copy with each ranking (refit included) and keeps the one with the
+    lower loss on the windows after the calibration's: the model pruned in place is, to the bit, the winner's
     ranking pruned alone, its loss on those windows is the recorded one, and apply-plan recreates it from the
-    plan (which records the chosen ranking, not auto). Layer by layer, auto is eq. 5; too little text for
-    the unseen windows is refused by name."""
+    plan (which records the chosen ranking, not compare). Layer by layer it is auto's rule (here, half the
+    MLP kept: consumer_error); too little text for the unseen windows is refused by name."""
     import copy
     from dataclasses import replace
 
@@ -187,7 +199,7 @@ def test_mlp_score_auto_keeps_the_ranking_whose_pruned_model_has_the_lower_unsee
     model = tiny_model("qwen2", heads=4, kv_heads=2, mlp=48)
     calibration = {"text": "builtin", "samples": 8, "seq_len": 32}
     recipe = PruneRecipe(heads=4, kv_heads=2, mlp=24, correctors=("refit",), calibration=calibration,
-                         metric_options={"mlp_score": "auto"})
+                         metric_options={"mlp_score": "compare"})
     pruned = copy.deepcopy(model)
     plan = prune_step(pruned, tokenizer, recipe, texts=corpus, progress=False)
     choice = plan.recipe["mlp_score_choice"]
@@ -209,13 +221,15 @@ def test_mlp_score_auto_keeps_the_ranking_whose_pruned_model_has_the_lower_unsee
         assert torch.equal(again(ids).logits, pruned(ids).logits)
     from transact.core.layerwise import prune_by_layer
 
-    layerwise, eq5 = copy.deepcopy(model), copy.deepcopy(model)
+    layerwise, ranked, eq5 = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     by_layer = prune_by_layer(layerwise, tokenizer, recipe, sequential=False, texts=corpus, progress=False)
-    eq5_plan = prune_by_layer(eq5, tokenizer, replace(recipe, metric_options={"mlp_score": "eq5"}), sequential=False,
-                              texts=corpus,
-                              progress=False)
-    assert [layer.mlp for layer in by_layer.layers] == [layer.mlp for layer in eq5_plan.layers]
-    with pytest.raises(TransactError, match="mlp_score auto scores its candidates on 16 windows"):
+    by_error = prune_by_layer(ranked, tokenizer, replace(recipe, metric_options={"mlp_score": "consumer_error"}),
+                              sequential=False, texts=corpus, progress=False)
+    by_eq5 = prune_by_layer(eq5, tokenizer, replace(recipe, metric_options={"mlp_score": "eq5"}), sequential=False,
+                            texts=corpus, progress=False)
+    assert [layer.mlp for layer in by_layer.layers] == [layer.mlp for layer in by_error.layers] != \
+        [layer.mlp for layer in by_eq5.layers]
+    with pytest.raises(TransactError, match="mlp_score compare scores its candidates on 16 windows"):
         prune_step(copy.deepcopy(model), tokenizer, recipe, texts=[corpus[0][:600]], progress=False)
 
 
@@ -244,11 +258,12 @@ def test_head_score_consumer_error_keeps_the_least_error_heads_of_every_layer():
     """``head_score="consumer_error"``: each layer keeps, inside its kept groups, the query heads (two of each
     group's four) with the least refit error of o_proj among every choice (brute force here); ``eq5`` keeps
     eq. 5's, which differ on this model, so a wrong branch shows; ``auto`` (the default) is one or the other
-    by the share of MLP channels kept."""
+    by the share of MLP channels kept, and eq5 with under 4 calibration tokens per channel of the widest Gram
+    matrix (here o_proj's 128: 512 tokens are enough, 256 are not)."""
     import itertools
 
     model = tiny_model("qwen2", heads=8, kv_heads=2, mlp=48)
-    x = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(0))
     stats = collect_statistics(model, x, ("sum_sq", "sum", "gram"), progress=False)
     damp = damp_for(stats)
 
@@ -261,10 +276,10 @@ def test_head_score_consumer_error_keeps_the_least_error_heads_of_every_layer():
     parts = get_adapter(model).layer_parts(model)
     expected = [least_error(attn, g) for (attn, _), g in zip(parts, stats.activation("attn", "gram"), strict=True)]
 
-    def chosen(head_score: str | None, mlp: int = 48) -> list[list[int]]:
+    def chosen(head_score: str | None, mlp: int = 48, statistics=stats) -> list[list[int]]:
         recipe = PruneRecipe(heads=4, kv_heads=2, mlp=mlp, metric="transact_residual", correctors=("refit",),
                              metric_options={"head_score": head_score} if head_score else None)
-        plan, _ = plan_step(model, None, recipe, statistics=stats, progress=False)
+        plan, _ = plan_step(model, None, recipe, statistics=statistics, progress=False)
         return [sorted(layer.heads) for layer in plan.layers]
 
     eq5 = chosen("eq5")
@@ -272,6 +287,8 @@ def test_head_score_consumer_error_keeps_the_least_error_heads_of_every_layer():
     # the default, auto: error-chosen heads while the MLP keeps at least 3/4 of its 48 channels, eq. 5 below
     assert chosen(None) == chosen(None, mlp=36) == expected
     assert chosen(None, mlp=35) == chosen("auto", mlp=24) == eq5
+    few = collect_statistics(model, x[:8], ("sum_sq", "sum", "gram"), progress=False)
+    assert chosen(None, statistics=few) == chosen("eq5", statistics=few) != chosen("consumer_error", statistics=few)
     with pytest.raises(TransactError, match="head_score"):
         PruneRecipe(heads=2, metric="transact_residual", metric_options={"head_score": "obs"})
 
@@ -297,9 +314,10 @@ def test_the_fast_greedy_removes_the_heads_the_solving_greedy_removes():
 
 def test_many_heads_per_group_take_the_fast_greedy():
     """A layer of 12 heads in 2 groups keeping 3 of 6 in each (400 choices): the plan keeps, in every layer,
-    the heads ``refit_greedy_heads`` keeps."""
+    the heads ``refit_greedy_heads`` keeps (768 calibration tokens: 4 per o_proj input channel, enough for
+    auto to choose heads by the error)."""
     model = tiny_model("qwen2", heads=12, kv_heads=2, mlp=48)
-    x = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, VOCAB, (24, 32), generator=torch.Generator().manual_seed(1))
     stats = collect_statistics(model, x, ("sum_sq", "sum", "gram"), progress=False)
     recipe = PruneRecipe(heads=6, kv_heads=2, mlp=48, metric="transact_residual", correctors=("refit",))
     plan, _ = plan_step(model, None, recipe, statistics=stats, progress=False)

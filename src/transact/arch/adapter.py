@@ -138,6 +138,10 @@ class FamilyAdapter:
       (Gemma's post-feedforward norm), so that no linear map folds into ``down_proj`` (depth pruning's
       compensation, ``transact.core.depth``). ``mlp_output_norm`` names that norm, whose gain can carry a
       per-channel map instead.
+    - ``attention_output_norm``: the norm o_proj's output passes through before the residual stream (Gemma's
+      post-attention norm), None where there is none. Where o_proj's or down_proj's output is normalized per
+      token, calibration weights their inputs' Gram matrices by that normalization
+      (``transact.core.calibrate.OUTPUT_NORM_WEIGHTED``).
     - ``prune_refusal``: why transact does not prune models of this kind (None: it does); every job that would
       is refused with it before any work (a run without shots, which only trains, is not).
     """
@@ -153,6 +157,7 @@ class FamilyAdapter:
     notes: Callable[[PretrainedConfig], tuple[str, ...]] = field(default=lambda config: ())
     mlp_residual: Callable[[PretrainedConfig], float | None] = field(default=lambda config: 1.0)
     mlp_output_norm: NormGain | None = None
+    attention_output_norm: NormGain | None = None
     prune_refusal: str | None = None
 
     def model_class(self) -> type:

@@ -108,6 +108,7 @@ def normed_mlp_output(config: PretrainedConfig) -> None:
 
 
 POST_MLP_NORM = NormGain("post_feedforward_layernorm", offset=1.0)
+POST_ATTENTION_NORM = NormGain("post_attention_layernorm", offset=1.0)
 
 
 GEMMA2_27B_LAYERS = 46  # how llama.cpp recognises Gemma 2 27B
@@ -116,4 +117,4 @@ ADAPTER = register(FamilyAdapter("gemma2", checkpoint=CheckpointRules(head_rule=
                                  gguf=gemma_gguf("gemma2", GEMMA2_27B_LAYERS, check=full_attention_every(2, "gemma2")),
                                  notes=gemma2_notes,
                                  logit_transform=soft_capping, mlp_residual=normed_mlp_output,
-                                 mlp_output_norm=POST_MLP_NORM))
+                                 mlp_output_norm=POST_MLP_NORM, attention_output_norm=POST_ATTENTION_NORM))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from transact.arch import register
 from transact.arch.adapter import CheckpointRules, FamilyAdapter, ModuleNames
 from transact.arch.gemma2 import (
+    POST_ATTENTION_NORM,
     POST_MLP_NORM,
     full_attention_every,
     gemma_gguf,
@@ -36,7 +37,7 @@ GEMMA3_27B_LAYERS = 62  # how llama.cpp recognises Gemma 3 27B
 _GEMMA3 = dict(checkpoint=CheckpointRules(head_rule=heads_dividing_hidden),
                gguf=gemma_gguf("gemma3", GEMMA3_27B_LAYERS, check=full_attention_every(LLAMACPP_PERIOD, "gemma3")),
                notes=lambda config: gemma_notes(config, GEMMA3_27B_LAYERS), mlp_residual=normed_mlp_output,
-               mlp_output_norm=POST_MLP_NORM)
+               mlp_output_norm=POST_MLP_NORM, attention_output_norm=POST_ATTENTION_NORM)
 
 # Gemma3ForCausalLM soft-caps its logits where the config sets a cap; Gemma3ForConditionalGeneration does not
 ADAPTER = register(FamilyAdapter("gemma3_text", logit_transform=soft_capping, **_GEMMA3))

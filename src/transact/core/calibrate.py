@@ -1,11 +1,13 @@
 """Calibration: token windows -> statistics of the transitional activations, streamed in fp32.
 
 The transitional activations are the inputs of ``o_proj`` (concatenated head outputs, width A) and of
-``down_proj`` (act(gate) * up, width P). Pre-hooks reduce each batch to the statistics asked for (see
+``down_proj`` (act(gate) * up, width P). Hooks reduce each batch to the statistics asked for (see
 ``STATISTICS``: per-channel sums over tokens or samples) and add them into fp32 accumulators; the
-activations themselves are never kept. A metric or corrector that needs a new statistic registers its
-reducer here with ``register_statistic``. The one statistic that needs backward passes, |w * dL/dw| of
-every prunable weight (``WEIGHT_X_GRAD``), is collected by ``weight_x_grad``.
+activations themselves are never kept. Where the family normalizes the consumer's output before the
+residual stream, the Gram matrices are weighted per token by that normalization (``OUTPUT_NORM_WEIGHTED``).
+A metric or corrector that needs a new statistic registers its reducer here with ``register_statistic``.
+The one statistic that needs backward passes, |w * dL/dw| of every prunable weight (``WEIGHT_X_GRAD``), is
+collected by ``weight_x_grad``.
 """
 
 from __future__ import annotations
@@ -139,9 +141,30 @@ class ActivationStats:
                                add(self.shared, other.shared))
 
 
-def _accumulate(store: dict[str, list], index: int, module: nn.Module, args: tuple) -> None:
+# Statistics that are least-squares objectives (the refit's, and the error-based choices made from it): where
+# the consumer's output is normalized per token before the residual stream (Gemma's post-attention and
+# post-feedforward norms), an error d in a token's output y reaches the model as about gain * d / rms(y), so
+# these are collected over x / rms(y) and the fit minimises the error the model sees. Without it the tokens
+# with the largest outputs (a few carry most of the energy) decide the fit, although the norm scales them
+# down like every other token (measured on Gemma-3-270M: docs/results.md, "Quality that transfers").
+# Eq. 5's norms stay the paper's, unweighted.
+OUTPUT_NORM_WEIGHTED = ("gram",)
+
+
+def output_norm_weights(output: torch.Tensor) -> torch.Tensor:
+    """1 / rms over the last axis of a consumer's output: (..., out) -> (..., 1) fp32 per-token weights."""
+    return output.float().square().mean(dim=-1, keepdim=True).clamp_min(1e-12).rsqrt()
+
+
+def _accumulate(store: dict[str, list], index: int, module: nn.Module, args: tuple,
+                output: torch.Tensor | None = None) -> None:
+    """Add one call's statistics; ``output`` is given only where the consumer's output is normalized."""
+    weights = None if output is None else output_norm_weights(output)
     for name, values in store.items():
-        reduced = STATISTICS[name](args[0])
+        x = args[0]
+        if weights is not None and name in OUTPUT_NORM_WEIGHTED:
+            x = x.float() * weights
+        reduced = STATISTICS[name](x)
         if values[index] is None:
             values[index] = torch.zeros_like(reduced)
         values[index].add_(reduced)
@@ -194,14 +217,19 @@ def record_transitional_stats(model: nn.Module, statistics: tuple[str, ...] = ("
     if any(inputs["shared"]):
         stats.shared = {name: [None] * len(parts) for name in statistics}
     recorders = [partial(_accumulate_expert, stats, i, mlp.num_experts, gate_weighted) for i, mlp in routed.items()]
+    adapter = get_adapter(model)
+    normed = {"attn": adapter.attention_output_norm is not None, "mlp": adapter.mlp_output_norm is not None,
+              "shared": False}
+    weighted = bool(set(statistics) & set(OUTPUT_NORM_WEIGHTED))
     handles = []
     try:
-        for store, linears in ((stats.attn, inputs["attn"]), (stats.mlp, inputs["mlp"]),
-                               (stats.shared, inputs["shared"])):
-            for i, linear in enumerate(linears):
+        for module, store in (("attn", stats.attn), ("mlp", stats.mlp), ("shared", stats.shared)):
+            for i, linear in enumerate(inputs[module]):
                 if linear is None:
                     continue
-                handles.append(linear.register_forward_pre_hook(partial(_accumulate, store, i)))
+                hook = partial(_accumulate, store, i)
+                handles.append(linear.register_forward_hook(hook) if normed[module] and weighted
+                               else linear.register_forward_pre_hook(hook))
         with ExitStack() as experts:
             if routed:
                 experts.enter_context(recording_experts([mlp.experts for mlp in routed.values()], recorders))

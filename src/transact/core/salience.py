@@ -267,9 +267,15 @@ class ConsumerError:
         self.g = gram.detach().cpu().double()  # (C, C)
         self.correction, self.damp = correction, damp
         self.shift = None if mean is None else self.w * mean.detach().cpu().double() * math.sqrt(tokens)  # (out, C)
-        if correction == "refit":
-            self.wg = self.w @ self.g  # (out, C)
-            self.total = float((self.wg * self.w).sum())
+        self._wg: torch.Tensor | None = None
+
+    def _refit_terms(self) -> tuple[torch.Tensor, float]:
+        """W G (out, C) and tr(W G Wᵀ), built on the first refit error asked for: an out x C x C product that a
+        caller who only constructs the object (and then takes a faster path) should not pay for."""
+        if self._wg is None:
+            self._wg = self.w @ self.g
+            self._total = float((self._wg * self.w).sum())
+        return self._wg, self._total
 
     def __call__(self, kept: torch.Tensor) -> float:
         keep = torch.zeros(self.g.shape[0], dtype=torch.bool)
@@ -280,8 +286,9 @@ class ConsumerError:
             if self.correction == "mean":
                 error -= float(self.shift[:, ~keep].sum(1).square().sum())
             return error
+        wg, total = self._refit_terms()
         g_ss = self.g[keep][:, keep]  # (S, S)
-        w_s, wg_s = self.w[:, keep], self.wg[:, keep]  # (out, S)
+        w_s, wg_s = self.w[:, keep], wg[:, keep]  # (out, S)
         damping = self.damp * g_ss.diagonal().mean()
         damped = g_ss + damping * torch.eye(g_ss.shape[0], dtype=g_ss.dtype)
         rhs = (wg_s + damping * w_s).T  # (S, out)
@@ -289,7 +296,7 @@ class ConsumerError:
         solved = torch.cholesky_solve(rhs, factor) if info.item() == 0 else \
             torch.linalg.lstsq(damped, rhs, driver="gelsd").solution
         refitted = solved.T  # (out, S), Ŵ_S
-        return self.total - 2 * float((refitted * wg_s).sum()) + float(((refitted @ g_ss) * refitted).sum())
+        return total - 2 * float((refitted * wg_s).sum()) + float(((refitted @ g_ss) * refitted).sum())
 
 
 # exact enumeration of the KV-group sets up to this many; greedy removal beyond

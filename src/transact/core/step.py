@@ -198,13 +198,13 @@ def _widths_after_drop(model: nn.Module, tokenizer, recipe: PruneRecipe, depth: 
     return replace(plan, depth=depth, calibration_hash=plan.calibration_hash or windows_hash(windows))
 
 
-MLP_SCORES = ("eq5", "consumer_error")  # what mlp_score "auto" chooses between
+MLP_SCORES = ("eq5", "consumer_error")  # what mlp_score "compare" chooses between
 MLP_SCORE_WINDOWS = 16  # windows after the calibration's that the two pruned models are compared on
 
 
 def chooses_mlp_score(recipe: PruneRecipe, shape: ModelShape, targets: Targets | None) -> bool:
-    """Whether the step prunes dense MLP channels with a metric told to choose its MLP ranking (``auto``)."""
-    if getattr(recipe.metric_options, "mlp_score", None) != "auto" or shape.is_moe:
+    """Whether the step prunes dense MLP channels with a metric told to compare its MLP rankings (``compare``)."""
+    if getattr(recipe.metric_options, "mlp_score", None) != "compare" or shape.is_moe:
         return False
     return (targets or resolve_targets(recipe, shape)).mlp != shape.intermediate_size
 
@@ -217,11 +217,11 @@ def choose_mlp_score(model: nn.Module, tokenizer, recipe: PruneRecipe, *, target
     ``MLP_SCORE_WINDOWS`` windows that follow the calibration windows (which no fit saw); ``model`` is left
     as it is. -> (the recipe with that ranking, its plan, which records the choice, the statistics)."""
     if tokenizer is None:
-        raise TransactError("mlp_score auto compares pruned models on calibration text, which needs the model's "
+        raise TransactError("mlp_score compare compares pruned models on calibration text, which needs the model's "
                             "tokenizer")
     if statistics is None:
         statistics = gather_statistics(model, tokenizer, recipe, texts=texts, progress=progress)
-    unseen = scoring_windows(tokenizer, recipe, texts, MLP_SCORE_WINDOWS, "mlp_score auto")
+    unseen = scoring_windows(tokenizer, recipe, texts, MLP_SCORE_WINDOWS, "mlp_score compare")
     plans, losses = {}, {}
     for score in MLP_SCORES:
         trial, concrete = copy.deepcopy(model), _with_mlp_score(recipe, score)
@@ -232,7 +232,7 @@ def choose_mlp_score(model: nn.Module, tokenizer, recipe: PruneRecipe, *, target
         del trial
     chosen = min(MLP_SCORES, key=losses.__getitem__)
     if progress:
-        print("mlp_score auto: loss on unseen calibration windows " + ", ".join(
+        print("mlp_score compare: loss on unseen calibration windows " + ", ".join(
             f"{score} {loss:.4f}" for score, loss in losses.items()) + f"; keeping {chosen}", file=sys.stderr)
     choice = {"losses": {score: round(loss, 6) for score, loss in losses.items()}, "chosen": chosen,
               "windows": MLP_SCORE_WINDOWS}
@@ -291,7 +291,7 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
 
 
 def scoring_windows(tokenizer, recipe: PruneRecipe, texts: list[str] | None, count: int, who: str) -> torch.Tensor:
-    """The windows pruned candidates are compared on (by ``who``: a budget, mlp_score auto): the ``count``
+    """The windows pruned candidates are compared on (by ``who``: a budget, mlp_score compare): the ``count``
     windows that follow the calibration windows in the same shuffled text, which no fit saw (a candidate that
     fits more gains nothing from having seen them). -> (count, seq_len)."""
     cal = recipe.calibration

@@ -11,12 +11,16 @@ refit can rebuild. On Qwen2.5-Coder-0.5B it kept the KV group whose removal the 
 half of the layers (docs/results.md, "Quality that transfers"). Where every group stays and no query head goes
 inside one, the metric is eq. 5.
 
-The option ``mlp_score="consumer_error"`` ranks dense MLP channels the same way, one channel at a time: by
+The option ``mlp_score`` ranks dense MLP channels: ``consumer_error`` the same way, one channel at a time, by
 the down_proj output error removing it alone leaves after the correction (under the refit the
-optimal-brain-surgeon saliency, ``salience.refit_removal_errors``). It won on one of the three real models
-and lost on the other two (docs/results.md), so ``mlp_score="auto"`` lets the whole-model step prune with
-both and keep the one whose pruned model has the lower loss on calibration windows no fit saw
-(``transact.core.step.choose_mlp_score``); where no whole model is compared (layer by layer), auto is eq. 5.
+optimal-brain-surgeon saliency, ``salience.refit_removal_errors``); ``eq5`` by the paper's channel norm. On
+the three real models, under the refit, consumer_error was better or within 4 % wherever the MLP kept at
+least half its channels and worse wherever it kept less (where the removed channels outnumber the kept ones,
+their single removals say little about removing them together), and worse with under 4 calibration tokens
+per channel (where H⁻¹ is poorly estimated); so the default ``auto`` is that rule (``mlp_score_of``).
+``compare`` lets the whole-model step prune with both and keep the one whose pruned model has the lower loss
+on calibration windows no fit saw (``transact.core.step.choose_mlp_score``); layer by layer, where no whole
+model is compared, it is auto's rule.
 
 The option ``head_score`` chooses the query heads kept inside each kept group the same way where some go:
 ``consumer_error`` keeps those whose keeping leaves the least o_proj output error after the correction
@@ -35,7 +39,7 @@ import torch
 
 from transact.arch import get_adapter
 from transact.core import salience
-from transact.core.correct.refit import damp_for
+from transact.core.correct.refit import FEW_TOKENS_PER_CHANNEL, damp_for
 from transact.core.metrics import LayerScores, Metric, register_metric
 from transact.core.metrics.transact import ALPHA_HELP, transact_scores
 from transact.core.select import best_heads_in_groups
@@ -88,13 +92,15 @@ def layer_choice(attn, gram: torch.Tensor, mean: torch.Tensor | None, heads: tor
 @dataclass(frozen=True)
 class TransactResidualOptions:
     alpha: float | None = option(None, ALPHA_HELP, low=0.0)
-    mlp_score: Literal["eq5", "consumer_error", "auto"] = option(
-        "eq5", "how dense MLP channels are ranked: eq5 (the channel's activation norm, paper eq. 5), "
+    mlp_score: Literal["eq5", "consumer_error", "auto", "compare"] = option(
+        "auto", "how dense MLP channels are ranked: eq5 (the channel's activation norm, paper eq. 5), "
         "consumer_error (the down_proj output error removing the channel alone leaves after the recipe's "
-        "correction: the refit's least-squares error, FLAP's fluctuation, or all it carried), or auto (prune "
-        "with both and keep the pruned model with the lower loss on calibration windows no fit saw; eq5 layer "
-        "by layer); consumer_error measured better on Qwen2.5-Coder-0.5B at 4 of 5 widths, worse on "
-        "SmolLM2-135M and Gemma-3-270M (docs/results.md); experts' channels keep eq. 5")
+        "correction: the refit's least-squares error, FLAP's fluctuation, or all it carried), auto "
+        "(consumer_error under the refit where the MLP keeps at least half its channels, eq5 where more go, "
+        "without the refit, below 4 calibration tokens per channel and on MoE models: measured on "
+        "SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma-3-270M, docs/results.md), or compare (prune with both "
+        "and keep the pruned model with the lower loss on calibration windows no fit saw; auto's rule layer "
+        "by layer); experts' channels keep eq. 5")
     head_score: Literal["eq5", "consumer_error", "auto"] = option(
         "auto", "how the query heads kept inside each kept KV group are chosen where some go: eq5 (the best "
         "heads by paper eq. 5), consumer_error (the heads whose keeping leaves the least o_proj output error "
@@ -109,14 +115,38 @@ class TransactResidualOptions:
 
 # head_score auto: error-chosen heads where the MLP keeps at least this share of its channels
 ERROR_HEADS_MLP_KEPT = 0.75
+# mlp_score auto: error-ranked channels where the MLP keeps at least this share of them
+ERROR_CHANNELS_MLP_KEPT = 0.5
 
 
-def head_score_of(option: str, shape, targets) -> str:
-    """The head score a recipe's ``head_score`` option means for these targets: auto resolves by how much of
-    the MLP stays (``ERROR_HEADS_MLP_KEPT``); eq5 on MoE models, where it was never measured."""
+def few_tokens(tokens: int, shape) -> bool:
+    """Whether the calibration has fewer than ``FEW_TOKENS_PER_CHANNEL`` tokens per channel of the widest Gram
+    matrix (the refit's few-tokens regime): there the error-based choices of auto fall back to eq. 5, which
+    needs no inverse of a poorly estimated Gram matrix (measured at 16 x 256 tokens: docs/results.md)."""
+    return tokens < FEW_TOKENS_PER_CHANNEL * max(shape.intermediate_size, shape.num_heads * shape.head_dim)
+
+
+def head_score_of(option: str, shape, targets, tokens: int) -> str:
+    """The head score a recipe's ``head_score`` option means for these targets and ``tokens`` calibration
+    tokens: auto resolves by how much of the MLP stays (``ERROR_HEADS_MLP_KEPT``); eq5 with few tokens
+    (``few_tokens``) and on MoE models, where it was never measured."""
     if option != "auto":
         return option
-    if shape.is_moe or targets.mlp < ERROR_HEADS_MLP_KEPT * shape.intermediate_size:
+    if shape.is_moe or few_tokens(tokens, shape) or targets.mlp < ERROR_HEADS_MLP_KEPT * shape.intermediate_size:
+        return "eq5"
+    return "consumer_error"
+
+
+def mlp_score_of(option: str, shape, targets, correction: dict, tokens: int) -> str:
+    """The MLP ranking a recipe's ``mlp_score`` option means for these targets: auto (and compare, where no
+    whole model is compared) is consumer_error under the refit where at least ``ERROR_CHANNELS_MLP_KEPT`` of
+    the MLP stays and the calibration has enough tokens (``few_tokens``), else eq5: with slicing alone the
+    error ranking lost on Gemma-3-270M, with 16 x 256 calibration tokens on SmolLM2-135M and Gemma-3-270M
+    (docs/results.md); eq5 on MoE models, whose experts' channels keep eq. 5. ``tokens``: the calibration's."""
+    if option not in ("auto", "compare"):
+        return option
+    if shape.is_moe or correction["correction"] != "refit" or few_tokens(tokens, shape) or \
+            targets.mlp < ERROR_CHANNELS_MLP_KEPT * shape.intermediate_size:
         return "eq5"
     return "consumer_error"
 
@@ -137,9 +167,10 @@ def mlp_channel_errors(down: torch.Tensor, layer: int, stats, correction: dict) 
 
 def mlp_channel_scores(model, stats, shape, targets, mlp_score: str, correction: dict,
                        eq5: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each layer's MLP channel scores: ``mlp_channel_errors`` where ``mlp_score`` is consumer_error, the model
-    dense and some channel goes; else ``eq5`` (also for auto, which only the whole-model step resolves)."""
-    if mlp_score != "consumer_error" or shape.is_moe or targets.mlp == shape.intermediate_size:
+    """Each layer's MLP channel scores: ``mlp_channel_errors`` where ``mlp_score`` means consumer_error
+    (``mlp_score_of``), the model dense and some channel goes; else ``eq5``."""
+    chosen = mlp_score_of(mlp_score, shape, targets, correction, stats.activations.tokens)
+    if chosen != "consumer_error" or shape.is_moe or targets.mlp == shape.intermediate_size:
         return eq5
     return [mlp_channel_errors(ffn.down.weight, i, stats, correction).float()
             for i, (_, ffn) in enumerate(get_adapter(model).layer_parts(model))]
@@ -151,7 +182,7 @@ def transact_residual_scores(model, stats, shape, recipe) -> LayerScores:
     correction = correction_of(stats, recipe)
     mlp = mlp_channel_scores(model, stats, shape, targets, recipe.metric_options.mlp_score, correction, scores.mlp)
     scores = LayerScores(scores.heads, mlp, scores.experts, scores.shared)
-    head_score = head_score_of(recipe.metric_options.head_score, shape, targets)
+    head_score = head_score_of(recipe.metric_options.head_score, shape, targets, stats.activations.tokens)
     head_cut = head_score == "consumer_error" and targets.heads < shape.num_heads
     if targets.kv_heads == shape.num_kv_heads and not head_cut:  # no group leaves, no error-chosen heads
         return scores
@@ -174,7 +205,7 @@ def transact_residual_scores(model, stats, shape, recipe) -> LayerScores:
 METRIC = register_metric(Metric(
     "transact_residual", "eq. 5 for heads and channels, KV groups kept by the output error the correction "
     "leaves (refit, bias or none), computed from the Gram matrices (--alpha weights eq. 5's max; "
-    "--mlp-score consumer_error ranks MLP channels by that error too; --head-score picks the query heads "
-    "inside the kept groups by it: auto, the default, where the MLP keeps at least 3/4)",
+    "--mlp-score ranks MLP channels by that error too and --head-score picks the query heads inside the kept "
+    "groups by it, by default (auto) where the MLP keeps at least 1/2 and 3/4 of its channels)",
     transact_residual_scores, statistics=("sum_sq", "sum", "gram"), options=TransactResidualOptions, experts=True,
     corrector_aware=True))
