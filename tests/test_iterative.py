@@ -331,14 +331,16 @@ def test_a_run_without_shots_refuses_what_only_a_shot_uses(change, key):
 
 def test_every_shot_can_be_refitted(workdir):
     """``reconstruct: true`` refits o_proj/down_proj after every shot's selection: both plans record it, and
-    the shots prune to what a run without it prunes to (the refit changes weights, not the selection of
-    the first shot)."""
-    data = recipe_dict(workdir, "refit", tokens_per_shot=0, final_tokens=0) | {"reconstruct": True, "damp": 0.05}
+    with a metric blind to the corrector (eq. 5, ``transact``) the shots prune to what a run without it
+    prunes to (the refit changes weights, not the selection of the first shot; the default metric's choice
+    depends on the corrector by design)."""
+    data = recipe_dict(workdir, "refit", tokens_per_shot=0, final_tokens=0) | {"reconstruct": True, "damp": 0.05,
+                                                                              "metric": "transact"}
     result = loop.run(RunRecipe.from_dict(data), progress=False)
     plans = json.loads((result.out / "plans.json").read_text())["shots"]
     assert [p["corrections"] for p in plans] == [[{"name": "refit", "damp": 0.05}]] * 2
     plain = loop.run(RunRecipe.from_dict(recipe_dict(workdir, "no-refit", tokens_per_shot=0, final_tokens=0)
-                                         | {"reconstruct": False}), progress=False)
+                                         | {"reconstruct": False, "metric": "transact"}), progress=False)
     first = json.loads((plain.out / "plans.json").read_text())["shots"][0]
     assert plans[0]["layers"] == first["layers"]
     a, b = load_file(result.out / "model.safetensors"), load_file(plain.out / "model.safetensors")
