@@ -43,7 +43,13 @@ class RefitOptions:
 def default_damp(tokens: int, channels: int) -> float:
     """The damping used when the recipe sets none, for ``tokens`` calibration tokens and Gram matrices of at
     most ``channels`` channels."""
-    return FEW_TOKENS_DAMP if tokens < FEW_TOKENS_PER_CHANNEL * channels else DEFAULT_DAMP
+    return FEW_TOKENS_DAMP if few_tokens(tokens, channels) else DEFAULT_DAMP
+
+
+def few_tokens(tokens: int, channels: int) -> bool:
+    """Whether ``tokens`` calibration tokens are under ``FEW_TOKENS_PER_CHANNEL`` per channel of a Gram matrix
+    of ``channels`` channels (the regime of the stronger damping)."""
+    return tokens < FEW_TOKENS_PER_CHANNEL * channels
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +95,12 @@ def damp_for(stats, options: RefitOptions | None = None) -> float:
     widest Gram matrix."""
     if options is not None and options.damp is not None:
         return options.damp
-    widest = max(g.shape[-1] for m in modules_of(stats) for g in stats.activation(m, "gram"))
-    return default_damp(stats.activations.tokens, widest)
+    return default_damp(stats.activations.tokens, widest_gram(stats))
+
+
+def widest_gram(stats) -> int:
+    """The channels of the widest Gram matrix these statistics hold."""
+    return max(g.shape[-1] for m in modules_of(stats) for g in stats.activation(m, "gram"))
 
 
 def expert_damp(stats, kept, options: RefitOptions | None = None) -> float:

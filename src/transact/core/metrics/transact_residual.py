@@ -39,7 +39,7 @@ import torch
 
 from transact.arch import get_adapter
 from transact.core import salience
-from transact.core.correct.refit import FEW_TOKENS_PER_CHANNEL, damp_for
+from transact.core.correct.refit import damp_for, few_tokens, widest_gram
 from transact.core.metrics import LayerScores, Metric, register_metric
 from transact.core.metrics.transact import ALPHA_HELP, transact_scores
 from transact.core.select import best_heads_in_groups
@@ -119,36 +119,36 @@ ERROR_HEADS_MLP_KEPT = 0.75
 ERROR_CHANNELS_MLP_KEPT = 0.5
 
 
-def few_tokens(tokens: int, shape) -> bool:
-    """Whether the calibration has fewer than ``FEW_TOKENS_PER_CHANNEL`` tokens per channel of the widest Gram
-    matrix (the refit's few-tokens regime): there the error-based choices of auto fall back to eq. 5, which
-    needs no inverse of a poorly estimated Gram matrix (measured at 16 x 256 tokens: docs/results.md)."""
-    return tokens < FEW_TOKENS_PER_CHANNEL * max(shape.intermediate_size, shape.num_heads * shape.head_dim)
-
-
-def head_score_of(option: str, shape, targets, tokens: int) -> str:
-    """The head score a recipe's ``head_score`` option means for these targets and ``tokens`` calibration
-    tokens: auto resolves by how much of the MLP stays (``ERROR_HEADS_MLP_KEPT``); eq5 with few tokens
-    (``few_tokens``) and on MoE models, where it was never measured."""
+def head_score_of(option: str, shape, targets, few: bool) -> str:
+    """The head score a recipe's ``head_score`` option means for these targets: auto resolves by how much of
+    the MLP stays (``ERROR_HEADS_MLP_KEPT``); eq5 where the calibration has ``few`` tokens (the refit's
+    ``few_tokens`` regime, where the error-based choices read a poorly estimated Gram matrix: measured at
+    16 x 256 tokens, docs/results.md) and on MoE models, where it was never measured."""
     if option != "auto":
         return option
-    if shape.is_moe or few_tokens(tokens, shape) or targets.mlp < ERROR_HEADS_MLP_KEPT * shape.intermediate_size:
+    if shape.is_moe or few or targets.mlp < ERROR_HEADS_MLP_KEPT * shape.intermediate_size:
         return "eq5"
     return "consumer_error"
 
 
-def mlp_score_of(option: str, shape, targets, correction: dict, tokens: int) -> str:
+def mlp_score_of(option: str, shape, targets, correction: dict, few: bool) -> str:
     """The MLP ranking a recipe's ``mlp_score`` option means for these targets: auto (and compare, where no
     whole model is compared) is consumer_error under the refit where at least ``ERROR_CHANNELS_MLP_KEPT`` of
-    the MLP stays and the calibration has enough tokens (``few_tokens``), else eq5: with slicing alone the
+    the MLP stays and the calibration has not ``few`` tokens (as ``head_score_of``), else eq5: with slicing alone the
     error ranking lost on Gemma-3-270M, with 16 x 256 calibration tokens on SmolLM2-135M and Gemma-3-270M
-    (docs/results.md); eq5 on MoE models, whose experts' channels keep eq. 5. ``tokens``: the calibration's."""
+    (docs/results.md); eq5 on MoE models, whose experts' channels keep eq. 5."""
     if option not in ("auto", "compare"):
         return option
-    if shape.is_moe or correction["correction"] != "refit" or few_tokens(tokens, shape) or \
+    if shape.is_moe or correction["correction"] != "refit" or few or \
             targets.mlp < ERROR_CHANNELS_MLP_KEPT * shape.intermediate_size:
         return "eq5"
     return "consumer_error"
+
+
+def calibrated_few(stats) -> bool:
+    """Whether these statistics are in the refit's few-tokens regime (``refit.few_tokens`` on their widest
+    Gram matrix)."""
+    return few_tokens(stats.activations.tokens, widest_gram(stats))
 
 
 def mlp_channel_errors(down: torch.Tensor, layer: int, stats, correction: dict) -> torch.Tensor:
@@ -169,7 +169,7 @@ def mlp_channel_scores(model, stats, shape, targets, mlp_score: str, correction:
                        eq5: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each layer's MLP channel scores: ``mlp_channel_errors`` where ``mlp_score`` means consumer_error
     (``mlp_score_of``), the model dense and some channel goes; else ``eq5``."""
-    chosen = mlp_score_of(mlp_score, shape, targets, correction, stats.activations.tokens)
+    chosen = mlp_score_of(mlp_score, shape, targets, correction, calibrated_few(stats))
     if chosen != "consumer_error" or shape.is_moe or targets.mlp == shape.intermediate_size:
         return eq5
     return [mlp_channel_errors(ffn.down.weight, i, stats, correction).float()
@@ -182,7 +182,7 @@ def transact_residual_scores(model, stats, shape, recipe) -> LayerScores:
     correction = correction_of(stats, recipe)
     mlp = mlp_channel_scores(model, stats, shape, targets, recipe.metric_options.mlp_score, correction, scores.mlp)
     scores = LayerScores(scores.heads, mlp, scores.experts, scores.shared)
-    head_score = head_score_of(recipe.metric_options.head_score, shape, targets, stats.activations.tokens)
+    head_score = head_score_of(recipe.metric_options.head_score, shape, targets, calibrated_few(stats))
     head_cut = head_score == "consumer_error" and targets.heads < shape.num_heads
     if targets.kv_heads == shape.num_kv_heads and not head_cut:  # no group leaves, no error-chosen heads
         return scores
