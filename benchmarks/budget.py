@@ -1,12 +1,13 @@
-"""A parameter budget on one real model: every candidate mix of depth and width that ``--budget params=F``
-tries (MLP only, heads and MLP, dropped layers with either, depth alone), its loss on calibration windows
-its fits did not see (what the budget chooses on), on windows they saw, and its held-out perplexity, and the
-candidate chosen. One shot,
-no training; the pruning is exactly ``transact prune --budget`` (``transact.core.step.budget_step``).
+"""A budget on one real model: every candidate mix of depth and width that ``--budget params=F`` (or
+``flops=F``, ``kv=F``) tries (MLP only, heads and MLP, dropped layers with either, depth alone), its loss on
+calibration windows its fits did not see (what the budget chooses on), on windows they saw, and its held-out
+perplexity, and the candidate chosen. One shot, no training; the pruning is exactly ``transact prune --budget``
+(``transact.core.step.budget_step``).
 
     python benchmarks/budget.py --model builtin:smollm2 --budgets 0.9 0.75 0.6 --out docs/bench/budget/smollm2
     python benchmarks/budget.py --model builtin:gemma3-270m --budgets 0.9 0.8 --loss-samples 4 \
         --out docs/bench/budget/gemma3_270m
+    python benchmarks/budget.py --model builtin:smollm2 --budgets flops=0.75 kv=0.5 --out docs/bench/budget/smollm2
 
 Each budget's rows are written when it finishes, so an interrupted run continues with the next budget.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, previous_result, write_result
 
-from transact.core.budget import ParamBudget
+from transact.core.budget import Budget
 from transact.core.calibrate import sample_windows
 from transact.core.depth_calibrate import calibration_loss
 from transact.core.step import budget_step
@@ -36,9 +37,10 @@ from transact.recipes import Calibration, HeldoutText, PruneRecipe
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.75, 0.6],
-                    help="shares of the model's parameters to keep")
-    ap.add_argument("--depths", type=int, default=ParamBudget(0.5).depths)  # the budget's own default
+    ap.add_argument("--budgets", nargs="+", type=budget_label, default=["0.9", "0.75", "0.6"],
+                    help="shares of the model's parameters to keep (0.6), or KIND=SHARE as --budget takes them "
+                    "(flops=0.6, kv=0.5)")
+    ap.add_argument("--depths", type=int, default=Budget(0.5).depths)  # the budget's own default
     ap.add_argument("--samples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--loss-samples", type=int, default=8,
@@ -49,37 +51,54 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def budget_label(text: str) -> str:
+    """'0.6' (a share of the parameters) or 'flops=0.6' as given, checked."""
+    Budget.parse(text if "=" in text else f"params={text}")
+    return text
+
+
+def budget_of(label: str, **options) -> Budget:
+    kind, share = Budget.parse(label if "=" in label else f"params={label}")
+    return Budget(**{kind: share}, **options)
+
+
+def label_of(record: dict) -> str:
+    """A budget row's label (rows written before other kinds than parameters have only 'params')."""
+    return record.get("budget", str(record.get("params")))
+
+
 def table(result: dict) -> str:
     lines = [f"{result['model']}: calibration {result['calibration']} of the built-in text (seed 0), blocks scored "
              f"on its first {result['loss_samples']} windows and candidates on the {result['loss_samples']} after "
              f"them (unseen: the budget chooses on these); held-out perplexity on "
              f"{result['eval_tokens']:,} LAMBADA tokens (dense {result['dense_perplexity']:.2f}). One shot, no "
              "training; '*' marks the candidate the budget chose, 'best' the lowest held-out perplexity.", "",
-             "| budget | candidate | mix | params | loss on unseen windows | loss on fitted windows | held-out ppl | |",
-             "|---:|---|---|---:|---:|---:|---:|---|"]
+             "| budget | candidate | mix | params | budget's share | loss on unseen windows | loss on fitted windows "
+             "| held-out ppl | |", "|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for budget in result["budgets"]:
         rows = budget["candidates"]
         best = min(range(len(rows)), key=lambda i: rows[i]["perplexity"])
         for i, r in enumerate(rows):
             mark = " ".join(m for m, on in (("*", i == budget["chosen"]), ("best", i == best)) if on)
-            lines.append(f"| {budget['params']} | {r['shape']} | {r['mix']} | {r['params_ratio']:.3f} | "
+            share = f"{r['share']:.3f}" if r.get("share") is not None else "-"
+            lines.append(f"| {label_of(budget)} | {r['shape']} | {r['mix']} | {r['params_ratio']:.3f} | {share} | "
                          f"{r['unseen_loss']:.4f} | {r['fitted_loss']:.4f} | {r['perplexity']:.2f} | {mark} |")
         chosen = rows[budget["chosen"]]["perplexity"]
         fitted = rows[min(range(len(rows)), key=lambda i: rows[i]["fitted_loss"])]["perplexity"]
         lines.append(f"| | chosen / best held-out: {chosen / rows[best]['perplexity']:.3f} (by the fitted windows' "
                      f"loss: {fitted / rows[best]['perplexity']:.3f}); search and prune {budget['seconds']:.0f} s "
-                     "(held-out evaluations not counted) | | | | | | |")
+                     "(held-out evaluations not counted) | | | | | | | |")
     return "\n".join(lines)
 
 
-def measure_budget(share: float, args, dense, tok, texts: list[str], ppl) -> dict:
+def measure_budget(label: str, args, dense, tok, texts: list[str], ppl) -> dict:
     """Prune a copy of ``dense`` to the budget, every candidate's held-out perplexity and its loss on the first
     ``--loss-samples`` calibration windows, which its fits saw (the budget scores on the windows after them),
     measured as it is scored; -> the budget's row."""
     fitted = sample_windows(tok, texts, args.loss_samples, args.seq_len, 0)
     total = count_parameters(dense)
-    budget = ParamBudget(share, depths=args.depths, score_samples=args.loss_samples,
-                         depth={"loss_samples": args.loss_samples})
+    budget = budget_of(label, depths=args.depths, score_samples=args.loss_samples,
+                       depth={"loss_samples": args.loss_samples})
     recipe = PruneRecipe(budget=budget, calibration=Calibration("builtin", samples=args.samples, seq_len=args.seq_len))
     measured, evaluating = [], [0.0]
 
@@ -88,7 +107,7 @@ def measure_budget(share: float, args, dense, tok, texts: list[str], ppl) -> dic
         measured.append({"shape": candidate.describe(), "mix": candidate.mix,
                          "params_ratio": round(count_parameters(pruned) / total, 4), "perplexity": ppl(pruned),
                          "fitted_loss": round(calibration_loss(pruned, fitted), 6)})
-        print(f"{share}: {measured[-1]}", file=sys.stderr, flush=True)
+        print(f"{label}: {measured[-1]}", file=sys.stderr, flush=True)
         evaluating[0] += time.perf_counter() - started
 
     model = copy.deepcopy(dense)
@@ -96,10 +115,10 @@ def measure_budget(share: float, args, dense, tok, texts: list[str], ppl) -> dic
     plan = budget_step(model, tok, recipe, texts=texts, inspect=held_out)
     seconds = time.perf_counter() - t
     record = plan.budget
-    rows = [{**m, "unseen_loss": c["calibration_loss"]}
+    rows = [{**m, "unseen_loss": c["calibration_loss"], "share": c["share"]}
             for m, c in zip(measured, record["candidates"], strict=True)]
     assert abs(ppl(model) - rows[record["chosen"]]["perplexity"]) < 1e-2, "the pruned model is not the chosen one"
-    return {"params": share, "candidates": rows, "chosen": record["chosen"],
+    return {"budget": label, "candidates": rows, "chosen": record["chosen"],
             "seconds": round(seconds - evaluating[0], 1)}
 
 
@@ -119,10 +138,10 @@ def main() -> None:
 
     result = previous or {"settings": settings, **settings, "dense_perplexity": ppl(dense),
                           "dense_params": count_parameters(dense), "budgets": [], "machine": machine()}
-    done = {b["params"] for b in result["budgets"]}
-    for share in args.budgets:
-        if share not in done:
-            result["budgets"].append(measure_budget(share, args, dense, tok, texts, ppl))
+    done = {float(label_of(b)) if "=" not in label_of(b) else label_of(b) for b in result["budgets"]}
+    for label in args.budgets:
+        if (float(label) if "=" not in label else label) not in done:
+            result["budgets"].append(measure_budget(label, args, dense, tok, texts, ppl))
             write_result(out, result, table(result))
     write_result(out, result, table(result))
 

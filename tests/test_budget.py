@@ -11,13 +11,13 @@ from tiny import same_weights, tiny_model
 
 from transact.arch import ModelShape, shape_of
 from transact.cli import main
-from transact.core.budget import ParamBudget, budget_candidates, estimated_parameters
+from transact.core.budget import Budget, Measure, ParamBudget, budget_candidates, estimated_parameters
 from transact.core.depth_calibrate import calibration_loss
 from transact.core.plan import PrunePlan
 from transact.core.step import calibration_windows, prune_step, scoring_windows
 from transact.errors import TransactError
 from transact.jobs import apply_plan, prune
-from transact.measure.costs import count_parameters
+from transact.measure.costs import count_parameters, flops_per_token, kv_cache_bytes_per_token
 from transact.recipes import Calibration, PruneRecipe
 from transact.recipes.run import RunRecipe
 
@@ -66,13 +66,64 @@ def test_unreachable_budgets_and_bad_models_are_refused():
         with pytest.raises(TransactError, match="share in"):
             ParamBudget(value)
     with pytest.raises(TransactError, match="params=FRACTION"):
-        ParamBudget.parse("flops=0.5")
+        ParamBudget.parse("tokens=0.5")
     with pytest.raises(TransactError, match="each candidate sets the layers"):
         ParamBudget(0.5, depth={"layers": 2})
     with pytest.raises(TransactError, match="either the budget or mlp"):
         PruneRecipe(mlp=64, budget=ParamBudget(0.5))
     with pytest.raises(TransactError, match=r"prune\.budget"):
         RunRecipe.from_dict({"model": "m", "out": "o", "target": {"mlp": 0.5}, "prune": {"budget": {"params": 0.6}}})
+
+
+def test_flops_and_kv_cache_counted_by_hand():
+    # a layer at 2048 tokens of context: projections 2 x (2 x 576 x 576 + 2 x 576 x 192), scores and sums
+    # 4 x 9 heads x 64 x 2048, MLP 2 x 3 x 576 x 1536; the LM head 2 x 576 x 49152
+    layer = 2 * 884_736 + 4 * 9 * 64 * 2048 + 2 * 3 * 576 * 1536
+    flops = 30 * layer + 2 * 576 * 49152
+    assert Measure("flops", 2048).of_model(SMOLLM2, SMOLLM2_PARAMETERS) == flops == flops_per_token(SMOLLM2, 2048)
+    kv = 30 * 2 * 3 * 64  # keys and values of 3 KV heads of 64 in 30 layers, per token
+    assert Measure("kv").of_model(SMOLLM2, SMOLLM2_PARAMETERS) == kv
+    assert kv_cache_bytes_per_token(SMOLLM2, torch.float32) == 4 * kv
+    assert Measure("params").of_model(SMOLLM2, SMOLLM2_PARAMETERS) == SMOLLM2_PARAMETERS
+
+
+def test_kv_cache_budget_keeps_the_mlp_whole_and_drops_groups_or_layers():
+    candidates = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(kv=0.5))
+    # depth alone: 15 of 30 layers; at 8 dropped, 2 of 3 groups fit (22 x 2 / 90); at none, 1 group (1.5 fit)
+    assert [(c.mix, c.drop, c.heads, c.kv_heads, c.mlp) for c in candidates] == \
+        [("both", 0, 3, 1, 1536), ("both", 8, 6, 2, 1536), ("depth", 15, 9, 3, 1536)]
+    assert [c.share for c in candidates] == [pytest.approx(1 / 3), pytest.approx(44 / 90), 0.5]
+    assert candidates[0].params == estimated_parameters(SMOLLM2, SMOLLM2_PARAMETERS, 0, 3, 1, 1536)
+
+
+def test_flops_budget_fills_each_candidate_to_within_one_channel():
+    budget = Budget(flops=0.75, context=2048)
+    whole = Measure("flops", 2048).of_model(SMOLLM2, SMOLLM2_PARAMETERS)
+    candidates = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, budget)
+    assert [(c.mix, c.drop) for c in candidates] == [("mlp", 0), ("both", 0), ("mlp", 4), ("both", 4), ("depth", 9)]
+    assert all(c.share <= 0.75 for c in candidates)
+    for c in candidates:  # where the MLP is pruned, to within one of its channels in every layer
+        if c.mlp < 1536:
+            assert 0.75 - (30 - c.drop) * 2 * 3 * 576 / whole < c.share
+    # the LM head's and the context's FLOPs stay, so the MLP goes further than for 0.75 of the parameters
+    assert candidates[0].mlp < budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, ParamBudget(0.75))[0].mlp
+    # at 8,192 tokens of context attention is over 3/4 of a layer's FLOPs: no MLP width alone meets the budget
+    longer = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, replace(budget, context=8192))
+    assert (longer[0].mix, longer[0].drop, longer[0].heads) == ("both", 0, 6)
+
+
+def test_budget_kinds_are_one_and_checked():
+    assert Budget.parse("kv=0.5") == ("kv", 0.5) and Budget.parse("flops=0.6") == ("flops", 0.6)
+    for bad, message in (({}, "give one of params, flops, kv$"), ({"params": 0.5, "kv": 0.5}, "not params and kv"),
+                         ({"flops": 0.5, "context": 0}, "context must be a positive count"),
+                         ({"kv": 1.0}, r"share in \(0, 1\) of the KV cache")):
+        with pytest.raises(TransactError, match=message):
+            Budget(**bad)
+    assert Budget(flops=0.6, context=512).to_json()["context"] == 512
+    assert set(Budget(kv=0.5).to_json()) == {"kv", "depths", "score_samples", "depth"}
+    recipe = PruneRecipe(budget={"flops": 0.6, "context": 512})
+    assert (recipe.budget.kind, recipe.budget.share, recipe.budget.context) == ("flops", 0.6, 512)
+    assert PruneRecipe.from_json(recipe.to_json()).budget == recipe.budget
 
 
 def _recipe(root, share: float = 0.7) -> PruneRecipe:
@@ -126,12 +177,28 @@ def test_prune_job_writes_the_budgets_record_and_apply_plan_recreates_it(base, t
     assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
+def test_kv_cache_budget_prunes_to_half_the_cache(base, tmp_path, capsys):
+    args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--budget", "kv=0.5", "--block-score", "angular"]) == 0
+    assert "budget            kv 0.5 (KV cache per token, kept 0.5" in capsys.readouterr().out
+    plan = PrunePlan.load(tmp_path / "a" / "plan.json")
+    # drop none and keep one of 2 groups, drop 2 layers and keep one group, or drop 3 layers
+    assert [(c["mix"], c["drop"], c["kv_heads"], c["share"]) for c in plan.budget["candidates"]] == \
+        [("both", 0, 1, 0.5), ("both", 2, 1, pytest.approx(1 / 3)), ("depth", 3, 2, 0.5)]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["num_hidden_layers"] * config["num_key_value_heads"] <= 6 * 2 / 2
+    assert config["intermediate_size"] == 96  # MLP width is not what a KV-cache budget counts
+
+
 def test_cli_refuses_budgets_before_any_work(base, tmp_path, capsys):
     args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32",
             "--quiet", "--out", str(tmp_path / "x")]
     for extra, message in ((["--budget", "params=0.7", "--mlp", "64"], "either the budget or mlp"),
                            (["--budget", "params=0.7", "--drop-layers", "1"], "either --budget or --drop-layers"),
                            (["--budget-depths", "2", "--mlp", "64"], "--budget-depths belongs to --budget"),
+                           (["--budget-context", "512", "--mlp", "64"], "--budget-context belongs to --budget"),
+                           (["--budget", "kv=0.5", "--budget-context", "512"], "counts FLOPs; --budget kv=0.5"),
+                           (["--budget", "kv=0.1"], "of its KV cache per token"),
                            (["--budget", "params=0.7", "--layerwise"], "not available with --layerwise"),
                            (["--budget", "params=0.01"], "least this model reaches")):
         assert main([*args, *extra]) == 2

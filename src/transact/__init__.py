@@ -13,7 +13,7 @@ from transact.version import __version__  # noqa: I001  (first: the rest record 
 from transact.api import ApplyPlanJob, PruneJob, load, model_info, prune, run_apply_plan, run_prune, save
 from transact.arch import SUPPORTED_MODEL_TYPES, FamilyAdapter, ModelShape, get_adapter
 from transact.core.allocate import WidthSearch, search_widths
-from transact.core.budget import ParamBudget, budget_candidates
+from transact.core.budget import Budget, ParamBudget, budget_candidates
 from transact.core.calibrate import ActivationStats, Statistics, calibrate, record_transitional_stats
 from transact.core.correct import Corrector, corrector_names, get_corrector, register_corrector
 from transact.core.depth import DepthOptions, DepthPlan, drop_layers_, remove_layers_
@@ -34,6 +34,7 @@ __all__ = [
     "ActivationStats",
     "ApplyPlanJob",
     "BenchJob",
+    "Budget",
     "Calibration",
     "CompareJob",
     "Corrector",

@@ -8,7 +8,7 @@ import argparse
 from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, multiple_of, width
 from transact.cli.plugins import add_plugin_flags, chosen_correctors, routed_options
 from transact.core.allocate import WidthSearch
-from transact.core.budget import ParamBudget
+from transact.core.budget import Budget
 from transact.core.depth import BLOCK_SCORES, DepthOptions
 from transact.errors import TransactError
 from transact.jobs import apply_plan, info, prune
@@ -127,31 +127,40 @@ def _add_allocation_flags(p) -> None:
 
 
 def _add_budget_flags(p) -> None:
-    p.add_argument("--budget", type=_budget_share, default=None, metavar="params=FRACTION",
-                   help="instead of widths: keep this share of the model's parameters, by the mix of dropped layers "
-                   "(a contiguous block) and uniform widths (MLP only, or heads and MLP) with the lowest loss on "
-                   "calibration text its fits did not see; --block-score, --loss-samples, --no-depth-map and "
-                   "--depth-damp say how its candidates drop layers")
+    p.add_argument("--budget", type=_budget_share, default=None, metavar="KIND=FRACTION",
+                   help="instead of widths: keep this share of the model's parameters (params=0.6), of its forward "
+                   "FLOPs per token (flops=0.6, the LM head included, at --budget-context tokens) or of its KV cache "
+                   "(kv=0.5), by the mix of dropped layers (a contiguous block) and uniform widths (MLP only, or "
+                   "heads and MLP) with the lowest loss on calibration text its fits did not see; --block-score, "
+                   "--loss-samples, --no-depth-map and --depth-damp say how its candidates drop layers")
     p.add_argument("--budget-depths", type=at_least(1), default=None,
                    help="with --budget: depths tried, from none to depth alone (default "
-                   f"{default(ParamBudget, 'depths')})")
+                   f"{default(Budget, 'depths')})")
+    p.add_argument("--budget-context", type=at_least(1), default=None,
+                   help="with --budget flops=F: the tokens each token attends to, which the attention's FLOPs grow "
+                   f"with (default {default(Budget, 'context')})")
 
 
-def _budget_share(text: str) -> float:
+def _budget_share(text: str) -> tuple[str, float]:
     try:
-        return ParamBudget.parse(text).params
+        return Budget.parse(text)
     except TransactError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _budget(args, depth: DepthOptions | None) -> ParamBudget | None:
+def _budget(args, depth: DepthOptions | None) -> Budget | None:
     """The budget ``--budget`` asks for, its candidates dropping layers as the depth flags say."""
     if args.budget is None:
-        if args.budget_depths is not None:
-            raise TransactError("--budget-depths belongs to --budget, which is not given")
+        for flag, value in (("--budget-depths", args.budget_depths), ("--budget-context", args.budget_context)):
+            if value is not None:
+                raise TransactError(f"{flag} belongs to --budget, which is not given")
         return None
-    return ParamBudget(args.budget, depths=args.budget_depths or default(ParamBudget, "depths"),
-                       depth=depth if depth is not None else default(ParamBudget, "depth"))
+    kind, share = args.budget
+    if args.budget_context is not None and kind != "flops":
+        raise TransactError(f"--budget-context counts FLOPs; --budget {kind}={share} does not")
+    return Budget(**{kind: share}, depths=args.budget_depths or default(Budget, "depths"),
+                  depth=depth if depth is not None else default(Budget, "depth"),
+                  context=args.budget_context or default(Budget, "context"))
 
 
 def _allocation(args) -> WidthSearch | None:

@@ -1,14 +1,16 @@
-"""A parameter budget: the mix of depth and width that keeps a given share of a model's parameters, chosen
-on the model's own calibration loss.
+"""A budget: the mix of depth and width that keeps a given share of a model's parameters, of its forward
+FLOPs per token, or of its KV cache per token, chosen on the model's own calibration loss.
 
 The candidates (``budget_candidates``, pure arithmetic on the model's shape) span the mix from width alone to
 depth alone. Depth alone drops the fewest layers whose removal meets the budget (at most half of them); the
-other depths lie evenly between none and that count (``ParamBudget.depths`` in all). At each depth short of
+other depths lie evenly between none and that count (``Budget.depths`` in all). At each depth short of
 depth alone, the layers that stay lose width until the budget is met, two ways:
 
-- ``mlp``: MLP channels only, every head kept;
+- ``mlp``: MLP channels only, every head kept (not a candidate of a KV-cache budget, which MLP width does
+  not change);
 - ``both``: query heads (whole KV groups, the group size kept) and MLP channels, the pair of head count and
-  MLP width whose kept shares of the heads and of the channels are closest.
+  MLP width whose kept shares of the heads and of the channels are closest (under a KV-cache budget the MLP
+  stays whole and the most groups that fit stay).
 
 Each candidate is pruned as a recipe with those widths (and ``DepthOptions`` for its drop) would prune it,
 and scored by its loss on ``score_samples`` windows of the calibration text that follow the calibration
@@ -16,10 +18,16 @@ windows, so that no fit (refit, depth map) saw them and a candidate that fits mo
 having seen them; the lowest wins (``transact.core.step.budget_step``). Against the loss on the fitted
 windows, neither choice was closer to the held-out best everywhere (docs/results.md, "Parameter budget").
 
-The parameters counted are the whole model's (embeddings included), estimated from the projections' shapes:
-norms and biases are counted with the embeddings, so the pruned model's count differs from the estimate by
-those of the dropped layers and removed heads (well under 1 % for the families here; the plan records
-both).
+What a budget counts (``Measure``), per layer and outside the layers:
+
+- ``params``: the whole model's parameters (embeddings included), estimated from the projections' shapes:
+  norms and biases are counted with the embeddings, so the pruned model's count differs from the estimate by
+  those of the dropped layers and removed heads (well under 1 % for the families here; the plan records
+  both);
+- ``flops``: forward FLOPs per token attending to ``context`` tokens (``transact.measure.costs.
+  flops_per_token``: the projections, the attention scores and weighted sums, and the LM head, which no
+  candidate changes; the input embedding is a lookup and costs none);
+- ``kv``: the KV cache per token (keys and values of every layer: layers x KV heads x head_dim).
 """
 
 from __future__ import annotations
@@ -33,26 +41,72 @@ from transact.checks import fields_from
 from transact.core.depth import DepthOptions
 from transact.core.targets import head_pairs
 from transact.errors import TransactError
-from transact.measure.costs import attention_parameters, layer_parameters, mlp_parameters
+from transact.measure.costs import attention_parameters, layer_parameters, lm_head_flops
 
-BUDGET_KINDS = ("params",)
+BUDGET_KINDS = ("params", "flops", "kv")
+BUDGET_NOUNS = {"params": "parameters", "flops": "forward FLOPs per token", "kv": "KV cache per token"}
 
 
 @dataclass(frozen=True)
-class ParamBudget:
-    """Keep ``params`` of the model's parameters; the candidates span ``depths`` depths (see the module
-    docstring); ``depth`` says how a candidate's layers are dropped (its layer count is the candidate's)."""
+class Measure:
+    """What a budget of ``kind`` counts in a model (see the module docstring); ``context``: the tokens each
+    token attends to, for FLOPs."""
 
-    params: float
+    kind: str
+    context: int = 2048
+
+    def attention(self, shape: ModelShape) -> int:
+        """One layer's attention at ``shape``'s heads and KV heads."""
+        if self.kind == "kv":
+            return 2 * shape.num_kv_heads * shape.head_dim
+        if self.kind == "flops":  # projections, then scores and weighted sums over the context
+            return 2 * attention_parameters(shape) + 4 * shape.num_heads * shape.head_dim * self.context
+        return attention_parameters(shape)
+
+    def mlp_channel(self, shape: ModelShape) -> int:
+        """One MLP channel of one layer (its gate, up and down weights); nothing in a KV-cache budget."""
+        per_channel = 3 * shape.hidden_size
+        return {"params": per_channel, "flops": 2 * per_channel, "kv": 0}[self.kind]
+
+    def layer(self, shape: ModelShape) -> int:
+        return self.attention(shape) + self.mlp_channel(shape) * shape.intermediate_size
+
+    def outside(self, shape: ModelShape, total: int) -> int:
+        """What no candidate changes, of a model of ``shape`` and ``total`` parameters: for parameters its
+        embeddings, norms and biases; for FLOPs its LM head; nothing of its KV cache."""
+        if self.kind == "params":
+            return total - shape.num_layers * layer_parameters(shape)
+        return lm_head_flops(shape) if self.kind == "flops" else 0
+
+    def of_model(self, shape: ModelShape, total: int) -> int:
+        """The whole model's count (``total``: its parameters)."""
+        return self.outside(shape, total) + shape.num_layers * self.layer(shape)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Keep a share of the model's parameters (``params``), of its forward FLOPs per token at ``context``
+    tokens (``flops``) or of its KV cache per token (``kv``): exactly one is given. The candidates span
+    ``depths`` depths (see the module docstring); ``depth`` says how a candidate's layers are dropped (its
+    layer count is the candidate's)."""
+
+    params: float | None = None
     depths: int = 3
     score_samples: int = 8  # windows after the calibration's, each candidate's loss scored on
     depth: DepthOptions = field(default_factory=lambda: DepthOptions(1))
+    flops: float | None = None
+    kv: float | None = None
+    context: int = 2048  # tokens each token attends to, for a FLOPs budget
 
     def __post_init__(self) -> None:
-        share = self.params
+        given = [kind for kind in BUDGET_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise TransactError(f"a budget keeps a share of one measure: give one of {', '.join(BUDGET_KINDS)}"
+                                + (f", not {' and '.join(given)}" if given else ""))
+        share = self.share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share < 1.0:
-            raise TransactError(f"a parameter budget keeps a share in (0, 1) of the parameters, got {share!r}")
-        for name in ("depths", "score_samples"):
+            raise TransactError(f"a budget keeps a share in (0, 1) of the {BUDGET_NOUNS[self.kind]}, got {share!r}")
+        for name in ("depths", "score_samples", "context"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TransactError(f"budget {name} must be a positive count, got {value!r}")
@@ -65,29 +119,53 @@ class ParamBudget:
         if not isinstance(self.depth, DepthOptions):
             raise TransactError(f"a budget's depth options must be a mapping, got {self.depth!r}")
 
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in BUDGET_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def share(self) -> float:
+        return getattr(self, self.kind)
+
+    @property
+    def measure(self) -> Measure:
+        return Measure(self.kind, self.context)
+
+    def describe(self) -> str:
+        """'flops=0.6 (forward FLOPs per token at 2048 tokens of context)'."""
+        at = f" at {self.context} tokens of context" if self.kind == "flops" else ""
+        return f"{self.kind}={self.share} ({BUDGET_NOUNS[self.kind]}{at})"
+
     def to_json(self) -> dict[str, Any]:
         depth = asdict(self.depth)
         depth.pop("layers")  # each candidate's own
-        return {**asdict(self), "depth": depth}
+        out = {self.kind: self.share, "depths": self.depths, "score_samples": self.score_samples, "depth": depth}
+        return out | ({"context": self.context} if self.kind == "flops" else {})
 
-    @classmethod
-    def parse(cls, text: str) -> ParamBudget:
-        """'params=0.6' -> keep 60 % of the parameters."""
+    @staticmethod
+    def parse(text: str) -> tuple[str, float]:
+        """'params=0.6' -> ('params', 0.6): keep 60 % of the parameters."""
         kind, sep, value = text.partition("=")
         if not sep or kind.strip() not in BUDGET_KINDS:
             raise TransactError(f"budget {text!r}: give {' or '.join(k + '=FRACTION' for k in BUDGET_KINDS)}, "
-                                "e.g. params=0.6 (keep 60 % of the model's parameters)")
+                                "e.g. params=0.6 (keep 60 % of the model's parameters), flops=0.6 (of its forward "
+                                "FLOPs per token) or kv=0.5 (of its KV cache)")
         try:
             share = float(value)
         except ValueError:
             raise TransactError(f"budget {text!r}: {value!r} is not a number") from None
-        return cls(params=share)
+        Budget(**{kind.strip(): share})  # the share checked here, as the flag is read
+        return kind.strip(), share
+
+
+ParamBudget = Budget  # the name from before budgets counted FLOPs and the KV cache
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One mix: ``drop`` layers removed, then every remaining layer at heads/kv_heads/mlp; ``params`` is the
-    estimated parameter count of the result."""
+    estimated parameter count of the result, ``share`` the estimated share it keeps of what the budget
+    counts (None in records written before budgets counted more than parameters)."""
 
     mix: str
     drop: int
@@ -95,6 +173,7 @@ class Candidate:
     kv_heads: int
     mlp: int
     params: int
+    share: float | None = None
 
     def describe(self) -> str:
         width = f"{self.heads}/{self.kv_heads}/{self.mlp}"
@@ -106,7 +185,7 @@ class Candidate:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Candidate:
         """A candidate from its record in ``plan.budget`` (which adds its loss beside its fields)."""
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
 def with_widths(shape: ModelShape, heads: int, kv_heads: int, mlp: int) -> ModelShape:
@@ -116,82 +195,111 @@ def with_widths(shape: ModelShape, heads: int, kv_heads: int, mlp: int) -> Model
 def estimated_parameters(shape: ModelShape, total: int, drop: int, heads: int, kv_heads: int, mlp: int) -> int:
     """The parameter count of a model of ``total`` parameters and ``shape`` after dropping ``drop`` layers and
     pruning the rest to heads/kv_heads/mlp (projections only change; see the module docstring)."""
-    kept = layer_parameters(with_widths(shape, heads, kv_heads, mlp))
-    return outside_layers(shape, total) + (shape.num_layers - drop) * kept
+    return estimated(Measure("params"), shape, total, drop, heads, kv_heads, mlp)
 
 
-def outside_layers(shape: ModelShape, total: int) -> int:
-    """The parameters of a model of ``total`` parameters outside its layers' projections (embeddings, norms,
-    biases), which no candidate changes."""
-    return total - shape.num_layers * layer_parameters(shape)
+def estimated(measure: Measure, shape: ModelShape, total: int, drop: int, heads: int, kv_heads: int, mlp: int) -> int:
+    """What ``measure`` counts in a model of ``total`` parameters and ``shape`` after dropping ``drop`` layers
+    and pruning the rest to heads/kv_heads/mlp."""
+    kept = measure.layer(with_widths(shape, heads, kv_heads, mlp))
+    return measure.outside(shape, total) + (shape.num_layers - drop) * kept
 
 
 def check_budget_shape(shape: ModelShape) -> None:
     """Refuse the models whose layers the candidates cannot count as alike (no compute)."""
     if shape.is_moe:
-        raise TransactError("a parameter budget is searched for dense models only, not for a mixture of experts; "
+        raise TransactError("a budget is searched for dense models only, not for a mixture of experts; "
                             "give --experts / --mlp / --drop-layers")
     if shape.attention_layers is not None:
-        raise TransactError("a parameter budget is searched for models whose layers are alike, not for a hybrid "
+        raise TransactError("a budget is searched for models whose layers are alike, not for a hybrid "
                             f"{shape.model_type!r} model; give --heads / --mlp / --drop-layers")
 
 
-def budget_candidates(shape: ModelShape, total: int, budget: ParamBudget, multiple_of: int = 1) -> list[Candidate]:
+@dataclass(frozen=True)
+class _Counter:
+    """Counts candidates of one model under one budget."""
+
+    shape: ModelShape
+    total: int
+    measure: Measure
+
+    @property
+    def whole(self) -> int:
+        return self.measure.of_model(self.shape, self.total)
+
+    def candidate(self, mix: str, drop: int, heads: int, kv_heads: int, mlp: int) -> Candidate:
+        share = estimated(self.measure, self.shape, self.total, drop, heads, kv_heads, mlp) / self.whole
+        return Candidate(mix, drop, heads, kv_heads, mlp,
+                         estimated_parameters(self.shape, self.total, drop, heads, kv_heads, mlp), round(share, 6))
+
+
+def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1) -> list[Candidate]:
     """The candidates meeting ``budget`` for a model of ``shape`` and ``total`` parameters, widths rounded
     down to multiples of ``multiple_of``; refused, naming the least reachable share, when none does."""
     check_budget_shape(shape)
-    target, outside = budget.params * total, outside_layers(shape, total)
+    count = _Counter(shape, total, budget.measure)
+    target, outside = budget.share * count.whole, budget.measure.outside(shape, total)
+    full = (shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
     most = shape.num_layers // 2
     alone = next((d for d in range(1, most + 1)
-                  if estimated_parameters(shape, total, d, shape.num_heads, shape.num_kv_heads,
-                                          shape.intermediate_size) <= target), None)
+                  if estimated(budget.measure, shape, total, d, *full) <= target), None)
     deepest = alone if alone is not None else most
     steps = max(1, budget.depths - 1)
     depths = sorted({round(k * deepest / steps) for k in range(steps + 1)} if budget.depths > 1 else {0})
     candidates = []
     for drop in depths:
         if drop == alone:
-            candidates.append(Candidate("depth", drop, shape.num_heads, shape.num_kv_heads, shape.intermediate_size,
-                                        estimated_parameters(shape, total, drop, shape.num_heads,
-                                                             shape.num_kv_heads, shape.intermediate_size)))
+            candidates.append(count.candidate("depth", drop, *full))
             continue
         per_layer = (target - outside) / (shape.num_layers - drop)
-        candidates += width_candidates(shape, total, drop, per_layer, multiple_of)
+        candidates += width_candidates(count, drop, per_layer, multiple_of)
     if not candidates:
-        least = estimated_parameters(shape, total, most, *smallest_pair(shape, multiple_of), multiple_of)
-        raise TransactError(f"budget params={budget.params}: the least this model reaches by dropping up to {most} "
-                            f"layers and pruning the rest to one KV group and {multiple_of} MLP channel(s) is "
-                            f"{least / total:.3f} of its parameters ({outside / total:.3f}"
-                            " are outside its layers' projections: embeddings, norms, biases)")
+        raise TransactError(_unreachable(budget, count, most, multiple_of))
     return candidates
 
 
-def width_candidates(shape: ModelShape, total: int, drop: int, per_layer: float, multiple_of: int) -> list[Candidate]:
-    """The ``mlp`` and ``both`` candidates at a depth whose layers may each hold ``per_layer`` parameters."""
-    out = []
-    mlp = _mlp_fitting(shape, per_layer - attention_parameters(shape), multiple_of)
-    if mlp is not None:
-        out.append(Candidate("mlp", drop, shape.num_heads, shape.num_kv_heads, mlp,
-                             estimated_parameters(shape, total, drop, shape.num_heads, shape.num_kv_heads, mlp)))
+def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int) -> str:
+    """Why no candidate meets ``budget``: the least share reachable, and what no candidate changes."""
+    shape = count.shape
+    least = estimated(budget.measure, shape, count.total, most, *smallest_pair(shape, multiple_of), multiple_of)
+    outside = budget.measure.outside(shape, count.total) / count.whole
+    fixed = {"params": f" ({outside:.3f} are outside its layers' projections: embeddings, norms, biases)",
+             "flops": f" ({outside:.3f} are its LM head's)", "kv": ""}[budget.kind]
+    return (f"budget {budget.describe()}: the least this model reaches by dropping up to {most} layers and "
+            f"pruning the rest to one KV group and {multiple_of} MLP channel(s) is {least / count.whole:.3f} of its "
+            f"{BUDGET_NOUNS[budget.kind]}{fixed}")
+
+
+def width_candidates(count: _Counter, drop: int, per_layer: float, multiple_of: int) -> list[Candidate]:
+    """The ``mlp`` and ``both`` candidates at a depth whose layers may each hold ``per_layer`` of what the
+    budget counts."""
+    shape, measure, out = count.shape, count.measure, []
+    per_channel = measure.mlp_channel(shape)
+    if per_channel:  # MLP width changes what the budget counts
+        mlp = _mlp_fitting(shape, per_layer - measure.attention(shape), per_channel, multiple_of)
+        if mlp is not None:
+            out.append(count.candidate("mlp", drop, shape.num_heads, shape.num_kv_heads, mlp))
     pairs = []
     for heads, kv in _group_pairs(shape, multiple_of):
-        fitted = _mlp_fitting(shape, per_layer - attention_parameters(with_widths(shape, heads, kv, 1)),
-                              multiple_of, pruned=False)
+        room = per_layer - measure.attention(with_widths(shape, heads, kv, 1))
+        fitted = _mlp_fitting(shape, room, per_channel, multiple_of, pruned=False)
         if fitted is not None:
             pairs.append((abs(heads / shape.num_heads - fitted / shape.intermediate_size), -heads, heads, kv, fitted))
     if pairs:
         _, _, heads, kv, fitted = min(pairs)
-        out.append(Candidate("both", drop, heads, kv, fitted,
-                             estimated_parameters(shape, total, drop, heads, kv, fitted)))
+        out.append(count.candidate("both", drop, heads, kv, fitted))
     return out
 
 
-def _mlp_fitting(shape: ModelShape, room: float, multiple_of: int, *, pruned: bool = True) -> int | None:
+def _mlp_fitting(shape: ModelShape, room: float, per_channel: int, multiple_of: int, *,
+                 pruned: bool = True) -> int | None:
     """The widest MLP (a multiple of ``multiple_of``; below the model's where ``pruned``, else up to it) whose
-    parameters fit in ``room``; None where no channel fits."""
+    channels, ``per_channel`` each, fit in ``room``; None where no channel fits (with ``per_channel`` 0, the
+    whole MLP fits any room that is not negative)."""
+    if room < 0:
+        return None
     step = math.lcm(multiple_of, shape.mlp_multiple)
-    per_channel = mlp_parameters(with_widths(shape, shape.num_heads, shape.num_kv_heads, 1))
-    fits = int(room // per_channel)
+    fits = int(room // per_channel) if per_channel else shape.intermediate_size
     if not pruned and fits >= shape.intermediate_size:
         return shape.intermediate_size
     width = min(fits, shape.intermediate_size - 1) // step * step
@@ -210,6 +318,6 @@ def smallest_pair(shape: ModelShape, multiple_of: int) -> tuple[int, int]:
     return min(pairs) if pairs else (shape.num_heads, shape.num_kv_heads)
 
 
-def candidate_depth(budget: ParamBudget, candidate: Candidate) -> DepthOptions | None:
+def candidate_depth(budget: Budget, candidate: Candidate) -> DepthOptions | None:
     """How the candidate drops its layers (None: it drops none)."""
     return replace(budget.depth, layers=candidate.drop) if candidate.drop else None

@@ -22,7 +22,7 @@ from torch import nn
 
 from transact.arch import ModelShape, get_adapter, shape_of
 from transact.core.allocate import check_budget, mlp_variants, search_widths, width_levels
-from transact.core.budget import Candidate, budget_candidates, candidate_depth
+from transact.core.budget import BUDGET_NOUNS, Candidate, budget_candidates, candidate_depth
 from transact.core.calibrate import Statistics, collect_statistics, sample_windows, windows_hash
 from transact.core.correct import get_corrector
 from transact.core.correct.refit import damp_for
@@ -273,7 +273,7 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
                 apply_step(trial, plan, statistics, concrete)
             losses.append(calibration_loss(trial, unseen, batch_size=recipe.calibration.batch_size))
             if progress:
-                print(f"budget: {candidate.describe()} ({candidate.params / total:.3f} of the parameters): "
+                print(f"budget: {candidate.describe()} ({candidate.share:.3f} of the {BUDGET_NOUNS[budget.kind]}): "
                       f"loss on unseen windows {losses[-1]:.4f}", file=sys.stderr)
             if inspect is not None:
                 inspect(candidate, trial)
@@ -283,7 +283,9 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     winner = candidate_recipe(recipe, best, shape)
     depth = _drop_for(model, windows, recipe, best.drop, drops[best.drop], progress)
     plan = _widths_after_drop(model, tokenizer, winner, depth, windows, texts=texts, note=note, progress=progress)
+    kept = budget.measure.of_model(shape_of(model), count_parameters(model)) / budget.measure.of_model(shape, total)
     record = {"budget": budget.to_json(), "parameters": total, "kept": round(count_parameters(model) / total, 6),
+              "kept_share": round(kept, 6),  # of what the budget counts, in the pruned model
               "candidates": [{**c.to_json(), "calibration_loss": round(loss, 6)}
                              for c, loss in zip(candidates, losses, strict=True)],
               "chosen": candidates.index(best), "seconds": round(time.perf_counter() - started, 1)}

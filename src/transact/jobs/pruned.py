@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter
-from transact.core.budget import Candidate, check_budget_shape
+from transact.core.budget import BUDGET_KINDS, BUDGET_NOUNS, Candidate, check_budget_shape
 from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, whole_plan
@@ -88,14 +88,18 @@ def allocation_line(plan: PrunePlan) -> str:
 
 
 def budget_lines(record: dict) -> list[str]:
-    """The budget's candidates, their parameters and calibration losses, the chosen one marked."""
+    """The budget's candidates, their parameters (and share of what the budget counts) and calibration
+    losses, the chosen one marked."""
     budget, total = record["budget"], record["parameters"]
-    lines = [f"budget            params {budget['params']} of {total / 1e6:.1f} M: {len(record['candidates'])} "
-             f"candidates scored on the {budget['score_samples']} windows after the calibration's, in "
-             f"{record['seconds']:.0f} s (kept {record['kept']:.3f})"]
+    kind = next(k for k in BUDGET_KINDS if k in budget)
+    counted = "" if kind == "params" else f" ({BUDGET_NOUNS[kind]}, kept {record['kept_share']:.3f})"
+    lines = [f"budget            {kind} {budget[kind]}{counted} of {total / 1e6:.1f} M parameters: "
+             f"{len(record['candidates'])} candidates scored on the {budget['score_samples']} windows after the "
+             f"calibration's, in {record['seconds']:.0f} s (kept {record['kept']:.3f} of the parameters)"]
     for i, c in enumerate(record["candidates"]):
         mark = "  <- chosen" if i == record["chosen"] else ""
-        lines.append(f"  {c['mix']:<6} {Candidate.from_json(c).describe():<22} {c['params'] / total:.3f}  "
+        share = "" if kind == "params" else f"  {kind} {c['share']:.3f}"
+        lines.append(f"  {c['mix']:<6} {Candidate.from_json(c).describe():<22} {c['params'] / total:.3f}{share}  "
                      f"loss {c['calibration_loss']:.4f}{mark}")
     return lines
 

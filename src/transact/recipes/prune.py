@@ -8,7 +8,7 @@ from typing import Any
 
 from transact.checks import fields_from
 from transact.core.allocate import WidthSearch
-from transact.core.budget import ParamBudget
+from transact.core.budget import Budget
 from transact.core.correct import get_corrector
 from transact.core.depth import DepthOptions
 from transact.core.metrics import get_metric
@@ -108,7 +108,7 @@ class PruneRecipe:
     allocation: WidthSearch | None = None
     # a share of the parameters to keep, met by the mix of dropped layers and uniform widths with the lowest
     # calibration loss (transact.core.budget; None: the widths and depth above say what to prune)
-    budget: ParamBudget | None = None
+    budget: Budget | None = None
 
     def __post_init__(self) -> None:
         for name in WIDTHS:
@@ -140,8 +140,8 @@ class PruneRecipe:
 
     def _check_budget(self) -> None:
         """A budget decides the widths and the depth, so the recipe names neither, nor a width search."""
-        if not isinstance(self.budget, ParamBudget):
-            object.__setattr__(self, "budget", ParamBudget(**fields_from(ParamBudget, self.budget, "budget")))
+        if not isinstance(self.budget, Budget):
+            object.__setattr__(self, "budget", Budget(**fields_from(Budget, self.budget, "budget")))
         named = [name for name in WIDTHS if getattr(self, name) is not None]
         if named or self.depth is not None or self.allocation is not None:
             what = named[0] if named else "depth (layers to drop)" if self.depth is not None else "allocation"
