@@ -180,8 +180,11 @@ def test_prune_job_writes_the_budgets_record_and_apply_plan_recreates_it(base, t
 def test_kv_cache_budget_prunes_to_half_the_cache(base, tmp_path, capsys):
     args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32"]
     assert main([*args, "--out", str(tmp_path / "a"), "--budget", "kv=0.5", "--block-score", "angular"]) == 0
-    assert "budget            kv 0.5 (KV cache per token, kept 0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
     plan = PrunePlan.load(tmp_path / "a" / "plan.json")
+    kept = plan.budget["candidates"][plan.budget["chosen"]]["share"]
+    assert plan.budget["kept_share"] == pytest.approx(kept, abs=1e-6)  # the pruned model is the chosen candidate
+    assert f"budget            kv=0.5 (KV cache per token, kept {kept:.3f}): 3 candidates" in out
     # drop none and keep one of 2 groups, drop 2 layers and keep one group, or drop 3 layers
     assert [(c["mix"], c["drop"], c["kv_heads"], c["share"]) for c in plan.budget["candidates"]] == \
         [("both", 0, 1, 0.5), ("both", 2, 1, pytest.approx(1 / 3)), ("depth", 3, 2, 0.5)]

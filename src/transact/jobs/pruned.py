@@ -93,9 +93,9 @@ def budget_lines(record: dict) -> list[str]:
     budget, total = record["budget"], record["parameters"]
     kind = next(k for k in BUDGET_KINDS if k in budget)
     counted = "" if kind == "params" else f" ({BUDGET_NOUNS[kind]}, kept {record['kept_share']:.3f})"
-    lines = [f"budget            {kind} {budget[kind]}{counted} of {total / 1e6:.1f} M parameters: "
-             f"{len(record['candidates'])} candidates scored on the {budget['score_samples']} windows after the "
-             f"calibration's, in {record['seconds']:.0f} s (kept {record['kept']:.3f} of the parameters)"]
+    lines = [f"budget            {kind}={budget[kind]}{counted}: {len(record['candidates'])} candidates scored on "
+             f"the {budget['score_samples']} windows after the calibration's, in {record['seconds']:.0f} s (kept "
+             f"{record['kept']:.3f} of the {total / 1e6:.1f} M parameters)"]
     for i, c in enumerate(record["candidates"]):
         mark = "  <- chosen" if i == record["chosen"] else ""
         share = "" if kind == "params" else f"  {kind} {c['share']:.3f}"
