@@ -41,7 +41,14 @@ from transact.checks import fields_from
 from transact.core.depth import DepthOptions
 from transact.core.targets import head_pairs
 from transact.errors import TransactError
-from transact.measure.costs import attention_parameters, layer_parameters, lm_head_flops
+from transact.measure.costs import (
+    attention_flops,
+    attention_parameters,
+    kv_values_per_layer,
+    layer_parameters,
+    lm_head_flops,
+    mlp_parameters,
+)
 
 BUDGET_KINDS = ("params", "flops", "kv")
 BUDGET_NOUNS = {"params": "parameters", "flops": "forward FLOPs per token", "kv": "KV cache per token"}
@@ -58,14 +65,12 @@ class Measure:
     def attention(self, shape: ModelShape) -> int:
         """One layer's attention at ``shape``'s heads and KV heads."""
         if self.kind == "kv":
-            return 2 * shape.num_kv_heads * shape.head_dim
-        if self.kind == "flops":  # projections, then scores and weighted sums over the context
-            return 2 * attention_parameters(shape) + 4 * shape.num_heads * shape.head_dim * self.context
-        return attention_parameters(shape)
+            return kv_values_per_layer(shape)
+        return attention_flops(shape, self.context) if self.kind == "flops" else attention_parameters(shape)
 
     def mlp_channel(self, shape: ModelShape) -> int:
         """One MLP channel of one layer (its gate, up and down weights); nothing in a KV-cache budget."""
-        per_channel = 3 * shape.hidden_size
+        per_channel = mlp_parameters(replace(shape, intermediate_size=1))
         return {"params": per_channel, "flops": 2 * per_channel, "kv": 0}[self.kind]
 
     def layer(self, shape: ModelShape) -> int:

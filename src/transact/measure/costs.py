@@ -24,7 +24,7 @@ def count_parameters(model: nn.Module) -> int:
 def kv_cache_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
     """Keys and values of every softmax-attention layer for one token: 2 * layers * kv_heads * head_dim *
     bytes (a hybrid model's linear-attention layers keep a fixed-size state instead, not per token)."""
-    return 2 * shape.num_attention_layers * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+    return shape.num_attention_layers * kv_values_per_layer(shape) * dtype.itemsize
 
 
 def flops_per_token(shape: ModelShape, context: int) -> int:
@@ -36,13 +36,23 @@ def flops_per_token(shape: ModelShape, context: int) -> int:
     linear-attention layers count ``linear_attention_flops`` in place of attention. Norms,
     RoPE, softmax, activations and the routing's top-k are ignored (< 1 %).
     """
-    attention = 2 * (attention_parameters(shape) + 2 * shape.num_heads * shape.head_dim * context)
     mlp = 2 * mlp_parameters(shape, active=True)
-    total = shape.num_attention_layers * attention + shape.num_layers * mlp + lm_head_flops(shape)
+    total = shape.num_attention_layers * attention_flops(shape, context) + shape.num_layers * mlp + lm_head_flops(shape)
     if shape.linear_attention is not None:
         linear_layers = shape.num_layers - shape.num_attention_layers
         total += linear_layers * linear_attention_flops(shape.linear_attention, shape.hidden_size)
     return total
+
+
+def attention_flops(shape: ModelShape, context: int) -> int:
+    """Forward FLOPs of one softmax-attention block for one token attending to ``context`` tokens: its
+    projections, and the scores and weighted sums (2 * heads * head_dim * context each)."""
+    return 2 * (attention_parameters(shape) + 2 * shape.num_heads * shape.head_dim * context)
+
+
+def kv_values_per_layer(shape: ModelShape) -> int:
+    """Values one softmax-attention layer caches per token: a key and a value per KV head."""
+    return 2 * shape.num_kv_heads * shape.head_dim
 
 
 def linear_attention_parameters(block: LinearAttentionShape, hidden_size: int) -> int:
