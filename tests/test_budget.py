@@ -24,6 +24,11 @@ from transact.recipes.run import RunRecipe
 # SmolLM2-135M's shape: 30 layers of hidden 576, 9 heads in 3 KV groups of 64, MLP 1536, tied embeddings
 SMOLLM2 = ModelShape("llama", 30, 576, 9, 3, 64, 1536, vocab_size=49152)
 SMOLLM2_PARAMETERS = 134_515_008
+# Gemma-3-270M's: 18 layers of hidden 640, 4 heads in 1 KV group of 256, MLP 2048, a 262,144-token vocabulary;
+# every sixth layer attends to the whole context, the others to a sliding window of 512 tokens
+GEMMA3 = ModelShape("gemma3_text", 18, 640, 4, 1, 256, 2048, vocab_size=262144,
+                    attention_windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18)))
+GEMMA3_PARAMETERS = 268_098_176
 
 
 def test_estimated_parameters_by_hand():
@@ -85,6 +90,26 @@ def test_flops_and_kv_cache_counted_by_hand():
     assert Measure("kv").of_model(SMOLLM2, SMOLLM2_PARAMETERS) == kv
     assert kv_cache_bytes_per_token(SMOLLM2, torch.float32) == 4 * kv
     assert Measure("params").of_model(SMOLLM2, SMOLLM2_PARAMETERS) == SMOLLM2_PARAMETERS
+
+
+def test_flops_of_sliding_window_layers_counted_over_their_window():
+    projections = 2 * 640 * (1024 + 256 * (4 + 2))  # q and o of 4 heads of 256, k and v of one
+    sliding, full = projections + 4 * 4 * 256 * 512, projections + 4 * 4 * 256 * 2048
+    mlp, head = 2 * 3 * 640 * 2048, 2 * 640 * 262144
+    flops = 15 * sliding + 3 * full + 18 * mlp + head
+    assert Measure("flops", 2048).of_model(GEMMA3, GEMMA3_PARAMETERS) == flops == flops_per_token(GEMMA3, 2048)
+    assert flops_per_token(GEMMA3, 2048, windows=False) == 18 * full + 18 * mlp + head
+    # a candidate that drops layers is counted as if the cheapest (windowed) went: 9 of 15 dropped leave
+    # 6 windowed and 3 full layers, 0.799 of the FLOPs, whichever go
+    candidates = budget_candidates(GEMMA3, GEMMA3_PARAMETERS, Budget(flops=0.8))
+    depth = candidates[-1]
+    assert (depth.mix, depth.drop) == ("depth", 9)
+    assert depth.share == round((6 * sliding + 3 * full + 9 * mlp + head) / flops, 6) <= 0.8
+    # at no drop the MLP keeps what fits beside every layer's attention: (0.8 x flops - head - attention) /
+    # (18 layers x 3,840 FLOPs per channel), rounded down
+    width = candidates[0]
+    assert (width.mix, width.drop) == ("mlp", 0)
+    assert width.mlp == int((0.8 * flops - head - 15 * sliding - 3 * full) // (18 * 2 * 3 * 640)) == 332
 
 
 def test_kv_cache_budget_keeps_the_mlp_whole_and_drops_groups_or_layers():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FAMILIES, VOCAB, random_plan, tiny_model
+from tiny import FAMILIES, VOCAB, random_plan, tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from transact.arch import shape_of
@@ -80,9 +80,9 @@ def test_flops_formula_matches_measured_count(family, pruned):
         model.config._experts_implementation = "eager"
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randint(0, VOCAB, (1, seq)))
-    # One forward over `seq` tokens computes full seq x seq attention scores (masked, not skipped), so it
-    # costs exactly seq x (flops of one token attending to `seq` tokens).
-    assert counter.get_total_flops() == seq * costs.flops_per_token(shape, seq) + padding
+    # One forward over `seq` tokens computes full seq x seq attention scores (masked, not skipped, in the
+    # sliding-window layers too), so it costs exactly seq x (flops of one token attending to `seq` tokens).
+    assert counter.get_total_flops() == seq * costs.flops_per_token(shape, seq, windows=False) + padding
     assert costs.forward_flops(shape, seq) + padding == counter.get_total_flops()
 
 
@@ -97,6 +97,37 @@ def test_prefill_flops_match_a_forward_that_keeps_the_last_logits(family):
     assert counter.get_total_flops() == costs.prefill_flops(shape_of(model), seq)
     assert costs.forward_flops(shape_of(model), seq) - costs.prefill_flops(shape_of(model), seq) == \
         (seq - 1) * 2 * 64 * VOCAB
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2", "llama"])
+def test_a_decode_step_costs_flops_per_token_with_sliding_windows(family):
+    """A decode step's count, measured: the cache of a sliding-window layer holds its window (8 tokens in the
+    tiny Gemmas, every second layer), so its attention costs 8 tokens' scores, not the context's 32."""
+    model = _pruned(family, 2, 1, 40)
+    shape = shape_of(model)
+    with torch.no_grad():
+        cache = model(torch.randint(0, VOCAB, (1, 31)), use_cache=True).past_key_values
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randint(0, VOCAB, (1, 1)), past_key_values=cache, use_cache=True)
+    assert counter.get_total_flops() == costs.flops_per_token(shape, 32)
+    windowed = [layer for layer in range(shape.num_layers) if shape.attended(layer, 32) < 32]
+    assert windowed == ([0] if family != "llama" else [])  # the tiny models have 2 layers, the first windowed
+    saved = 2 * 2 * 2 * 16 * (32 - 8) * len(windowed)  # scores and sums of 2 heads of 16 over 24 fewer tokens
+    assert costs.flops_per_token(shape, 32, windows=False) - costs.flops_per_token(shape, 32) == saved
+
+
+@pytest.mark.parametrize(("family", "settings", "windows"), [
+    ("mistral", {"sliding_window": 16, "num_hidden_layers": 3}, (16, 16, 16)),  # no layer_types: every layer
+    ("mistral", {"sliding_window": None}, None),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1, "num_hidden_layers": 3},
+     (None, 16, 16)),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 16}, None),
+    ("qwen2_moe", {"sliding_window": 0}, None),  # its config's default: no window
+    ("gemma3_text", {"sliding_window": 16, "num_hidden_layers": 4}, (16, None, 16, None)),
+])
+def test_sliding_windows_as_each_config_states_them(family, settings, windows):
+    config = tiny_config(family, **settings)
+    assert shape_of(config).attention_windows == windows
 
 
 def test_kv_cache_bytes_match_the_cache_tensors():

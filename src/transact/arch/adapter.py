@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from transact.arch.mlp import DenseMlp, MlpLayout
 from transact.arch.parts import AttentionParts, ExpertParts, MlpParts, Rows
-from transact.arch.shape import HeadRule, LinearAttentionShape, ModelShape
+from transact.arch.shape import HeadRule, LinearAttentionShape, ModelShape, sliding_windows
 from transact.errors import TransactError
 
 
@@ -201,7 +201,8 @@ class FamilyAdapter:
                           attention_layers=self.hybrid.attention_layers(text) if self.hybrid else None,
                           linear_attention=self.hybrid.linear_attention(text) if self.hybrid else None,
                           q_gated=self.q_gated, num_experts=num_experts, experts_per_token=experts_per_token,
-                          shared_expert_size=self.mlp_layout.shared_width(text))
+                          shared_expert_size=self.mlp_layout.shared_width(text),
+                          attention_windows=sliding_windows(text))
 
     def write_config(self, config: PretrainedConfig, *, num_heads: int, num_kv_heads: int,
                      intermediate_size: int, num_experts: int | None = None, shared_size: int | None = None) -> None:

@@ -43,8 +43,9 @@ class ModelShape:
     ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
     measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts;
     ``linear_attention`` describes the other layers' blocks; ``q_gated``: q_proj also holds each head's
-    output gate (see ``AttentionParts.q_head_rows``). None of them is part of what a plan must match
-    (``compare=False``).
+    output gate (see ``AttentionParts.q_head_rows``); ``attention_windows`` gives, per layer, the most tokens
+    a sliding-window layer attends to (None: the whole context; the field is None where no layer has a
+    window). None of them is part of what a plan must match (``compare=False``).
 
     A mixture of experts has ``num_experts`` experts per layer, each of ``intermediate_size`` channels, and
     routes each token to ``experts_per_token`` of them; ``shared_expert_size`` is the width of the plain MLP
@@ -63,6 +64,7 @@ class ModelShape:
     attention_layers: tuple[int, ...] | None = None
     linear_attention: LinearAttentionShape | None = field(default=None, compare=False)
     q_gated: bool = field(default=False, compare=False)
+    attention_windows: tuple[int | None, ...] | None = field(default=None, compare=False)
     num_experts: int | None = None
     experts_per_token: int | None = None
     shared_expert_size: int | None = None
@@ -89,6 +91,17 @@ class ModelShape:
         """Whether layer ``layer`` has softmax attention (query heads to prune)."""
         return self.attention_layers is None or layer in self.attention_layers
 
+    def attended(self, layer: int, context: int) -> int:
+        """The tokens layer ``layer`` attends to when ``context`` tokens are in view: all of them, or at most
+        its sliding window."""
+        window = None if self.attention_windows is None else self.attention_windows[layer]
+        return context if window is None else min(context, window)
+
+    @property
+    def attention_layer_indices(self) -> tuple[int, ...]:
+        """The layers with softmax attention, in order."""
+        return tuple(range(self.num_layers)) if self.attention_layers is None else self.attention_layers
+
     @property
     def num_attention_layers(self) -> int:
         return self.num_layers if self.attention_layers is None else len(self.attention_layers)
@@ -107,3 +120,19 @@ class ModelShape:
             data["shared_expert_size"] = self.shared_expert_size
         return data
 
+
+
+def sliding_windows(config: Any) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window as a transformers text config states it (None per layer: the whole
+    context; None in all: no window anywhere). ``layer_types`` marks the windowed layers where the config
+    has it (Gemma 2 and 3, Qwen2 with ``use_sliding_window``); without it a ``sliding_window`` applies to
+    every layer, as Mistral, Mixtral and Phi-3 use it. A window of 0 or None, or ``use_sliding_window``
+    false, is no window."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return (window,) * config.num_hidden_layers
+    windows = tuple(window if kind == "sliding_attention" else None for kind in types)
+    return windows if any(w is not None for w in windows) else None

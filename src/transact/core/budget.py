@@ -26,7 +26,9 @@ What a budget counts (``Measure``), per layer and outside the layers:
   both);
 - ``flops``: forward FLOPs per token attending to ``context`` tokens (``transact.measure.costs.
   flops_per_token``: the projections, the attention scores and weighted sums, and the LM head, which no
-  candidate changes; the input embedding is a lookup and costs none);
+  candidate changes; the input embedding is a lookup and costs none). A sliding-window layer attends to
+  at most its window, so layers differ; a candidate that drops layers is counted as if the cheapest went,
+  and so meets its budget whichever layers its drop removes;
 - ``kv``: the KV cache per token (keys and values of every layer: layers x KV heads x head_dim).
 """
 
@@ -62,19 +64,26 @@ class Measure:
     kind: str
     context: int = 2048
 
-    def attention(self, shape: ModelShape) -> int:
-        """One layer's attention at ``shape``'s heads and KV heads."""
+    def attention(self, shape: ModelShape, layer: int) -> int:
+        """Layer ``layer``'s attention at ``shape``'s heads and KV heads (layers differ only in FLOPs, where
+        a sliding-window layer attends to at most its window)."""
         if self.kind == "kv":
             return kv_values_per_layer(shape)
-        return attention_flops(shape, self.context) if self.kind == "flops" else attention_parameters(shape)
+        if self.kind == "params":
+            return attention_parameters(shape)
+        return attention_flops(shape, shape.attended(layer, self.context))
+
+    def kept_attention(self, shape: ModelShape, drop: int) -> float:
+        """The mean attention of the layers left after dropping ``drop``, counted at the worst: as if the
+        cheapest went (which layers go is chosen later, on calibration statistics), so that a candidate
+        meets its budget whichever layers its drop removes."""
+        kept = sorted(self.attention(shape, i) for i in range(shape.num_layers))[drop:]
+        return sum(kept) / len(kept)
 
     def mlp_channel(self, shape: ModelShape) -> int:
         """One MLP channel of one layer (its gate, up and down weights); nothing in a KV-cache budget."""
         per_channel = mlp_parameters(replace(shape, intermediate_size=1))
         return {"params": per_channel, "flops": 2 * per_channel, "kv": 0}[self.kind]
-
-    def layer(self, shape: ModelShape) -> int:
-        return self.attention(shape) + self.mlp_channel(shape) * shape.intermediate_size
 
     def outside(self, shape: ModelShape, total: int) -> int:
         """What no candidate changes, of a model of ``shape`` and ``total`` parameters: for parameters its
@@ -85,7 +94,7 @@ class Measure:
 
     def of_model(self, shape: ModelShape, total: int) -> int:
         """The whole model's count (``total``: its parameters)."""
-        return self.outside(shape, total) + shape.num_layers * self.layer(shape)
+        return estimated(self, shape, total, 0, shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
 
 
 @dataclass(frozen=True)
@@ -205,9 +214,11 @@ def estimated_parameters(shape: ModelShape, total: int, drop: int, heads: int, k
 
 def estimated(measure: Measure, shape: ModelShape, total: int, drop: int, heads: int, kv_heads: int, mlp: int) -> int:
     """What ``measure`` counts in a model of ``total`` parameters and ``shape`` after dropping ``drop`` layers
-    and pruning the rest to heads/kv_heads/mlp."""
-    kept = measure.layer(with_widths(shape, heads, kv_heads, mlp))
-    return measure.outside(shape, total) + (shape.num_layers - drop) * kept
+    and pruning the rest to heads/kv_heads/mlp; where layers differ (sliding windows, in FLOPs), as if the
+    cheapest were dropped (``Measure.kept_attention``)."""
+    pruned = with_widths(shape, heads, kv_heads, mlp)
+    per_layer = measure.kept_attention(pruned, drop) + measure.mlp_channel(shape) * mlp
+    return round(measure.outside(shape, total) + (shape.num_layers - drop) * per_layer)
 
 
 def check_budget_shape(shape: ModelShape) -> None:
@@ -281,12 +292,12 @@ def width_candidates(count: _Counter, drop: int, per_layer: float, multiple_of: 
     shape, measure, out = count.shape, count.measure, []
     per_channel = measure.mlp_channel(shape)
     if per_channel:  # MLP width changes what the budget counts
-        mlp = _mlp_fitting(shape, per_layer - measure.attention(shape), per_channel, multiple_of)
+        mlp = _mlp_fitting(shape, per_layer - measure.kept_attention(shape, drop), per_channel, multiple_of)
         if mlp is not None:
             out.append(count.candidate("mlp", drop, shape.num_heads, shape.num_kv_heads, mlp))
     pairs = []
     for heads, kv in _group_pairs(shape, multiple_of):
-        room = per_layer - measure.attention(with_widths(shape, heads, kv, 1))
+        room = per_layer - measure.kept_attention(with_widths(shape, heads, kv, 1), drop)
         fitted = _mlp_fitting(shape, room, per_channel, multiple_of, pruned=False)
         if fitted is not None:
             pairs.append((abs(heads / shape.num_heads - fitted / shape.intermediate_size), -heads, heads, kv, fitted))

@@ -27,17 +27,21 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
     return shape.num_attention_layers * kv_values_per_layer(shape) * dtype.itemsize
 
 
-def flops_per_token(shape: ModelShape, context: int) -> int:
+def flops_per_token(shape: ModelShape, context: int, *, windows: bool = True) -> int:
     """Forward FLOPs (2 per multiply-add) for one token attending to ``context`` tokens.
 
     Counts the matmuls: q/k/v/o (q with each head's output gate where the family has one), gate/up/down
     (in a mixture of experts the router and the experts each token is routed to), the LM head, and
-    attention scores and weighted sums (2 * heads * head_dim * context each); a hybrid model's
-    linear-attention layers count ``linear_attention_flops`` in place of attention. Norms,
-    RoPE, softmax, activations and the routing's top-k are ignored (< 1 %).
+    attention scores and weighted sums (2 * heads * head_dim * attended tokens each); a hybrid model's
+    linear-attention layers count ``linear_attention_flops`` in place of attention. A sliding-window layer
+    attends to at most its window (what a decode step computes, the cache holding only the window);
+    ``windows=False`` counts every layer over the whole context, as a prefill's dense kernels compute the
+    masked scores too (``forward_flops``). Norms, RoPE, softmax, activations and the routing's top-k are
+    ignored (< 1 %).
     """
     mlp = 2 * mlp_parameters(shape, active=True)
-    total = shape.num_attention_layers * attention_flops(shape, context) + shape.num_layers * mlp + lm_head_flops(shape)
+    attended = [shape.attended(layer, context) if windows else context for layer in shape.attention_layer_indices]
+    total = sum(attention_flops(shape, tokens) for tokens in attended) + shape.num_layers * mlp + lm_head_flops(shape)
     if shape.linear_attention is not None:
         linear_layers = shape.num_layers - shape.num_attention_layers
         total += linear_layers * linear_attention_flops(shape.linear_attention, shape.hidden_size)
@@ -108,9 +112,9 @@ def lm_head_flops(shape: ModelShape) -> int:
 
 def forward_flops(shape: ModelShape, seq_len: int) -> int:
     """FLOPs of one forward pass over ``seq_len`` tokens (a prefill), as the kernels compute it: every
-    token's matmuls plus full ``seq_len`` x ``seq_len`` attention scores (the causal mask hides half of
-    them but dense kernels still compute them)."""
-    return seq_len * flops_per_token(shape, seq_len)
+    token's matmuls plus full ``seq_len`` x ``seq_len`` attention scores (the causal mask, and a sliding
+    window's, hides part of them but dense kernels still compute them)."""
+    return seq_len * flops_per_token(shape, seq_len, windows=False)
 
 
 def prefill_flops(shape: ModelShape, seq_len: int) -> int:
