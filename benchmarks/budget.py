@@ -8,6 +8,12 @@ perplexity, and the candidate chosen. One shot, no training; the pruning is exac
     python benchmarks/budget.py --model builtin:gemma3-270m --budgets 0.9 0.8 --loss-samples 4 \
         --out docs/bench/budget/gemma3_270m
     python benchmarks/budget.py --model builtin:smollm2 --budgets flops=0.75 kv=0.5 --out docs/bench/budget/smollm2
+    python benchmarks/budget.py --model builtin:smollm2 --budgets 0.75 --search-step 64 \
+        --out docs/bench/budget/smollm2
+
+With ``--search-step`` the budget runs as ``--budget ... --allocate search`` does: candidates' MLP widths are
+multiples of the step, and the chosen one's MLP width is then spread over its layers by the width search (its
+row records both perplexities).
 
 Each budget's rows are written when it finishes, so an interrupted run continues with the next budget.
 """
@@ -23,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, previous_result, write_result
 
+from transact.core.allocate import WidthSearch
 from transact.core.budget import Budget
 from transact.core.calibrate import sample_windows
 from transact.core.depth_calibrate import calibration_loss
@@ -47,6 +54,9 @@ def parse_args() -> argparse.Namespace:
                     help="windows the block score and each candidate's calibration loss run on")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--search-step", type=int, default=None,
+                    help="run each budget with the per-layer width search of this step (--allocate search)")
+    ap.add_argument("--search-generations", type=int, default=WidthSearch().generations)
     ap.add_argument("--out", required=True, help="path prefix for .json and .md")
     return ap.parse_args()
 
@@ -88,6 +98,13 @@ def table(result: dict) -> str:
         lines.append(f"| | chosen / best held-out: {chosen / rows[best]['perplexity']:.3f} (by the fitted windows' "
                      f"loss: {fitted / rows[best]['perplexity']:.3f}); search and prune {budget['seconds']:.0f} s "
                      "(held-out evaluations not counted) | | | | | | | |")
+        if "searched" in budget:
+            found = budget["searched"]
+            loss = found["calibration_loss"]
+            lines.append(f"| | the chosen MLP width spread per layer ({' '.join(map(str, found['widths']))}; "
+                         f"{found['generations']} generations, {found['seconds']:.0f} s; calibration loss "
+                         f"{loss['uniform']:.4f} -> {loss['searched']:.4f}) | | {found['params_ratio']:.3f} | | | | "
+                         f"{found['perplexity']:.2f} | |")
     return "\n".join(lines)
 
 
@@ -99,7 +116,10 @@ def measure_budget(label: str, args, dense, tok, texts: list[str], ppl) -> dict:
     total = count_parameters(dense)
     budget = budget_of(label, depths=args.depths, score_samples=args.loss_samples,
                        depth={"loss_samples": args.loss_samples})
-    recipe = PruneRecipe(budget=budget, calibration=Calibration("builtin", samples=args.samples, seq_len=args.seq_len))
+    search = None if args.search_step is None else WidthSearch(step=args.search_step,
+                                                                  generations=args.search_generations)
+    recipe = PruneRecipe(budget=budget, allocation=search,
+                         calibration=Calibration("builtin", samples=args.samples, seq_len=args.seq_len))
     measured, evaluating = [], [0.0]
 
     def held_out(candidate, pruned) -> None:
@@ -117,9 +137,26 @@ def measure_budget(label: str, args, dense, tok, texts: list[str], ppl) -> dict:
     record = plan.budget
     rows = [{**m, "unseen_loss": c["calibration_loss"], "share": c["share"]}
             for m, c in zip(measured, record["candidates"], strict=True)]
-    assert abs(ppl(model) - rows[record["chosen"]]["perplexity"]) < 1e-2, "the pruned model is not the chosen one"
-    return {"budget": label, "candidates": rows, "chosen": record["chosen"],
-            "seconds": round(seconds - evaluating[0], 1)}
+    out = {"budget": run_label(label, args), "candidates": rows, "chosen": record["chosen"],
+           "seconds": round(seconds - evaluating[0], 1)}
+    if plan.allocation is None:
+        assert abs(ppl(model) - rows[record["chosen"]]["perplexity"]) < 1e-2, "the pruned model is not the chosen one"
+        return out
+    loss = plan.allocation["calibration_loss"]
+    return {**out, "searched": {"widths": plan.mlp_widths, "perplexity": ppl(model),
+                                "params_ratio": round(count_parameters(model) / total, 4),
+                                "calibration_loss": loss, "generations": plan.allocation["generations"],
+                                "seconds": plan.allocation["seconds"]}}
+
+
+def run_label(label: str, args) -> str:
+    """The budget's label, with the width search's step where it runs: '0.75 + search (step 64)'."""
+    return label if args.search_step is None else f"{label} + search (step {args.search_step})"
+
+
+def label_key(label: str) -> str | float:
+    """Labels compared as budgets: '0.75' and 'params=0.75' written before budgets had kinds are one."""
+    return float(label) if "=" not in label and "search" not in label else label
 
 
 def main() -> None:
@@ -138,9 +175,9 @@ def main() -> None:
 
     result = previous or {"settings": settings, **settings, "dense_perplexity": ppl(dense),
                           "dense_params": count_parameters(dense), "budgets": [], "machine": machine()}
-    done = {float(label_of(b)) if "=" not in label_of(b) else label_of(b) for b in result["budgets"]}
+    done = {label_key(label_of(b)) for b in result["budgets"]}
     for label in args.budgets:
-        if (float(label) if "=" not in label else label) not in done:
+        if label_key(run_label(label, args)) not in done:
             result["budgets"].append(measure_budget(label, args, dense, tok, texts, ppl))
             write_result(out, result, table(result))
     write_result(out, result, table(result))

@@ -7,14 +7,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny import same_weights, tiny_model
+from tiny import same_weights, tiny_config, tiny_model
 
 from transact.arch import ModelShape, shape_of
 from transact.cli import main
+from transact.core.allocate import WidthSearch
 from transact.core.budget import Budget, Measure, ParamBudget, budget_candidates, estimated_parameters
 from transact.core.depth_calibrate import calibration_loss
 from transact.core.plan import PrunePlan
-from transact.core.step import calibration_windows, prune_step, scoring_windows
+from transact.core.step import budget_search_step, calibration_windows, prune_step, scoring_windows
 from transact.errors import TransactError
 from transact.jobs import apply_plan, prune
 from transact.measure.costs import count_parameters, flops_per_token, kv_cache_bytes_per_token
@@ -216,6 +217,38 @@ def test_kv_cache_budget_prunes_to_half_the_cache(base, tmp_path, capsys):
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["num_hidden_layers"] * config["num_key_value_heads"] <= 6 * 2 / 2
     assert config["intermediate_size"] == 96  # MLP width is not what a KV-cache budget counts
+
+
+def test_budget_with_the_width_search_spreads_the_chosen_mlp_width(base, tmp_path, capsys):
+    """Candidates are scored at uniform widths, multiples of the search step; the winner's MLP width is then
+    spread over its layers by the search (never worse on the calibration loss), and apply-plan recreates it."""
+    args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32",
+            "--quiet", "--budget", "params=0.7", "--block-score", "angular", "--allocate", "search"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--search-step", "16", "--search-generations", "4"]) == 0
+    plan = PrunePlan.load(tmp_path / "a" / "plan.json")
+    chosen = plan.budget["candidates"][plan.budget["chosen"]]
+    assert all(c["mlp"] % 16 == 0 for c in plan.budget["candidates"])
+    assert chosen["mlp"] < 96  # the tiny model's winner prunes the MLP, so the search ran
+    assert sum(plan.mlp_widths) == chosen["mlp"] * (6 - chosen["drop"]) and all(w % 16 == 0 for w in plan.mlp_widths)
+    loss = plan.allocation["calibration_loss"]
+    assert plan.allocation["generations"] == 4 and loss["searched"] <= loss["uniform"]
+    # spreading the width keeps the parameter count of the uniform candidate
+    uniform = tiny_model("llama", layers=6 - chosen["drop"], heads=chosen["heads"], kv_heads=chosen["kv_heads"],
+                         mlp=chosen["mlp"])
+    dense = tiny_model("llama", layers=6, heads=4, kv_heads=2, mlp=96)
+    assert plan.budget["kept"] == pytest.approx(count_parameters(uniform) / count_parameters(dense), abs=1e-6)
+    assert main(["apply-plan", str(base / "base"), str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"),
+                 "--quiet"]) == 0
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    for extra, message in ((["--search-step", "7"], "not a multiple of the search step 7"),
+                           (["--budget", "kv=0.5"], "nothing to spread")):
+        assert main([*args, "--out", str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+    searching = replace(_recipe(base), allocation=WidthSearch(step=16))
+    with pytest.raises(TransactError, match="gemma3_text family has no checkpoint with widths that differ"):
+        budget_search_step(tiny_config("gemma3_text"), searching)
+    assert budget_search_step(tiny_config("llama"), searching) == 16
 
 
 def test_cli_refuses_budgets_before_any_work(base, tmp_path, capsys):

@@ -194,7 +194,8 @@ def test_mlp_score_compare_keeps_the_ranking_whose_pruned_model_has_the_lower_un
 
     from transact.core.calibrate import sample_windows
     from transact.core.depth_calibrate import calibration_loss
-    from transact.core.step import MLP_SCORE_WINDOWS, prune_step, reapply_plan
+    from transact.core.reapply import reapply_plan
+    from transact.core.step import MLP_SCORE_WINDOWS, prune_step
 
     model = tiny_model("qwen2", heads=4, kv_heads=2, mlp=48)
     calibration = {"text": "builtin", "samples": 8, "seq_len": 32}

@@ -12,7 +12,7 @@ from torch import nn
 
 from transact.core.layerwise import prune_model
 from transact.core.plan import PrunePlan
-from transact.core.step import reapply_plan as core_reapply
+from transact.core.reapply import reapply_plan as core_reapply
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir
 from transact.io.models import load_model, prepare_model
@@ -56,7 +56,7 @@ def save(model: nn.Module, tokenizer, out: str | Path, plan: PrunePlan, *, repor
 def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, texts: list[str] | None = None,
                  progress: bool = True) -> PrunePlan:
     """``plan`` (its recipe read back from the plan) on its base model ``model`` again, in place: the same
-    weights as the first time, bit for bit (see ``transact.core.step.reapply_plan``)."""
+    weights as the first time, bit for bit (see ``transact.core.reapply.reapply_plan``)."""
     recipe = PruneRecipe.from_json(plan.recipe) if plan.corrections or plan.depth else None
     return core_reapply(model, plan, tokenizer, recipe=recipe, texts=texts, progress=progress)
 

@@ -107,7 +107,8 @@ def _add_allocation_flags(p) -> None:
     search = WidthSearch()
     p.add_argument("--allocate", choices=("uniform", "search"), default="uniform",
                    help="MLP widths: the same in every layer (uniform, the default), or searched per layer on the "
-                   "calibration loss at the same total (search: --mlp is the mean width, a multiple of --search-step; "
+                   "calibration loss at the same total (search: --mlp is the mean width, a multiple of "
+                   "--search-step, or with --budget the chosen candidate's MLP width, spread over its layers; "
                    "the checkpoint is saved in the DeciLM / Nemotron-NAS layout, which vLLM and llama.cpp load, and "
                    "transformers with trust_remote_code)")
     p.add_argument("--search-step", type=at_least(1), default=None,
@@ -132,7 +133,8 @@ def _add_budget_flags(p) -> None:
                    "FLOPs per token (flops=0.6, the LM head included, at --budget-context tokens) or of its KV cache "
                    "(kv=0.5), by the mix of dropped layers (a contiguous block) and uniform widths (MLP only, or "
                    "heads and MLP) with the lowest loss on calibration text its fits did not see; --block-score, "
-                   "--loss-samples, --no-depth-map and --depth-damp say how its candidates drop layers")
+                   "--loss-samples, --no-depth-map and --depth-damp say how its candidates drop layers; with "
+                   "--allocate search the chosen candidate's MLP width is then spread over the layers")
     p.add_argument("--budget-depths", type=at_least(1), default=None,
                    help="with --budget: depths tried, from none to depth alone (default "
                    f"{default(Budget, 'depths')})")

@@ -18,6 +18,10 @@ windows, so that no fit (refit, depth map) saw them and a candidate that fits mo
 having seen them; the lowest wins (``transact.core.step.budget_step``). Against the loss on the fitted
 windows, neither choice was closer to the held-out best everywhere (docs/results.md, "Parameter budget").
 
+With a per-layer width search (``--allocate search``), the candidates' MLP widths are multiples of its step,
+and the winner's MLP width is then spread over its layers at the same total (``transact.core.allocate``):
+an MLP channel costs the same in every layer, so the spread candidate keeps the same share.
+
 What a budget counts (``Measure``), per layer and outside the layers:
 
 - ``params``: the whole model's parameters (embeddings included), estimated from the projections' shapes:
@@ -249,9 +253,11 @@ class _Counter:
                          estimated_parameters(self.shape, self.total, drop, heads, kv_heads, mlp), round(share, 6))
 
 
-def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1) -> list[Candidate]:
+def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1,
+                      mlp_step: int = 1) -> list[Candidate]:
     """The candidates meeting ``budget`` for a model of ``shape`` and ``total`` parameters, widths rounded
-    down to multiples of ``multiple_of``; refused, naming the least reachable share, when none does."""
+    down to multiples of ``multiple_of`` (MLP widths also to multiples of ``mlp_step``: the steps of a
+    per-layer width search that spreads them); refused, naming the least reachable share, when none does."""
     check_budget_shape(shape)
     count = _Counter(shape, total, budget.measure)
     target, outside = budget.share * count.whole, budget.measure.outside(shape, total)
@@ -268,37 +274,40 @@ def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of
             candidates.append(count.candidate("depth", drop, *full))
             continue
         per_layer = (target - outside) / (shape.num_layers - drop)
-        candidates += width_candidates(count, drop, per_layer, multiple_of)
+        candidates += width_candidates(count, drop, per_layer, multiple_of, math.lcm(multiple_of, mlp_step))
     if not candidates:
-        raise TransactError(_unreachable(budget, count, most, multiple_of))
+        raise TransactError(_unreachable(budget, count, most, multiple_of, math.lcm(multiple_of, mlp_step)))
     return candidates
 
 
-def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int) -> str:
+def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int, mlp_multiple: int) -> str:
     """Why no candidate meets ``budget``: the least share reachable, and what no candidate changes."""
     shape = count.shape
-    least = estimated(budget.measure, shape, count.total, most, *smallest_pair(shape, multiple_of), multiple_of)
+    least = estimated(budget.measure, shape, count.total, most, *smallest_pair(shape, multiple_of), mlp_multiple)
     outside = budget.measure.outside(shape, count.total) / count.whole
     fixed = {"params": f" ({outside:.3f} are outside its layers' projections: embeddings, norms, biases)",
              "flops": f" ({outside:.3f} are its LM head's)", "kv": ""}[budget.kind]
     return (f"budget {budget.describe()}: the least this model reaches by dropping up to {most} layers and "
-            f"pruning the rest to one KV group and {multiple_of} MLP channel(s) is {least / count.whole:.3f} of its "
+            f"pruning the rest to one KV group and {mlp_multiple} MLP channel(s) is {least / count.whole:.3f} of its "
             f"{BUDGET_NOUNS[budget.kind]}{fixed}")
 
 
-def width_candidates(count: _Counter, drop: int, per_layer: float, multiple_of: int) -> list[Candidate]:
+def width_candidates(count: _Counter, drop: int, per_layer: float, multiple_of: int,
+                     mlp_multiple: int | None = None) -> list[Candidate]:
     """The ``mlp`` and ``both`` candidates at a depth whose layers may each hold ``per_layer`` of what the
-    budget counts."""
+    budget counts; heads x head_dim a multiple of ``multiple_of``, MLP widths of ``mlp_multiple`` (default
+    the same)."""
+    mlp_multiple = mlp_multiple or multiple_of
     shape, measure, out = count.shape, count.measure, []
     per_channel = measure.mlp_channel(shape)
     if per_channel:  # MLP width changes what the budget counts
-        mlp = _mlp_fitting(shape, per_layer - measure.kept_attention(shape, drop), per_channel, multiple_of)
+        mlp = _mlp_fitting(shape, per_layer - measure.kept_attention(shape, drop), per_channel, mlp_multiple)
         if mlp is not None:
             out.append(count.candidate("mlp", drop, shape.num_heads, shape.num_kv_heads, mlp))
     pairs = []
     for heads, kv in _group_pairs(shape, multiple_of):
         room = per_layer - measure.kept_attention(with_widths(shape, heads, kv, 1), drop)
-        fitted = _mlp_fitting(shape, room, per_channel, multiple_of, pruned=False)
+        fitted = _mlp_fitting(shape, room, per_channel, mlp_multiple, pruned=False)
         if fitted is not None:
             pairs.append((abs(heads / shape.num_heads - fitted / shape.intermediate_size), -heads, heads, kv, fitted))
     if pairs:

@@ -251,12 +251,17 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     """Meet ``recipe.budget`` with the candidate mix of depth and width whose pruned model has the lowest
     loss on calibration windows no fit saw (``scoring_windows``; ``transact.core.budget``), and prune
     ``model`` to it in place; -> its plan, which records the winner's widths and drop as its recipe (so
-    ``apply-plan`` recreates it without a search) and every candidate's loss in ``plan.budget``.
+    ``apply-plan`` recreates it without a search) and every candidate's loss in ``plan.budget``. With the
+    recipe's per-layer width search (``recipe.allocation``) the candidates' MLP widths are multiples of its
+    step, each is scored at uniform widths, and the winner's MLP width is then spread over its layers by the
+    search (the same total, so the same parameters and FLOPs; the plan records the search).
     ``inspect(candidate, pruned)`` sees each candidate's pruned model once it is scored (a benchmark measures
     what the choice did not see)."""
     started = time.perf_counter()
     budget, total, shape = recipe.budget, count_parameters(model), shape_of(model)
-    candidates = budget_candidates(shape, total, budget, recipe.multiple_of)  # an unreachable budget fails here
+    step = budget_search_step(model.config, recipe)
+    candidates = searchable(budget_candidates(shape, total, budget, recipe.multiple_of, step),
+                            recipe, shape)  # an unreachable budget fails here
     windows = calibration_windows(tokenizer, recipe, texts)
     unseen = scoring_windows(tokenizer, recipe, texts, recipe.budget.score_samples, "a budget")
     losses, drops = [], {}
@@ -265,7 +270,7 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
         drops[drop] = _drop_for(base, windows, recipe, drop, None, progress)
         statistics = None
         for candidate in group:
-            trial, concrete = copy.deepcopy(base), candidate_recipe(recipe, candidate, shape)
+            trial, concrete = copy.deepcopy(base), candidate_recipe(recipe, candidate, shape, search=False)
             if concrete.has_widths:
                 if statistics is None:  # one calibration per depth serves both of its width mixes
                     statistics = gather_statistics(trial, tokenizer, concrete, texts=texts, progress=progress)
@@ -281,6 +286,9 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
         del base, statistics
     best = candidates[min(range(len(candidates)), key=losses.__getitem__)]
     winner = candidate_recipe(recipe, best, shape)
+    if recipe.allocation is not None and winner.allocation is None and progress:
+        print(f"budget: {best.describe()} keeps every MLP channel; the width search has nothing to spread",
+              file=sys.stderr)
     depth = _drop_for(model, windows, recipe, best.drop, drops[best.drop], progress)
     plan = _widths_after_drop(model, tokenizer, winner, depth, windows, texts=texts, note=note, progress=progress)
     kept = budget.measure.of_model(shape_of(model), count_parameters(model)) / budget.measure.of_model(shape, total)
@@ -315,77 +323,35 @@ def _drop_for(model: nn.Module, windows: torch.Tensor, recipe: PruneRecipe, drop
                         batch_size=recipe.calibration.batch_size, progress=progress)
 
 
-def candidate_recipe(recipe: PruneRecipe, candidate: Candidate, shape: ModelShape) -> PruneRecipe:
+def candidate_recipe(recipe: PruneRecipe, candidate: Candidate, shape: ModelShape, *,
+                     search: bool = True) -> PruneRecipe:
     """The recipe that prunes a model of ``shape`` to ``candidate``: the widths it prunes (the others left
-    whole) and its drop, no budget."""
+    whole) and its drop, no budget; with the recipe's per-layer width search where ``search`` and the
+    candidate prunes the MLP (candidates are scored at uniform widths; the winner's MLP width is spread)."""
     attention = (candidate.heads, candidate.kv_heads) != (shape.num_heads, shape.num_kv_heads)
+    mlp = candidate.mlp if candidate.mlp != shape.intermediate_size else None
     return replace(recipe, budget=None, depth=candidate_depth(recipe.budget, candidate),
                    heads=candidate.heads if attention else None, kv_heads=candidate.kv_heads if attention else None,
-                   mlp=candidate.mlp if candidate.mlp != shape.intermediate_size else None)
+                   mlp=mlp, allocation=recipe.allocation if search and mlp is not None else None)
 
 
-def check_reproducible(plan: PrunePlan) -> None:
-    """Refuse a plan whose checkpoint ``apply-plan`` cannot recreate: one calibrated layer by layer on the
-    pruned model's own activations (its statistics exist only inside that run)."""
-    if plan.recipe.get("sequential") and needs_recalibration(plan):
-        raise TransactError("this plan's corrections were computed layer by layer on the pruned model's own "
-                            "activations (--layerwise --sequential), which only that run sees; run transact prune "
-                            "--layerwise --sequential again to recreate it")
+def budget_search_step(config, recipe: PruneRecipe) -> int:
+    """The multiple a budget's MLP widths keep for the recipe's per-layer search (1: no search); refused, with
+    no compute, where the family has no per-layer checkpoint or the step does not divide the MLP width."""
+    if recipe.allocation is None:
+        return 1
+    get_adapter(config).per_layer_fields(config)
+    width_levels(shape_of(config).intermediate_size, recipe.allocation.step, recipe.allocation.min_width)
+    return recipe.allocation.step
 
 
-def needs_recalibration(plan: PrunePlan) -> bool:
-    """Whether recreating the plan's checkpoint needs the calibration text again (a correction, or a depth
-    map, that depends on it)."""
-    return (plan.depth is not None and plan.depth.map_applied) or _corrections_need_statistics(plan)
-
-
-def _corrections_need_statistics(plan: PrunePlan) -> bool:
-    return any(not get_corrector(record["name"]).reproducible for record in plan.corrections)
-
-
-def recalibrate(model: nn.Module, tokenizer, plan: PrunePlan, recipe: PruneRecipe, *, texts: list[str] | None = None,
-                progress: bool = True) -> Statistics:
-    """The statistics the plan's correctors used, from the same calibration windows: the recipe's text must
-    give exactly the tokens recorded by the plan's calibration hash."""
-    windows = checked_windows(tokenizer, plan, recipe, texts)
-    names = tuple(dict.fromkeys(s for r in plan.corrections for s in get_corrector(r["name"]).statistics))
-    return collect_statistics(model, windows, names, batch_size=recipe.calibration.batch_size, progress=progress,
-                              gate_weighted=recipe.gate_weighted)
-
-
-def checked_windows(tokenizer, plan: PrunePlan, recipe: PruneRecipe, texts: list[str] | None) -> torch.Tensor:
-    """The recipe's calibration windows, refused unless they are exactly the tokens the plan records."""
-    windows = calibration_windows(tokenizer, recipe, texts)
-    if windows is None or windows_hash(windows) != plan.calibration_hash:
-        raise TransactError(f"the calibration text {recipe.calibration.text!r} does not give the tokens this plan "
-                            "was calibrated on (their hash differs), so its corrections cannot be recreated; run "
-                            "transact prune again, or apply-plan with the same calibration text")
-    return windows
-
-
-def _redo_depth(model: nn.Module, plan: PrunePlan, tokenizer, recipe: PruneRecipe, texts: list[str] | None,
-                progress: bool) -> DepthPlan:
-    """Drop the plan's layers again, folding its map (refitted on the same windows) where it had one."""
-    windows = checked_windows(tokenizer, plan, recipe, texts) if plan.depth.map_applied else None
-    return drop_layers_(model, windows, recipe.depth, recorded=plan.depth, batch_size=recipe.calibration.batch_size,
-                        progress=progress)
-
-
-def reapply_plan(model: nn.Module, plan: PrunePlan, tokenizer=None, *, recipe: PruneRecipe | None = None,
-                 texts: list[str] | None = None, progress: bool = True) -> PrunePlan:
-    """``plan`` on its base model again: bit-identical weights to the first time. ``recipe`` is the recipe the
-    plan records, read back (needed where it has corrections: they run again with its options; see
-    ``transact.api.reapply_plan``); corrections that depend on calibration statistics are recomputed from the
-    same calibration windows (checked by their hash)."""
-    check_reproducible(plan)
-    if (plan.corrections or plan.depth is not None) and recipe is None:
-        raise TransactError("this plan's corrections run again with the options of its recipe: give "
-                            "recipe=PruneRecipe.from_json(plan.recipe), or call transact.api.reapply_plan")
-    if plan.depth is not None:
-        _redo_depth(model, plan, tokenizer, recipe, texts, progress)
-    recipe = recipe if plan.corrections else None
-    stats = recalibrate(model, tokenizer, plan, recipe, texts=texts, progress=progress) \
-        if _corrections_need_statistics(plan) else None
-    # the widths apply to the model as the drop left it (the plan's ``source``)
-    applied = apply_step(model, replace(plan, corrections=[], depth=None), stats, recipe)
-    return replace(applied, depth=plan.depth)
+def searchable(candidates: list[Candidate], recipe: PruneRecipe, shape: ModelShape) -> list[Candidate]:
+    """The candidates whose MLP the recipe's per-layer search can spread: none narrower than its smallest
+    layer width (all of them without a search)."""
+    if recipe.allocation is None or recipe.allocation.min_width is None:
+        return candidates
+    kept = [c for c in candidates if c.mlp >= recipe.allocation.min_width]
+    if not kept:
+        raise TransactError(f"every candidate of budget {recipe.budget.describe()} keeps fewer MLP channels than "
+                            f"the search's smallest layer width {recipe.allocation.min_width}")
+    return kept

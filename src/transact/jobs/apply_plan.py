@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from transact.arch import get_adapter
 from transact.core.plan import PrunePlan
-from transact.core.step import check_reproducible, needs_recalibration, reapply_plan
+from transact.core.reapply import check_reproducible, needs_recalibration, reapply_plan
 from transact.io.checkpoint import write_verified
 from transact.io.files import check_output_dir
 from transact.io.models import load_model, prepare_model, require_tokenizer

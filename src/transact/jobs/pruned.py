@@ -17,7 +17,7 @@ from transact.core.budget import BUDGET_KINDS, BUDGET_NOUNS, Candidate, check_bu
 from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, whole_plan
-from transact.core.step import check_metric, check_step
+from transact.core.step import budget_search_step, check_metric, check_step
 from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
 from transact.decilm.configuration_decilm import MODEL_TYPE as DECILM_MODEL_TYPE
@@ -151,6 +151,7 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
         if recipe.budget is not None:
             check_budget_shape(prep.shape)
             check_metric(prep.shape, recipe)
+            budget_search_step(prep.config, recipe)  # a family or MLP width the search cannot take fails here
         targets = whole_plan(prep.shape).targets
     if job.progress:
         for line in deployment_notes(prep.shape, targets, prep.config):

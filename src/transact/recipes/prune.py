@@ -139,20 +139,24 @@ class PruneRecipe:
             self._check_budget()
 
     def _check_budget(self) -> None:
-        """A budget decides the widths and the depth, so the recipe names neither, nor a width search."""
+        """A budget decides the widths and the depth, so the recipe names neither; a width search then spreads
+        the chosen MLP width over the layers, which a KV-cache budget (the MLP kept whole) leaves nothing to."""
         if not isinstance(self.budget, Budget):
             object.__setattr__(self, "budget", Budget(**fields_from(Budget, self.budget, "budget")))
         named = [name for name in WIDTHS if getattr(self, name) is not None]
-        if named or self.depth is not None or self.allocation is not None:
-            what = named[0] if named else "depth (layers to drop)" if self.depth is not None else "allocation"
+        if named or self.depth is not None:
+            what = named[0] if named else "depth (layers to drop)"
             raise TransactError(f"a budget chooses the widths and the layers to drop itself; give either the budget "
                                 f"or {what}, not both")
+        if self.allocation is not None and self.budget.kind == "kv":
+            raise TransactError("a KV-cache budget keeps every MLP channel, so a per-layer MLP width search has "
+                                "nothing to spread; give the budget without the search, or a params/flops budget")
 
     def _check_allocation(self) -> None:
         """A width search needs the mean MLP width, and a corrector it can try at every width (the refit, or
         none); its candidates are scored on calibration windows."""
-        if self.mlp is None:
-            raise TransactError("a per-layer width search needs the mean MLP width (mlp / --mlp)")
+        if self.mlp is None and self.budget is None:  # a budget chooses the mean width
+            raise TransactError("a per-layer width search needs the mean MLP width (mlp / --mlp), or a budget")
         other = [name for name in self.correctors if name != "refit"]
         if other:
             raise TransactError(f"a per-layer width search tries every width with the refit or with no corrector, "
