@@ -8,7 +8,7 @@ perplexity, and the candidate chosen. One shot, no training; the pruning is exac
     python benchmarks/budget.py --model builtin:gemma3-270m --budgets 0.9 0.8 --loss-samples 4 \
         --out docs/bench/budget/gemma3_270m
     python benchmarks/budget.py --model builtin:smollm2 --budgets flops=0.75 kv=0.5 --out docs/bench/budget/smollm2
-    python benchmarks/budget.py --model builtin:smollm2 --budgets 0.75 --search-step 64 \
+    python benchmarks/budget.py --model builtin:smollm2 --budgets 0.75 --search-step 128 \
         --out docs/bench/budget/smollm2
 
 With ``--search-step`` the budget runs as ``--budget ... --allocate search`` does: candidates' MLP widths are

@@ -121,7 +121,6 @@ class ModelShape:
         return data
 
 
-
 def sliding_windows(config: Any) -> tuple[int | None, ...] | None:
     """Each layer's sliding window as a transformers text config states it (None per layer: the whole
     context; None in all: no window anywhere). ``layer_types`` marks the windowed layers where the config

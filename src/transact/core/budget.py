@@ -259,6 +259,7 @@ def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of
     down to multiples of ``multiple_of`` (MLP widths also to multiples of ``mlp_step``: the steps of a
     per-layer width search that spreads them); refused, naming the least reachable share, when none does."""
     check_budget_shape(shape)
+    mlp_multiple = math.lcm(multiple_of, mlp_step)
     count = _Counter(shape, total, budget.measure)
     target, outside = budget.share * count.whole, budget.measure.outside(shape, total)
     full = (shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
@@ -274,9 +275,9 @@ def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of
             candidates.append(count.candidate("depth", drop, *full))
             continue
         per_layer = (target - outside) / (shape.num_layers - drop)
-        candidates += width_candidates(count, drop, per_layer, multiple_of, math.lcm(multiple_of, mlp_step))
+        candidates += width_candidates(count, drop, per_layer, multiple_of, mlp_multiple)
     if not candidates:
-        raise TransactError(_unreachable(budget, count, most, multiple_of, math.lcm(multiple_of, mlp_step)))
+        raise TransactError(_unreachable(budget, count, most, multiple_of, mlp_multiple))
     return candidates
 
 
@@ -293,11 +294,9 @@ def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int, m
 
 
 def width_candidates(count: _Counter, drop: int, per_layer: float, multiple_of: int,
-                     mlp_multiple: int | None = None) -> list[Candidate]:
+                     mlp_multiple: int) -> list[Candidate]:
     """The ``mlp`` and ``both`` candidates at a depth whose layers may each hold ``per_layer`` of what the
-    budget counts; heads x head_dim a multiple of ``multiple_of``, MLP widths of ``mlp_multiple`` (default
-    the same)."""
-    mlp_multiple = mlp_multiple or multiple_of
+    budget counts; heads x head_dim a multiple of ``multiple_of``, MLP widths of ``mlp_multiple``."""
     shape, measure, out = count.shape, count.measure, []
     per_channel = measure.mlp_channel(shape)
     if per_channel:  # MLP width changes what the budget counts

@@ -73,14 +73,21 @@ def check_step(config, recipe: PruneRecipe, targets: Targets) -> None:
 
 
 def check_allocation(config, recipe: PruneRecipe, targets: Targets) -> None:
-    """The width search's up-front checks: a dense MLP, a checkpoint that can hold per-layer widths, and a
-    mean width the candidate widths meet."""
+    """The width search's up-front checks: those of ``search_levels``, and a mean width the candidate widths
+    meet."""
+    check_budget(targets.mlp, search_levels(config, recipe))
+
+
+def search_levels(config, recipe: PruneRecipe) -> list[int]:
+    """The widths the recipe's per-layer search gives a layer of this model (no compute); refused for a mixture
+    of experts, a family without a checkpoint for per-layer widths, or a step that does not divide the MLP
+    width."""
     shape = shape_of(config)
     if shape.is_moe:
         raise TransactError("per-layer widths are searched for dense MLPs only, not for a mixture of experts")
     get_adapter(config).per_layer_fields(config)
     options = recipe.allocation
-    check_budget(targets.mlp, width_levels(shape.intermediate_size, options.step, options.min_width))
+    return width_levels(shape.intermediate_size, options.step, options.min_width)
 
 
 def check_metric(shape, recipe: PruneRecipe) -> None:
@@ -336,12 +343,11 @@ def candidate_recipe(recipe: PruneRecipe, candidate: Candidate, shape: ModelShap
 
 
 def budget_search_step(config, recipe: PruneRecipe) -> int:
-    """The multiple a budget's MLP widths keep for the recipe's per-layer search (1: no search); refused, with
-    no compute, where the family has no per-layer checkpoint or the step does not divide the MLP width."""
+    """The multiple a budget's MLP widths keep for the recipe's per-layer search (1: no search); a model the
+    search cannot take is refused here, with no compute (``search_levels``)."""
     if recipe.allocation is None:
         return 1
-    get_adapter(config).per_layer_fields(config)
-    width_levels(shape_of(config).intermediate_size, recipe.allocation.step, recipe.allocation.min_width)
+    search_levels(config, recipe)
     return recipe.allocation.step
 
 
