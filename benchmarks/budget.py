@@ -11,9 +11,9 @@ perplexity, and the candidate chosen. One shot, no training; the pruning is exac
     python benchmarks/budget.py --model builtin:smollm2 --budgets 0.75 --search-step 128 \
         --out docs/bench/budget/smollm2
 
-With ``--search-step`` the budget runs as ``--budget ... --allocate search`` does: candidates' MLP widths are
-multiples of the step, and the chosen one's MLP width is then spread over its layers by the width search (its
-row records both perplexities).
+With ``--search-step`` the budget runs as ``--budget ... --allocate search`` does: candidates are scored at
+uniform widths, and the chosen one's MLP channels are then spread over its layers in steps of the step by the
+width search, as many as the step allows (its row records both perplexities).
 
 Each budget's rows are written when it finishes, so an interrupted run continues with the next budget.
 """

@@ -14,11 +14,13 @@ from transact.arch import shape_of
 from transact.core.allocate import (
     WidthSearch,
     check_budget,
+    even_split,
     mlp_variants,
     mutate,
     scoring_copy,
     search_widths,
     slice_to_widths_,
+    spread_total,
     trial_widths,
     width_levels,
 )
@@ -138,6 +140,25 @@ def test_the_search_keeps_the_budget_and_starves_a_layer_that_hardly_matters():
     assert none.widths == [48, 48, 48] and none.loss == none.uniform_loss == pytest.approx(found.uniform_loss)
 
 
+def test_a_mean_width_between_steps_spreads_the_most_channels_the_step_allows():
+    # a mean of 40 in 3 layers asks 120 channels; 112 is the most in steps of 16: 7 steps, 2 per layer and
+    # one more, which goes to layer 0
+    assert spread_total(40, 3, LEVELS) == 112 and even_split(112, 3, LEVELS) == [48, 32, 32]
+    assert spread_total(48, 3, LEVELS) == 144 and even_split(144, 3, LEVELS) == [48, 48, 48]  # uniform
+    # 887 channels in 25 layers of steps of 128 (SmolLM2 less 5 layers, at 0.75 of its parameters): 22,175
+    # asked, 173 steps = 22,144 given: 23 layers of 896 and 2 of 768
+    levels = width_levels(1536, 128)
+    widths = even_split(spread_total(887, 25, levels), 25, levels)
+    assert sum(widths) == 22_144 and sorted(set(widths)) == [768, 896] and widths.count(768) == 2
+    assert [i for i, w in enumerate(widths) if w == 896][:2] == [0, 1]
+    model = tiny_model("llama", layers=3)
+    windows = _sampled_windows(model)
+    _, _, variants = _variants(model, windows)
+    found = search_widths(model, windows, variants, 40, WidthSearch(step=16, generations=4))
+    assert sum(found.widths) == 112 and all(w % 16 == 0 for w in found.widths)
+    assert found.loss <= found.uniform_loss
+
+
 def test_candidates_are_scored_on_a_bf16_copy_that_leaves_the_model_untouched():
     """``score_dtype`` bfloat16 (the default) scores on a bf16 copy of an fp32 model, float32 on the model
     itself; neither changes the model's weights, and both see nearly the same losses."""
@@ -163,8 +184,10 @@ def test_bad_budgets_and_settings_are_refused_before_any_work():
         width_levels(96, 64)
     with pytest.raises(TransactError, match="smallest width 40"):
         width_levels(96, 16, min_width=40)
-    with pytest.raises(TransactError, match="mean MLP width 40 must be one of"):
-        check_budget(40, LEVELS)
+    for mean in (8, 100):
+        with pytest.raises(TransactError, match=f"mean MLP width {mean} is outside the candidate widths 16..96"):
+            check_budget(mean, LEVELS)
+    check_budget(40, LEVELS)  # between two steps: the search spreads 16 x floor(40 x layers / 16)
     with pytest.raises(TransactError, match="survivors"):
         WidthSearch(offspring=2, survivors=3)
     with pytest.raises(TransactError, match="step"):

@@ -15,7 +15,7 @@ from transact.core.allocate import WidthSearch
 from transact.core.budget import Budget, Measure, ParamBudget, budget_candidates, estimated_parameters
 from transact.core.depth_calibrate import calibration_loss
 from transact.core.plan import PrunePlan
-from transact.core.step import budget_search_step, calibration_windows, prune_step, scoring_windows
+from transact.core.step import calibration_windows, check_budget_search, prune_step, scoring_windows
 from transact.errors import TransactError
 from transact.jobs import apply_plan, prune
 from transact.measure.costs import count_parameters, flops_per_token, kv_cache_bytes_per_token
@@ -88,7 +88,7 @@ def test_flops_and_kv_cache_counted_by_hand():
     flops = 30 * layer + 2 * 576 * 49152
     assert Measure("flops", 2048).of_model(SMOLLM2, SMOLLM2_PARAMETERS) == flops == flops_per_token(SMOLLM2, 2048)
     kv = 30 * 2 * 3 * 64  # keys and values of 3 KV heads of 64 in 30 layers, per token
-    assert Measure("kv").of_model(SMOLLM2, SMOLLM2_PARAMETERS) == kv
+    assert Measure("kv", 2048).of_model(SMOLLM2, SMOLLM2_PARAMETERS) == kv * 2048  # holding 2,048 tokens
     assert kv_cache_bytes_per_token(SMOLLM2, torch.float32) == 4 * kv
     assert Measure("params").of_model(SMOLLM2, SMOLLM2_PARAMETERS) == SMOLLM2_PARAMETERS
 
@@ -122,6 +122,23 @@ def test_kv_cache_budget_keeps_the_mlp_whole_and_drops_groups_or_layers():
     assert candidates[0].params == estimated_parameters(SMOLLM2, SMOLLM2_PARAMETERS, 0, 3, 1, 1536)
 
 
+def test_kv_cache_budget_counts_a_sliding_window_layer_up_to_its_window():
+    """Gemma-3-270M has one KV head per layer, so only layers can go; 15 of its 18 layers cache at most a
+    512-token window. Holding 2,048 tokens, its cache is 15 x 512 + 3 x 2,048 = 13,824 token-layers; a drop is
+    counted as if windowed layers went (512 each), whichever the block score then picks."""
+    whole = Measure("kv", 2048).of_model(GEMMA3, GEMMA3_PARAMETERS)
+    assert whole == 2 * 256 * (15 * 512 + 3 * 2048)
+    # 0.7 of it: 9 windowed layers (4,608 token-layers of 13,824) is the fewest that goes far enough
+    candidates = budget_candidates(GEMMA3, GEMMA3_PARAMETERS, Budget(kv=0.7))
+    assert [(c.mix, c.drop, c.share) for c in candidates] == [("depth", 9, round((6 * 512 + 3 * 2048) / 13824, 6))]
+    # holding 512 tokens, every layer caches the same: 6 of 18 layers keep 0.667 <= 0.7
+    candidates = budget_candidates(GEMMA3, GEMMA3_PARAMETERS, Budget(kv=0.7, context=512))
+    assert [(c.mix, c.drop, c.share) for c in candidates] == [("depth", 6, round(12 / 18, 6))]
+    # half the cache at 2,048 tokens is out of reach: dropping 9 layers (at most half) keeps 2/3 of it
+    with pytest.raises(TransactError, match=r"least this model reaches .* is 0.667 of its KV cache$"):
+        budget_candidates(GEMMA3, GEMMA3_PARAMETERS, Budget(kv=0.5))
+
+
 def test_flops_budget_fills_each_candidate_to_within_one_channel():
     budget = Budget(flops=0.75, context=2048)
     whole = Measure("flops", 2048).of_model(SMOLLM2, SMOLLM2_PARAMETERS)
@@ -146,7 +163,8 @@ def test_budget_kinds_are_one_and_checked():
         with pytest.raises(TransactError, match=message):
             Budget(**bad)
     assert Budget(flops=0.6, context=512).to_json()["context"] == 512
-    assert set(Budget(kv=0.5).to_json()) == {"kv", "depths", "score_samples", "depth"}
+    assert set(Budget(kv=0.5).to_json()) == {"kv", "depths", "score_samples", "depth", "context"}
+    assert set(Budget(params=0.5).to_json()) == {"params", "depths", "score_samples", "depth"}
     recipe = PruneRecipe(budget={"flops": 0.6, "context": 512})
     assert (recipe.budget.kind, recipe.budget.share, recipe.budget.context) == ("flops", 0.6, 512)
     assert PruneRecipe.from_json(recipe.to_json()).budget == recipe.budget
@@ -210,7 +228,7 @@ def test_kv_cache_budget_prunes_to_half_the_cache(base, tmp_path, capsys):
     plan = PrunePlan.load(tmp_path / "a" / "plan.json")
     kept = plan.budget["candidates"][plan.budget["chosen"]]["share"]
     assert plan.budget["kept_share"] == pytest.approx(kept, abs=1e-6)  # the pruned model is the chosen candidate
-    assert f"budget            kv=0.5 (KV cache per token, kept {kept:.3f}): 3 candidates" in out
+    assert f"budget            kv=0.5 (KV cache at 2048 tokens of context, kept {kept:.3f}): 3 candidates" in out
     # drop none and keep one of 2 groups, drop 2 layers and keep one group, or drop 3 layers
     assert [(c["mix"], c["drop"], c["kv_heads"], c["share"]) for c in plan.budget["candidates"]] == \
         [("both", 0, 1, 0.5), ("both", 2, 1, pytest.approx(1 / 3)), ("depth", 3, 2, 0.5)]
@@ -220,23 +238,28 @@ def test_kv_cache_budget_prunes_to_half_the_cache(base, tmp_path, capsys):
 
 
 def test_budget_with_the_width_search_spreads_the_chosen_mlp_width(base, tmp_path, capsys):
-    """Candidates are scored at uniform widths, multiples of the search step; the winner's MLP width is then
-    spread over its layers by the search (never worse on the calibration loss), and apply-plan recreates it."""
+    """Candidates are scored at uniform widths; the winner's MLP channels are then spread over its layers in
+    the search's steps, as many as the step allows (never worse on the calibration loss than their most even
+    split), and apply-plan recreates it."""
     args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32",
             "--quiet", "--budget", "params=0.7", "--block-score", "angular", "--allocate", "search"]
     assert main([*args, "--out", str(tmp_path / "a"), "--search-step", "16", "--search-generations", "4"]) == 0
     plan = PrunePlan.load(tmp_path / "a" / "plan.json")
     chosen = plan.budget["candidates"][plan.budget["chosen"]]
-    assert all(c["mlp"] % 16 == 0 for c in plan.budget["candidates"])
     assert chosen["mlp"] < 96  # the tiny model's winner prunes the MLP, so the search ran
-    assert sum(plan.mlp_widths) == chosen["mlp"] * (6 - chosen["drop"]) and all(w % 16 == 0 for w in plan.mlp_widths)
+    layers = 6 - chosen["drop"]
+    # the most channels, at most the winner's, in steps of 16
+    assert sum(plan.mlp_widths) == chosen["mlp"] * layers // 16 * 16 and all(w % 16 == 0 for w in plan.mlp_widths)
+    assert plan.targets.mlp == sum(plan.mlp_widths) // layers
     loss = plan.allocation["calibration_loss"]
     assert plan.allocation["generations"] == 4 and loss["searched"] <= loss["uniform"]
-    # spreading the width keeps the parameter count of the uniform candidate
-    uniform = tiny_model("llama", layers=6 - chosen["drop"], heads=chosen["heads"], kv_heads=chosen["kv_heads"],
+    # spreading the channels keeps the parameter count of the uniform candidate, less the channels the step
+    # leaves (an MLP channel of the tiny model: 3 x 64 weights)
+    uniform = tiny_model("llama", layers=layers, heads=chosen["heads"], kv_heads=chosen["kv_heads"],
                          mlp=chosen["mlp"])
-    dense = tiny_model("llama", layers=6, heads=4, kv_heads=2, mlp=96)
-    assert plan.budget["kept"] == pytest.approx(count_parameters(uniform) / count_parameters(dense), abs=1e-6)
+    dense = count_parameters(tiny_model("llama", layers=6, heads=4, kv_heads=2, mlp=96))
+    left = chosen["mlp"] * layers - sum(plan.mlp_widths)
+    assert plan.budget["kept"] == pytest.approx((count_parameters(uniform) - left * 3 * 64) / dense, abs=1e-6)
     assert main(["apply-plan", str(base / "base"), str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"),
                  "--quiet"]) == 0
     assert same_weights(tmp_path / "a", tmp_path / "b")
@@ -247,8 +270,8 @@ def test_budget_with_the_width_search_spreads_the_chosen_mlp_width(base, tmp_pat
         assert not (tmp_path / "x").exists()
     searching = replace(_recipe(base), allocation=WidthSearch(step=16))
     with pytest.raises(TransactError, match="gemma3_text family has no checkpoint with widths that differ"):
-        budget_search_step(tiny_config("gemma3_text"), searching)
-    assert budget_search_step(tiny_config("llama"), searching) == 16
+        check_budget_search(tiny_config("gemma3_text"), searching)
+    check_budget_search(tiny_config("llama"), searching)  # a family with per-layer checkpoints passes
 
 
 def test_cli_refuses_budgets_before_any_work(base, tmp_path, capsys):
@@ -258,8 +281,9 @@ def test_cli_refuses_budgets_before_any_work(base, tmp_path, capsys):
                            (["--budget", "params=0.7", "--drop-layers", "1"], "either --budget or --drop-layers"),
                            (["--budget-depths", "2", "--mlp", "64"], "--budget-depths belongs to --budget"),
                            (["--budget-context", "512", "--mlp", "64"], "--budget-context belongs to --budget"),
-                           (["--budget", "kv=0.5", "--budget-context", "512"], "counts FLOPs; --budget kv=0.5"),
-                           (["--budget", "kv=0.1"], "of its KV cache per token"),
+                           (["--budget", "params=0.7", "--budget-context", "512"],
+                            "counts FLOPs or the KV cache; --budget params=0.7 counts neither"),
+                           (["--budget", "kv=0.1"], "of its KV cache"),
                            (["--budget", "params=0.7", "--layerwise"], "not available with --layerwise"),
                            (["--budget", "params=0.01"], "least this model reaches")):
         assert main([*args, *extra]) == 2

@@ -388,6 +388,13 @@ def test_quantized_widths_and_their_fallbacks():
     assert "--multiple-of 256" in str(warned[1]) and "never pruned" in str(warned[0])
     notes = quantize.fit_notes({"blk.*.attn_output": 384, "blk.*.ffn_down": 1000, "x": 1024})
     assert len(notes) == 2 and "q4_k_m: Q5_0, q6_k: Q8_0" in notes[0] and "stores it in F16" in notes[1]
+    assert notes[0].startswith("llama.cpp: blk.*.attn_output has input width 384, not a multiple of 256: ")
+    # a per-layer search's widths are multiples of its step: with a step of 128 some layers may fall back
+    stepped = quantize.fit_notes({"blk.*.ffn_down": 128}, ["blk.*.ffn_down"])
+    assert stepped == ["llama.cpp: blk.*.ffn_down has per-layer input widths in steps of 128: in a layer whose "
+                       "width is not a multiple of 256 the K-quants store it in their fallback type (q4_k_m: Q5_0, "
+                       "q6_k: Q8_0)"]
+    assert quantize.fit_notes({"blk.*.ffn_down": 256}, ["blk.*.ffn_down"]) == []
     assert vllm.head_size_note(smol_pruned) is None
     assert "head_dim 48" in vllm.head_size_note(ModelShape("llama", 2, 96, 2, 2, 48, 64))
     assert vllm.marlin_note({"a": 384, "b": 1000}) == ("vLLM: 4-bit Marlin kernels need input widths divisible by 128, "

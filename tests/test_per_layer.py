@@ -82,8 +82,8 @@ def test_families_the_layout_cannot_hold_are_refused_before_any_work():
             check_allocation(config, recipe, targets)
     with pytest.raises(TransactError, match="mixture of experts"):
         check_allocation(tiny_config("mixtral"), recipe, Targets(4, 2, 48, 3))
-    with pytest.raises(TransactError, match="mean MLP width 40"):
-        check_allocation(tiny_config("llama"), recipe, Targets(4, 2, 40))
+    with pytest.raises(TransactError, match="mean MLP width 8 is outside"):
+        check_allocation(tiny_config("llama"), recipe, Targets(4, 2, 8))
     with pytest.raises(TransactError, match="needs the mean MLP width"):
         PruneRecipe(heads=2, allocation={})
     with pytest.raises(TransactError, match="not with flap_bias"):
@@ -112,14 +112,16 @@ def test_cli_allocate_search_and_apply_plan_recreate_the_checkpoint(base, tmp_pa
                            (["--search-dtype", "float32"], "--search-dtype belongs to --allocate search"),
                            (["--allocate", "search"], "not a multiple of the search step 256"),
                            (["--allocate", "search", "--search-step", "16", "--layerwise"], "not available with"),
-                           (["--allocate", "search", "--search-step", "32"], "mean MLP width 48")):
+                           (["--allocate", "search", "--search-step", "32", "--mlp", "16"],
+                            "mean MLP width 16 is outside the candidate widths 32..96")):
         assert main([*args, "--out", str(tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+    # a mean of 42 asks 168 channels in 4 layers: the search spreads 160, the most in steps of 16
     assert main([*args, "--out", str(tmp_path / "a"), "--allocate", "search", "--search-step", "16",
-                 "--search-generations", "6"]) == 0
+                 "--search-generations", "6", "--mlp", "42"]) == 0
     plan = PrunePlan.load(tmp_path / "a" / "plan.json")
-    assert sum(plan.mlp_widths) == 4 * 48 and all(w % 16 == 0 for w in plan.mlp_widths)
+    assert sum(plan.mlp_widths) == 160 and all(w % 16 == 0 for w in plan.mlp_widths) and plan.targets.mlp == 40
     loss = plan.allocation["calibration_loss"]
     assert plan.allocation["generations"] == 6 and loss["searched"] <= loss["uniform"]
     assert plan.recipe["allocation"]["step"] == 16

@@ -8,7 +8,7 @@ import argparse
 from transact.cli.args import MODEL_HELP, add_runtime, at_least, default, multiple_of, width
 from transact.cli.plugins import add_plugin_flags, chosen_correctors, routed_options
 from transact.core.allocate import WidthSearch
-from transact.core.budget import Budget
+from transact.core.budget import CONTEXT_KINDS, Budget
 from transact.core.depth import BLOCK_SCORES, DepthOptions
 from transact.errors import TransactError
 from transact.jobs import apply_plan, info, prune
@@ -107,8 +107,9 @@ def _add_allocation_flags(p) -> None:
     search = WidthSearch()
     p.add_argument("--allocate", choices=("uniform", "search"), default="uniform",
                    help="MLP widths: the same in every layer (uniform, the default), or searched per layer on the "
-                   "calibration loss at the same total (search: --mlp is the mean width, a multiple of "
-                   "--search-step, or with --budget the chosen candidate's MLP width, spread over its layers; "
+                   "calibration loss at the same total (search: --mlp is the mean width, or with --budget the chosen "
+                   "candidate's MLP width, spread over its layers in steps of --search-step, the most channels "
+                   "the step allows up to that mean; "
                    "the checkpoint is saved in the DeciLM / Nemotron-NAS layout, which vLLM and llama.cpp load, and "
                    "transformers with trust_remote_code)")
     p.add_argument("--search-step", type=at_least(1), default=None,
@@ -131,16 +132,18 @@ def _add_budget_flags(p) -> None:
     p.add_argument("--budget", type=_budget_share, default=None, metavar="KIND=FRACTION",
                    help="instead of widths: keep this share of the model's parameters (params=0.6), of its forward "
                    "FLOPs per token (flops=0.6, the LM head included, at --budget-context tokens) or of its KV cache "
-                   "(kv=0.5), by the mix of dropped layers (a contiguous block) and uniform widths (MLP only, or "
-                   "heads and MLP) with the lowest loss on calibration text its fits did not see; --block-score, "
-                   "--loss-samples, --no-depth-map and --depth-damp say how its candidates drop layers; with "
+                   "(kv=0.5, holding --budget-context tokens), by the mix of dropped layers (a contiguous block) "
+                   "and uniform widths (MLP only, or heads and MLP) with the lowest loss on calibration text its "
+                   "fits did not see; --block-score, --loss-samples, --no-depth-map and --depth-damp say how its "
+                   "candidates drop layers; with "
                    "--allocate search the chosen candidate's MLP width is then spread over the layers")
     p.add_argument("--budget-depths", type=at_least(1), default=None,
                    help="with --budget: depths tried, from none to depth alone (default "
                    f"{default(Budget, 'depths')})")
     p.add_argument("--budget-context", type=at_least(1), default=None,
-                   help="with --budget flops=F: the tokens each token attends to, which the attention's FLOPs grow "
-                   f"with (default {default(Budget, 'context')})")
+                   help="with --budget flops=F or kv=F: the tokens each token attends to, which the attention's FLOPs "
+                   "grow with, and the tokens the KV cache holds; a sliding-window layer counts at most its window "
+                   f"(default {default(Budget, 'context')})")
 
 
 def _budget_share(text: str) -> tuple[str, float]:
@@ -158,8 +161,8 @@ def _budget(args, depth: DepthOptions | None) -> Budget | None:
                 raise TransactError(f"{flag} belongs to --budget, which is not given")
         return None
     kind, share = args.budget
-    if args.budget_context is not None and kind != "flops":
-        raise TransactError(f"--budget-context counts FLOPs; --budget {kind}={share} does not")
+    if args.budget_context is not None and kind not in CONTEXT_KINDS:
+        raise TransactError(f"--budget-context counts FLOPs or the KV cache; --budget {kind}={share} counts neither")
     return Budget(**{kind: share}, depths=args.budget_depths or default(Budget, "depths"),
                   depth=depth if depth is not None else default(Budget, "depth"),
                   context=args.budget_context or default(Budget, "context"))

@@ -15,6 +15,12 @@ pipeline at that width, and the search starts from it. A trial writes the refitt
 down_proj and zeros into the removed ones: a removed channel then adds nothing, as if sliced, and switching
 a layer's width is one copy. ``trial_widths`` restores every original weight on exit, also on error.
 
+The budget. A mean width of ``mean`` channels over L layers gives the search the most channels, at most
+``mean x L``, that the step can spread: a multiple of ``step`` (``spread_total``), so that no budget is lost
+to rounding every layer down to a step. The search starts from the most even split of that total
+(``even_split``: every layer within one step of the others; exactly the uniform allocation where the total
+is ``L`` whole steps), and "uniform" below means that split.
+
 Search (evolutionary, elitist; ``WidthSearch``). The total width is the budget and stays fixed. Each
 generation makes ``offspring`` children of the current allocation, each moving one to ``max_swaps`` steps of
 channels from one layer to another; scores them on ``first_samples`` calibration windows drawn for that
@@ -201,25 +207,45 @@ def mutate(widths: Sequence[int], step: int, low: int, high: int, swaps: int, rn
 
 
 def check_budget(mean_width: int, levels: Sequence[int]) -> None:
-    """Refuse a mean width the candidate widths cannot meet exactly (before any work)."""
-    step = levels[1] - levels[0] if len(levels) > 1 else levels[0]
-    if mean_width not in levels:
-        raise TransactError(f"the mean MLP width {mean_width} must be one of the candidate widths "
-                            f"{levels[0]}..{levels[-1]} in steps of {step}")
+    """Refuse a mean width below the smallest candidate width or above the widest (before any work)."""
+    if not levels[0] <= mean_width <= levels[-1]:
+        raise TransactError(f"the mean MLP width {mean_width} is outside the candidate widths "
+                            f"{levels[0]}..{levels[-1]} in steps of {_step_of(levels)}")
+
+
+def _step_of(levels: Sequence[int]) -> int:
+    return levels[1] - levels[0] if len(levels) > 1 else levels[0]
+
+
+def spread_total(mean_width: int, layers: int, levels: Sequence[int]) -> int:
+    """The channels a search of mean ``mean_width`` spreads over ``layers``: the most, at most ``mean_width x
+    layers``, that are a multiple of the step (and at least the smallest width in every layer)."""
+    step = _step_of(levels)
+    return max(mean_width * layers // step * step, levels[0] * layers)
+
+
+def even_split(total: int, layers: int, levels: Sequence[int]) -> list[int]:
+    """``total`` channels (a multiple of the step) over ``layers``, every layer within one step of the others;
+    the layers one step wider are spread evenly through the stack. -> one width per layer."""
+    step = _step_of(levels)
+    base, extra = divmod(total // step, layers)
+    wider = {i * layers // extra for i in range(extra)}
+    return [(base + (i in wider)) * step for i in range(layers)]
 
 
 def search_widths(model: nn.Module, windows: torch.Tensor, variants: list[LayerVariants], mean_width: int,
                   options: WidthSearch = WidthSearch(), *, batch_size: int = 4,
                   progress: bool = True) -> SearchResult:
-    """The per-layer MLP widths of total ``mean_width * layers`` with the lowest calibration loss the search
-    finds (see the module docstring). windows: (n, seq) calibration tokens, n >= both sample counts."""
+    """The per-layer MLP widths of total ``spread_total(mean_width, ...)`` (``mean_width * layers`` where the
+    step divides it) with the lowest calibration loss the search finds (see the module docstring).
+    windows: (n, seq) calibration tokens, n >= both sample counts."""
     levels = variants[0].widths
     check_budget(mean_width, levels)
     needed = max(options.first_samples, options.final_samples)
     if len(windows) < needed:
         raise TransactError(f"the search draws {needed} calibration windows per generation; {len(windows)} given")
     rng, start = random.Random(options.seed), time.monotonic()
-    uniform = [mean_width] * len(variants)
+    uniform = even_split(spread_total(mean_width, len(variants), levels), len(variants), levels)
     parent, history, evaluations = uniform, [], 0
     model = scoring_copy(model, getattr(torch, options.score_dtype))
     with trial_widths(model, variants) as trial:
@@ -258,7 +284,7 @@ def scoring_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def _generation(parent: list[int], levels: Sequence[int], options: WidthSearch, rng: random.Random, windows: int,
                 loss_of) -> tuple[list[int], float]:
     """One generation: -> (the next parent, its loss on this generation's final windows)."""
-    step, low, high = (levels[1] - levels[0]) if len(levels) > 1 else levels[0], levels[0], levels[-1]
+    step, low, high = _step_of(levels), levels[0], levels[-1]
     children: list[list[int]] = []
     for _ in range(options.offspring * 4):  # a few draws more, since duplicates and no-ops are dropped
         child = mutate(parent, step, low, high, rng.randint(1, options.max_swaps), rng)

@@ -1,5 +1,5 @@
 """A budget: the mix of depth and width that keeps a given share of a model's parameters, of its forward
-FLOPs per token, or of its KV cache per token, chosen on the model's own calibration loss.
+FLOPs per token, or of its KV cache, chosen on the model's own calibration loss.
 
 The candidates (``budget_candidates``, pure arithmetic on the model's shape) span the mix from width alone to
 depth alone. Depth alone drops the fewest layers whose removal meets the budget (at most half of them); the
@@ -18,9 +18,10 @@ windows, so that no fit (refit, depth map) saw them and a candidate that fits mo
 having seen them; the lowest wins (``transact.core.step.budget_step``). Against the loss on the fitted
 windows, neither choice was closer to the held-out best everywhere (docs/results.md, "Parameter budget").
 
-With a per-layer width search (``--allocate search``), the candidates' MLP widths are multiples of its step,
-and the winner's MLP width is then spread over its layers at the same total (``transact.core.allocate``):
-an MLP channel costs the same in every layer, so the spread candidate keeps the same share.
+With a per-layer width search (``--allocate search``), the winner's MLP channels are then spread over its
+layers in the search's steps (``transact.core.allocate``): the most channels, at most the winner's, that the
+step allows. An MLP channel costs the same in every layer, so the spread model keeps the winner's share, less
+what that rounding leaves (under one step of channels in all).
 
 What a budget counts (``Measure``), per layer and outside the layers:
 
@@ -33,7 +34,9 @@ What a budget counts (``Measure``), per layer and outside the layers:
   candidate changes; the input embedding is a lookup and costs none). A sliding-window layer attends to
   at most its window, so layers differ; a candidate that drops layers is counted as if the cheapest went,
   and so meets its budget whichever layers its drop removes;
-- ``kv``: the KV cache per token (keys and values of every layer: layers x KV heads x head_dim).
+- ``kv``: the KV cache holding ``context`` tokens (keys and values of every layer: KV heads x head_dim per
+  token). A sliding-window layer's cache stops at its window, so at long contexts the full-attention layers
+  hold most of it; as for FLOPs, a candidate that drops layers is counted as if the cheapest went.
 """
 
 from __future__ import annotations
@@ -57,22 +60,23 @@ from transact.measure.costs import (
 )
 
 BUDGET_KINDS = ("params", "flops", "kv")
-BUDGET_NOUNS = {"params": "parameters", "flops": "forward FLOPs per token", "kv": "KV cache per token"}
+BUDGET_NOUNS = {"params": "parameters", "flops": "forward FLOPs per token", "kv": "KV cache"}
+CONTEXT_KINDS = ("flops", "kv")  # the budgets whose count grows with the context
 
 
 @dataclass(frozen=True)
 class Measure:
     """What a budget of ``kind`` counts in a model (see the module docstring); ``context``: the tokens each
-    token attends to, for FLOPs."""
+    token attends to, for FLOPs, and the tokens the KV cache holds."""
 
     kind: str
     context: int = 2048
 
     def attention(self, shape: ModelShape, layer: int) -> int:
-        """Layer ``layer``'s attention at ``shape``'s heads and KV heads (layers differ only in FLOPs, where
-        a sliding-window layer attends to at most its window)."""
+        """Layer ``layer``'s attention at ``shape``'s heads and KV heads (layers differ in FLOPs and KV cache,
+        where a sliding-window layer attends to, and caches, at most its window)."""
         if self.kind == "kv":
-            return kv_values_per_layer(shape)
+            return kv_values_per_layer(shape) * shape.attended(layer, self.context)
         if self.kind == "params":
             return attention_parameters(shape)
         return attention_flops(shape, shape.attended(layer, self.context))
@@ -104,9 +108,9 @@ class Measure:
 @dataclass(frozen=True)
 class Budget:
     """Keep a share of the model's parameters (``params``), of its forward FLOPs per token at ``context``
-    tokens (``flops``) or of its KV cache per token (``kv``): exactly one is given. The candidates span
-    ``depths`` depths (see the module docstring); ``depth`` says how a candidate's layers are dropped (its
-    layer count is the candidate's)."""
+    tokens (``flops``) or of its KV cache holding ``context`` tokens (``kv``): exactly one is given. The
+    candidates span ``depths`` depths (see the module docstring); ``depth`` says how a candidate's layers are
+    dropped (its layer count is the candidate's)."""
 
     params: float | None = None
     depths: int = 3
@@ -114,7 +118,7 @@ class Budget:
     depth: DepthOptions = field(default_factory=lambda: DepthOptions(1))
     flops: float | None = None
     kv: float | None = None
-    context: int = 2048  # tokens each token attends to, for a FLOPs budget
+    context: int = 2048  # tokens each token attends to, for a FLOPs or KV-cache budget
 
     def __post_init__(self) -> None:
         given = [kind for kind in BUDGET_KINDS if getattr(self, kind) is not None]
@@ -151,14 +155,14 @@ class Budget:
 
     def describe(self) -> str:
         """'flops=0.6 (forward FLOPs per token at 2048 tokens of context)'."""
-        at = f" at {self.context} tokens of context" if self.kind == "flops" else ""
+        at = f" at {self.context} tokens of context" if self.kind in CONTEXT_KINDS else ""
         return f"{self.kind}={self.share} ({BUDGET_NOUNS[self.kind]}{at})"
 
     def to_json(self) -> dict[str, Any]:
         depth = asdict(self.depth)
         depth.pop("layers")  # each candidate's own
         out = {self.kind: self.share, "depths": self.depths, "score_samples": self.score_samples, "depth": depth}
-        return out | ({"context": self.context} if self.kind == "flops" else {})
+        return out | ({"context": self.context} if self.kind in CONTEXT_KINDS else {})
 
     @staticmethod
     def parse(text: str) -> tuple[str, float]:
@@ -253,13 +257,10 @@ class _Counter:
                          estimated_parameters(self.shape, self.total, drop, heads, kv_heads, mlp), round(share, 6))
 
 
-def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1,
-                      mlp_step: int = 1) -> list[Candidate]:
+def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1) -> list[Candidate]:
     """The candidates meeting ``budget`` for a model of ``shape`` and ``total`` parameters, widths rounded
-    down to multiples of ``multiple_of`` (MLP widths also to multiples of ``mlp_step``: the steps of a
-    per-layer width search that spreads them); refused, naming the least reachable share, when none does."""
+    down to multiples of ``multiple_of``; refused, naming the least reachable share, when none does."""
     check_budget_shape(shape)
-    mlp_multiple = math.lcm(multiple_of, mlp_step)
     count = _Counter(shape, total, budget.measure)
     target, outside = budget.share * count.whole, budget.measure.outside(shape, total)
     full = (shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
@@ -275,38 +276,37 @@ def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of
             candidates.append(count.candidate("depth", drop, *full))
             continue
         per_layer = (target - outside) / (shape.num_layers - drop)
-        candidates += width_candidates(count, drop, per_layer, multiple_of, mlp_multiple)
+        candidates += width_candidates(count, drop, per_layer, multiple_of)
     if not candidates:
-        raise TransactError(_unreachable(budget, count, most, multiple_of, mlp_multiple))
+        raise TransactError(_unreachable(budget, count, most, multiple_of))
     return candidates
 
 
-def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int, mlp_multiple: int) -> str:
+def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int) -> str:
     """Why no candidate meets ``budget``: the least share reachable, and what no candidate changes."""
     shape = count.shape
-    least = estimated(budget.measure, shape, count.total, most, *smallest_pair(shape, multiple_of), mlp_multiple)
+    least = estimated(budget.measure, shape, count.total, most, *smallest_pair(shape, multiple_of), multiple_of)
     outside = budget.measure.outside(shape, count.total) / count.whole
     fixed = {"params": f" ({outside:.3f} are outside its layers' projections: embeddings, norms, biases)",
              "flops": f" ({outside:.3f} are its LM head's)", "kv": ""}[budget.kind]
     return (f"budget {budget.describe()}: the least this model reaches by dropping up to {most} layers and "
-            f"pruning the rest to one KV group and {mlp_multiple} MLP channel(s) is {least / count.whole:.3f} of its "
+            f"pruning the rest to one KV group and {multiple_of} MLP channel(s) is {least / count.whole:.3f} of its "
             f"{BUDGET_NOUNS[budget.kind]}{fixed}")
 
 
-def width_candidates(count: _Counter, drop: int, per_layer: float, multiple_of: int,
-                     mlp_multiple: int) -> list[Candidate]:
+def width_candidates(count: _Counter, drop: int, per_layer: float, multiple_of: int) -> list[Candidate]:
     """The ``mlp`` and ``both`` candidates at a depth whose layers may each hold ``per_layer`` of what the
-    budget counts; heads x head_dim a multiple of ``multiple_of``, MLP widths of ``mlp_multiple``."""
+    budget counts; heads x head_dim and MLP widths multiples of ``multiple_of``."""
     shape, measure, out = count.shape, count.measure, []
     per_channel = measure.mlp_channel(shape)
     if per_channel:  # MLP width changes what the budget counts
-        mlp = _mlp_fitting(shape, per_layer - measure.kept_attention(shape, drop), per_channel, mlp_multiple)
+        mlp = _mlp_fitting(shape, per_layer - measure.kept_attention(shape, drop), per_channel, multiple_of)
         if mlp is not None:
             out.append(count.candidate("mlp", drop, shape.num_heads, shape.num_kv_heads, mlp))
     pairs = []
     for heads, kv in _group_pairs(shape, multiple_of):
         room = per_layer - measure.kept_attention(with_widths(shape, heads, kv, 1), drop)
-        fitted = _mlp_fitting(shape, room, per_channel, mlp_multiple, pruned=False)
+        fitted = _mlp_fitting(shape, room, per_channel, multiple_of, pruned=False)
         if fitted is not None:
             pairs.append((abs(heads / shape.num_heads - fitted / shape.intermediate_size), -heads, heads, kv, fitted))
     if pairs:

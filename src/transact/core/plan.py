@@ -62,8 +62,8 @@ class PrunePlan:
     # Layers dropped before the widths were pruned (``source`` is then the shape after the drop, and
     # ``depth.source`` the base model's).
     depth: DepthPlan | None = None
-    # MLP widths chosen per layer (``transact.core.allocate``; ``targets.mlp`` is then their mean); None where
-    # every layer keeps ``targets.mlp`` channels.
+    # MLP widths chosen per layer (``transact.core.allocate``; ``targets.mlp`` is then their mean, rounded
+    # down); None where every layer keeps ``targets.mlp`` channels.
     mlp_widths: list[int] | None = None
     # what the width search did (calibration loss of the uniform and the searched widths, generations, time)
     allocation: dict[str, Any] | None = None
@@ -154,15 +154,16 @@ class PrunePlan:
 
     def layer_mlp_widths(self) -> list[int]:
         """Each layer's MLP width (``mlp_widths``, else ``targets.mlp`` everywhere); refused where per-layer
-        widths are not one per layer of a dense model, or do not average to ``targets.mlp``."""
+        widths are not one per layer of a dense model, or their mean, rounded down, is not ``targets.mlp``."""
         layers = self.source.num_layers
         if self.mlp_widths is None:
             return [self.targets.mlp] * layers
         if self.source.is_moe or len(self.mlp_widths) != layers:
             raise TransactError(f"per-layer MLP widths need one width per layer of a dense model ({layers} layers; "
                                 f"{len(self.mlp_widths)} given)")
-        if sum(self.mlp_widths) != self.targets.mlp * layers:
-            raise TransactError(f"per-layer MLP widths {self.mlp_widths} do not average to {self.targets.mlp}")
+        if sum(self.mlp_widths) // layers != self.targets.mlp:
+            raise TransactError(f"per-layer MLP widths {self.mlp_widths} do not average to {self.targets.mlp} "
+                                "(rounded down)")
         return list(self.mlp_widths)
 
     def check_applies_to(self, shape: ModelShape) -> None:

@@ -73,8 +73,8 @@ def check_step(config, recipe: PruneRecipe, targets: Targets) -> None:
 
 
 def check_allocation(config, recipe: PruneRecipe, targets: Targets) -> None:
-    """The width search's up-front checks: those of ``search_levels``, and a mean width the candidate widths
-    meet."""
+    """The width search's up-front checks: those of ``search_levels``, and a mean width within the candidate
+    widths."""
     check_budget(targets.mlp, search_levels(config, recipe))
 
 
@@ -116,6 +116,8 @@ def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targ
     scores = get_metric(recipe.metric).score(model, statistics, shape, recipe)
     widths, searched = (None, None) if recipe.allocation is None else \
         allocated_widths(model, tokenizer, recipe, statistics, scores.mlp, targets.mlp, texts, progress)
+    if widths is not None:  # the search spreads what the step allows: the plan's width is their mean
+        targets = replace(targets, mlp=sum(widths) // len(widths))
     plan = make_plan(scores.heads, scores.mlp, targets, shape, scores.experts, scores.shared, scores.groups,
                      mlp_widths=widths, recipe={**(note or {}), **recipe.to_json()},
                      calibration_hash=statistics.calibration_hash, versions=library_versions())
@@ -130,7 +132,8 @@ def plan_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, targets: Targ
 def allocated_widths(model: nn.Module, tokenizer, recipe: PruneRecipe, statistics: Statistics,
                      mlp_scores: list[torch.Tensor], mean_width: int, texts: list[str] | None,
                      progress: bool) -> tuple[list[int], dict]:
-    """Each layer's MLP width, of mean ``mean_width``, searched on the calibration loss with the recipe's
+    """Each layer's MLP width, of mean ``mean_width`` or as near below it as the search's step allows
+    (``transact.core.allocate.spread_total``), searched on the calibration loss with the recipe's
     ranking and corrector (``recipe.allocation``; ``transact.core.allocate``): -> (widths, the search's
     record for plan.json)."""
     if tokenizer is None:
@@ -259,15 +262,15 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     loss on calibration windows no fit saw (``scoring_windows``; ``transact.core.budget``), and prune
     ``model`` to it in place; -> its plan, which records the winner's widths and drop as its recipe (so
     ``apply-plan`` recreates it without a search) and every candidate's loss in ``plan.budget``. With the
-    recipe's per-layer width search (``recipe.allocation``) the candidates' MLP widths are multiples of its
-    step, each is scored at uniform widths, and the winner's MLP width is then spread over its layers by the
-    search (the same total, so the same parameters and FLOPs; the plan records the search).
+    recipe's per-layer width search (``recipe.allocation``) each candidate is scored at uniform widths, and
+    the winner's MLP channels are then spread over its layers by the search (as many as its step allows, so
+    the parameters and FLOPs of the winner, less under one step of channels; the plan records the search).
     ``inspect(candidate, pruned)`` sees each candidate's pruned model once it is scored (a benchmark measures
     what the choice did not see)."""
     started = time.perf_counter()
     budget, total, shape = recipe.budget, count_parameters(model), shape_of(model)
-    step = budget_search_step(model.config, recipe)
-    candidates = searchable(budget_candidates(shape, total, budget, recipe.multiple_of, step),
+    check_budget_search(model.config, recipe)
+    candidates = searchable(budget_candidates(shape, total, budget, recipe.multiple_of),
                             recipe, shape)  # an unreachable budget fails here
     windows = calibration_windows(tokenizer, recipe, texts)
     unseen = scoring_windows(tokenizer, recipe, texts, recipe.budget.score_samples, "a budget")
@@ -342,22 +345,20 @@ def candidate_recipe(recipe: PruneRecipe, candidate: Candidate, shape: ModelShap
                    mlp=mlp, allocation=recipe.allocation if search and mlp is not None else None)
 
 
-def budget_search_step(config, recipe: PruneRecipe) -> int:
-    """The multiple a budget's MLP widths keep for the recipe's per-layer search (1: no search); a model the
-    search cannot take is refused here, with no compute (``search_levels``)."""
-    if recipe.allocation is None:
-        return 1
-    search_levels(config, recipe)
-    return recipe.allocation.step
+def check_budget_search(config, recipe: PruneRecipe) -> None:
+    """Refuse, with no compute, a budget's per-layer search that cannot take this model (``search_levels``)."""
+    if recipe.allocation is not None:
+        search_levels(config, recipe)
 
 
 def searchable(candidates: list[Candidate], recipe: PruneRecipe, shape: ModelShape) -> list[Candidate]:
     """The candidates whose MLP the recipe's per-layer search can spread: none narrower than its smallest
     layer width (all of them without a search)."""
-    if recipe.allocation is None or recipe.allocation.min_width is None:
+    if recipe.allocation is None:
         return candidates
-    kept = [c for c in candidates if c.mlp >= recipe.allocation.min_width]
+    low = recipe.allocation.min_width or recipe.allocation.step
+    kept = [c for c in candidates if c.mlp >= low]
     if not kept:
         raise TransactError(f"every candidate of budget {recipe.budget.describe()} keeps fewer MLP channels than "
-                            f"the search's smallest layer width {recipe.allocation.min_width}")
+                            f"the search's smallest layer width {low}")
     return kept

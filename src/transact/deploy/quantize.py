@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,18 +122,22 @@ def width_warnings(widths: dict[str, int], outtype: str) -> list[WidthWarning]:
     return [WidthWarning(name, w, outtype, fb) for name, w in widths.items() if (fb := fallback_of(outtype, w))]
 
 
-def fit_notes(widths: dict[str, int]) -> list[str]:
+def fit_notes(widths: dict[str, int], stepped: Collection[str] = ()) -> list[str]:
     """One line per matrix kind whose input width some llama.cpp quantized type cannot take as asked: what
-    falls back for the 32-block types (q8_0, q4_0, iq4_nl, ...) and for the 256-block K-quants (q4_k_m, ...)."""
+    falls back for the 32-block types (q8_0, q4_0, iq4_nl, ...) and for the 256-block K-quants (q4_k_m, ...).
+    A tensor in ``stepped`` has per-layer widths in steps of its width (a per-layer search), so some layers
+    may fall back."""
     lines = []
     for tensor, width in widths.items():
-        if width % 32:
-            lines.append(f"llama.cpp: {tensor} has input width {width}, not a multiple of 32: every quantized type "
-                         f"(q8_0, q4_0, q4_k_m, ...) stores it in F16")
-        elif width % 256:
-            lines.append(f"llama.cpp: {tensor} has input width {width}, not a multiple of 256: the K-quants store it "
-                         f"in their fallback type (q4_k_m: {fallback_of('q4_k_m', width)}, q6_k: "
-                         f"{fallback_of('q6_k', width)})")
+        block = 32 if width % 32 else 256 if width % 256 else None
+        if block is None:
+            continue
+        what = (f"per-layer input widths in steps of {width}: in a layer whose width is not a multiple of {block}"
+                if tensor in stepped else f"input width {width}, not a multiple of {block}:")
+        lines.append(f"llama.cpp: {tensor} has {what} " + (
+            "every quantized type (q8_0, q4_0, q4_k_m, ...) stores it in F16" if block == 32 else
+            f"the K-quants store it in their fallback type (q4_k_m: {fallback_of('q4_k_m', width)}, q6_k: "
+            f"{fallback_of('q6_k', width)})"))
     return lines
 
 

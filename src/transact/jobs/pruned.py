@@ -17,7 +17,7 @@ from transact.core.budget import BUDGET_KINDS, BUDGET_NOUNS, Candidate, check_bu
 from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, whole_plan
-from transact.core.step import budget_search_step, check_metric, check_step
+from transact.core.step import check_budget_search, check_metric, check_step
 from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
 from transact.decilm.configuration_decilm import MODEL_TYPE as DECILM_MODEL_TYPE
@@ -92,7 +92,8 @@ def budget_lines(record: dict) -> list[str]:
     losses, the chosen one marked."""
     budget, total = record["budget"], record["parameters"]
     kind = next(k for k in BUDGET_KINDS if k in budget)
-    counted = "" if kind == "params" else f" ({BUDGET_NOUNS[kind]}, kept {record['kept_share']:.3f})"
+    at = f" at {budget['context']} tokens of context" if "context" in budget else ""  # not in old KV plans
+    counted = "" if kind == "params" else f" ({BUDGET_NOUNS[kind]}{at}, kept {record['kept_share']:.3f})"
     lines = [f"budget            {kind}={budget[kind]}{counted}: {len(record['candidates'])} candidates scored on "
              f"the {budget['score_samples']} windows after the calibration's, in {record['seconds']:.0f} s (kept "
              f"{record['kept']:.3f} of the {total / 1e6:.1f} M parameters)"]
@@ -151,10 +152,11 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
         if recipe.budget is not None:
             check_budget_shape(prep.shape)
             check_metric(prep.shape, recipe)
-            budget_search_step(prep.config, recipe)  # a family or MLP width the search cannot take fails here
+            check_budget_search(prep.config, recipe)  # a family or MLP width the search cannot take fails here
         targets = whole_plan(prep.shape).targets
     if job.progress:
-        for line in deployment_notes(prep.shape, targets, prep.config):
+        step = recipe.allocation.step if recipe.allocation is not None else None
+        for line in deployment_notes(prep.shape, targets, prep.config, mlp_step=step):
             print(f"note: {line}", file=sys.stderr)
     tokenizer = None
     if texts is not None or tokenizer_for:
@@ -162,17 +164,21 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     return PruneInputs(out, prep, targets, texts, tokenizer)
 
 
-def deployment_notes(shape: ModelShape, targets: Targets, config: PretrainedConfig) -> list[str]:
+def deployment_notes(shape: ModelShape, targets: Targets, config: PretrainedConfig, *,
+                     mlp_step: int | None = None) -> list[str]:
     """What the pruned widths mean for llama.cpp's quantized types and vLLM's kernels, for the widths pruning
     changes (the model's own hidden size is ``transact info``'s to tell), and whether vLLM loads the family's
-    checkpoint with pruned heads."""
-    pruned = replace(shape, num_heads=targets.heads, num_kv_heads=targets.kv_heads, intermediate_size=targets.mlp,
-                     shared_expert_size=targets.shared_mlp)
+    checkpoint with pruned heads. ``mlp_step``: a per-layer search's step, which every layer's MLP width is a
+    multiple of (in place of ``targets.mlp``)."""
+    searched = mlp_step is not None and targets.mlp != shape.intermediate_size
+    pruned = replace(shape, num_heads=targets.heads, num_kv_heads=targets.kv_heads,
+                     intermediate_size=mlp_step if searched else targets.mlp, shared_expert_size=targets.shared_mlp)
     before = quantize.matrix_widths(shape)
     changed = {name: width for name, width in quantize.matrix_widths(pruned).items() if width != before[name]}
     marlin = vllm.marlin_note(changed)
     serving = vllm.checkpoint_notes(config, heads_pruned=targets.heads != shape.num_heads)
-    return quantize.fit_notes(changed) + ([marlin] if marlin else []) + serving
+    stepped = ["blk.*.ffn_down"] if searched else []
+    return quantize.fit_notes(changed, stepped) + ([marlin] if marlin else []) + serving
 
 
 def depth_notes(model: nn.Module, base_config: PretrainedConfig) -> list[str]:
