@@ -33,7 +33,23 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {name} | {widths} | {p['params'] / 1e6:.1f} M | {_num(p.get('perplexity_pruned'))} | "
                      f"{p.get('train_tokens', 0):,} | {p['train_seconds']:.0f} | "
                      f"{_num(p.get('train_tokens_per_second'))} | {_num(p.get('perplexity'))} |")
-    return "\n".join(lines)
+    lr = report.get("recipe", {}).get("training", {}).get("lr")
+    warnings = [w for p in report["phases"] if (w := training_hurt(p, lr))]
+    return "\n".join(lines + (["", *warnings] if warnings else []))
+
+
+def training_hurt(phase: dict, lr: float | None) -> str | None:
+    """A warning where a shot's training left the held-out perplexity higher than its pruning did (None:
+    training helped, or there was no held-out text). Recovery at the learning rate that helped SmolLM2-135M
+    and Gemma-3-270M made Qwen2.5-Coder-0.5B worse (docs/results.md), so a run says so rather than leave the
+    user to read it from the table."""
+    before, after = phase.get("perplexity_pruned"), phase.get("perplexity")
+    if before is None or after is None or after <= before:
+        return None
+    rate = f" (training.lr {lr:g})" if lr is not None else ""
+    return (f"warning: shot {phase['phase']}'s training raised the held-out perplexity from {before:.2f} to "
+            f"{after:.2f}: it moved the model away from the held-out text. Try a lower learning rate{rate}, or "
+            "training data closer to what the model is used for.")
 
 
 def write_run_outputs(out: Path, model: nn.Module, tokenizer, plans: list[dict], losses: list[dict], report: dict,
