@@ -140,7 +140,7 @@ def allocated_widths(model: nn.Module, tokenizer, recipe: PruneRecipe, statistic
         raise TransactError("the per-layer width search scores candidates on the calibration text, which needs "
                             "the model's tokenizer")
     options, refit = recipe.allocation, "refit" in recipe.correctors
-    levels = width_levels(shape_of(model).intermediate_size, options.step, options.min_width)
+    levels = search_levels(model.config, recipe)
     variants = mlp_variants(model, statistics.activation("mlp", "gram") if refit else None, mlp_scores, levels,
                             damp_for(statistics, recipe.options_of("refit")) if refit else None)
     found = search_widths(model, calibration_windows(tokenizer, recipe, texts), variants, mean_width, options,
@@ -269,9 +269,8 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     what the choice did not see)."""
     started = time.perf_counter()
     budget, total, shape = recipe.budget, count_parameters(model), shape_of(model)
-    check_budget_search(model.config, recipe)
     candidates = searchable(budget_candidates(shape, total, budget, recipe.multiple_of),
-                            recipe, shape)  # an unreachable budget fails here
+                            recipe, model.config)  # an unreachable budget fails here
     windows = calibration_windows(tokenizer, recipe, texts)
     unseen = scoring_windows(tokenizer, recipe, texts, recipe.budget.score_samples, "a budget")
     losses, drops = [], {}
@@ -351,12 +350,13 @@ def check_budget_search(config, recipe: PruneRecipe) -> None:
         search_levels(config, recipe)
 
 
-def searchable(candidates: list[Candidate], recipe: PruneRecipe, shape: ModelShape) -> list[Candidate]:
+def searchable(candidates: list[Candidate], recipe: PruneRecipe, config) -> list[Candidate]:
     """The candidates whose MLP the recipe's per-layer search can spread: none narrower than its smallest
-    layer width (all of them without a search)."""
+    layer width (all of them without a search); a model the search cannot take is refused here
+    (``search_levels``)."""
     if recipe.allocation is None:
         return candidates
-    low = recipe.allocation.min_width or recipe.allocation.step
+    low = search_levels(config, recipe)[0]
     kept = [c for c in candidates if c.mlp >= low]
     if not kept:
         raise TransactError(f"every candidate of budget {recipe.budget.describe()} keeps fewer MLP channels than "
