@@ -495,20 +495,22 @@ def test_quantizer_fallbacks_are_summarized_by_type():
     assert _fallback_counts(lines) == "q4_K -> q5_0: 3, q6_K -> q8_0: 1"
 
 
-def _per_layer_checkpoint(path: Path, tokenizer, qkv_bias: bool, tie: bool) -> list[tuple[int, int]]:
+def _per_layer_checkpoint(path: Path, tokenizer, qkv_bias: bool, tie: bool,
+                          widths: tuple = ((1, 40), (2, 96), (2, 24))) -> list[tuple[int, int]]:
     """A tiny checkpoint in the DeciLM layout transact writes for per-layer widths, random weights: 2 query
     heads of 16 (so heads x head_dim is not the hidden size 64, as after pruning heads), its layers of other
-    KV-head counts and MLP widths; -> the (KV heads, MLP width) of each layer."""
+    KV-head counts (0: no attention) and MLP widths; -> the (KV heads, MLP width) of each layer."""
     from transact.decilm.configuration_decilm import DeciLMConfig
     from transact.decilm.modeling_decilm import DeciLMForCausalLM
-    from transact.io.per_layer import AUTO_MAP, copy_code
+    from transact.io.per_layer import AUTO_MAP, attention_block, copy_code
 
-    widths = [(1, 40), (2, 96), (2, 24)]
-    blocks = [{"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 2 // kv},
+    widths = list(widths)
+    blocks = [{"attention": attention_block(2, kv),
                "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": mlp}}
               for kv, mlp in widths]
-    config = DeciLMConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, head_dim=16,
-                          num_key_value_heads=2, intermediate_size=96, block_configs=blocks, qkv_bias=qkv_bias,
+    config = DeciLMConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=len(widths), num_attention_heads=2,
+                          head_dim=16, num_key_value_heads=2, intermediate_size=96, block_configs=blocks,
+                          qkv_bias=qkv_bias,
                           tie_word_embeddings=tie, rms_norm_eps=1e-5, architectures=["DeciLMForCausalLM"],
                           auto_map=dict(AUTO_MAP), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id)
@@ -546,6 +548,29 @@ def test_per_layer_widths_export_as_deci_and_agree(tmp_path, gguf_tokenizer, qkv
     assert ("output.weight" in shapes) != tie
     assert "deci, 2 heads / 1-2 (per layer) KV heads x 16" in result.summary()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "model"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["llama", "qwen2"])
+def test_layers_without_attention_export_as_deci_and_agree(tmp_path, gguf_tokenizer, qkv_bias):
+    """Dropped attention (``attention.no_op``) reaches llama.cpp's deci as a layer of 0 heads with no attention
+    tensors; llama.cpp predicts what transformers does, and llama-quantize writes its q8_0 file."""
+    from gguf import GGUFReader
+
+    _per_layer_checkpoint(tmp_path / "model", gguf_tokenizer, qkv_bias, tie=False,
+                          widths=((2, 64), (0, 96), (1, 64), (0, 32)))
+    result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
+                                           progress=False))
+    check = result["verification"]
+    assert check["ok"] and check["agree"] >= 30 and check["max_logprob_diff"] < 0.01
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.get_field("deci.attention.head_count").contents() == [2, 0, 2, 0]
+    assert reader.get_field("deci.attention.head_count_kv").contents() == [2, 0, 1, 0]
+    names = {t.name for t in reader.tensors}
+    assert not [n for n in names if n.startswith(("blk.1.attn", "blk.3.attn"))]
+    assert {"blk.0.attn_norm.weight", "blk.2.attn_output.weight", "blk.1.ffn_down.weight"} <= names
+    assert ("blk.2.attn_q.bias" in names) == qkv_bias
+    quantize.write_gguf(tmp_path / "model", tmp_path / "q.gguf", "q8_0", progress=False)
+    assert GGUFReader(str(tmp_path / "q.gguf")).get_field("deci.attention.head_count").contents() == [2, 0, 2, 0]
 
 
 def test_per_layer_widths_refuse_what_cannot_be_checked(tmp_path, gguf_tokenizer):

@@ -229,22 +229,26 @@ def test_prune_says_which_checkpoints_vllm_refuses(tmp_path, capsys):
 
 
 @needs_vllm
-def test_per_layer_widths_run_in_vllm_as_decilm(tmp_path):
-    """A Qwen2 whose layers keep different MLP widths, saved in the DeciLM layout: vLLM loads it natively
-    (DeciLMForCausalLM, q/k/v biases through qkv_bias) and its greedy tokens are transformers' (fp32)."""
+@pytest.mark.parametrize("dropped", [[], [1, 3]], ids=["widths", "widths-and-no-attention"])
+def test_per_layer_widths_run_in_vllm_as_decilm(tmp_path, dropped):
+    """A Qwen2 whose layers keep different MLP widths (and, in the second case, no attention in layers 1
+    and 3), saved in the DeciLM layout: vLLM loads it natively (DeciLMForCausalLM, q/k/v biases through
+    qkv_bias, no-op attention) and its greedy tokens are transformers' (fp32)."""
     from transformers import AutoModelForCausalLM
 
     from transact.arch import shape_of
+    from transact.core.attention_drop import skip_attention_layers_
     from transact.core.metrics.random_choice import random_layer_scores
     from transact.core.select import make_plan
     from transact.core.step import apply_step
     from transact.core.targets import Targets
     from transact.io.checkpoint import write_verified
 
-    model = tiny_model("qwen2", heads=4, kv_heads=2, head_dim=32, hidden=128, mlp=192, layers=3)
+    model = tiny_model("qwen2", heads=4, kv_heads=2, head_dim=32, hidden=128, mlp=192, layers=4)
+    skip_attention_layers_(model, dropped)
     scores = random_layer_scores(shape_of(model), 0)
-    plan = apply_step(model, make_plan(scores.heads, scores.mlp, Targets(4, 2, 128), shape_of(model),
-                                       mlp_widths=[64, 192, 128]))
+    plan = apply_step(model, make_plan(scores.heads, scores.mlp, Targets(4, 2, 120), shape_of(model),
+                                       mlp_widths=[64, 192, 128, 96]))
     out = write_verified(model, char_tokenizer(), tmp_path / "out", plan, {}, save_dtype=torch.float32)
     prompts = [[5 + i, 40, 41, 42 + i, 70] for i in range(4)]
     with vllm.Runtime() as runtime:

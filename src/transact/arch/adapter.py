@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transact.arch.mlp import DenseMlp, MlpLayout
 from transact.arch.parts import AttentionParts, ExpertParts, MlpParts, Rows
 from transact.arch.shape import HeadRule, LinearAttentionShape, ModelShape, sliding_windows
+from transact.decilm.modeling_decilm import SkippedAttention
 from transact.errors import TransactError
 
 
@@ -106,6 +107,19 @@ class GgufTarget:
     architecture: str
     config_overrides: dict[str, Any] | None = None
     converter_args: tuple[str, ...] = ()
+
+
+# The layers whose attention was dropped (``transact.core.attention_drop``): set on an in-memory config by the
+# drop; a DeciLM config derives it from its no-op blocks.
+ATTENTION_DROPPED = "attention_dropped_layers"
+
+
+def attention_kept(text_config: PretrainedConfig) -> tuple[int, ...] | None:
+    """The layers that still have attention where some had theirs dropped (None: every layer has it)."""
+    dropped = set(getattr(text_config, ATTENTION_DROPPED, None) or ())
+    if not dropped:
+        return None
+    return tuple(i for i in range(text_config.num_hidden_layers) if i not in dropped)
 
 
 def _per_layer(key: str, value: Any, layers: int) -> bool:
@@ -198,7 +212,7 @@ class FamilyAdapter:
                           intermediate_size=self.mlp_width(text), vocab_size=getattr(text, "vocab_size", None),
                           max_positions=getattr(text, "max_position_embeddings", None),
                           head_rule=rule(text) if rule else None,
-                          attention_layers=self.hybrid.attention_layers(text) if self.hybrid else None,
+                          attention_layers=self.hybrid.attention_layers(text) if self.hybrid else attention_kept(text),
                           linear_attention=self.hybrid.linear_attention(text) if self.hybrid else None,
                           q_gated=self.q_gated, num_experts=num_experts, experts_per_token=experts_per_token,
                           shared_expert_size=self.mlp_layout.shared_width(text),
@@ -329,8 +343,10 @@ class FamilyAdapter:
         return getattr(layer, self.names.mlp)
 
     def has_attention(self, layer: nn.Module) -> bool:
-        """Whether ``layer`` has softmax attention (a hybrid model's other layers have none)."""
-        return hasattr(layer, self.names.attention)
+        """Whether ``layer`` has softmax attention (a hybrid model's other layers have none, nor has a layer
+        whose attention was dropped)."""
+        module = getattr(layer, self.names.attention, None)
+        return module is not None and not isinstance(module, SkippedAttention)
 
     def attention(self, layer: nn.Module, config: PretrainedConfig) -> AttentionParts | None:
         """The attention projections of ``layer``; None for a layer without softmax attention."""

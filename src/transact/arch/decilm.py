@@ -47,7 +47,7 @@ class PerLayerMlp(DenseMlp):
         return round(sum(widths) / len(widths))
 
     def refusal(self, text_config: PretrainedConfig) -> str | None:
-        kv_heads = sorted({kv for kv, _ in _widths(text_config)})
+        kv_heads = sorted({kv for kv, _ in _widths(text_config) if kv})  # 0: a layer without attention
         if len(kv_heads) > 1:
             return (f"the layers of this per-layer checkpoint keep different KV-head counts ({kv_heads}); transact "
                     "reads per-layer MLP widths only (`transact export` still writes it for llama.cpp)")

@@ -90,6 +90,11 @@ def _add_depth_flags(p) -> None:
                    help="also drop a contiguous block of decoder layers (a count, or a fraction of the layers), chosen "
                    "on the calibration text, before the widths are pruned; a least-squares map folded into the layer "
                    "before the block stands in for it where that lowers the calibration loss")
+    p.add_argument("--drop-attention", type=drop_count, default=None, metavar="N|FRACTION",
+                   help="instead, drop the attention (not the MLP) of this many layers (a count, or a fraction of "
+                   "the layers but the first), those whose attention the calibration loss misses least, before the "
+                   "widths are pruned; it removes their KV cache, and the checkpoint is saved in the DeciLM / "
+                   "Nemotron-NAS layout (vLLM, llama.cpp, transformers with trust_remote_code)")
     p.add_argument("--block-score", choices=BLOCK_SCORES, default=depth.score,
                    help="with --drop-layers: choose the block by the calibration loss with it skipped (loss, the "
                    "default: one pass over --loss-samples windows per candidate block) or by the angular distance "
@@ -202,15 +207,27 @@ def drop_count(text: str) -> int | float:
     return value
 
 
+def _depth_flags_given(args) -> list[str]:
+    """The depth flags given other values than their defaults."""
+    defaults = DepthOptions(1)
+    return [flag for flag, changed in (("--block-score", args.block_score != defaults.score),
+                                       ("--loss-samples", args.loss_samples != defaults.loss_samples),
+                                       ("--no-depth-map", not args.depth_map),
+                                       ("--depth-damp", args.depth_damp != defaults.damp)) if changed]
+
+
 def _depth(args) -> DepthOptions | None:
-    """``--drop-layers`` with its flags; with ``--budget`` and no count, the flags alone (how the budget's
-    candidates drop layers, their count a placeholder)."""
+    """``--drop-layers`` (or ``--drop-attention``) with its flags; with ``--budget`` and no count, the flags
+    alone (how the budget's candidates drop layers, their count a placeholder)."""
+    if args.drop_attention is not None:
+        if args.drop_layers is not None or args.budget is not None:
+            raise TransactError("--drop-attention is its own depth step: give it without --drop-layers and --budget")
+        if layer_flags := [flag for flag in _depth_flags_given(args) if flag != "--loss-samples"]:
+            raise TransactError(f"{layer_flags[0]} belongs to --drop-layers; --drop-attention scores by the "
+                                "calibration loss and folds no map")
+        return DepthOptions(args.drop_attention, loss_samples=args.loss_samples, part="attention")
     if args.drop_layers is None:
-        defaults = DepthOptions(1)
-        given = [flag for flag, changed in (("--block-score", args.block_score != defaults.score),
-                                            ("--loss-samples", args.loss_samples != defaults.loss_samples),
-                                            ("--no-depth-map", not args.depth_map),
-                                            ("--depth-damp", args.depth_damp != defaults.damp)) if changed]
+        given = _depth_flags_given(args)
         if given and args.budget is None:
             raise TransactError(f"{given[0]} belongs to --drop-layers or --budget, neither of which is given")
         if args.budget is None or not given:

@@ -140,6 +140,9 @@ class Budget:
                                                                                    "budget.depth")))
         if not isinstance(self.depth, DepthOptions):
             raise TransactError(f"a budget's depth options must be a mapping, got {self.depth!r}")
+        if self.depth.part != "layers":
+            raise TransactError("budget.depth.part: a budget's candidates drop whole layers; dropping attention "
+                                "is a prune of its own (--drop-attention)")
 
     @property
     def kind(self) -> str:

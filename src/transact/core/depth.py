@@ -19,6 +19,9 @@ a norm stands between the MLP and the stream (Gemma's post-feedforward norm), on
 into that norm's gain. Where the block starts at layer 0 there is nothing to fold into and the block is
 removed alone. The map is kept only if it lowers the calibration loss.
 
+``DepthOptions.part`` "attention" drops the attention sub-blocks of any layers instead, keeping their MLPs
+(``transact.core.attention_drop``: scored by the loss alone, no map).
+
 Removing layers cuts every per-layer list of the config (``layer_types``, NoPE layers, ...) the same way and
 renumbers the layers' cache indices, so a dropped layer whose output projections were zero leaves the logits
 exactly as they were.
@@ -34,6 +37,14 @@ from torch import nn
 
 from transact.arch import ModelShape, get_adapter, shape_of
 from transact.arch.parts import ExpertParts
+from transact.core.attention_drop import (
+    NO_MAP,
+    attention_candidates,
+    attention_loss_scores,
+    attentions_to_drop,
+    lowest,
+    skip_attention_layers_,
+)
 from transact.core.depth_calibrate import (
     angular_scores,
     calibration_loss,
@@ -45,6 +56,9 @@ from transact.core.depth_calibrate import (
 from transact.errors import TransactError
 
 BLOCK_SCORES = ("loss", "angular")
+# what a depth step drops: whole layers (one contiguous block), or the attention sub-blocks of any layers
+# (``transact.core.attention_drop``), which only the loss score chooses
+PARTS = ("layers", "attention")
 
 
 @dataclass(frozen=True)
@@ -53,13 +67,15 @@ class DepthPlan:
     block), how the block was chosen (``score`` and each candidate start's value in ``scores``), and the
     map (``compensation``: its ``kind``, ``least_squares`` or ``per_channel``, the layer it was folded into,
     its damping and the calibration loss without and with it; ``applied`` False where it was measured worse,
-    or where ``reason`` says why there was none)."""
+    or where ``reason`` says why there was none). ``part`` "attention": ``dropped`` lists the layers whose
+    attention went (any layers; no map), and ``scores`` is each candidate layer's loss."""
 
     source: ModelShape
     dropped: list[int]
     score: str
     scores: list[float]
     compensation: dict[str, Any] = field(default_factory=dict)
+    part: str = "layers"
 
     @property
     def map_applied(self) -> bool:
@@ -75,7 +91,8 @@ class DepthPlan:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DepthPlan:
         return cls(source=ModelShape(**data["source"]), dropped=list(data["dropped"]), score=data["score"],
-                   scores=list(data["scores"]), compensation=dict(data.get("compensation") or {}))
+                   scores=list(data["scores"]), compensation=dict(data.get("compensation") or {}),
+                   part=data.get("part", "layers"))
 
 
 def layers_to_drop(value: int | float, num_layers: int) -> int:
@@ -176,6 +193,8 @@ class DepthOptions:
     # the loss score runs each candidate on the first this many calibration windows (measured with 8 x 256
     # tokens on SmolLM2 and 4 x 256 on the other two: enough to find the blocks above)
     loss_samples: int = 8
+    # "attention": drop the attention of ``layers`` layers (a count or a fraction of those that can lose it)
+    part: str = "layers"
 
     def __post_init__(self) -> None:
         v = self.layers
@@ -183,6 +202,10 @@ class DepthOptions:
             raise TransactError(f"layers to drop must be a count >= 1 or a fraction in (0, 1), got {v!r}")
         if self.score not in BLOCK_SCORES:
             raise TransactError(f"block score {self.score!r} is not one of {', '.join(BLOCK_SCORES)}")
+        if self.part not in PARTS:
+            raise TransactError(f"the part to drop {self.part!r} is not one of {', '.join(PARTS)}")
+        if self.part == "attention" and self.score != "loss":
+            raise TransactError("attention sub-blocks are chosen by the calibration loss only (score: loss)")
         if not isinstance(self.compensate, bool):
             raise TransactError(f"compensate must be true or false, got {self.compensate!r}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
@@ -223,6 +246,8 @@ def drop_layers_(model: nn.Module, windows: torch.Tensor | None, options: DepthO
         return _redo_(model, windows, recorded, batch_size, progress)
     if windows is None:
         raise TransactError("depth pruning chooses its block on calibration text; none was given")
+    if options.part == "attention":
+        return drop_attention_(model, windows, options, batch_size=batch_size, progress=progress)
     block = layers_to_drop(options.layers, shape_of(model).num_layers)
     values = block_scores(model, windows, block, options, batch_size=batch_size, progress=progress)
     plan = drop_block_(model, windows, int(torch.argmin(values)), options, batch_size=batch_size, progress=progress)
@@ -245,10 +270,28 @@ def drop_block_(model: nn.Module, windows: torch.Tensor, start: int, options: De
     return DepthPlan(source=source, dropped=dropped, score="given", scores=[], compensation=compensation)
 
 
+def drop_attention_(model: nn.Module, windows: torch.Tensor, options: DepthOptions, *, batch_size: int = 4,
+                    progress: bool = True) -> DepthPlan:
+    """Drop the attention of the ``options.layers`` candidate layers whose loss score is lowest, in place
+    (``transact.core.attention_drop``). windows: (n, seq) calibration tokens."""
+    source = shape_of(model)
+    candidates = attention_candidates(model)
+    count = attentions_to_drop(options.layers, len(candidates))
+    scores = attention_loss_scores(model, windows[: options.loss_samples], candidates, batch_size=batch_size,
+                                   progress=progress)
+    dropped = lowest(candidates, scores, count)
+    skip_attention_layers_(model, dropped)
+    return DepthPlan(source=source, dropped=dropped, score="loss", scores=[round(float(v), 6) for v in scores],
+                     compensation={"applied": False, "reason": NO_MAP}, part="attention")
+
+
 def _redo_(model: nn.Module, windows: torch.Tensor | None, recorded: DepthPlan, batch_size: int,
            progress: bool) -> DepthPlan:
     if recorded.source != shape_of(model):
         raise TransactError(f"this plan drops layers of {recorded.source}, but the model is {shape_of(model)}")
+    if recorded.part == "attention":
+        skip_attention_layers_(model, recorded.dropped)
+        return recorded
     if recorded.map_applied:
         if windows is None:
             raise TransactError("this plan folded a least-squares map fitted on calibration text into layer "

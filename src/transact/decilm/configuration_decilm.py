@@ -5,6 +5,8 @@ or Qwen2 config has one MLP width and one KV-head count for all layers). ``block
 per layer: ``{"attention": {"no_op": false, "replace_with_linear": false, "n_heads_in_group": g},
 "ffn": {"no_op": false, "replace_with_linear": false, "intermediate_size": w, "ffn_mult": m}}``, where g is
 the query heads per KV head (``num_attention_heads`` is the same in every layer) and w the layer's MLP width.
+A layer whose attention was dropped has ``"attention": {"no_op": true, "n_heads_in_group": null, ...}``: no
+attention, no input norm and no KV cache (vLLM's and llama.cpp's ``deci`` read it so).
 vLLM runs such checkpoints natively (``DeciLMForCausalLM``; it reads ``ffn_mult`` where present, which is
 written only where it gives back w exactly), llama.cpp as its ``deci`` architecture; transformers loads them
 with ``trust_remote_code=True`` through this file and ``modeling_decilm.py``. It imports nothing but
@@ -58,25 +60,36 @@ class DeciLMConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         self.block_configs = [block if isinstance(block, BlockConfig) else BlockConfig(**block) for block in blocks]
         for i, block in enumerate(self.block_configs):
-            if block.attention.get("no_op") or block.ffn.get("no_op") or block.attention.get("replace_with_linear") \
+            if block.ffn.get("no_op") or block.attention.get("replace_with_linear") \
                     or block.ffn.get("replace_with_linear"):
-                raise ValueError(f"layer {i}: no-op and linear blocks are not supported by this modeling file")
-            if "intermediate_size" not in block.ffn or "n_heads_in_group" not in block.attention:
-                raise ValueError(f"layer {i}: this modeling file needs each layer's ffn.intermediate_size and "
-                                 "attention.n_heads_in_group")
+                raise ValueError(f"layer {i}: no-op MLPs and linear blocks are not supported by this modeling file")
+            if "intermediate_size" not in block.ffn or (not block.attention.get("no_op")
+                                                        and not block.attention.get("n_heads_in_group")):
+                raise ValueError(f"layer {i}: this modeling file needs each layer's ffn.intermediate_size and, "
+                                 "where it has attention, attention.n_heads_in_group")
+        if self.block_configs and self.block_configs[0].attention.get("no_op"):
+            # caches count the tokens seen in layer 0, and vLLM starts its residual stream there
+            raise ValueError("layer 0: this modeling file needs the first layer's attention")
 
     def validate_architecture(self) -> None:
         """Every layer's KV heads divide the query heads; the hidden size need not be a multiple of the head
         count (``head_dim`` is explicit: pruned heads)."""
         for i, block in enumerate(self.block_configs):
-            if self.num_attention_heads % block.attention.n_heads_in_group:
+            if not block.attention.get("no_op") and self.num_attention_heads % block.attention.n_heads_in_group:
                 raise ValueError(f"layer {i}: {block.attention.n_heads_in_group} query heads per KV head do not "
                                  f"divide {self.num_attention_heads} heads")
 
     def layer_widths(self, index: int) -> tuple[int, int]:
-        """(KV heads, MLP width) of layer ``index``."""
+        """(KV heads, MLP width) of layer ``index``; 0 KV heads where its attention was dropped."""
         block = self.block_configs[index]
+        if block.attention.get("no_op"):
+            return 0, block.ffn.intermediate_size
         return self.num_attention_heads // block.attention.n_heads_in_group, block.ffn.intermediate_size
+
+    @property
+    def attention_dropped_layers(self) -> list[int]:
+        """The layers without attention (``attention.no_op``)."""
+        return [i for i, block in enumerate(self.block_configs) if block.attention.get("no_op")]
 
     def widths(self) -> list[tuple[int, int]]:
         """(KV heads, MLP width) of every layer."""

@@ -1,12 +1,15 @@
 """A decoder whose layers have their own MLP widths and KV-head counts (``configuration_decilm.py``), built
 from transformers' Llama modules: each layer is a ``LlamaDecoderLayer`` made from the model's config with
-that layer's widths. transact writes this file into every checkpoint whose pruned widths differ between
-layers; transformers loads such a checkpoint with ``trust_remote_code=True``."""
+that layer's widths; a layer whose attention was dropped (``attention.no_op``) has ``SkippedAttention`` and no
+input norm. transact writes this file into every checkpoint whose pruned widths differ between layers;
+transformers loads such a checkpoint with ``trust_remote_code=True``."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
+import torch
 from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -14,11 +17,26 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from .configuration_decilm import DeciLMConfig
 
 
+class SkippedAttention(nn.Module):
+    """The attention of a layer that has none: it adds nothing to the residual stream (exactly: x + 0 == x)
+    and holds no weights and no cache."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+def skip_attention_(layer: nn.Module) -> None:
+    """Make a Llama-style decoder layer's attention a no-op, in place: ``self_attn`` becomes
+    ``SkippedAttention`` and the input norm, which only feeds it, an identity."""
+    layer.self_attn = SkippedAttention()
+    layer.input_layernorm = nn.Identity()
+
+
 def layer_config(config: DeciLMConfig, index: int) -> DeciLMConfig:
     """The model's config with layer ``index``'s KV heads and MLP width."""
     kv_heads, width = config.layer_widths(index)
     own = copy.copy(config)
-    own.num_key_value_heads, own.intermediate_size = kv_heads, width
+    own.num_key_value_heads, own.intermediate_size = kv_heads or config.num_attention_heads, width
     return own
 
 
@@ -26,6 +44,9 @@ def decoder_layer(config: DeciLMConfig, index: int) -> LlamaDecoderLayer:
     """Layer ``index``: a Llama decoder layer of its own widths; with ``qkv_bias``, q/k/v carry biases and
     o_proj none (Qwen2's layout)."""
     layer = LlamaDecoderLayer(layer_config(config, index), index)
+    if config.block_configs[index].attention.get("no_op"):
+        skip_attention_(layer)
+        return layer
     # the attention kernel is read from the config at every call: the model's own, so that choosing another
     # (attn_implementation=..., set_attn_implementation) reaches every layer
     layer.self_attn.config = config

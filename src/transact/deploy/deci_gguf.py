@@ -13,6 +13,9 @@ SentencePiece vocabulary. So transact converts in two steps, each exact:
    arrays, and each layer's tensors cut back to its own widths (the padding is the trailing rows and columns,
    since the permutation keeps heads in place).
 
+A layer without attention (``attention.no_op``) gets zero attention tensors and a unit input norm in the twin,
+and none in the ``deci`` file, whose per-layer head counts are 0 there (llama.cpp's attention-free layer).
+
 The twin is never run: its padding only gives the converter one shape per tensor name.
 """
 
@@ -33,6 +36,7 @@ CUT = {"ffn_gate.weight": ("mlp", 0), "ffn_up.weight": ("mlp", 0), "ffn_down.wei
        "ffn_gate.bias": ("mlp", 0), "ffn_up.bias": ("mlp", 0),
        "attn_k.weight": ("kv", 0), "attn_v.weight": ("kv", 0), "attn_k.bias": ("kv", 0), "attn_v.bias": ("kv", 0)}
 LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
+ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")  # what a no-op layer lacks
 
 
 def is_per_layer(model_dir: Path) -> bool:
@@ -71,8 +75,20 @@ def write_twin(model_dir: Path, stage: Path) -> tuple[dict, list[tuple[int, int]
     state = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state |= {name: padded(name, t, twin["intermediate_size"], kv_rows) for name, t in load_file(shard).items()}
+    for layer in config.attention_dropped_layers:  # layer 0 always has attention: the shapes to copy
+        state |= missing_attention(layer, state, kv_rows)
     save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
     return twin, widths
+
+
+def missing_attention(layer: int, state: dict[str, torch.Tensor], kv_rows: int) -> dict[str, torch.Tensor]:
+    """The twin's tensors for a layer without attention, shaped as layer 0's in the padded ``state`` (its k/v
+    with ``kv_rows`` rows): zero projections and biases, a unit input norm; the ``deci`` file leaves them
+    all out."""
+    own = {name[len("model.layers.0."):]: t for name, t in state.items()
+           if name.startswith("model.layers.0.") and ("self_attn." in name or "input_layernorm." in name)}
+    return {f"model.layers.{layer}.{name}": torch.ones_like(t) if "layernorm" in name else torch.zeros_like(t)
+            for name, t in own.items()}
 
 
 def cut_tensor(name: str, data, widths: list[tuple[int, int]], head_dim: int):
@@ -93,8 +109,11 @@ def rewrite_as_deci(twin_file: Path, out_file: Path, widths: list[tuple[int, int
 
     reader = GGUFReader(str(twin_file))
     writer = GGUFWriter(str(out_file), "deci")
+    heads = int(reader.fields["llama.attention.head_count"].contents())
     per_layer = {"llama.feed_forward_length": [w for _, w in widths],
                  "llama.attention.head_count_kv": [kv for kv, _ in widths]}
+    if any(kv == 0 for kv, _ in widths):  # layers without attention have no heads
+        per_layer["llama.attention.head_count"] = [heads if kv else 0 for kv, _ in widths]
     present = set(reader.fields)
     for key in ("llama.attention.key_length", "llama.attention.value_length"):
         if key not in present:
@@ -110,6 +129,9 @@ def rewrite_as_deci(twin_file: Path, out_file: Path, widths: list[tuple[int, int
         sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), kind, sub)
     for tensor in reader.tensors:
+        match = LAYER_TENSOR.fullmatch(tensor.name)
+        if match and widths[int(match.group(1))][0] == 0 and match.group(2).startswith(ATTENTION_TENSORS):
+            continue
         data = cut_tensor(tensor.name, tensor.data, widths, head_dim)
         writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter
+from transact.core.attention_drop import check_attention_drop
 from transact.core.budget import BUDGET_KINDS, BUDGET_NOUNS, Candidate, check_budget_shape
 from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
@@ -66,6 +67,9 @@ class PruneResult:
 
 def depth_line(depth: DepthPlan) -> str:
     """What the drop did, in one line of the summary."""
+    if depth.part == "attention":
+        return (f"dropped attention in layers {', '.join(map(str, depth.dropped))} ({len(depth.dropped)} of "
+                f"{len(depth.scores)} that could go; chosen by the calibration loss)")
     first, last = depth.dropped[0], depth.dropped[-1]
     line = f"dropped layers    {first}-{last} of {depth.source.num_layers} (chosen by {depth.score} score)"
     comp = depth.compensation
@@ -108,7 +112,8 @@ def budget_lines(record: dict) -> list[str]:
 def calibration_purpose(recipe: PruneRecipe) -> str:
     """What calibration is for, as a missing tokenizer's error names it."""
     if recipe.depth is not None:
-        return "choosing the layers to drop (depth pruning calibrates on text)"
+        return f"choosing the {'attention' if recipe.depth.part == 'attention' else 'layers'} to drop (depth " \
+            "pruning calibrates on text)"
     if recipe.budget is not None:
         return "scoring the budget's candidates (a budget calibrates on text)"
     if get_metric(recipe.metric).data_free:
@@ -143,7 +148,9 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     get_adapter(prep.config).check_prunable()
     if check is not None:
         check(job, prep)
-    if recipe.depth is not None:  # a count of layers the model cannot spare fails here
+    if recipe.depth is not None and recipe.depth.part == "attention":  # a family or count that cannot be
+        check_attention_drop(prep.config, recipe.depth.layers)
+    elif recipe.depth is not None:  # a count of layers the model cannot spare fails here
         layers_to_drop(recipe.depth.layers, prep.shape.num_layers)
     if recipe.has_widths:
         targets = resolve_targets(recipe, prep.shape)  # impossible widths fail here, before loading weights
@@ -226,6 +233,13 @@ def _fmt_ratio(before: float, after: float) -> str:
     return f"{after / before:.2f}x" if before else "-"
 
 
+def _attention_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
+    """A row for the layers with attention, where the prune changed their count (attention dropped)."""
+    b, a = before.get("attention_layers", before["layers"]), after.get("attention_layers", after["layers"])
+    return [] if b == a or before["layers"] != after["layers"] else [
+        ("layers with attention", f"{b:,}", f"{a:,}", _fmt_ratio(b, a))]
+
+
 def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str:
     """The before/after table printed at the end of a prune."""
     def counted(label: str, key: str) -> tuple[str, str, str, str]:
@@ -236,6 +250,7 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
         ("family", before["model_type"],
          after["model_type"] + (f" (saved as {saved_as})" if saved_as and saved_as != after["model_type"] else ""), ""),
         *([counted("layers", "layers")] if before["layers"] != after["layers"] else []),
+        *_attention_rows(before, after),
         ("heads / kv heads", "{heads} / {kv_heads}".format(**before), "{heads} / {kv_heads}".format(**after), ""),
         counted("mlp channels" + (" per expert" if moe else ""), "mlp"),
         *([counted("experts", "experts"), counted("active parameters", "active_params")] if moe else []),
