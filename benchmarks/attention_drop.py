@@ -6,6 +6,11 @@ Held-out perplexity, parameters, KV cache and FLOPs against the dense model, and
         --out docs/bench/attention_drop/smollm2
     python benchmarks/attention_drop.py --model builtin:qwen2.5-coder-0.5b --counts 3 6 12 \
         --out docs/bench/attention_drop/qwen2_5_coder_0_5b
+    python benchmarks/attention_drop.py --model builtin:smollm2 --counts 10 15 --rounds 3 \
+        --out docs/bench/attention_drop/smollm2_rounds
+
+``--rounds R``: the attentions chosen in R rounds (each scoring the layers left with the earlier rounds'
+choices dropped) rather than from the one pass; R 1 is the one pass.
 
 The same calibration and held-out text as ``benchmarks/depth.py`` and ``benchmarks/transfer.py`` (the first
 4,096 LAMBADA tokens in 1,024-token windows), so their rows at the same KV cache compare with these.
@@ -22,7 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result
 
-from transact.core.attention_drop import attention_candidates, attention_loss_scores, lowest, skip_attention_layers_
+from transact.core.attention_drop import (
+    attention_candidates,
+    attention_loss_scores,
+    choose_attentions,
+    lowest,
+    skip_attention_layers_,
+)
 from transact.core.calibrate import sample_windows
 from transact.io.models import load_model, prepare_model
 from transact.io.text import read_texts, token_stream
@@ -35,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--counts", nargs="+", type=int, required=True, help="attentions dropped, one row each")
+    ap.add_argument("--rounds", nargs="+", type=int, default=[1], help="rounds of choosing, one row each")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows drawn (as depth.py draws them)")
     ap.add_argument("--loss-samples", type=int, default=8, help="of those, the windows each layer's score runs on")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -47,12 +59,15 @@ def parse_args() -> argparse.Namespace:
 def table(result: dict) -> str:
     dense = result["dense"]
     lines = [f"{result['model']} ({result['layers']} layers), attention scored on {result['loss_samples']} x "
-             f"{result['seq_len']} calibration tokens ({result['score_seconds']:.0f} s); held-out perplexity on "
+             f"{result['seq_len']} calibration tokens (one pass {result['score_seconds']:.0f} s); held-out "
+             f"perplexity on "
              f"{result['eval_tokens']:,} LAMBADA tokens (dense {dense['perplexity']:.2f}); one shot, no training.", "",
-             "| attention dropped | layers | params | KV cache | GFLOPs/token @4096 | held-out ppl | vs dense |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "| attention dropped | rounds | layers | params | KV cache | GFLOPs/token @4096 | held-out ppl "
+             "| vs dense |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
-        lines.append(f"| {row['count']} | {', '.join(map(str, row['dropped']))} | {row['params_share']:.3f} | "
+        lines.append(f"| {row['count']} | {row.get('rounds', 1)} | {', '.join(map(str, row['dropped']))} | "
+                     f"{row['params_share']:.3f} | "
                      f"{row['kv_share']:.3f} | {row['flops_4096'] / 1e9:.3f} | {row['perplexity']:.2f} | "
                      f"{row['perplexity'] / dense['perplexity']:.2f}x |")
     return "\n".join(lines)
@@ -68,25 +83,30 @@ def main() -> None:
     dense = model_summary(model)
     dense["perplexity"] = heldout_perplexity(model, ids, heldout, progress=False).perplexity
     candidates = attention_candidates(model)
-    t0 = time.perf_counter()
-    scores = attention_loss_scores(model, windows[: args.loss_samples], candidates)
+    t0 = time.perf_counter()  # the one pass, where a row uses it
+    scores = attention_loss_scores(model, windows[: args.loss_samples], candidates) if 1 in args.rounds else None
     result = {"model": args.model, "layers": prep.shape.num_layers, "loss_samples": args.loss_samples,
               "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "machine": machine(),
               "score_seconds": round(time.perf_counter() - t0, 1), "dense": dense,
-              "scores": dict(zip(candidates, [round(float(s), 5) for s in scores], strict=True)), "rows": []}
-    for count in args.counts:
-        pruned = copy.deepcopy(model)
-        dropped = lowest(candidates, scores, count)
-        skip_attention_layers_(pruned, dropped)
-        after = model_summary(pruned)
-        ppl = heldout_perplexity(pruned, ids, heldout, progress=False).perplexity
-        result["rows"].append({"count": count, "dropped": dropped, "perplexity": ppl,
-                               "params_share": after["params"] / dense["params"],
-                               "kv_share": after["kv_cache_bytes_per_token"] / dense["kv_cache_bytes_per_token"],
-                               "flops_4096": after["flops_per_token"]["4096"]})
-        print(f"{count} dropped {dropped}: {ppl:.2f}", flush=True)
-        write_result(args.out, result, table(result))
-        del pruned
+              "scores": None if scores is None else dict(zip(candidates, [round(float(s), 5) for s in scores],
+                                                             strict=True)), "rows": []}
+    for rounds in args.rounds:
+        for count in args.counts:
+            t1 = time.perf_counter()
+            dropped = lowest(candidates, scores, count) if rounds == 1 else choose_attentions(
+                model, windows[: args.loss_samples], candidates, count, rounds)[0]
+            seconds = round(time.perf_counter() - t1, 1)
+            pruned = copy.deepcopy(model)
+            skip_attention_layers_(pruned, dropped)
+            after = model_summary(pruned)
+            ppl = heldout_perplexity(pruned, ids, heldout, progress=False).perplexity
+            result["rows"].append({"count": count, "rounds": rounds, "dropped": dropped, "perplexity": ppl,
+                                   "choose_seconds": seconds, "params_share": after["params"] / dense["params"],
+                                   "kv_share": after["kv_cache_bytes_per_token"] / dense["kv_cache_bytes_per_token"],
+                                   "flops_4096": after["flops_per_token"]["4096"]})
+            print(f"{count} dropped in {rounds} rounds {dropped}: {ppl:.2f}", flush=True)
+            write_result(args.out, result, table(result))
+            del pruned
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from transact.core.attention_drop import (
     attention_loss_scores,
     attention_skipped,
     attentions_to_drop,
+    choose_attentions,
     lowest,
+    round_sizes,
     skip_attention_layers_,
 )
 from transact.core.budget import Budget
@@ -108,6 +110,25 @@ def test_the_drop_records_its_scores_and_removes_the_lowest(tmp_path):
     assert again == plan
 
 
+def test_rounds_score_the_layers_left_with_the_earlier_choices_dropped():
+    model = tiny_model("llama", layers=5).eval()
+    windows = _ids(6, 16, seed=3)
+    assert round_sizes(10, 3) == [4, 3, 3] and round_sizes(2, 5) == [1, 1] and round_sizes(3, 1) == [3]
+    once, record = choose_attentions(model, windows, [1, 2, 3, 4], 2, 1, progress=False)
+    assert once == lowest([1, 2, 3, 4], attention_loss_scores(model, windows, [1, 2, 3, 4], progress=False), 2)
+    assert len(record) == 1 and record[0]["dropped"] == once
+    greedy, record = choose_attentions(model, windows, [1, 2, 3, 4], 2, 2, progress=False)
+    first = record[0]["dropped"]
+    assert len(record) == 2 and len(first) == 1 and sorted(first + record[1]["dropped"]) == greedy
+    assert list(record[1]["scores"]) == [str(i) for i in (1, 2, 3, 4) if i not in first]
+    for layer, score in record[1]["scores"].items():  # the second round saw the first round's drop
+        with attention_skipped(model, [*first, int(layer)]):
+            assert score == pytest.approx(calibration_loss(model, windows), rel=1e-5)
+    plan = drop_layers_(model, windows, DepthOptions(2, part="attention", rounds=2, loss_samples=6), progress=False)
+    assert plan.dropped == greedy and plan.rounds == record
+    assert PrunePlan.from_json(whole_plan(shape_of(model), depth=plan).to_json()).depth == plan
+
+
 def test_counts_and_options_are_checked():
     assert attentions_to_drop(0.5, 5) == 2 and attentions_to_drop(3, 5) == 3 and attentions_to_drop(0.01, 5) == 1
     with pytest.raises(TransactError, match="every layer's but the first"):
@@ -116,6 +137,10 @@ def test_counts_and_options_are_checked():
         DepthOptions(1, score="angular", part="attention")
     with pytest.raises(TransactError, match="not one of layers, attention"):
         DepthOptions(1, part="mlp")
+    with pytest.raises(TransactError, match="a block of layers is chosen at once"):
+        DepthOptions(1, rounds=2)
+    with pytest.raises(TransactError, match="rounds must be a positive count"):
+        DepthOptions(1, part="attention", rounds=0)
     with pytest.raises(TransactError, match=r"budget\.depth\.part"):
         Budget(params=0.8, depth={"part": "attention"})
     model = tiny_model("llama", layers=3)
@@ -143,16 +168,19 @@ def test_cli_drop_attention_with_widths_and_apply_plan_recreate_it(base, tmp_pat
                            (["--drop-attention", "1", "--no-depth-map"], "--no-depth-map belongs to"),
                            (["--drop-attention", "1", "--drop-layers", "1"], "its own depth step"),
                            (["--drop-attention", "1", "--budget", "params=0.8"], "its own depth step"),
-                           (["--drop-attention", "1", "--layerwise"], "not available with --layerwise")):
+                           (["--drop-attention", "1", "--layerwise"], "not available with --layerwise"),
+                           (["--attention-rounds", "2"], "--attention-rounds belongs to --drop-attention")):
         assert main([*args, "--out", str(tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
     gemma = ["prune", str(base / "gemma"), "--calib", str(base / "cal.txt"), "--quiet", "--drop-attention", "1"]
     assert main([*gemma, "--out", str(tmp_path / "x")]) == 2
     assert "has no checkpoint with widths that differ per layer" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "a"), "--drop-attention", "2", "--heads", "2", "--mlp", "48"]) == 0
+    assert main([*args, "--out", str(tmp_path / "a"), "--drop-attention", "2", "--attention-rounds", "2",
+                 "--heads", "2", "--mlp", "48"]) == 0
     plan = PrunePlan.load(tmp_path / "a" / "plan.json")
     assert plan.depth.part == "attention" and len(plan.depth.dropped) == 2 and 0 not in plan.depth.dropped
+    assert len(plan.depth.rounds) == 2 and plan.recipe["depth"]["rounds"] == 2
     assert plan.source.attention_layers == tuple(i for i in range(4) if i not in plan.depth.dropped)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert [b["attention"]["no_op"] for b in config["block_configs"]] == [i in plan.depth.dropped for i in range(4)]

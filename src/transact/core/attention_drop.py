@@ -5,9 +5,10 @@ A layer's attention adds its output to the residual stream; removing it leaves t
 layer, and removes the layer's share of the KV cache and of the attention's cost at every context length.
 Each candidate layer (every layer with attention but the first, whose cache counts the tokens seen and where
 vLLM starts its residual stream) is scored by the calibration loss with its attention output zeroed, one
-forward pass over the first ``loss_samples`` calibration windows per layer; the ``count`` lowest go. The
-scores are taken once, on the unpruned model (dropping several attentions together can cost more than
-their scores add up to).
+forward pass over the first ``loss_samples`` calibration windows per layer; the ``count`` lowest go. With
+``rounds`` R > 1 the count is split into R nearly equal parts, and each round scores the layers left with
+the attentions already chosen zeroed, so that it sees what the earlier drops did (dropping several
+attentions together can cost more than their single scores add up to): about R times the passes.
 
 No vanilla config describes a stack in which some layers lack attention, so such a model is saved in the
 DeciLM / Nemotron-NAS layout (``attention.no_op``; ``transact.io.per_layer``), which vLLM and llama.cpp's
@@ -106,3 +107,28 @@ def skip_attention_layers_(model: nn.Module, layers: list[int]) -> None:
             raise TransactError(f"layer {i} has no attention to drop")
         skip_attention_(stack[i])
     setattr(text, ATTENTION_DROPPED, sorted(done | set(layers)))
+
+
+def round_sizes(count: int, rounds: int) -> list[int]:
+    """``count`` split into ``min(rounds, count)`` nearly equal parts, the larger first."""
+    parts = min(rounds, count)
+    return [count // parts + (1 if i < count % parts else 0) for i in range(parts)]
+
+
+def choose_attentions(model: nn.Module, windows: torch.Tensor, candidates: list[int], count: int, rounds: int, *,
+                      batch_size: int = 4, progress: bool = True) -> tuple[list[int], list[dict]]:
+    """The ``count`` attentions to drop, chosen in ``rounds`` rounds (``round_sizes``): each scores the
+    candidates left with the chosen ones zeroed and takes its share of the lowest. windows: (n, seq) ->
+    (the layers in order, each round's ``{"scores": {layer: loss}, "dropped": [...]}``)."""
+    chosen: list[int] = []
+    record = []
+    for size in round_sizes(count, rounds):
+        left = [i for i in candidates if i not in chosen]
+        with attention_skipped(model, chosen):
+            scores = attention_loss_scores(model, windows, left, batch_size=batch_size, progress=progress)
+        picked = lowest(left, scores, size)
+        chosen += picked
+        record.append({"scores": {str(i): round(float(v), 6) for i, v in zip(left, scores, strict=True)},
+                       "dropped": picked})
+    return sorted(chosen), record
+

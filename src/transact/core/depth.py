@@ -40,9 +40,8 @@ from transact.arch.parts import ExpertParts
 from transact.core.attention_drop import (
     NO_MAP,
     attention_candidates,
-    attention_loss_scores,
     attentions_to_drop,
-    lowest,
+    choose_attentions,
     skip_attention_layers_,
 )
 from transact.core.depth_calibrate import (
@@ -76,6 +75,8 @@ class DepthPlan:
     scores: list[float]
     compensation: dict[str, Any] = field(default_factory=dict)
     part: str = "layers"
+    # attention chosen in rounds: each round's scores and choice (``attention_drop.choose_attentions``)
+    rounds: list[dict] = field(default_factory=list)
 
     @property
     def map_applied(self) -> bool:
@@ -92,7 +93,7 @@ class DepthPlan:
     def from_json(cls, data: dict[str, Any]) -> DepthPlan:
         return cls(source=ModelShape(**data["source"]), dropped=list(data["dropped"]), score=data["score"],
                    scores=list(data["scores"]), compensation=dict(data.get("compensation") or {}),
-                   part=data.get("part", "layers"))
+                   part=data.get("part", "layers"), rounds=list(data.get("rounds") or []))
 
 
 def layers_to_drop(value: int | float, num_layers: int) -> int:
@@ -195,6 +196,8 @@ class DepthOptions:
     loss_samples: int = 8
     # "attention": drop the attention of ``layers`` layers (a count or a fraction of those that can lose it)
     part: str = "layers"
+    # with part "attention": score and choose in this many rounds, each seeing the earlier rounds' drops
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         v = self.layers
@@ -206,6 +209,11 @@ class DepthOptions:
             raise TransactError(f"the part to drop {self.part!r} is not one of {', '.join(PARTS)}")
         if self.part == "attention" and self.score != "loss":
             raise TransactError("attention sub-blocks are chosen by the calibration loss only (score: loss)")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise TransactError(f"rounds must be a positive count, got {self.rounds!r}")
+        if self.rounds > 1 and self.part != "attention":
+            raise TransactError("rounds choose attention sub-blocks (part: attention); a block of layers is "
+                                "chosen at once")
         if not isinstance(self.compensate, bool):
             raise TransactError(f"compensate must be true or false, got {self.compensate!r}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
@@ -277,12 +285,12 @@ def drop_attention_(model: nn.Module, windows: torch.Tensor, options: DepthOptio
     source = shape_of(model)
     candidates = attention_candidates(model)
     count = attentions_to_drop(options.layers, len(candidates))
-    scores = attention_loss_scores(model, windows[: options.loss_samples], candidates, batch_size=batch_size,
-                                   progress=progress)
-    dropped = lowest(candidates, scores, count)
+    dropped, rounds = choose_attentions(model, windows[: options.loss_samples], candidates, count, options.rounds,
+                                        batch_size=batch_size, progress=progress)
     skip_attention_layers_(model, dropped)
-    return DepthPlan(source=source, dropped=dropped, score="loss", scores=[round(float(v), 6) for v in scores],
-                     compensation={"applied": False, "reason": NO_MAP}, part="attention")
+    return DepthPlan(source=source, dropped=dropped, score="loss", scores=list(rounds[0]["scores"].values()),
+                     compensation={"applied": False, "reason": NO_MAP}, part="attention",
+                     rounds=rounds if len(rounds) > 1 else [])
 
 
 def _redo_(model: nn.Module, windows: torch.Tensor | None, recorded: DepthPlan, batch_size: int,
