@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import VOCAB, same_weights, tiny_model
+from tiny import VOCAB, same_weights, saved_model_and_text, tiny_model
 from transformers import AutoModelForCausalLM
 
 from transact.arch import get_adapter, shape_of
@@ -150,19 +150,15 @@ def test_counts_and_options_are_checked():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tokenizer, corpus):
-    root = tmp_path_factory.mktemp("attention_drop")
-    tiny_model("llama", layers=4).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    tiny_model("gemma3_text", layers=4).save_pretrained(root / "gemma")
-    tokenizer.save_pretrained(root / "gemma")
-    (root / "cal.txt").write_text("\n\n".join(corpus))
-    return root
+def saved(tmp_path_factory, corpus):
+    """A 4-layer tiny Llama and a 4-layer tiny Gemma 3, each saved with its tokenizer and the calibration text."""
+    return {family: saved_model_and_text(tmp_path_factory.mktemp(family), family, corpus, layers=4)
+            for family in ("llama", "gemma3_text")}
 
 
-def test_cli_drop_attention_with_widths_and_apply_plan_recreate_it(base, tmp_path, capsys):
-    args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "8", "--seq-len", "32",
-            "--quiet"]
+def test_cli_drop_attention_with_widths_and_apply_plan_recreate_it(saved, tmp_path, capsys):
+    base, calib = saved["llama"]
+    args = ["prune", str(base), "--calib", str(calib), "--samples", "8", "--seq-len", "32", "--quiet"]
     for extra, message in ((["--drop-attention", "4"], "3 layers have attention that can go"),
                            (["--drop-attention", "1", "--block-score", "angular"], "--block-score belongs to"),
                            (["--drop-attention", "1", "--no-depth-map"], "--no-depth-map belongs to"),
@@ -173,7 +169,7 @@ def test_cli_drop_attention_with_widths_and_apply_plan_recreate_it(base, tmp_pat
         assert main([*args, "--out", str(tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
-    gemma = ["prune", str(base / "gemma"), "--calib", str(base / "cal.txt"), "--quiet", "--drop-attention", "1"]
+    gemma = ["prune", str(saved["gemma3_text"][0]), "--calib", str(calib), "--quiet", "--drop-attention", "1"]
     assert main([*gemma, "--out", str(tmp_path / "x")]) == 2
     assert "has no checkpoint with widths that differ per layer" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "a"), "--drop-attention", "2", "--attention-rounds", "2",
@@ -189,7 +185,7 @@ def test_cli_drop_attention_with_widths_and_apply_plan_recreate_it(base, tmp_pat
     capsys.readouterr()
     assert main(["info", str(tmp_path / "a")]) == 0  # read with the project's own classes
     assert "2 heads / 1 KV heads x head_dim 16 in 2 of 4 layers" in capsys.readouterr().out
-    result = apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(tmp_path / "a" / "plan.json"),
+    result = apply_plan.run(apply_plan.ApplyPlanJob(str(base), str(tmp_path / "a" / "plan.json"),
                                                     str(tmp_path / "b"), progress=False))
     assert same_weights(tmp_path / "a", tmp_path / "b")
     assert f"dropped attention in layers {', '.join(map(str, plan.depth.dropped))} (2 of 3" in result.summary()

@@ -147,11 +147,11 @@ def tiny_model(family: str, seed: int = 0, **config_kwargs):
     return model.eval()
 
 
-def saved_model_and_text(tmp_path, family: str, corpus: list[str]):
-    """A tiny model of ``family`` (4 heads in 2 KV groups) saved with its tokenizer under ``tmp_path/base``,
-    and ``corpus`` as a calibration file."""
+def saved_model_and_text(tmp_path, family: str, corpus: list[str], **config_kwargs):
+    """A tiny model of ``family`` (4 heads in 2 KV groups; ``config_kwargs`` as ``tiny_config`` takes them)
+    saved with its tokenizer under ``tmp_path/base``, and ``corpus`` as a calibration file."""
     base = tmp_path / "base"
-    tiny_model(family, heads=4, kv_heads=2).save_pretrained(base)
+    tiny_model(family, heads=4, kv_heads=2, **config_kwargs).save_pretrained(base)
     char_tokenizer().save_pretrained(base)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(corpus))

@@ -36,6 +36,8 @@ def layer_config(config: DeciLMConfig, index: int) -> DeciLMConfig:
     """The model's config with layer ``index``'s KV heads and MLP width."""
     kv_heads, width = config.layer_widths(index)
     own = copy.copy(config)
+    # a layer without attention (0 KV heads) is built as a Llama layer too, whose attention is then replaced
+    # (``skip_attention_``): any valid head count serves for that moment
     own.num_key_value_heads, own.intermediate_size = kv_heads or config.num_attention_heads, width
     return own
 
