@@ -11,14 +11,22 @@ from tiny import same_weights, tiny_config, tiny_model
 
 from transact.arch import ModelShape, shape_of
 from transact.cli import main
+from transact.core import step
 from transact.core.allocate import WidthSearch
-from transact.core.budget import Budget, Measure, ParamBudget, budget_candidates, estimated_parameters
+from transact.core.budget import (
+    Budget,
+    Measure,
+    ParamBudget,
+    budget_candidates,
+    candidate_depth,
+    estimated_parameters,
+)
 from transact.core.depth_calibrate import calibration_loss
 from transact.core.plan import PrunePlan
-from transact.core.step import calibration_windows, check_budget_search, prune_step, scoring_windows
+from transact.core.step import budget_step, calibration_windows, check_budget_search, prune_step, scoring_windows
 from transact.errors import TransactError
 from transact.jobs import apply_plan, prune
-from transact.measure.costs import count_parameters, flops_per_token, kv_cache_bytes_per_token
+from transact.measure.costs import attention_parameters, count_parameters, flops_per_token, kv_cache_bytes_per_token
 from transact.recipes import Calibration, PruneRecipe
 from transact.recipes.run import RunRecipe
 
@@ -120,6 +128,28 @@ def test_kv_cache_budget_keeps_the_mlp_whole_and_drops_groups_or_layers():
         [("both", 0, 3, 1, 1536), ("both", 8, 6, 2, 1536), ("depth", 15, 9, 3, 1536)]
     assert [c.share for c in candidates] == [pytest.approx(1 / 3), pytest.approx(44 / 90), 0.5]
     assert candidates[0].params == estimated_parameters(SMOLLM2, SMOLLM2_PARAMETERS, 0, 3, 1, 1536)
+
+
+def test_kv_cache_budget_offers_dropping_attention_where_the_family_can_hold_it():
+    # SmolLM2's 29 attentions that can go (every layer's but the first): 15 bring the cache to half, as 15
+    # dropped layers do, but every MLP and width stays, and only the attentions' projections go
+    candidates = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(kv=0.5), attention_drops=29)
+    last = candidates[-1]
+    assert (last.mix, last.part, last.drop, last.heads, last.kv_heads, last.mlp, last.share) == \
+        ("attention", "attention", 15, 9, 3, 1536, 0.5)
+    assert last.params == SMOLLM2_PARAMETERS - 15 * attention_parameters(SMOLLM2) and last.describe() == \
+        "drop 15 attentions"
+    assert candidates[:-1] == budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(kv=0.5))
+    # too few can go, or a budget that does not count the cache: no such candidate
+    assert "attention" not in {c.mix for c in budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(kv=0.5),
+                                                                  attention_drops=14)}
+    assert "attention" not in {c.mix for c in budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(params=0.9),
+                                                                  attention_drops=29)}
+    # chosen in 3 rounds where a third or more of the 29 go (15), in one pass where fewer (3 for 0.9)
+    mild = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(kv=0.9), attention_drops=29)[-1]
+    assert mild.drop == 3
+    assert [candidate_depth(Budget(kv=0.5), c, SMOLLM2).rounds for c in (last, mild)] == [3, 1]
+    assert candidate_depth(Budget(kv=0.5), last, SMOLLM2).part == "attention"
 
 
 def test_kv_cache_budget_counts_a_sliding_window_layer_up_to_its_window():
@@ -228,13 +258,60 @@ def test_kv_cache_budget_prunes_to_half_the_cache(base, tmp_path, capsys):
     plan = PrunePlan.load(tmp_path / "a" / "plan.json")
     kept = plan.budget["candidates"][plan.budget["chosen"]]["share"]
     assert plan.budget["kept_share"] == pytest.approx(kept, abs=1e-6)  # the pruned model is the chosen candidate
-    assert f"budget            kv=0.5 (KV cache at 2048 tokens of context, kept {kept:.3f}): 3 candidates" in out
-    # drop none and keep one of 2 groups, drop 2 layers and keep one group, or drop 3 layers
+    assert f"budget            kv=0.5 (KV cache at 2048 tokens of context, kept {kept:.3f}): 4 candidates" in out
+    # drop none and keep one of 2 groups, drop 2 layers and keep one group, drop 3 layers, or drop the attention
+    # of 3 layers (of the 5 that can lose it: in 3 rounds)
     assert [(c["mix"], c["drop"], c["kv_heads"], c["share"]) for c in plan.budget["candidates"]] == \
-        [("both", 0, 1, 0.5), ("both", 2, 1, pytest.approx(1 / 3)), ("depth", 3, 2, 0.5)]
+        [("both", 0, 1, 0.5), ("both", 2, 1, pytest.approx(1 / 3)), ("depth", 3, 2, 0.5), ("attention", 3, 2, 0.5)]
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["num_hidden_layers"] * config["num_key_value_heads"] <= 6 * 2 / 2
+    if plan.budget["chosen"] == 3:  # the attention drop: the DeciLM layout
+        assert [b["attention"]["no_op"] for b in config["block_configs"]].count(True) == 3
+        assert plan.depth.part == "attention" and len(plan.depth.rounds) == 3
+    else:
+        assert config["num_hidden_layers"] * config["num_key_value_heads"] <= 6 * 2 / 2
     assert config["intermediate_size"] == 96  # MLP width is not what a KV-cache budget counts
+    apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(tmp_path / "a" / "plan.json"),
+                                           str(tmp_path / "b"), progress=False))
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_kv_budget_saves_and_replays_an_attention_winner(base, tmp_path, monkeypatch):
+    """Where the attention candidate wins (here made to: its scored loss is lowered by 1; on random weights any
+    mix may win), the checkpoint is saved in the DeciLM layout with those attentions dropped, the record counts
+    what it kept, and apply-plan recreates it without scoring."""
+    real = step.calibration_loss
+
+    def favoured(model, windows, **kwargs):
+        dropped = getattr(model.config, "attention_dropped_layers", None)
+        return real(model, windows, **kwargs) - (1.0 if dropped else 0.0)
+
+    monkeypatch.setattr(step, "calibration_loss", favoured)
+    args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32",
+            "--budget", "kv=0.5", "--block-score", "angular", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    plan = PrunePlan.load(tmp_path / "a" / "plan.json")
+    assert plan.budget["candidates"][plan.budget["chosen"]]["mix"] == "attention"
+    assert plan.depth.part == "attention" and len(plan.depth.dropped) == 3 and 0 not in plan.depth.dropped
+    assert plan.budget["kept_share"] == 0.5  # counted on the pruned model, whose shape lists the attentions left
+    assert plan.source.attention_layers == tuple(i for i in range(6) if i not in plan.depth.dropped)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert [b["attention"]["no_op"] for b in config["block_configs"]] == [i in plan.depth.dropped for i in range(6)]
+    monkeypatch.undo()
+    apply_plan.run(apply_plan.ApplyPlanJob(str(base / "base"), str(tmp_path / "a" / "plan.json"),
+                                           str(tmp_path / "b"), progress=False))
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_the_attention_candidate_is_scored_as_the_model_without_those_attentions(base, tokenizer, corpus):
+    recipe = replace(_recipe(base), budget=Budget(kv=0.5, score_samples=4, depth={"score": "angular"}))
+    seen = {}
+    model = tiny_model("llama", seed=3, layers=6, heads=4, kv_heads=2, mlp=96)
+    budget_step(model, tokenizer, recipe, texts=corpus, progress=False,
+                inspect=lambda candidate, pruned: seen.setdefault(candidate.mix, shape_of(pruned)))
+    shape = seen["attention"]
+    assert shape.num_layers == 6 and len(shape.attention_layers) == 3 and 0 in shape.attention_layers
+    assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (4, 2, 96)
+    assert seen["depth"].num_layers == 3
 
 
 def test_budget_with_the_width_search_spreads_the_chosen_mlp_width(base, tmp_path, capsys):

@@ -499,15 +499,13 @@ def _per_layer_checkpoint(path: Path, tokenizer, qkv_bias: bool, tie: bool,
                           widths: tuple = ((1, 40), (2, 96), (2, 24))) -> list[tuple[int, int]]:
     """A tiny checkpoint in the DeciLM layout transact writes for per-layer widths, random weights: 2 query
     heads of 16 (so heads x head_dim is not the hidden size 64, as after pruning heads), its layers of other
-    KV-head counts (0: no attention) and MLP widths; -> the (KV heads, MLP width) of each layer."""
+    KV-head counts (0: no attention) and MLP widths (0: no MLP); -> the (KV heads, MLP width) of each layer."""
     from transact.decilm.configuration_decilm import DeciLMConfig
     from transact.decilm.modeling_decilm import DeciLMForCausalLM
-    from transact.io.per_layer import AUTO_MAP, attention_block, copy_code
+    from transact.io.per_layer import AUTO_MAP, attention_block, copy_code, ffn_block
 
     widths = list(widths)
-    blocks = [{"attention": attention_block(2, kv),
-               "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": mlp}}
-              for kv, mlp in widths]
+    blocks = [{"attention": attention_block(2, kv), "ffn": ffn_block(mlp, 64)} for kv, mlp in widths]
     config = DeciLMConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=len(widths), num_attention_heads=2,
                           head_dim=16, num_key_value_heads=2, intermediate_size=96, block_configs=blocks,
                           qkv_bias=qkv_bias,
@@ -550,19 +548,26 @@ def test_per_layer_widths_export_as_deci_and_agree(tmp_path, gguf_tokenizer, qkv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "model"]  # no temporary left behind
 
 
+def _exported_agreeing(tmp_path: Path, tokenizer, qkv_bias: bool, widths: tuple):
+    """The per-layer checkpoint of ``widths`` (``_per_layer_checkpoint``) exported to f32 GGUF, llama.cpp's
+    predictions checked to agree with transformers'; -> the file's reader."""
+    from gguf import GGUFReader
+
+    _per_layer_checkpoint(tmp_path / "model", tokenizer, qkv_bias, tie=False, widths=widths)
+    result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
+                                           progress=False))
+    check = result["verification"]
+    assert check["ok"] and check["agree"] >= 30 and check["max_logprob_diff"] < 0.01
+    return GGUFReader(str(tmp_path / "m.gguf"))
+
+
 @pytest.mark.parametrize("qkv_bias", [False, True], ids=["llama", "qwen2"])
 def test_layers_without_attention_export_as_deci_and_agree(tmp_path, gguf_tokenizer, qkv_bias):
     """Dropped attention (``attention.no_op``) reaches llama.cpp's deci as a layer of 0 heads with no attention
     tensors; llama.cpp predicts what transformers does, and llama-quantize writes its q8_0 file."""
     from gguf import GGUFReader
 
-    _per_layer_checkpoint(tmp_path / "model", gguf_tokenizer, qkv_bias, tie=False,
-                          widths=((2, 64), (0, 96), (1, 64), (0, 32)))
-    result = run_gguf_export(GgufExportJob(str(tmp_path / "model"), str(tmp_path / "m.gguf"), "f32", new_tokens=8,
-                                           progress=False))
-    check = result["verification"]
-    assert check["ok"] and check["agree"] >= 30 and check["max_logprob_diff"] < 0.01
-    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    reader = _exported_agreeing(tmp_path, gguf_tokenizer, qkv_bias, ((2, 64), (0, 96), (1, 64), (0, 32)))
     assert reader.get_field("deci.attention.head_count").contents() == [2, 0, 2, 0]
     assert reader.get_field("deci.attention.head_count_kv").contents() == [2, 0, 1, 0]
     names = {t.name for t in reader.tensors}
@@ -571,6 +576,24 @@ def test_layers_without_attention_export_as_deci_and_agree(tmp_path, gguf_tokeni
     assert ("blk.2.attn_q.bias" in names) == qkv_bias
     quantize.write_gguf(tmp_path / "model", tmp_path / "q.gguf", "q8_0", progress=False)
     assert GGUFReader(str(tmp_path / "q.gguf")).get_field("deci.attention.head_count").contents() == [2, 0, 2, 0]
+
+
+def test_layers_without_mlp_export_as_deci_with_a_zero_mlp_and_agree(tmp_path, gguf_tokenizer):
+    """Dropped MLPs (``ffn.no_op``, the last layer's too) reach llama.cpp's deci as an MLP of 32 zero channels
+    (its graph skips the rest of a layer of MLP width 0, the attention's output with it); llama.cpp predicts
+    what transformers does, and llama-quantize writes its q8_0 file."""
+    from gguf import GGUFReader
+
+    from transact.deploy.deci_gguf import NO_OP_MLP_WIDTH
+
+    reader = _exported_agreeing(tmp_path, gguf_tokenizer, True, ((2, 64), (2, 0), (1, 64), (2, 0)))
+    assert reader.get_field("deci.feed_forward_length").contents() == [64, NO_OP_MLP_WIDTH, 64, NO_OP_MLP_WIDTH]
+    tensors = {t.name: t for t in reader.tensors}
+    for name in ("blk.1.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.3.ffn_down.weight"):
+        assert NO_OP_MLP_WIDTH in tensors[name].shape and not tensors[name].data.any()
+    assert tensors["blk.3.ffn_norm.weight"].data.tolist() == [1.0] * 64
+    quantize.write_gguf(tmp_path / "model", tmp_path / "q.gguf", "q8_0", progress=False)
+    assert GGUFReader(str(tmp_path / "q.gguf")).get_field("deci.feed_forward_length").contents()[1] == NO_OP_MLP_WIDTH
 
 
 def test_per_layer_widths_refuse_what_cannot_be_checked(tmp_path, gguf_tokenizer):

@@ -220,20 +220,20 @@ def test_a_run_without_shots_trains_a_per_layer_checkpoint_and_keeps_its_widths(
 
 def test_only_the_per_layer_checkpoints_transact_writes_are_read(tmp_path, tokenizer, capsys):
     """Another checkpoint with its own code, or a DeciLM one with layers this modeling file does not build
-    (widths given only as ffn_mult, no-op MLPs, linear attention, no attention in layer 0), is refused by name;
-    transformers never asks to run code."""
+    (widths given only as ffn_mult, a layer with neither attention nor MLP, linear attention, no attention in
+    layer 0), is refused by name; transformers never asks to run code."""
     model, plan = per_layer_model("llama", [32, 80, 56])
     out = write_verified(model, tokenizer, tmp_path / "out", plan, {}, save_dtype=torch.float32)
     config = json.loads((out / "config.json").read_text())
     for change, message in (({"model_type": "custom"}, "brings its own modeling code (model_type 'custom')"),
                             ({"block_configs": [{"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 2.0}}] * 3},
-                             "needs each layer's ffn.intermediate_size"),
-                            ({"block_configs": [{"attention": {"n_heads_in_group": 2},
-                                                 "ffn": {"no_op": True, "intermediate_size": 8}}] * 3},
-                             "no-op MLPs and linear blocks are not supported"),
+                             "needs, where a layer has them, its ffn.intermediate_size"),
+                            ({"block_configs": [{"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 8}},
+                                                *[{"attention": {"no_op": True}, "ffn": {"no_op": True}}] * 2]},
+                             "layer 1: a layer with neither attention nor MLP"),
                             ({"block_configs": [{"attention": {"replace_with_linear": True},
                                                  "ffn": {"intermediate_size": 8}}] * 3},
-                             "no-op MLPs and linear blocks are not supported"),
+                             "linear blocks are not supported"),
                             ({"block_configs": [{"attention": {"no_op": True}, "ffn": {"intermediate_size": 8}}] * 3},
                              "needs the first layer's attention")):
         (out / "config.json").write_text(json.dumps(config | change))

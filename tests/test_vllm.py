@@ -229,26 +229,32 @@ def test_prune_says_which_checkpoints_vllm_refuses(tmp_path, capsys):
 
 
 @needs_vllm
-@pytest.mark.parametrize("dropped", [[], [1, 3]], ids=["widths", "widths-and-no-attention"])
-def test_per_layer_widths_run_in_vllm_as_decilm(tmp_path, dropped):
+@pytest.mark.parametrize(("part", "dropped"), [("attention", []), ("attention", [1, 3]), ("mlp", [0, 3])],
+                         ids=["widths", "widths-and-no-attention", "no-mlp"])
+def test_per_layer_widths_run_in_vllm_as_decilm(tmp_path, part, dropped):
     """A Qwen2 whose layers keep different MLP widths (and, in the second case, no attention in layers 1
-    and 3), saved in the DeciLM layout: vLLM loads it natively (DeciLMForCausalLM, q/k/v biases through
-    qkv_bias, no-op attention) and its greedy tokens are transformers' (fp32)."""
+    and 3), or all its widths but no MLP in layers 0 and 3 (where vLLM's fused residual starts and ends),
+    saved in the DeciLM layout: vLLM loads it natively (DeciLMForCausalLM, q/k/v biases through qkv_bias,
+    no-op attention and MLPs) and its greedy tokens are transformers' (fp32)."""
     from transformers import AutoModelForCausalLM
 
     from transact.arch import shape_of
-    from transact.core.attention_drop import skip_attention_layers_
     from transact.core.metrics.random_choice import random_layer_scores
+    from transact.core.plan import whole_plan
     from transact.core.select import make_plan
     from transact.core.step import apply_step
+    from transact.core.sub_block_drop import skip_sub_blocks_
     from transact.core.targets import Targets
     from transact.io.checkpoint import write_verified
 
     model = tiny_model("qwen2", heads=4, kv_heads=2, head_dim=32, hidden=128, mlp=192, layers=4)
-    skip_attention_layers_(model, dropped)
-    scores = random_layer_scores(shape_of(model), 0)
-    plan = apply_step(model, make_plan(scores.heads, scores.mlp, Targets(4, 2, 120), shape_of(model),
-                                       mlp_widths=[64, 192, 128, 96]))
+    skip_sub_blocks_(model, dropped, part)
+    if part == "mlp":
+        plan = whole_plan(shape_of(model))
+    else:
+        scores = random_layer_scores(shape_of(model), 0)
+        plan = apply_step(model, make_plan(scores.heads, scores.mlp, Targets(4, 2, 120), shape_of(model),
+                                           mlp_widths=[64, 192, 128, 96]))
     out = write_verified(model, char_tokenizer(), tmp_path / "out", plan, {}, save_dtype=torch.float32)
     prompts = [[5 + i, 40, 41, 42 + i, 70] for i in range(4)]
     with vllm.Runtime() as runtime:

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from transact.arch.mlp import DenseMlp, MlpLayout
 from transact.arch.parts import AttentionParts, ExpertParts, MlpParts, Rows
-from transact.arch.shape import HeadRule, LinearAttentionShape, ModelShape, sliding_windows
-from transact.decilm.modeling_decilm import SkippedAttention
+from transact.arch.shape import HeadRule, LinearAttentionShape, ModelShape, sliding_windows, sub_block_layers
+from transact.decilm.modeling_decilm import SkippedAttention, SkippedMlp
 from transact.errors import TransactError
 
 
@@ -107,19 +107,6 @@ class GgufTarget:
     architecture: str
     config_overrides: dict[str, Any] | None = None
     converter_args: tuple[str, ...] = ()
-
-
-# The layers whose attention was dropped (``transact.core.attention_drop``): set on an in-memory config by the
-# drop; a DeciLM config derives it from its no-op blocks.
-ATTENTION_DROPPED = "attention_dropped_layers"
-
-
-def attention_kept(text_config: PretrainedConfig) -> tuple[int, ...] | None:
-    """The layers that still have attention where some had theirs dropped (None: every layer has it)."""
-    dropped = set(getattr(text_config, ATTENTION_DROPPED, None) or ())
-    if not dropped:
-        return None
-    return tuple(i for i in range(text_config.num_hidden_layers) if i not in dropped)
 
 
 def _per_layer(key: str, value: Any, layers: int) -> bool:
@@ -212,7 +199,7 @@ class FamilyAdapter:
                           intermediate_size=self.mlp_width(text), vocab_size=getattr(text, "vocab_size", None),
                           max_positions=getattr(text, "max_position_embeddings", None),
                           head_rule=rule(text) if rule else None,
-                          attention_layers=self.hybrid.attention_layers(text) if self.hybrid else attention_kept(text),
+                          **sub_block_layers(text, self.hybrid.attention_layers(text) if self.hybrid else None),
                           linear_attention=self.hybrid.linear_attention(text) if self.hybrid else None,
                           q_gated=self.q_gated, num_experts=num_experts, experts_per_token=experts_per_token,
                           shared_expert_size=self.mlp_layout.shared_width(text),
@@ -342,6 +329,10 @@ class FamilyAdapter:
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.names.mlp)
 
+    def has_mlp(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` has an MLP (not one whose MLP was dropped)."""
+        return not isinstance(getattr(layer, self.names.mlp, None), SkippedMlp)
+
     def has_attention(self, layer: nn.Module) -> bool:
         """Whether ``layer`` has softmax attention (a hybrid model's other layers have none, nor has a layer
         whose attention was dropped)."""
@@ -363,18 +354,22 @@ class FamilyAdapter:
         return AttentionParts(q=q, k=k, v=v, o=getattr(attn, names.o), num_heads=heads, num_kv_heads=kv_heads,
                               head_dim=head_dim, q_gated=self.q_gated)
 
-    def mlp(self, layer: nn.Module, config: PretrainedConfig) -> MlpParts | ExpertParts:
-        """The MLP of ``layer``: its projections, or in a mixture of experts its experts and router."""
+    def mlp(self, layer: nn.Module, config: PretrainedConfig) -> MlpParts | ExpertParts | None:
+        """The MLP of ``layer``: its projections, or in a mixture of experts its experts and router; None in a
+        layer whose MLP was dropped."""
+        if not self.has_mlp(layer):
+            return None
         return self.mlp_layout.parts(self.mlp_module(layer), self.text_config(config))
 
-    def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts | None, MlpParts | ExpertParts]]:
-        """(attention, MLP) of every decoder layer, in order; attention is None in a layer without it."""
+    def layer_parts(self, model: nn.Module) -> list[tuple[AttentionParts | None, MlpParts | ExpertParts | None]]:
+        """(attention, MLP) of every decoder layer, in order; either is None in a layer without it (a hybrid
+        model's other layers have no attention; a dropped sub-block is gone)."""
         return [(self.attention(layer, model.config), self.mlp(layer, model.config)) for layer in self.layers(model)]
 
     def prunable_linears(self, model: nn.Module) -> list[nn.Linear]:
         """Every module pruning slices (q/k/v/o, gate/up/down, fused ones once), layer by layer."""
         return [linear for attn, mlp in self.layer_parts(model)
-                for linear in ((*attn.linears, *mlp.linears) if attn else mlp.linears)]
+                for linear in (*(attn.linears if attn else ()), *(mlp.linears if mlp else ()))]
 
     def pruned_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every module whose weights pruning slices or a corrector changes: ``prunable_linears`` and each

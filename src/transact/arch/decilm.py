@@ -42,8 +42,9 @@ class PerLayerMlp(DenseMlp):
     """A gated MLP whose width is each layer's own (``block_configs``)."""
 
     def width(self, text_config: PretrainedConfig) -> int:
-        """The mean of the layers' widths (rounded): what the shape states for the model's costs."""
-        widths = [width for _, width in _widths(text_config)]
+        """The mean of the widths of the layers that have an MLP (rounded; the shape lists those layers):
+        what the shape states for the model's costs."""
+        widths = [width for _, width in _widths(text_config) if width]  # 0: a layer whose MLP was dropped
         return round(sum(widths) / len(widths))
 
     def refusal(self, text_config: PretrainedConfig) -> str | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import PretrainedConfig
+
 # transformers runs experts through torch's grouped matmul by default, which needs every row of the fused
 # expert weights to span a multiple of 16 bytes ("strides should be multiple of 16 bytes" otherwise): 8
 # channels in bf16/fp16. A pruned expert width is kept a multiple of it, as every released one is.
@@ -38,7 +40,8 @@ class LinearAttentionShape:
 class ModelShape:
     """The prunable dimensions of a model's text stack, as plans record them. The widths are the same in
     every layer that has the part; ``attention_layers`` lists the layers with softmax attention where a
-    hybrid model has others (None: every layer), and only those layers have heads to prune.
+    hybrid model has others or some lost theirs (None: every layer), and only those layers have heads to
+    prune; ``mlp_layers`` likewise lists the layers that kept their MLP where some were dropped.
 
     ``vocab_size`` and ``max_positions`` (the trained context, None if unstated) describe the model for
     measurements; ``head_rule`` (None: any head count) is the family's limit on pruned head counts;
@@ -68,10 +71,13 @@ class ModelShape:
     num_experts: int | None = None
     experts_per_token: int | None = None
     shared_expert_size: int | None = None
+    # the layers that have an MLP where some had theirs dropped (None: every layer)
+    mlp_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.attention_layers is not None:  # a plan read from JSON gives a list
-            object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
+        for name in ("attention_layers", "mlp_layers"):  # a plan read from JSON gives a list
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def group_size(self) -> int:
@@ -106,6 +112,10 @@ class ModelShape:
     def num_attention_layers(self) -> int:
         return self.num_layers if self.attention_layers is None else len(self.attention_layers)
 
+    @property
+    def num_mlp_layers(self) -> int:
+        return self.num_layers if self.mlp_layers is None else len(self.mlp_layers)
+
     def to_json(self) -> dict[str, Any]:
         """The fields a plan records (the measurement-only ones are left out; ``attention_layers`` only
         for hybrid models, so plans of the others read as before)."""
@@ -114,6 +124,8 @@ class ModelShape:
         data = {name: getattr(self, name) for name in names}
         if self.attention_layers is not None:
             data["attention_layers"] = list(self.attention_layers)
+        if self.mlp_layers is not None:
+            data["mlp_layers"] = list(self.mlp_layers)
         if self.is_moe:
             data.update(num_experts=self.num_experts, experts_per_token=self.experts_per_token)
         if self.shared_expert_size is not None:
@@ -135,3 +147,30 @@ def sliding_windows(config: Any) -> tuple[int | None, ...] | None:
         return (window,) * config.num_hidden_layers
     windows = tuple(window if kind == "sliding_attention" else None for kind in types)
     return windows if any(w is not None for w in windows) else None
+
+
+# The layers whose attention was dropped (``transact.core.sub_block_drop``): set on an in-memory config by the
+# drop; a DeciLM config derives it from its no-op blocks.
+ATTENTION_DROPPED = "attention_dropped_layers"
+
+
+# The layers whose MLP was dropped (``transact.core.sub_block_drop``), as ``ATTENTION_DROPPED`` lists attention.
+MLP_DROPPED = "mlp_dropped_layers"
+
+
+def kept_layers(text_config: PretrainedConfig, dropped_key: str) -> tuple[int, ...] | None:
+    """The layers that still have a sub-block where some had theirs dropped, as the config lists them under
+    ``dropped_key`` (``ATTENTION_DROPPED``, ``MLP_DROPPED``); None: every layer has it."""
+    dropped = set(getattr(text_config, dropped_key, None) or ())
+    if not dropped:
+        return None
+    return tuple(i for i in range(text_config.num_hidden_layers) if i not in dropped)
+
+
+
+def sub_block_layers(text_config: PretrainedConfig, attention_layers: tuple[int, ...] | None) -> dict[str, Any]:
+    """``ModelShape``'s ``attention_layers`` and ``mlp_layers`` of a config: a hybrid family's own attention
+    layers where given, else the layers that kept their attention, and the layers that kept their MLP."""
+    if attention_layers is None:
+        attention_layers = kept_layers(text_config, ATTENTION_DROPPED)
+    return {"attention_layers": attention_layers, "mlp_layers": kept_layers(text_config, MLP_DROPPED)}

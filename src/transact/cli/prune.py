@@ -95,10 +95,16 @@ def _add_depth_flags(p) -> None:
                    "the layers but the first), those whose attention the calibration loss misses least, before the "
                    "widths are pruned; it removes their KV cache, and the checkpoint is saved in the DeciLM / "
                    "Nemotron-NAS layout (vLLM, llama.cpp, transformers with trust_remote_code)")
-    p.add_argument("--attention-rounds", type=at_least(1), default=depth.rounds, metavar="R",
-                   help=f"with --drop-attention: choose in R rounds, each scoring the layers left with the earlier "
-                   f"rounds' attentions dropped (default {depth.rounds}; 3 rounds cost 2.5x the passes and chose "
-                   "6-23%% better where half the attentions went: give it where a third or more go)")
+    p.add_argument("--drop-mlp", type=drop_count, default=None, metavar="N|FRACTION",
+                   help="instead, drop the MLP (not the attention) of this many layers (a count, or a fraction of "
+                   "the layers), those whose MLP the calibration loss misses least; saved in the same layout "
+                   "(measured worse than --mlp or --drop-layers at the same parameters on SmolLM2 and "
+                   "Qwen2.5-Coder-0.5B)")
+    p.add_argument("--drop-rounds", "--attention-rounds", dest="drop_rounds", type=at_least(1),
+                   default=depth.rounds, metavar="R",
+                   help=f"with --drop-attention or --drop-mlp: choose in R rounds, each scoring the layers left with "
+                   f"the earlier rounds' sub-blocks dropped (default {depth.rounds}; 3 rounds cost 2.5x the passes "
+                   "and chose 6-23%% better where half the attentions went: give it where a third or more go)")
     p.add_argument("--block-score", choices=BLOCK_SCORES, default=depth.score,
                    help="with --drop-layers: choose the block by the calibration loss with it skipped (loss, the "
                    "default: one pass over --loss-samples windows per candidate block) or by the angular distance "
@@ -221,18 +227,22 @@ def _depth_flags_given(args) -> list[str]:
 
 
 def _depth(args) -> DepthOptions | None:
-    """``--drop-layers`` (or ``--drop-attention``) with its flags; with ``--budget`` and no count, the flags
-    alone (how the budget's candidates drop layers, their count a placeholder)."""
-    if args.drop_attention is not None:
-        if args.drop_layers is not None or args.budget is not None:
-            raise TransactError("--drop-attention is its own depth step: give it without --drop-layers and --budget")
-        if layer_flags := [flag for flag in _depth_flags_given(args) if flag != "--loss-samples"]:
-            raise TransactError(f"{layer_flags[0]} belongs to --drop-layers; --drop-attention scores by the "
-                                "calibration loss and folds no map")
-        return DepthOptions(args.drop_attention, loss_samples=args.loss_samples, part="attention",
-                            rounds=args.attention_rounds)
-    if args.attention_rounds != DepthOptions(1).rounds:
-        raise TransactError("--attention-rounds belongs to --drop-attention, which is not given")
+    """``--drop-layers`` (or ``--drop-attention``, ``--drop-mlp``) with its flags; with ``--budget`` and no
+    count, the flags alone (how the budget's candidates drop layers, their count a placeholder)."""
+    sub_blocks = [(flag, part, value) for flag, part, value in (("--drop-attention", "attention", args.drop_attention),
+                                                                ("--drop-mlp", "mlp", args.drop_mlp))
+                  if value is not None]
+    if sub_blocks:
+        flag, part, value = sub_blocks[0]
+        if len(sub_blocks) > 1 or args.drop_layers is not None or args.budget is not None:
+            raise TransactError(f"{flag} is its own depth step: give it without --drop-layers, "
+                                f"{'--drop-mlp' if part == 'attention' else '--drop-attention'} and --budget")
+        if layer_flags := [given for given in _depth_flags_given(args) if given != "--loss-samples"]:
+            raise TransactError(f"{layer_flags[0]} belongs to --drop-layers; {flag} scores by the calibration loss "
+                                "and folds no map")
+        return DepthOptions(value, loss_samples=args.loss_samples, part=part, rounds=args.drop_rounds)
+    if args.drop_rounds != DepthOptions(1).rounds:
+        raise TransactError("--drop-rounds belongs to --drop-attention or --drop-mlp, neither of which is given")
     if args.drop_layers is None:
         given = _depth_flags_given(args)
         if given and args.budget is None:

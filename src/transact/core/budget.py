@@ -12,6 +12,11 @@ depth alone, the layers that stay lose width until the budget is met, two ways:
   MLP width whose kept shares of the heads and of the channels are closest (under a KV-cache budget the MLP
   stays whole and the most groups that fit stay).
 
+A KV-cache budget also has an ``attention`` candidate where the family's checkpoint can hold layers without
+attention (``transact.core.sub_block_drop``): the attention of the fewest layers whose removal meets the
+budget dropped, every MLP and width kept (chosen in 3 rounds where a third or more of the attentions go, the
+rule measured in docs/results.md, "Dropping attention").
+
 Each candidate is pruned as a recipe with those widths (and ``DepthOptions`` for its drop) would prune it,
 and scored by its loss on ``score_samples`` windows of the calibration text that follow the calibration
 windows, so that no fit (refit, depth map) saw them and a candidate that fits more gains nothing from
@@ -75,6 +80,8 @@ class Measure:
     def attention(self, shape: ModelShape, layer: int) -> int:
         """Layer ``layer``'s attention at ``shape``'s heads and KV heads (layers differ in FLOPs and KV cache,
         where a sliding-window layer attends to, and caches, at most its window)."""
+        if not shape.has_attention(layer):  # its attention was dropped
+            return 0
         if self.kind == "kv":
             return kv_values_per_layer(shape) * shape.attended(layer, self.context)
         if self.kind == "params":
@@ -142,7 +149,7 @@ class Budget:
             raise TransactError(f"a budget's depth options must be a mapping, got {self.depth!r}")
         if self.depth.part != "layers":
             raise TransactError("budget.depth.part: a budget's candidates drop whole layers; dropping attention "
-                                "is a prune of its own (--drop-attention)")
+                                "or MLP sub-blocks is a prune of its own (--drop-attention, --drop-mlp)")
 
     @property
     def kind(self) -> str:
@@ -200,7 +207,14 @@ class Candidate:
     params: int
     share: float | None = None
 
+    @property
+    def part(self) -> str:
+        """What its drop removes: whole layers, or (the ``attention`` mix) the attention of that many layers."""
+        return "attention" if self.mix == "attention" else "layers"
+
     def describe(self) -> str:
+        if self.part == "attention":
+            return f"drop {self.drop} attentions"
         width = f"{self.heads}/{self.kv_heads}/{self.mlp}"
         return f"drop {self.drop} + {width}" if self.drop else width
 
@@ -260,9 +274,12 @@ class _Counter:
                          estimated_parameters(self.shape, self.total, drop, heads, kv_heads, mlp), round(share, 6))
 
 
-def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1) -> list[Candidate]:
+def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1, *,
+                      attention_drops: int = 0) -> list[Candidate]:
     """The candidates meeting ``budget`` for a model of ``shape`` and ``total`` parameters, widths rounded
-    down to multiples of ``multiple_of``; refused, naming the least reachable share, when none does."""
+    down to multiples of ``multiple_of``, and under a KV-cache budget the ``attention`` candidate where
+    ``attention_drops`` attentions can go (0: none); refused, naming the least reachable share, when none
+    does."""
     check_budget_shape(shape)
     count = _Counter(shape, total, budget.measure)
     target, outside = budget.share * count.whole, budget.measure.outside(shape, total)
@@ -280,9 +297,24 @@ def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of
             continue
         per_layer = (target - outside) / (shape.num_layers - drop)
         candidates += width_candidates(count, drop, per_layer, multiple_of)
+    if budget.kind == "kv":
+        candidates += attention_candidate(count, target, attention_drops)
     if not candidates:
         raise TransactError(_unreachable(budget, count, most, multiple_of))
     return candidates
+
+
+def attention_candidate(count: _Counter, target: float, attention_drops: int) -> list[Candidate]:
+    """The attentions of the fewest layers, of the ``attention_drops`` that can go, whose removal brings the KV
+    cache to ``target`` (counted as if the cheapest went, as a dropped layer is), every width kept; its
+    parameters lose only those attentions' projections."""
+    shape, full = count.shape, (count.shape.num_heads, count.shape.num_kv_heads, count.shape.intermediate_size)
+    needed = next((d for d in range(1, attention_drops + 1)
+                   if estimated(count.measure, shape, count.total, d, *full) <= target), None)
+    if needed is None:
+        return []
+    share = estimated(count.measure, shape, count.total, needed, *full) / count.whole
+    return [Candidate("attention", needed, *full, count.total - needed * attention_parameters(shape), round(share, 6))]
 
 
 def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int) -> str:
@@ -345,6 +377,16 @@ def smallest_pair(shape: ModelShape, multiple_of: int) -> tuple[int, int]:
     return min(pairs) if pairs else (shape.num_heads, shape.num_kv_heads)
 
 
-def candidate_depth(budget: Budget, candidate: Candidate) -> DepthOptions | None:
-    """How the candidate drops its layers (None: it drops none)."""
-    return replace(budget.depth, layers=candidate.drop) if candidate.drop else None
+# the attention candidate is chosen in this many rounds where a third or more of the attentions go
+ATTENTION_ROUNDS = 3
+
+
+def candidate_depth(budget: Budget, candidate: Candidate, shape: ModelShape) -> DepthOptions | None:
+    """How the candidate drops its layers, or its attentions, from a model of ``shape`` (None: it drops
+    none)."""
+    if not candidate.drop:
+        return None
+    if candidate.part == "attention":
+        rounds = ATTENTION_ROUNDS if 3 * candidate.drop >= shape.num_attention_layers - 1 else 1
+        return DepthOptions(candidate.drop, loss_samples=budget.depth.loss_samples, part="attention", rounds=rounds)
+    return replace(budget.depth, layers=candidate.drop)

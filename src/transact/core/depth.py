@@ -19,8 +19,8 @@ a norm stands between the MLP and the stream (Gemma's post-feedforward norm), on
 into that norm's gain. Where the block starts at layer 0 there is nothing to fold into and the block is
 removed alone. The map is kept only if it lowers the calibration loss.
 
-``DepthOptions.part`` "attention" drops the attention sub-blocks of any layers instead, keeping their MLPs
-(``transact.core.attention_drop``: scored by the loss alone, no map).
+``DepthOptions.part`` "attention" ("mlp") drops the attention (MLP) sub-blocks of any layers instead, keeping the
+other sub-block (``transact.core.sub_block_drop``: scored by the loss alone, no map).
 
 Removing layers cuts every per-layer list of the config (``layer_types``, NoPE layers, ...) the same way and
 renumbers the layers' cache indices, so a dropped layer whose output projections were zero leaves the logits
@@ -37,13 +37,6 @@ from torch import nn
 
 from transact.arch import ModelShape, get_adapter, shape_of
 from transact.arch.parts import ExpertParts
-from transact.core.attention_drop import (
-    NO_MAP,
-    attention_candidates,
-    attentions_to_drop,
-    choose_attentions,
-    skip_attention_layers_,
-)
 from transact.core.depth_calibrate import (
     angular_scores,
     calibration_loss,
@@ -52,12 +45,13 @@ from transact.core.depth_calibrate import (
     map_statistics,
     skipping,
 )
+from transact.core.sub_block_drop import NO_MAP, candidates, choose_sub_blocks, count_to_drop, skip_sub_blocks_
 from transact.errors import TransactError
 
 BLOCK_SCORES = ("loss", "angular")
-# what a depth step drops: whole layers (one contiguous block), or the attention sub-blocks of any layers
-# (``transact.core.attention_drop``), which only the loss score chooses
-PARTS = ("layers", "attention")
+# what a depth step drops: whole layers (one contiguous block), or the attention or MLP sub-blocks of any
+# layers (``transact.core.sub_block_drop``), which only the loss score chooses
+PARTS = ("layers", "attention", "mlp")
 
 
 @dataclass(frozen=True)
@@ -66,8 +60,8 @@ class DepthPlan:
     block), how the block was chosen (``score`` and each candidate start's value in ``scores``), and the
     map (``compensation``: its ``kind``, ``least_squares`` or ``per_channel``, the layer it was folded into,
     its damping and the calibration loss without and with it; ``applied`` False where it was measured worse,
-    or where ``reason`` says why there was none). ``part`` "attention": ``dropped`` lists the layers whose
-    attention went (any layers; no map), and ``scores`` is each candidate layer's loss."""
+    or where ``reason`` says why there was none). ``part`` "attention" or "mlp": ``dropped`` lists the layers
+    whose attention (MLP) went (any layers; no map), and ``scores`` is each candidate layer's loss."""
 
     source: ModelShape
     dropped: list[int]
@@ -75,7 +69,7 @@ class DepthPlan:
     scores: list[float]
     compensation: dict[str, Any] = field(default_factory=dict)
     part: str = "layers"
-    # attention chosen in rounds: each round's scores and choice (``attention_drop.choose_attentions``)
+    # sub-blocks chosen in rounds: each round's scores and choice (``sub_block_drop.choose_sub_blocks``)
     rounds: list[dict] = field(default_factory=list)
 
     @property
@@ -194,9 +188,10 @@ class DepthOptions:
     # the loss score runs each candidate on the first this many calibration windows (measured with 8 x 256
     # tokens on SmolLM2 and 4 x 256 on the other two: enough to find the blocks above)
     loss_samples: int = 8
-    # "attention": drop the attention of ``layers`` layers (a count or a fraction of those that can lose it)
+    # "attention" ("mlp"): drop the attention (MLP) of ``layers`` layers (a count or a fraction of those that
+    # can lose it)
     part: str = "layers"
-    # with part "attention": score and choose in this many rounds, each seeing the earlier rounds' drops
+    # with part "attention" or "mlp": score and choose in this many rounds, each seeing the earlier rounds' drops
     rounds: int = 1
 
     def __post_init__(self) -> None:
@@ -207,13 +202,13 @@ class DepthOptions:
             raise TransactError(f"block score {self.score!r} is not one of {', '.join(BLOCK_SCORES)}")
         if self.part not in PARTS:
             raise TransactError(f"the part to drop {self.part!r} is not one of {', '.join(PARTS)}")
-        if self.part == "attention" and self.score != "loss":
-            raise TransactError("attention sub-blocks are chosen by the calibration loss only (score: loss)")
+        if self.part != "layers" and self.score != "loss":
+            raise TransactError(f"{self.part} sub-blocks are chosen by the calibration loss only (score: loss)")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise TransactError(f"rounds must be a positive count, got {self.rounds!r}")
-        if self.rounds > 1 and self.part != "attention":
-            raise TransactError("rounds choose attention sub-blocks (part: attention); a block of layers is "
-                                "chosen at once")
+        if self.rounds > 1 and self.part == "layers":
+            raise TransactError("rounds choose sub-blocks (part: attention or mlp); a block of layers is chosen "
+                                "at once")
         if not isinstance(self.compensate, bool):
             raise TransactError(f"compensate must be true or false, got {self.compensate!r}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
@@ -254,8 +249,8 @@ def drop_layers_(model: nn.Module, windows: torch.Tensor | None, options: DepthO
         return _redo_(model, windows, recorded, batch_size, progress)
     if windows is None:
         raise TransactError("depth pruning chooses its block on calibration text; none was given")
-    if options.part == "attention":
-        return drop_attention_(model, windows, options, batch_size=batch_size, progress=progress)
+    if options.part != "layers":
+        return drop_sub_blocks_(model, windows, options, batch_size=batch_size, progress=progress)
     block = layers_to_drop(options.layers, shape_of(model).num_layers)
     values = block_scores(model, windows, block, options, batch_size=batch_size, progress=progress)
     plan = drop_block_(model, windows, int(torch.argmin(values)), options, batch_size=batch_size, progress=progress)
@@ -278,18 +273,18 @@ def drop_block_(model: nn.Module, windows: torch.Tensor, start: int, options: De
     return DepthPlan(source=source, dropped=dropped, score="given", scores=[], compensation=compensation)
 
 
-def drop_attention_(model: nn.Module, windows: torch.Tensor, options: DepthOptions, *, batch_size: int = 4,
-                    progress: bool = True) -> DepthPlan:
-    """Drop the attention of the ``options.layers`` candidate layers whose loss score is lowest, in place
-    (``transact.core.attention_drop``). windows: (n, seq) calibration tokens."""
-    source = shape_of(model)
-    candidates = attention_candidates(model)
-    count = attentions_to_drop(options.layers, len(candidates))
-    dropped, rounds = choose_attentions(model, windows[: options.loss_samples], candidates, count, options.rounds,
-                                        batch_size=batch_size, progress=progress)
-    skip_attention_layers_(model, dropped)
+def drop_sub_blocks_(model: nn.Module, windows: torch.Tensor, options: DepthOptions, *, batch_size: int = 4,
+                     progress: bool = True) -> DepthPlan:
+    """Drop the ``options.part`` (attention or MLP) of the ``options.layers`` candidate layers whose loss score
+    is lowest, in place (``transact.core.sub_block_drop``). windows: (n, seq) calibration tokens."""
+    source, part = shape_of(model), options.part
+    layers = candidates(model, part)
+    count = count_to_drop(options.layers, len(layers), part)
+    dropped, rounds = choose_sub_blocks(model, windows[: options.loss_samples], layers, count, options.rounds,
+                                        part, batch_size=batch_size, progress=progress)
+    skip_sub_blocks_(model, dropped, part)
     return DepthPlan(source=source, dropped=dropped, score="loss", scores=list(rounds[0]["scores"].values()),
-                     compensation={"applied": False, "reason": NO_MAP}, part="attention",
+                     compensation={"applied": False, "reason": NO_MAP}, part=part,
                      rounds=rounds if len(rounds) > 1 else [])
 
 
@@ -297,8 +292,8 @@ def _redo_(model: nn.Module, windows: torch.Tensor | None, recorded: DepthPlan, 
            progress: bool) -> DepthPlan:
     if recorded.source != shape_of(model):
         raise TransactError(f"this plan drops layers of {recorded.source}, but the model is {shape_of(model)}")
-    if recorded.part == "attention":
-        skip_attention_layers_(model, recorded.dropped)
+    if recorded.part != "layers":
+        skip_sub_blocks_(model, recorded.dropped, recorded.part)
         return recorded
     if recorded.map_applied:
         if windows is None:

@@ -31,6 +31,7 @@ from transact.core.depth_calibrate import calibration_loss
 from transact.core.metrics import METRICS, get_metric
 from transact.core.plan import PrunePlan, dropped_routes, whole_plan
 from transact.core.select import make_plan
+from transact.core.sub_block_drop import droppable
 from transact.core.surgery import prune_
 from transact.core.targets import Targets, resolve_targets
 from transact.errors import TransactError
@@ -269,14 +270,16 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     what the choice did not see)."""
     started = time.perf_counter()
     budget, total, shape = recipe.budget, count_parameters(model), shape_of(model)
-    candidates = searchable(budget_candidates(shape, total, budget, recipe.multiple_of),
+    candidates = searchable(budget_candidates(shape, total, budget, recipe.multiple_of,
+                                              attention_drops=droppable(model.config, "attention")),
                             recipe, model.config)  # an unreachable budget fails here
     windows = calibration_windows(tokenizer, recipe, texts)
     unseen = scoring_windows(tokenizer, recipe, texts, recipe.budget.score_samples, "a budget")
     losses, drops = [], {}
-    for drop, group in groupby(candidates, key=lambda c: c.drop):
+    for key, group in groupby(candidates, key=lambda c: (c.part, c.drop)):
+        group = list(group)
         base = copy.deepcopy(model)
-        drops[drop] = _drop_for(base, windows, recipe, drop, None, progress)
+        drops[key] = _drop_for(base, windows, recipe, group[0], shape, None, progress)
         statistics = None
         for candidate in group:
             trial, concrete = copy.deepcopy(base), candidate_recipe(recipe, candidate, shape, search=False)
@@ -298,7 +301,7 @@ def budget_step(model: nn.Module, tokenizer, recipe: PruneRecipe, *, texts: list
     if recipe.allocation is not None and winner.allocation is None and progress:
         print(f"budget: {best.describe()} keeps every MLP channel; the width search has nothing to spread",
               file=sys.stderr)
-    depth = _drop_for(model, windows, recipe, best.drop, drops[best.drop], progress)
+    depth = _drop_for(model, windows, recipe, best, shape, drops[best.part, best.drop], progress)
     plan = _widths_after_drop(model, tokenizer, winner, depth, windows, texts=texts, note=note, progress=progress)
     kept = budget.measure.of_model(shape_of(model), count_parameters(model)) / budget.measure.of_model(shape, total)
     record = {"budget": budget.to_json(), "parameters": total, "kept": round(count_parameters(model) / total, 6),
@@ -323,13 +326,15 @@ def scoring_windows(tokenizer, recipe: PruneRecipe, texts: list[str] | None, cou
                             f"{(cal.samples + count) * cal.seq_len} tokens: give more text, or fewer samples") from None
 
 
-def _drop_for(model: nn.Module, windows: torch.Tensor, recipe: PruneRecipe, drop: int, recorded: DepthPlan | None,
-              progress: bool) -> DepthPlan | None:
-    """Drop ``drop`` layers of ``model`` as the budget's depth options say (as ``recorded``, where given)."""
-    if not drop:
+def _drop_for(model: nn.Module, windows: torch.Tensor, recipe: PruneRecipe, candidate: Candidate,
+              shape: ModelShape, recorded: DepthPlan | None, progress: bool) -> DepthPlan | None:
+    """Drop the candidate's layers (or attentions) from ``model``, of ``shape``, as the budget's depth options
+    say (as ``recorded``, where given)."""
+    depth = candidate_depth(recipe.budget, candidate, shape)
+    if depth is None:
         return None
-    return drop_layers_(model, windows, replace(recipe.budget.depth, layers=drop), recorded=recorded,
-                        batch_size=recipe.calibration.batch_size, progress=progress)
+    return drop_layers_(model, windows, depth, recorded=recorded, batch_size=recipe.calibration.batch_size,
+                        progress=progress)
 
 
 def candidate_recipe(recipe: PruneRecipe, candidate: Candidate, shape: ModelShape, *,
@@ -339,7 +344,7 @@ def candidate_recipe(recipe: PruneRecipe, candidate: Candidate, shape: ModelShap
     candidate prunes the MLP (candidates are scored at uniform widths; the winner's MLP width is spread)."""
     attention = (candidate.heads, candidate.kv_heads) != (shape.num_heads, shape.num_kv_heads)
     mlp = candidate.mlp if candidate.mlp != shape.intermediate_size else None
-    return replace(recipe, budget=None, depth=candidate_depth(recipe.budget, candidate),
+    return replace(recipe, budget=None, depth=candidate_depth(recipe.budget, candidate, shape),
                    heads=candidate.heads if attention else None, kv_heads=candidate.kv_heads if attention else None,
                    mlp=mlp, allocation=recipe.allocation if search and mlp is not None else None)
 

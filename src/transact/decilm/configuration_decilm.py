@@ -6,7 +6,9 @@ per layer: ``{"attention": {"no_op": false, "replace_with_linear": false, "n_hea
 "ffn": {"no_op": false, "replace_with_linear": false, "intermediate_size": w, "ffn_mult": m}}``, where g is
 the query heads per KV head (``num_attention_heads`` is the same in every layer) and w the layer's MLP width.
 A layer whose attention was dropped has ``"attention": {"no_op": true, "n_heads_in_group": null, ...}``: no
-attention, no input norm and no KV cache (vLLM's and llama.cpp's ``deci`` read it so).
+attention, no input norm and no KV cache; one whose MLP was dropped ``"ffn": {"no_op": true,
+"intermediate_size": null, ...}``: no MLP and no post-attention norm (vLLM's and llama.cpp's ``deci`` read
+them so).
 vLLM runs such checkpoints natively (``DeciLMForCausalLM``; it reads ``ffn_mult`` where present, which is
 written only where it gives back w exactly), llama.cpp as its ``deci`` architecture; transformers loads them
 with ``trust_remote_code=True`` through this file and ``modeling_decilm.py``. It imports nothing but
@@ -45,6 +47,21 @@ class BlockConfig(dict):
 MODEL_TYPE = "nemotron-nas"  # vLLM's and the Nemotron-NAS checkpoints' name for this layout
 
 
+def check_block(index: int, block: BlockConfig) -> None:
+    """Refuse, naming the layer, an entry this modeling file cannot build: a linear block, a layer with neither
+    attention nor MLP, or a missing width."""
+    attention, ffn = block.attention, block.ffn
+    if attention.get("replace_with_linear") or ffn.get("replace_with_linear"):
+        raise ValueError(f"layer {index}: linear blocks are not supported by this modeling file")
+    if attention.get("no_op") and ffn.get("no_op"):
+        raise ValueError(f"layer {index}: a layer with neither attention nor MLP is not supported by this modeling "
+                         "file (drop the layer)")
+    if (not ffn.get("no_op") and not ffn.get("intermediate_size")) or (not attention.get("no_op")
+                                                                       and not attention.get("n_heads_in_group")):
+        raise ValueError(f"layer {index}: this modeling file needs, where a layer has them, its "
+                         "ffn.intermediate_size and attention.n_heads_in_group")
+
+
 # transformers' configs are strict dataclasses whose checks (methods named validate_*) are collected when the
 # class is decorated: without its own decoration this class would run Llama's validate_architecture, which
 # refuses a hidden size that is not a multiple of the (pruned) head count, whenever it is saved.
@@ -60,13 +77,7 @@ class DeciLMConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         self.block_configs = [block if isinstance(block, BlockConfig) else BlockConfig(**block) for block in blocks]
         for i, block in enumerate(self.block_configs):
-            if block.ffn.get("no_op") or block.attention.get("replace_with_linear") \
-                    or block.ffn.get("replace_with_linear"):
-                raise ValueError(f"layer {i}: no-op MLPs and linear blocks are not supported by this modeling file")
-            if "intermediate_size" not in block.ffn or (not block.attention.get("no_op")
-                                                        and not block.attention.get("n_heads_in_group")):
-                raise ValueError(f"layer {i}: this modeling file needs each layer's ffn.intermediate_size and, "
-                                 "where it has attention, attention.n_heads_in_group")
+            check_block(i, block)
         if self.block_configs and self.block_configs[0].attention.get("no_op"):
             # caches count the tokens seen in layer 0, and vLLM starts its residual stream there
             raise ValueError("layer 0: this modeling file needs the first layer's attention")
@@ -80,16 +91,21 @@ class DeciLMConfig(LlamaConfig):
                                  f"divide {self.num_attention_heads} heads")
 
     def layer_widths(self, index: int) -> tuple[int, int]:
-        """(KV heads, MLP width) of layer ``index``; 0 KV heads where its attention was dropped."""
+        """(KV heads, MLP width) of layer ``index``; 0 KV heads where its attention was dropped, width 0 where
+        its MLP was."""
         block = self.block_configs[index]
-        if block.attention.get("no_op"):
-            return 0, block.ffn.intermediate_size
-        return self.num_attention_heads // block.attention.n_heads_in_group, block.ffn.intermediate_size
+        kv_heads = 0 if block.attention.get("no_op") else self.num_attention_heads // block.attention.n_heads_in_group
+        return kv_heads, 0 if block.ffn.get("no_op") else block.ffn.intermediate_size
 
     @property
     def attention_dropped_layers(self) -> list[int]:
         """The layers without attention (``attention.no_op``)."""
         return [i for i, block in enumerate(self.block_configs) if block.attention.get("no_op")]
+
+    @property
+    def mlp_dropped_layers(self) -> list[int]:
+        """The layers without MLP (``ffn.no_op``)."""
+        return [i for i, block in enumerate(self.block_configs) if block.ffn.get("no_op")]
 
     def widths(self) -> list[tuple[int, int]]:
         """(KV heads, MLP width) of every layer."""

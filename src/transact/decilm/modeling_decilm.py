@@ -1,8 +1,9 @@
 """A decoder whose layers have their own MLP widths and KV-head counts (``configuration_decilm.py``), built
 from transformers' Llama modules: each layer is a ``LlamaDecoderLayer`` made from the model's config with
 that layer's widths; a layer whose attention was dropped (``attention.no_op``) has ``SkippedAttention`` and no
-input norm. transact writes this file into every checkpoint whose pruned widths differ between layers;
-transformers loads such a checkpoint with ``trust_remote_code=True``."""
+input norm, one whose MLP was dropped (``ffn.no_op``) ``SkippedMlp`` and no post-attention norm. transact writes
+this file into every checkpoint whose pruned widths differ between layers; transformers loads such a
+checkpoint with ``trust_remote_code=True``."""
 
 from __future__ import annotations
 
@@ -32,13 +33,28 @@ def skip_attention_(layer: nn.Module) -> None:
     layer.input_layernorm = nn.Identity()
 
 
+class SkippedMlp(nn.Module):
+    """The MLP of a layer that has none: it adds nothing to the residual stream and holds no weights."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def skip_mlp_(layer: nn.Module) -> None:
+    """Make a Llama-style decoder layer's MLP a no-op, in place: ``mlp`` becomes ``SkippedMlp`` and the
+    post-attention norm, which only feeds it, an identity."""
+    layer.mlp = SkippedMlp()
+    layer.post_attention_layernorm = nn.Identity()
+
+
 def layer_config(config: DeciLMConfig, index: int) -> DeciLMConfig:
     """The model's config with layer ``index``'s KV heads and MLP width."""
     kv_heads, width = config.layer_widths(index)
     own = copy.copy(config)
-    # a layer without attention (0 KV heads) is built as a Llama layer too, whose attention is then replaced
-    # (``skip_attention_``): any valid head count serves for that moment
-    own.num_key_value_heads, own.intermediate_size = kv_heads or config.num_attention_heads, width
+    # a layer without attention (0 KV heads) or without MLP (width 0) is built as a Llama layer too, whose
+    # sub-block is then replaced (``skip_attention_``, ``skip_mlp_``): any valid width serves for that moment
+    own.num_key_value_heads = kv_heads or config.num_attention_heads
+    own.intermediate_size = width or config.intermediate_size
     return own
 
 
@@ -46,6 +62,8 @@ def decoder_layer(config: DeciLMConfig, index: int) -> LlamaDecoderLayer:
     """Layer ``index``: a Llama decoder layer of its own widths; with ``qkv_bias``, q/k/v carry biases and
     o_proj none (Qwen2's layout)."""
     layer = LlamaDecoderLayer(layer_config(config, index), index)
+    if config.block_configs[index].ffn.get("no_op"):
+        skip_mlp_(layer)
     if config.block_configs[index].attention.get("no_op"):
         skip_attention_(layer)
         return layer

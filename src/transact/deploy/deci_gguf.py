@@ -15,6 +15,10 @@ SentencePiece vocabulary. So transact converts in two steps, each exact:
 
 A layer without attention (``attention.no_op``) gets zero attention tensors and a unit input norm in the twin,
 and none in the ``deci`` file, whose per-layer head counts are 0 there (llama.cpp's attention-free layer).
+A layer without MLP (``ffn.no_op``) gets zero MLP tensors and a unit post-attention norm in the twin, and in the
+``deci`` file an MLP of ``NO_OP_MLP_WIDTH`` zero channels, which adds exactly zero: llama.cpp's ``deci`` graph
+(2026-10) skips the rest of a layer whose MLP width is 0, its attention's output included, so width 0 loses
+the attention (and aborts llama.cpp where it is the last layer).
 
 The twin is never run: its padding only gives the converter one shape per tensor name.
 """
@@ -37,6 +41,7 @@ CUT = {"ffn_gate.weight": ("mlp", 0), "ffn_up.weight": ("mlp", 0), "ffn_down.wei
        "attn_k.weight": ("kv", 0), "attn_v.weight": ("kv", 0), "attn_k.bias": ("kv", 0), "attn_v.bias": ("kv", 0)}
 LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
 ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")  # what a no-op layer lacks
+NO_OP_MLP_WIDTH = 32  # the zero MLP standing in for a dropped one: one block of Q4_0 / Q8_0 along its input
 
 
 def is_per_layer(model_dir: Path) -> bool:
@@ -76,17 +81,21 @@ def write_twin(model_dir: Path, stage: Path) -> tuple[dict, list[tuple[int, int]
     for shard in sorted(model_dir.glob("*.safetensors")):
         state |= {name: padded(name, t, twin["intermediate_size"], kv_rows) for name, t in load_file(shard).items()}
     for layer in config.attention_dropped_layers:  # layer 0 always has attention: the shapes to copy
-        state |= missing_attention(layer, state, kv_rows)
+        state |= missing_sub_block(layer, state, 0, ("self_attn.", "input_layernorm."))
+    with_mlp = next(i for i, (_, width) in enumerate(widths) if width)
+    for layer in config.mlp_dropped_layers:
+        state |= missing_sub_block(layer, state, with_mlp, ("mlp.", "post_attention_layernorm."))
     save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
     return twin, widths
 
 
-def missing_attention(layer: int, state: dict[str, torch.Tensor], kv_rows: int) -> dict[str, torch.Tensor]:
-    """The twin's tensors for a layer without attention, shaped as layer 0's in the padded ``state`` (its k/v
-    with ``kv_rows`` rows): zero projections and biases, a unit input norm; the ``deci`` file leaves them
-    all out."""
-    own = {name[len("model.layers.0."):]: t for name, t in state.items()
-           if name.startswith("model.layers.0.") and ("self_attn." in name or "input_layernorm." in name)}
+def missing_sub_block(layer: int, state: dict[str, torch.Tensor], source: int,
+                      prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The twin's tensors for a layer without a sub-block (the tensors named with ``prefixes``), shaped as
+    layer ``source``'s in the padded ``state``: zero projections and biases, a unit norm."""
+    head = f"model.layers.{source}."
+    own = {name[len(head):]: t for name, t in state.items()
+           if name.startswith(head) and name[len(head):].startswith(prefixes)}
     return {f"model.layers.{layer}.{name}": torch.ones_like(t) if "layernorm" in name else torch.zeros_like(t)
             for name, t in own.items()}
 
@@ -109,6 +118,7 @@ def rewrite_as_deci(twin_file: Path, out_file: Path, widths: list[tuple[int, int
 
     reader = GGUFReader(str(twin_file))
     writer = GGUFWriter(str(out_file), "deci")
+    widths = [(kv, width or NO_OP_MLP_WIDTH) for kv, width in widths]  # a dropped MLP: zero channels
     heads = int(reader.fields["llama.attention.head_count"].contents())
     per_layer = {"llama.feed_forward_length": [w for _, w in widths],
                  "llama.attention.head_count_kv": [kv for kv, _ in widths]}

@@ -1,8 +1,8 @@
 """Checkpoints of models whose widths differ between layers, in the DeciLM / Nemotron-NAS layout.
 
 A vanilla Llama or Qwen2 config has one MLP width and one KV-head count for every layer, so a model pruned to
-per-layer widths (``transact.core.allocate``), or one whose attention was dropped in some layers
-(``transact.core.attention_drop``), is saved as ``DeciLMForCausalLM``: the same tensor names, a
+per-layer widths (``transact.core.allocate``), or one whose attention or MLP was dropped in some layers
+(``transact.core.sub_block_drop``), is saved as ``DeciLMForCausalLM``: the same tensor names, a
 config with one ``block_configs`` entry per layer, and the configuration and modeling files the project
 writes itself (``transact/decilm/``), copied beside the weights so that transformers loads the checkpoint
 with ``trust_remote_code=True``. vLLM runs the layout natively; llama.cpp's converter reads it as ``deci``.
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from transact.arch import get_adapter
-from transact.arch.adapter import ATTENTION_DROPPED, head_layout
+from transact.arch.adapter import head_layout
+from transact.arch.shape import ATTENTION_DROPPED, MLP_DROPPED
 from transact.decilm.configuration_decilm import MODEL_TYPE, DeciLMConfig
 from transact.decilm.modeling_decilm import DeciLMForCausalLM
 from transact.errors import TransactError
@@ -39,11 +40,11 @@ ENGINE_MULTIPLE = 256  # vLLM and llama.cpp's converter round a width given as f
 
 def layer_widths(model: nn.Module) -> list[tuple[int, int]]:
     """(KV heads, MLP width) of each decoder layer, read from its modules; 0 KV heads where the layer's
-    attention was dropped."""
+    attention was dropped, width 0 where its MLP was."""
     adapter = get_adapter(model)
     head_dim = head_layout(adapter.text_config(model.config))[2]
-    return [(attn.k.weight.shape[0] // head_dim if attn is not None else 0, mlp.down.weight.shape[1])
-            for attn, mlp in adapter.layer_parts(model)]
+    return [(attn.k.weight.shape[0] // head_dim if attn is not None else 0,
+             mlp.down.weight.shape[1] if mlp is not None else 0) for attn, mlp in adapter.layer_parts(model)]
 
 
 def has_per_layer_widths(model: nn.Module) -> bool:
@@ -52,7 +53,8 @@ def has_per_layer_widths(model: nn.Module) -> bool:
     adapter = get_adapter(model)
     if adapter.is_moe:
         return False
-    if getattr(adapter.text_config(model.config), ATTENTION_DROPPED, None):
+    text = adapter.text_config(model.config)
+    if getattr(text, ATTENTION_DROPPED, None) or getattr(text, MLP_DROPPED, None):
         return True
     if any(attn is None for attn, _ in adapter.layer_parts(model)):
         return False  # a hybrid family's other layers
@@ -64,6 +66,14 @@ def attention_block(heads: int, kv_heads: int) -> dict:
     if kv_heads == 0:
         return {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
     return {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // kv_heads}
+
+
+def ffn_block(width: int, hidden: int) -> dict:
+    """A layer's ``ffn`` entry: its MLP width (and ``ffn_mult`` where it states it exactly), or a no-op where the
+    layer has no MLP."""
+    if width == 0:
+        return {"no_op": True, "replace_with_linear": False, "intermediate_size": None}
+    return {"no_op": False, "replace_with_linear": False, "intermediate_size": width, **ffn_mult(width, hidden)}
 
 
 def ffn_mult(width: int, hidden: int) -> dict[str, float]:
@@ -85,9 +95,8 @@ def decilm_config(model: nn.Module) -> DeciLMConfig:
     extra = adapter.per_layer_fields(model.config)
     heads = head_layout(text)[0]
     widths = layer_widths(model)
-    blocks = [{"attention": attention_block(heads, kv),
-               "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": width,
-                       **ffn_mult(width, text.hidden_size)}} for kv, width in widths]
+    blocks = [{"attention": attention_block(heads, kv), "ffn": ffn_block(width, text.hidden_size)}
+              for kv, width in widths]
     carried = {key: getattr(text, key) for key in CARRIED if hasattr(text, key)}
     carried.update(extra)
     return DeciLMConfig(**carried, intermediate_size=max(w for _, w in widths),

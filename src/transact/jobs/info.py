@@ -94,7 +94,8 @@ def info_text(info: dict) -> str:
                      f"{info['experts_per_token']} active per token")
         lines.append(f"active parameters {info['active_params']:,} per token")
     elif "mlp_per_layer" in info:
-        lines.append(f"mlp               {info['mlp']} channels on average, per layer: "
+        over = f" of the {info['mlp_layers']} layers with one" if "mlp_layers" in info else ""  # 0: dropped
+        lines.append(f"mlp               {info['mlp']} channels on average{over}, per layer: "
                      + " ".join(map(str, info["mlp_per_layer"])))
     else:
         lines.append(f"mlp               {info['mlp']} channels")

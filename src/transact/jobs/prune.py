@@ -51,8 +51,9 @@ def run(job: PruneJob) -> PruneResult:
     """Prune a model by name and write the verified checkpoint; every input is checked before loading."""
     if job.layerwise or job.sequential is not None or job.resume:
         if job.recipe.depth is not None:
-            raise TransactError("dropping layers or attention (--drop-layers, --drop-attention) works on the whole "
-                                "model in memory; it is not available with --layerwise, --sequential or --resume yet")
+            raise TransactError("dropping layers or sub-blocks (--drop-layers, --drop-attention, --drop-mlp) works on "
+                                "the whole model in memory; it is not available with --layerwise, --sequential or "
+                                "--resume yet")
         if job.recipe.budget is not None:
             raise TransactError("a budget (--budget) tries each candidate on the whole model in memory; it is not "
                                 "available with --layerwise, --sequential or --resume")

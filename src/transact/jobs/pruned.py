@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from transact.arch import ModelShape, get_adapter
-from transact.core.attention_drop import check_attention_drop
 from transact.core.budget import BUDGET_KINDS, BUDGET_NOUNS, Candidate, check_budget_shape
 from transact.core.depth import DepthPlan, layers_to_drop
 from transact.core.metrics import get_metric
 from transact.core.plan import PrunePlan, whole_plan
 from transact.core.step import check_budget_search, check_metric, check_step
+from transact.core.sub_block_drop import check_sub_block_drop, sub_block
 from transact.core.surgery import round_to_
 from transact.core.targets import Targets, resolve_targets
 from transact.decilm.configuration_decilm import MODEL_TYPE as DECILM_MODEL_TYPE
@@ -67,8 +67,9 @@ class PruneResult:
 
 def depth_line(depth: DepthPlan) -> str:
     """What the drop did, in one line of the summary."""
-    if depth.part == "attention":
-        return (f"dropped attention in layers {', '.join(map(str, depth.dropped))} ({len(depth.dropped)} of "
+    if depth.part != "layers":
+        layers = ", ".join(map(str, depth.dropped))
+        return (f"dropped {sub_block(depth.part).noun} in layers {layers} ({len(depth.dropped)} of "
                 f"{len(depth.scores)} that could go; chosen by the calibration loss)")
     first, last = depth.dropped[0], depth.dropped[-1]
     line = f"dropped layers    {first}-{last} of {depth.source.num_layers} (chosen by {depth.score} score)"
@@ -104,7 +105,7 @@ def budget_lines(record: dict) -> list[str]:
     for i, c in enumerate(record["candidates"]):
         mark = "  <- chosen" if i == record["chosen"] else ""
         share = "" if kind == "params" else f"  {kind} {c['share']:.3f}"
-        lines.append(f"  {c['mix']:<6} {Candidate.from_json(c).describe():<22} {c['params'] / total:.3f}{share}  "
+        lines.append(f"  {c['mix']:<9} {Candidate.from_json(c).describe():<22} {c['params'] / total:.3f}{share}  "
                      f"loss {c['calibration_loss']:.4f}{mark}")
     return lines
 
@@ -112,8 +113,8 @@ def budget_lines(record: dict) -> list[str]:
 def calibration_purpose(recipe: PruneRecipe) -> str:
     """What calibration is for, as a missing tokenizer's error names it."""
     if recipe.depth is not None:
-        return f"choosing the {'attention' if recipe.depth.part == 'attention' else 'layers'} to drop (depth " \
-            "pruning calibrates on text)"
+        part = "layers" if recipe.depth.part == "layers" else sub_block(recipe.depth.part).noun
+        return f"choosing the {part} to drop (depth pruning calibrates on text)"
     if recipe.budget is not None:
         return "scoring the budget's candidates (a budget calibrates on text)"
     if get_metric(recipe.metric).data_free:
@@ -148,8 +149,11 @@ def prune_inputs(job: PruneJob, check: Callable[[PruneJob, PreparedModel], None]
     get_adapter(prep.config).check_prunable()
     if check is not None:
         check(job, prep)
-    if recipe.depth is not None and recipe.depth.part == "attention":  # a family or count that cannot be
-        check_attention_drop(prep.config, recipe.depth.layers)
+    if recipe.depth is not None and recipe.depth.part != "layers":  # a family or count that cannot be
+        check_sub_block_drop(prep.config, recipe.depth.layers, recipe.depth.part)
+        if recipe.depth.part == "mlp" and (recipe.has_widths or recipe.allocation is not None):
+            raise TransactError("dropping MLPs (--drop-mlp) prunes no widths in the same run: give it without "
+                                "--heads, --kv-heads, --mlp and --allocate")
     elif recipe.depth is not None:  # a count of layers the model cannot spare fails here
         layers_to_drop(recipe.depth.layers, prep.shape.num_layers)
     if recipe.has_widths:
@@ -233,11 +237,15 @@ def _fmt_ratio(before: float, after: float) -> str:
     return f"{after / before:.2f}x" if before else "-"
 
 
-def _attention_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
-    """A row for the layers with attention, where the prune changed their count (attention dropped)."""
-    b, a = before.get("attention_layers", before["layers"]), after.get("attention_layers", after["layers"])
-    return [] if b == a or before["layers"] != after["layers"] else [
-        ("layers with attention", f"{b:,}", f"{a:,}", _fmt_ratio(b, a))]
+def _sub_block_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
+    """A row for the layers with attention, and one for those with an MLP, where the prune changed their count
+    (sub-blocks dropped)."""
+    rows = []
+    for label, key in (("layers with attention", "attention_layers"), ("layers with an MLP", "mlp_layers")):
+        b, a = before.get(key, before["layers"]), after.get(key, after["layers"])
+        if b != a and before["layers"] == after["layers"]:
+            rows.append((label, f"{b:,}", f"{a:,}", _fmt_ratio(b, a)))
+    return rows
 
 
 def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str:
@@ -250,7 +258,7 @@ def summary_table(before: dict, after: dict, saved_as: str | None = None) -> str
         ("family", before["model_type"],
          after["model_type"] + (f" (saved as {saved_as})" if saved_as and saved_as != after["model_type"] else ""), ""),
         *([counted("layers", "layers")] if before["layers"] != after["layers"] else []),
-        *_attention_rows(before, after),
+        *_sub_block_rows(before, after),
         ("heads / kv heads", "{heads} / {kv_heads}".format(**before), "{heads} / {kv_heads}".format(**after), ""),
         counted("mlp channels" + (" per expert" if moe else ""), "mlp"),
         *([counted("experts", "experts"), counted("active parameters", "active_params")] if moe else []),

@@ -41,7 +41,8 @@ def flops_per_token(shape: ModelShape, context: int, *, windows: bool = True) ->
     """
     mlp = 2 * mlp_parameters(shape, active=True)
     attended = [shape.attended(layer, context) if windows else context for layer in shape.attention_layer_indices]
-    total = sum(attention_flops(shape, tokens) for tokens in attended) + shape.num_layers * mlp + lm_head_flops(shape)
+    total = sum(attention_flops(shape, tokens) for tokens in attended) + shape.num_mlp_layers * mlp \
+        + lm_head_flops(shape)
     if shape.linear_attention is not None:
         linear_layers = shape.num_layers - shape.num_attention_layers
         total += linear_layers * linear_attention_flops(shape.linear_attention, shape.hidden_size)
@@ -157,11 +158,12 @@ def weight_bytes(model: nn.Module) -> int:
 
 def mlp_widths_per_layer(model: nn.Module) -> list[int] | None:
     """Each decoder layer's MLP width, read from its modules, where the layers differ (per-layer widths, whose
-    shape states the mean); None where they are all one width, or in a mixture of experts."""
+    shape states the mean; 0 where the MLP was dropped); None where they are all one width, or in a mixture
+    of experts."""
     adapter = get_adapter(model)
     if adapter.is_moe:
         return None
-    widths = [mlp.down.weight.shape[1] for _, mlp in adapter.layer_parts(model)]
+    widths = [mlp.down.weight.shape[1] if mlp is not None else 0 for _, mlp in adapter.layer_parts(model)]
     return widths if len(set(widths)) > 1 else None
 
 
@@ -172,6 +174,8 @@ def model_summary(model: nn.Module) -> dict:
     per_layer = mlp_widths_per_layer(model)
     dtype = next(model.parameters()).dtype
     hybrid = {"attention_layers": shape.num_attention_layers} if shape.attention_layers is not None else {}
+    if shape.mlp_layers is not None:
+        hybrid["mlp_layers"] = shape.num_mlp_layers
     moe = {"experts": shape.num_experts, "experts_per_token": shape.experts_per_token,
            "active_params": active_parameters(model)} if shape.is_moe else {}
     if shape.shared_expert_size is not None:
@@ -183,7 +187,7 @@ def model_summary(model: nn.Module) -> dict:
         "heads": shape.num_heads,
         "kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
-        **hybrid,  # a hybrid model: how many layers have softmax attention (heads)
+        **hybrid,  # how many layers have softmax attention (heads) or an MLP, where some have none
         "mlp": shape.intermediate_size,  # in a mixture of experts: each expert's width
         **({"mlp_per_layer": per_layer} if per_layer else {}),
         "params": count_parameters(model),

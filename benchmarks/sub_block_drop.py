@@ -1,16 +1,19 @@
-"""Dropping attention sub-blocks on one real model: every layer's attention (but the first's) scored once by
+"""Dropping attention or MLP sub-blocks on one real model: every candidate layer's sub-block scored once by
 the calibration loss with it zeroed, then the lowest N dropped for each count asked; one shot, no training.
 Held-out perplexity, parameters, KV cache and FLOPs against the dense model, and the layers chosen.
 
-    python benchmarks/attention_drop.py --model builtin:smollm2 --counts 3 6 10 15 \
+    python benchmarks/sub_block_drop.py --model builtin:smollm2 --counts 3 6 10 15 \
         --out docs/bench/attention_drop/smollm2
-    python benchmarks/attention_drop.py --model builtin:qwen2.5-coder-0.5b --counts 3 6 12 \
+    python benchmarks/sub_block_drop.py --model builtin:qwen2.5-coder-0.5b --counts 3 6 12 \
         --out docs/bench/attention_drop/qwen2_5_coder_0_5b
-    python benchmarks/attention_drop.py --model builtin:smollm2 --counts 10 15 --rounds 3 \
+    python benchmarks/sub_block_drop.py --model builtin:smollm2 --counts 10 15 --rounds 3 \
         --out docs/bench/attention_drop/smollm2_rounds
+    python benchmarks/sub_block_drop.py --part mlp --model builtin:smollm2 --counts 1 2 3 6 --rounds 1 3 \
+        --out docs/bench/mlp_drop/smollm2
 
-``--rounds R``: the attentions chosen in R rounds (each scoring the layers left with the earlier rounds'
-choices dropped) rather than from the one pass; R 1 is the one pass.
+``--part``: attention (the default; every layer's but the first's) or mlp (every layer's). ``--rounds R``: the
+sub-blocks chosen in R rounds (each scoring the layers left with the earlier rounds' choices dropped) rather
+than from the one pass; R 1 is the one pass.
 
 The same calibration and held-out text as ``benchmarks/depth.py`` and ``benchmarks/transfer.py`` (the first
 4,096 LAMBADA tokens in 1,024-token windows), so their rows at the same KV cache compare with these.
@@ -27,14 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result
 
-from transact.core.attention_drop import (
-    attention_candidates,
-    attention_loss_scores,
-    choose_attentions,
-    lowest,
-    skip_attention_layers_,
-)
 from transact.core.calibrate import sample_windows
+from transact.core.sub_block_drop import candidates, choose_sub_blocks, loss_scores, lowest, skip_sub_blocks_, sub_block
 from transact.io.models import load_model, prepare_model
 from transact.io.text import read_texts, token_stream
 from transact.measure.costs import model_summary
@@ -45,7 +42,8 @@ from transact.recipes import HeldoutText
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--counts", nargs="+", type=int, required=True, help="attentions dropped, one row each")
+    ap.add_argument("--part", choices=("attention", "mlp"), default="attention")
+    ap.add_argument("--counts", nargs="+", type=int, required=True, help="sub-blocks dropped, one row each")
     ap.add_argument("--rounds", nargs="+", type=int, default=[1], help="rounds of choosing, one row each")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows drawn (as depth.py draws them)")
     ap.add_argument("--loss-samples", type=int, default=8, help="of those, the windows each layer's score runs on")
@@ -58,11 +56,12 @@ def parse_args() -> argparse.Namespace:
 
 def table(result: dict) -> str:
     dense = result["dense"]
-    lines = [f"{result['model']} ({result['layers']} layers), attention scored on {result['loss_samples']} x "
+    noun = sub_block(result.get("part", "attention")).noun
+    lines = [f"{result['model']} ({result['layers']} layers), {noun} scored on {result['loss_samples']} x "
              f"{result['seq_len']} calibration tokens (one pass {result['score_seconds']:.0f} s); held-out "
              f"perplexity on "
              f"{result['eval_tokens']:,} LAMBADA tokens (dense {dense['perplexity']:.2f}); one shot, no training.", "",
-             "| attention dropped | rounds | layers | params | KV cache | GFLOPs/token @4096 | held-out ppl "
+             f"| {noun} dropped | rounds | layers | params | KV cache | GFLOPs/token @4096 | held-out ppl "
              "| vs dense |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
@@ -82,22 +81,22 @@ def main() -> None:
     heldout = HeldoutText(tokens=args.eval_tokens, window=args.window)
     dense = model_summary(model)
     dense["perplexity"] = heldout_perplexity(model, ids, heldout, progress=False).perplexity
-    candidates = attention_candidates(model)
+    layers = candidates(model, args.part)
     t0 = time.perf_counter()  # the one pass, where a row uses it
-    scores = attention_loss_scores(model, windows[: args.loss_samples], candidates) if 1 in args.rounds else None
-    result = {"model": args.model, "layers": prep.shape.num_layers, "loss_samples": args.loss_samples,
-              "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "machine": machine(),
-              "score_seconds": round(time.perf_counter() - t0, 1), "dense": dense,
-              "scores": None if scores is None else dict(zip(candidates, [round(float(s), 5) for s in scores],
+    scores = loss_scores(model, windows[: args.loss_samples], layers, args.part) if 1 in args.rounds else None
+    result = {"model": args.model, "part": args.part, "layers": prep.shape.num_layers,
+              "loss_samples": args.loss_samples, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens,
+              "machine": machine(), "score_seconds": round(time.perf_counter() - t0, 1), "dense": dense,
+              "scores": None if scores is None else dict(zip(layers, [round(float(s), 5) for s in scores],
                                                              strict=True)), "rows": []}
     for rounds in args.rounds:
         for count in args.counts:
             t1 = time.perf_counter()
-            dropped = lowest(candidates, scores, count) if rounds == 1 else choose_attentions(
-                model, windows[: args.loss_samples], candidates, count, rounds)[0]
+            dropped = lowest(layers, scores, count) if rounds == 1 else choose_sub_blocks(
+                model, windows[: args.loss_samples], layers, count, rounds, args.part)[0]
             seconds = round(time.perf_counter() - t1, 1)
             pruned = copy.deepcopy(model)
-            skip_attention_layers_(pruned, dropped)
+            skip_sub_blocks_(pruned, dropped, args.part)
             after = model_summary(pruned)
             ppl = heldout_perplexity(pruned, ids, heldout, progress=False).perplexity
             result["rows"].append({"count": count, "rounds": rounds, "dropped": dropped, "perplexity": ppl,
