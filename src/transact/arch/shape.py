@@ -117,8 +117,8 @@ class ModelShape:
         return self.num_layers if self.mlp_layers is None else len(self.mlp_layers)
 
     def to_json(self) -> dict[str, Any]:
-        """The fields a plan records (the measurement-only ones are left out; ``attention_layers`` only
-        for hybrid models, so plans of the others read as before)."""
+        """The fields a plan records (the measurement-only ones are left out; ``attention_layers`` and
+        ``mlp_layers`` only where some layers lack the part, so plans of the others read as before)."""
         names = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                  "intermediate_size")
         data = {name: getattr(self, name) for name in names}
@@ -165,7 +165,6 @@ def kept_layers(text_config: PretrainedConfig, dropped_key: str) -> tuple[int, .
     if not dropped:
         return None
     return tuple(i for i in range(text_config.num_hidden_layers) if i not in dropped)
-
 
 
 def sub_block_layers(text_config: PretrainedConfig, attention_layers: tuple[int, ...] | None) -> dict[str, Any]:
