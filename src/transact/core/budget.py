@@ -313,8 +313,9 @@ def attention_candidate(count: _Counter, target: float, attention_drops: int) ->
                    if estimated(count.measure, shape, count.total, d, *full) <= target), None)
     if needed is None:
         return []
-    share = estimated(count.measure, shape, count.total, needed, *full) / count.whole
-    return [Candidate("attention", needed, *full, count.total - needed * attention_parameters(shape), round(share, 6))]
+    # its share of the cache is that of as many dropped layers; its parameters are not
+    return [replace(count.candidate("attention", needed, *full),
+                    params=count.total - needed * attention_parameters(shape))]
 
 
 def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int) -> str:

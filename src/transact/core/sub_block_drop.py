@@ -47,7 +47,6 @@ class SubBlock:
     (``present``), how it is removed in place (``skip``), the config key listing the layers without it, and
     whether layer 0 may lose it."""
 
-    name: str
     noun: str
     dropped_key: str
     module: Callable[[FamilyAdapter, nn.Module], nn.Module]
@@ -57,9 +56,9 @@ class SubBlock:
 
 
 SUB_BLOCKS = {
-    "attention": SubBlock("attention", "attention", ATTENTION_DROPPED, FamilyAdapter.attention_module,
+    "attention": SubBlock("attention", ATTENTION_DROPPED, FamilyAdapter.attention_module,
                           FamilyAdapter.has_attention, skip_attention_, first_layer=False),
-    "mlp": SubBlock("mlp", "MLP", MLP_DROPPED, FamilyAdapter.mlp_module, FamilyAdapter.has_mlp, skip_mlp_,
+    "mlp": SubBlock("MLP", MLP_DROPPED, FamilyAdapter.mlp_module, FamilyAdapter.has_mlp, skip_mlp_,
                     first_layer=True),
 }
 
