@@ -255,6 +255,9 @@ def test_mlp_scores_and_a_layer_keeps_one_sub_block():
         skip_sub_blocks_(model, [max(plan.dropped)], "attention")
     with pytest.raises(TransactError, match="2 layers have an MLP that can go"):
         count_to_drop(3, 2, "mlp")
+    with pytest.raises(TransactError, match="every one of the 2 layers that have one: at least one layer keeps it"):
+        count_to_drop(2, 2, "mlp")
+    assert count_to_drop(3, 3, "attention") == 3  # layer 0, not a candidate, keeps its attention
     with pytest.raises(ValueError, match="neither attention nor MLP"):
         DeciLMConfig(num_hidden_layers=1, block_configs=[{"attention": {"no_op": True}, "ffn": {"no_op": True}}])
 
@@ -263,6 +266,7 @@ def test_cli_drop_mlp_and_apply_plan_recreate_it(saved, tmp_path, capsys):
     base, calib = saved["llama"]
     args = ["prune", str(base), "--calib", str(calib), "--samples", "8", "--seq-len", "32", "--quiet"]
     for extra, message in ((["--drop-mlp", "5"], "4 layers have an MLP that can go"),
+                           (["--drop-mlp", "4"], "at least one layer keeps it"),
                            (["--drop-mlp", "1", "--heads", "2"], "prunes no widths in the same run"),
                            (["--drop-mlp", "1", "--block-score", "angular"], "--block-score belongs to"),
                            (["--drop-mlp", "1", "--drop-layers", "1"], "its own depth step")):

@@ -80,13 +80,17 @@ def candidates(model_or_config, part: str) -> list[int]:
 
 
 def count_to_drop(value: int | float, available: int, part: str) -> int:
-    """A count (int >= 1) or a fraction in (0, 1) of the ``available`` candidate layers -> the count."""
+    """A count (int >= 1) or a fraction in (0, 1) of the ``available`` candidate layers -> the count; at least
+    one layer keeps the sub-block (a stack without MLPs has no MLP width to describe it by)."""
     count = max(1, round(value * available)) if isinstance(value, float) else int(value)
     if count > available:
         which = ("attention that can go (every layer's but the first, which stays)" if part == "attention"
                  else "an MLP that can go (every layer's that keeps its attention)")
         raise TransactError(f"cannot drop the {sub_block(part).noun} of {count} layers: {available} layers have "
                             f"{which}")
+    if count == available and sub_block(part).first_layer:  # no layer 0 that always keeps it
+        raise TransactError(f"cannot drop the {sub_block(part).noun} of every one of the {available} layers that "
+                            "have one: at least one layer keeps it")
     return count
 
 
