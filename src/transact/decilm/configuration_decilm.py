@@ -48,8 +48,8 @@ MODEL_TYPE = "nemotron-nas"  # vLLM's and the Nemotron-NAS checkpoints' name for
 
 
 def check_block(index: int, block: BlockConfig) -> None:
-    """Refuse, naming the layer, an entry this modeling file cannot build: a linear block, a layer with neither
-    attention nor MLP, or a missing width."""
+    """Refuse, naming the layer, an entry this modeling file cannot build: a linear block, layer 0 without
+    attention, a layer with neither attention nor MLP, or a missing width."""
     attention, ffn = block.attention, block.ffn
     if attention.get("replace_with_linear") or ffn.get("replace_with_linear"):
         raise ValueError(f"layer {index}: linear blocks are not supported by this modeling file")
@@ -60,6 +60,9 @@ def check_block(index: int, block: BlockConfig) -> None:
                                                                        and not attention.get("n_heads_in_group")):
         raise ValueError(f"layer {index}: this modeling file needs, where a layer has them, its "
                          "ffn.intermediate_size and attention.n_heads_in_group")
+    if index == 0 and attention.get("no_op"):
+        # caches count the tokens seen in layer 0, and vLLM starts its residual stream there
+        raise ValueError("layer 0: this modeling file needs the first layer's attention")
 
 
 # transformers' configs are strict dataclasses whose checks (methods named validate_*) are collected when the
@@ -78,9 +81,6 @@ class DeciLMConfig(LlamaConfig):
         self.block_configs = [block if isinstance(block, BlockConfig) else BlockConfig(**block) for block in blocks]
         for i, block in enumerate(self.block_configs):
             check_block(i, block)
-        if self.block_configs and self.block_configs[0].attention.get("no_op"):
-            # caches count the tokens seen in layer 0, and vLLM starts its residual stream there
-            raise ValueError("layer 0: this modeling file needs the first layer's attention")
 
     def validate_architecture(self) -> None:
         """Every layer's KV heads divide the query heads; the hidden size need not be a multiple of the head

@@ -7,6 +7,7 @@ from torch import nn
 
 from transact.arch import LinearAttentionShape, ModelShape, get_adapter, shape_of
 from transact.io.models import dtype_name
+from transact.io.per_layer import layer_widths
 
 DELTA_RULE_CHUNK = 64  # tokens per chunk of the gated delta rule in transformers and flash-linear-attention
 
@@ -160,10 +161,9 @@ def mlp_widths_per_layer(model: nn.Module) -> list[int] | None:
     """Each decoder layer's MLP width, read from its modules, where the layers differ (per-layer widths, whose
     shape states the mean; 0 where the MLP was dropped); None where they are all one width, or in a mixture
     of experts."""
-    adapter = get_adapter(model)
-    if adapter.is_moe:
+    if get_adapter(model).is_moe:
         return None
-    widths = [mlp.down.weight.shape[1] if mlp is not None else 0 for _, mlp in adapter.layer_parts(model)]
+    widths = [width for _, width in layer_widths(model)]
     return widths if len(set(widths)) > 1 else None
 
 
