@@ -8,6 +8,8 @@ perplexity, and the candidate chosen. One shot, no training; the pruning is exac
     python benchmarks/budget.py --model builtin:gemma3-270m --budgets 0.9 0.8 --loss-samples 4 \
         --out docs/bench/budget/gemma3_270m
     python benchmarks/budget.py --model builtin:smollm2 --budgets flops=0.75 kv=0.5 --out docs/bench/budget/smollm2
+    python benchmarks/budget.py --model builtin:smollm2 --budgets flops=0.75 --context 8192 \
+        --out docs/bench/budget/smollm2_flops_attention
     python benchmarks/budget.py --model builtin:smollm2 --budgets 0.75 --search-step 128 \
         --out docs/bench/budget/smollm2
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, previous_result, write_result
 
 from transact.core.allocate import WidthSearch
-from transact.core.budget import Budget
+from transact.core.budget import CONTEXT_KINDS, Budget
 from transact.core.calibrate import sample_windows
 from transact.core.depth_calibrate import calibration_loss
 from transact.core.step import budget_step
@@ -57,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--search-step", type=int, default=None,
                     help="run each budget with the per-layer width search of this step (--allocate search)")
     ap.add_argument("--search-generations", type=int, default=WidthSearch().generations)
+    ap.add_argument("--context", type=int, default=Budget(0.5).context,
+                    help="tokens of context a FLOPs or KV-cache budget counts (--budget-context)")
     ap.add_argument("--out", required=True, help="path prefix for .json and .md")
     return ap.parse_args()
 
@@ -115,7 +119,7 @@ def measure_budget(label: str, args, dense, tok, texts: list[str], ppl) -> dict:
     fitted = sample_windows(tok, texts, args.loss_samples, args.seq_len, 0)
     total = count_parameters(dense)
     budget = budget_of(label, depths=args.depths, score_samples=args.loss_samples,
-                       depth={"loss_samples": args.loss_samples})
+                       depth={"loss_samples": args.loss_samples}, context=args.context)
     search = None if args.search_step is None else WidthSearch(step=args.search_step,
                                                                   generations=args.search_generations)
     recipe = PruneRecipe(budget=budget, allocation=search,
@@ -150,7 +154,10 @@ def measure_budget(label: str, args, dense, tok, texts: list[str], ppl) -> dict:
 
 
 def run_label(label: str, args) -> str:
-    """The budget's label, with the width search's step where it runs: '0.75 + search (step 64)'."""
+    """The budget's label, with the width search's step where it runs ('0.75 + search (step 64)') and the
+    context where it is not the default one ('flops=0.75 at 8192 tokens')."""
+    if args.context != Budget(0.5).context and budget_of(label).kind in CONTEXT_KINDS:
+        label = f"{label} at {args.context} tokens"
     return label if args.search_step is None else f"{label} + search (step {args.search_step})"
 
 

@@ -7,7 +7,8 @@ against file bytes, with llama.cpp's decode speed.
 Each pruned model is the default one-shot pipeline (``transact prune``, 128 x 256 calibration tokens),
 kept in --work and reused on a rerun; --recovered adds checkpoints pruned and trained by ``transact run``
 (NAME=DIR). Every model is written as each --types GGUF file (llama.cpp's converter, and its own
-quantizer for the 4-6-bit types) and evaluated on the held-out text by transformers running the file's
+quantizer for the 4-6-bit types; ``q4_0+imatrix`` with an importance matrix over --imatrix text, as
+``transact export --imatrix`` writes it) and evaluated on the held-out text by transformers running the file's
 own dequantized weights (fp32 arithmetic; llama.cpp's 8-bit activations are not modelled). Decode speed:
 llama.cpp (xllamacpp), batch 1, a 128-token prompt then 64 new tokens, median of --repeats, all files of
 one table loaded together and run interleaved.
@@ -38,7 +39,9 @@ def main() -> None:
     ap.add_argument("--widths", nargs="*", default=[], help="heads/kv/mlp of each pruned model")
     ap.add_argument("--recovered", nargs="*", default=[], metavar="NAME=DIR",
                     help="checkpoints of transact run (pruned and recovered), each under its name")
-    ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0")
+    ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0",
+                    help="llama.cpp types; TYPE+imatrix quantizes guided by an importance matrix over --imatrix")
+    ap.add_argument("--imatrix", default="builtin", help="text of the +imatrix types' importance matrix")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -61,7 +64,8 @@ def main() -> None:
             if r["file_mb"] is not None:
                 path = work / "gguf" / f"{r['variant'].replace('/', '-')}.{r['type']}.gguf"
                 config = prepare_model(checkpoints[r["variant"]], "cpu", "float32").config
-                files.append(bench.GgufModel(f"{r['variant']} {r['type']}", path, r["type"], config,
+                outtype = r["type"].removesuffix("+imatrix")
+                files.append(bench.GgufModel(f"{r['variant']} {r['type']}", path, outtype, config,
                                              llamacpp.gguf_summary(path)))
     for variant, spec in checkpoints.items() if not args.speed_only else ():
         prep = prepare_model(spec, "cpu", "float32")
@@ -70,18 +74,20 @@ def main() -> None:
         row = {"variant": variant, "type": "fp32 (checkpoint)",
                "perplexity": heldout_perplexity(model, ids, heldout, progress=False).perplexity}
         rows.append(row | {"file_mb": None, "params": sum(p.numel() for p in model.parameters())})
-        for outtype in args.types.split(","):
-            path = work / "gguf" / f"{variant.replace('/', '-')}.{outtype}.gguf"
+        for label in args.types.split(","):
+            outtype, guided = label.removesuffix("+imatrix"), label.endswith("+imatrix")
+            path = work / "gguf" / f"{variant.replace('/', '-')}.{label}.gguf"
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                quantize.write_gguf(Path(prep.source.path), path, outtype, progress=False)
+                text = "\n\n".join(read_texts(args.imatrix, builtin="calibration")) if guided else None
+                quantize.write_gguf(Path(prep.source.path), path, outtype, imatrix_text=text, progress=False)
             reference, weights = quantized_reference(path, model, outtype, max_weight_error=float("inf"))
             ppl = heldout_perplexity(reference, ids, heldout, progress=False).perplexity
             summary = llamacpp.gguf_summary(path)
-            rows.append({"variant": variant, "type": outtype, "perplexity": ppl,
+            rows.append({"variant": variant, "type": label, "perplexity": ppl,
                          "file_mb": summary["file_bytes"] / 1e6, "matrix_types": summary["matrix_types"],
                          "params": rows[-1]["params"]} | weights)
-            files.append(bench.GgufModel(f"{variant} {outtype}", path, outtype, prep.config, summary))
+            files.append(bench.GgufModel(f"{variant} {label}", path, outtype, prep.config, summary))
             print(json.dumps(rows[-1]), flush=True)
     speed = _decode_speed(files, args.repeats)
     for row in rows:

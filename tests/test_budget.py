@@ -144,12 +144,34 @@ def test_kv_cache_budget_offers_dropping_attention_where_the_family_can_hold_it(
     assert "attention" not in {c.mix for c in budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(kv=0.5),
                                                                   attention_drops=14)}
     assert "attention" not in {c.mix for c in budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(params=0.9),
-                                                                  attention_drops=29)}
+                                                                  attention_drops=29)}  # 16 would meet it
     # chosen in 3 rounds where a third or more of the 29 go (15), in one pass where fewer (3 for 0.9)
     mild = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(kv=0.9), attention_drops=29)[-1]
     assert mild.drop == 3
     assert [candidate_depth(Budget(kv=0.5), c, SMOLLM2).rounds for c in (last, mild)] == [3, 1]
     assert candidate_depth(Budget(kv=0.5), last, SMOLLM2).part == "attention"
+
+
+def test_flops_budget_offers_dropping_attention_and_counts_only_the_attention():
+    # at 2,048 tokens of context a SmolLM2 attention is 2 x 884,736 FLOPs of projections and 4 x 9 x 64 x 2,048
+    # of scores and weighted sums; a layer's MLP (2 x 3 x 576 x 1,536) and the LM head stay
+    attention, mlp, head = 2 * 884_736 + 4 * 9 * 64 * 2048, 2 * 3 * 576 * 1536, 2 * 576 * 49152
+    whole = 30 * (attention + mlp) + head
+    assert Measure("flops", 2048).of_model(SMOLLM2, SMOLLM2_PARAMETERS) == whole == 410_517_504
+    candidates = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(flops=0.85), attention_drops=29)
+    last = candidates[-1]
+    # 0.15 of the FLOPs is 9.5 attentions: 10 go, where 6 whole layers do (the depth candidate)
+    assert (last.mix, last.drop, last.heads, last.kv_heads, last.mlp) == ("attention", 10, 9, 3, 1536)
+    assert last.share == round((whole - 10 * attention) / whole, 6) == 0.841954
+    assert last.params == SMOLLM2_PARAMETERS - 10 * attention_parameters(SMOLLM2)
+    assert candidates[:-1] == budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(flops=0.85))
+    assert ("depth", 6) in {(c.mix, c.drop) for c in candidates}
+    # 0.25 of the FLOPs takes 16 attentions, more than half of the 30 layers (as depth, at most half): none
+    assert "attention" not in {c.mix for c in budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(flops=0.75),
+                                                                  attention_drops=29)}
+    # at 8,192 tokens the scores weigh four times as much: 0.25 of the FLOPs takes 11 attentions (10.1)
+    longer = budget_candidates(SMOLLM2, SMOLLM2_PARAMETERS, Budget(flops=0.75, context=8192), attention_drops=29)
+    assert (longer[-1].mix, longer[-1].drop) == ("attention", 11)
 
 
 def test_kv_cache_budget_counts_a_sliding_window_layer_up_to_its_window():
@@ -275,10 +297,12 @@ def test_kv_cache_budget_prunes_to_half_the_cache(base, tmp_path, capsys):
     assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
-def test_kv_budget_saves_and_replays_an_attention_winner(base, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("budget", "drops"), [("kv=0.5", 3), ("flops=0.8", 2)])
+def test_a_budget_saves_and_replays_an_attention_winner(budget, drops, base, tmp_path, monkeypatch):
     """Where the attention candidate wins (here made to: its scored loss is lowered by 1; on random weights any
     mix may win), the checkpoint is saved in the DeciLM layout with those attentions dropped, the record counts
-    what it kept, and apply-plan recreates it without scoring."""
+    what it kept (on the pruned model: the candidate's estimate, exactly), and apply-plan recreates it without
+    scoring. (At 2,048 tokens of context the tiny model's attention is most of a layer's FLOPs.)"""
     real = step.calibration_loss
 
     def favoured(model, windows, **kwargs):
@@ -287,12 +311,14 @@ def test_kv_budget_saves_and_replays_an_attention_winner(base, tmp_path, monkeyp
 
     monkeypatch.setattr(step, "calibration_loss", favoured)
     args = ["prune", str(base / "base"), "--calib", str(base / "cal.txt"), "--samples", "16", "--seq-len", "32",
-            "--budget", "kv=0.5", "--block-score", "angular", "--quiet"]
+            "--budget", budget, "--block-score", "angular", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     plan = PrunePlan.load(tmp_path / "a" / "plan.json")
-    assert plan.budget["candidates"][plan.budget["chosen"]]["mix"] == "attention"
-    assert plan.depth.part == "attention" and len(plan.depth.dropped) == 3 and 0 not in plan.depth.dropped
-    assert plan.budget["kept_share"] == 0.5  # counted on the pruned model, whose shape lists the attentions left
+    chosen = plan.budget["candidates"][plan.budget["chosen"]]
+    assert chosen["mix"] == "attention" and chosen["drop"] == drops and chosen["share"] <= float(budget[-3:])
+    assert plan.depth.part == "attention" and len(plan.depth.dropped) == drops and 0 not in plan.depth.dropped
+    # counted on the pruned model, whose shape lists the attentions left
+    assert plan.budget["kept_share"] == chosen["share"]
     assert plan.source.attention_layers == tuple(i for i in range(6) if i not in plan.depth.dropped)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert [b["attention"]["no_op"] for b in config["block_configs"]] == [i in plan.depth.dropped for i in range(6)]

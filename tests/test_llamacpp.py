@@ -436,6 +436,16 @@ def test_quantized_export_is_checked_against_the_files_own_weights(tmp_path, qua
     assert result["fallbacks"] == [] and result["quantized_from"] == "f32" and result["imatrix_chunks"] == 2
     assert set(result["summary"]["matrix_types"]) <= {"Q4_K", "Q6_K"} and "Q4_K" in result["summary"]["matrix_types"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no intermediate file left behind
+    assert "without an importance matrix" not in result.summary()
+
+
+def test_a_file_quantized_without_an_importance_matrix_says_so(tmp_path, quantizable):
+    path, _ = quantizable
+    result = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "m.gguf"), "q4_0", new_tokens=4, progress=False))
+    assert result["verification"]["ok"] and "note: quantized without an importance matrix" in result.summary()
+    unquantized = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "f.gguf"), "f16", new_tokens=4,
+                                                progress=False))
+    assert "importance matrix" not in unquantized.summary()
 
 
 def test_a_corrupted_quantized_file_is_refused(tmp_path, quantizable, gguf_tokenizer):

@@ -284,3 +284,28 @@ def test_cli_drop_mlp_and_apply_plan_recreate_it(saved, tmp_path, capsys):
     summary = _replayed(base, tmp_path)
     assert f"dropped MLP in layers {', '.join(map(str, plan.depth.dropped))} (2 of 4" in summary
     assert re.search(r"layers with an MLP +4 +2 +0.50x", summary)
+
+
+@pytest.mark.parametrize("part", ["attention", "mlp"])
+def test_a_run_without_shots_trains_a_checkpoint_with_dropped_sub_blocks_and_keeps_them(part, saved, tmp_path, caplog):
+    """``transact run`` with shots: 0 trains a checkpoint whose layers lost a sub-block: the same layers stay
+    without it (no tensors for it appear), the others learn, and its config is read with the project's own
+    class, so transformers does not warn that reading it "can yield errors"."""
+    base, calib = saved["llama"]
+    assert main(["prune", str(base), "--calib", str(calib), "--samples", "8", "--seq-len", "32", "--quiet",
+                 f"--drop-{part}", "1", "--out", str(tmp_path / "p")]) == 0
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(json.dumps({"model": str(tmp_path / "p"), "out": str(tmp_path / "r"), "shots": 0,
+                                  "device": "cpu", "heldout": {"text": str(calib), "tokens": 512, "window": 128},
+                                  "training": {"data": str(calib), "final_tokens": 1024, "seq_len": 64,
+                                               "batch_size": 4, "lr": 1e-3}}))
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    assert "instantiate a model of type" not in caplog.text
+    key = "attention" if part == "attention" else "ffn"
+    blocks = [json.loads((tmp_path / d / "config.json").read_text())["block_configs"] for d in ("p", "r")]
+    assert [b[key]["no_op"] for b in blocks[1]] == [b[key]["no_op"] for b in blocks[0]] and sum(
+        b[key]["no_op"] for b in blocks[1]) == 1
+    before, after = load_file(tmp_path / "p" / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
+    assert before.keys() == after.keys() and not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["phases"][0]["perplexity"] < report["dense"]["perplexity"]  # it learned the toy text

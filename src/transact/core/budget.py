@@ -12,10 +12,14 @@ depth alone, the layers that stay lose width until the budget is met, two ways:
   MLP width whose kept shares of the heads and of the channels are closest (under a KV-cache budget the MLP
   stays whole and the most groups that fit stay).
 
-A KV-cache budget also has an ``attention`` candidate where the family's checkpoint can hold layers without
-attention (``transact.core.sub_block_drop``): the attention of the fewest layers whose removal meets the
-budget dropped, every MLP and width kept (chosen in 3 rounds where a third or more of the attentions go, the
-rule measured in docs/results.md, "Dropping attention").
+Where the family's checkpoint can hold layers without attention (``transact.core.sub_block_drop``), a FLOPs
+or KV-cache budget (the budgets that grow with the context) also has an ``attention`` candidate: the
+attention of the fewest layers whose removal meets the budget dropped (at most half of the layers, as for
+depth), every MLP and width kept, chosen in 3 rounds where a third or more of the attentions go (the rule
+measured in docs/results.md, "Dropping attention"). It removes a layer's whole KV cache, and of its FLOPs
+the attention's projections and its scores over the context. Not under a parameter budget: an attention's
+projections are a quarter of a SmolLM2 layer's parameters and an eighth of a Qwen2.5 one's, so it would
+take four to eight attentions for each layer a depth candidate drops.
 
 Each candidate is pruned as a recipe with those widths (and ``DepthOptions`` for its drop) would prune it,
 and scored by its loss on ``score_samples`` windows of the calibration text that follow the calibration
@@ -277,9 +281,9 @@ class _Counter:
 def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of: int = 1, *,
                       attention_drops: int = 0) -> list[Candidate]:
     """The candidates meeting ``budget`` for a model of ``shape`` and ``total`` parameters, widths rounded
-    down to multiples of ``multiple_of``, and under a KV-cache budget the ``attention`` candidate where
-    ``attention_drops`` attentions can go (0: none); refused, naming the least reachable share, when none
-    does."""
+    down to multiples of ``multiple_of``, and under a FLOPs or KV-cache budget the ``attention`` candidate
+    where ``attention_drops`` attentions can go (0: none) and their removal meets the budget; refused, naming
+    the least reachable share, when none does."""
     check_budget_shape(shape)
     count = _Counter(shape, total, budget.measure)
     target, outside = budget.share * count.whole, budget.measure.outside(shape, total)
@@ -297,7 +301,7 @@ def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of
             continue
         per_layer = (target - outside) / (shape.num_layers - drop)
         candidates += width_candidates(count, drop, per_layer, multiple_of)
-    if budget.kind == "kv":
+    if budget.kind in CONTEXT_KINDS:  # where the attention's share grows with the context
         candidates += attention_candidate(count, target, attention_drops)
     if not candidates:
         raise TransactError(_unreachable(budget, count, most, multiple_of))
@@ -305,17 +309,19 @@ def budget_candidates(shape: ModelShape, total: int, budget: Budget, multiple_of
 
 
 def attention_candidate(count: _Counter, target: float, attention_drops: int) -> list[Candidate]:
-    """The attentions of the fewest layers, of the ``attention_drops`` that can go, whose removal brings the KV
-    cache to ``target`` (counted as if the cheapest went, as a dropped layer is), every width kept; its
-    parameters lose only those attentions' projections."""
+    """The attentions of the fewest layers, of the ``attention_drops`` that can go and at most half of them,
+    whose removal brings what the budget counts to ``target``, every width kept (none where no such count
+    does): counted as if the cheapest went, as a dropped layer is; the MLPs stay, so under a FLOPs budget
+    only the attention's share of a layer goes (under a KV-cache budget, all of the layer's)."""
     shape, full = count.shape, (count.shape.num_heads, count.shape.num_kv_heads, count.shape.intermediate_size)
-    needed = next((d for d in range(1, attention_drops + 1)
-                   if estimated(count.measure, shape, count.total, d, *full) <= target), None)
+    cheapest = sorted(count.measure.attention(shape, i) for i in range(shape.num_layers))
+    most = min(attention_drops, shape.num_layers // 2)  # as for layers: more lost wherever measured
+    needed = next((d for d in range(1, most + 1) if count.whole - sum(cheapest[:d]) <= target), None)
     if needed is None:
         return []
-    # its share of the cache is that of as many dropped layers; its parameters are not
-    return [replace(count.candidate("attention", needed, *full),
-                    params=count.total - needed * attention_parameters(shape))]
+    share = (count.whole - sum(cheapest[:needed])) / count.whole
+    return [Candidate("attention", needed, *full, params=count.total - needed * attention_parameters(shape),
+                      share=round(share, 6))]
 
 
 def _unreachable(budget: Budget, count: _Counter, most: int, multiple_of: int) -> str:

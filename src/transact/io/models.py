@@ -374,13 +374,14 @@ def load_tokenizer(source: ModelSource):
     """The model's tokenizer, or None when it ships none (pruning by plan or by weights needs none).
 
     transformers 5 builds an *empty* tokenizer for some families (Qwen2: a vocabulary of 1 that turns
-    every text into no tokens) when a directory has no tokenizer files, so a local directory must hold
-    one of ``TOKENIZER_FILES`` and the result must have a real vocabulary. Never a checkpoint's own code
-    (per-layer widths name theirs in auto_map; left unset, transformers would stop to ask)."""
+    every text into no tokens) when a directory has no tokenizer files, so a local directory must hold one of
+    ``TOKENIZER_FILES`` and the result must have a real vocabulary. Never a checkpoint's own code."""
     if source.is_local and not source.gguf_file and not any((Path(source.path) / f).is_file() for f in TOKENIZER_FILES):
         return None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
+    own = own_code_config(Path(source.path), source.spec) if source.is_local and not source.gguf_file else None
+    try:  # a per-layer config gets the project's class: transformers' base class warns it "can yield errors"
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False,
+                                                  **({"config": own} if own is not None else {}))
     except (OSError, ValueError):
         return None
     return tokenizer if len(tokenizer) > 1 else None
