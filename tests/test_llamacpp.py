@@ -446,6 +446,11 @@ def test_a_file_quantized_without_an_importance_matrix_says_so(tmp_path, quantiz
     unquantized = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "f.gguf"), "f16", new_tokens=4,
                                                 progress=False))
     assert "importance matrix" not in unquantized.summary()
+    # q8_0 of per-layer widths goes through the quantizer too, but takes no --imatrix: no note
+    header = {"architecture": "deci", "head_count": 4, "head_count_kv": 2, "key_length": 64, "file_bytes": 1}
+    per_layer_q8 = transact.jobs.export.ExportResult({"out": "m.gguf", "outtype": "q8_0", "quantized_from": "f32",
+                                                      "summary": header})
+    assert "importance matrix" not in per_layer_q8.summary()
 
 
 def test_a_corrupted_quantized_file_is_refused(tmp_path, quantizable, gguf_tokenizer):

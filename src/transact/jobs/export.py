@@ -70,7 +70,7 @@ class ExportResult(dict):
                  f"heads / {_per_layer(s['head_count_kv'])} KV heads x {s['key_length']}, "
                  f"{s['file_bytes'] / 2**20:,.1f} MiB "
                  f"({self['outtype']})"]
-        if self.get("quantized_from") and not self.get("imatrix"):
+        if quantize.is_quantized_type(self["outtype"]) and not self.get("imatrix"):  # q8_0: no --imatrix
             lines.append(UNGUIDED_NOTE)
         if self.get("fallbacks"):
             lines.append(f"llama.cpp wrote {len(self['fallbacks'])} tensors in a fallback type (input width not a "
