@@ -57,6 +57,7 @@ def main() -> None:
     checkpoints = {"dense": args.model} | {w: str(_pruned(args, w, work)) for w in args.widths}
     checkpoints |= dict(_named(item) for item in args.recovered)
     heldout = HeldoutText(tokens=args.eval_tokens, window=args.window)
+    guided_text = "\n\n".join(read_texts(args.imatrix, builtin="calibration")) if "+imatrix" in args.types else None
     rows, files = [], []
     if args.speed_only:  # perplexities from the last run's JSON, files from --work
         rows = json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
@@ -79,8 +80,8 @@ def main() -> None:
             path = work / "gguf" / f"{variant.replace('/', '-')}.{label}.gguf"
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                text = "\n\n".join(read_texts(args.imatrix, builtin="calibration")) if guided else None
-                quantize.write_gguf(Path(prep.source.path), path, outtype, imatrix_text=text, progress=False)
+                quantize.write_gguf(Path(prep.source.path), path, outtype, imatrix_text=guided_text if guided else None,
+                                    progress=False)
             reference, weights = quantized_reference(path, model, outtype, max_weight_error=float("inf"))
             ppl = heldout_perplexity(reference, ids, heldout, progress=False).perplexity
             summary = llamacpp.gguf_summary(path)

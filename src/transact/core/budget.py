@@ -12,14 +12,11 @@ depth alone, the layers that stay lose width until the budget is met, two ways:
   MLP width whose kept shares of the heads and of the channels are closest (under a KV-cache budget the MLP
   stays whole and the most groups that fit stay).
 
-Where the family's checkpoint can hold layers without attention (``transact.core.sub_block_drop``), a FLOPs
-or KV-cache budget (the budgets that grow with the context) also has an ``attention`` candidate: the
-attention of the fewest layers whose removal meets the budget dropped (at most half of the layers, as for
-depth), every MLP and width kept, chosen in 3 rounds where a third or more of the attentions go (the rule
-measured in docs/results.md, "Dropping attention"). It removes a layer's whole KV cache, and of its FLOPs
-the attention's projections and its scores over the context. Not under a parameter budget: an attention's
-projections are a quarter of a SmolLM2 layer's parameters and an eighth of a Qwen2.5 one's, so it would
-take four to eight attentions for each layer a depth candidate drops.
+Where the family can hold layers without attention (``transact.core.sub_block_drop``), a FLOPs or KV budget
+also has an ``attention`` candidate: the attention of the fewest layers (at most half, as for depth) that
+meets it dropped, every width kept, in 3 rounds where a third or more go ("Dropping attention" in
+docs/results.md). Not under a parameter budget: an attention is a quarter of a SmolLM2 layer's parameters
+and an eighth of a Qwen2.5 one's (4-8 attentions per layer depth drops).
 
 Each candidate is pruned as a recipe with those widths (and ``DepthOptions`` for its drop) would prune it,
 and scored by its loss on ``score_samples`` windows of the calibration text that follow the calibration
@@ -92,11 +89,15 @@ class Measure:
             return attention_parameters(shape)
         return attention_flops(shape, shape.attended(layer, self.context))
 
+    def attentions_cheapest_first(self, shape: ModelShape) -> list[int]:
+        """Every layer's attention (``attention``), the cheapest first: what a drop is counted to remove."""
+        return sorted(self.attention(shape, i) for i in range(shape.num_layers))
+
     def kept_attention(self, shape: ModelShape, drop: int) -> float:
         """The mean attention of the layers left after dropping ``drop``, counted at the worst: as if the
         cheapest went (which layers go is chosen later, on calibration statistics), so that a candidate
         meets its budget whichever layers its drop removes."""
-        kept = sorted(self.attention(shape, i) for i in range(shape.num_layers))[drop:]
+        kept = self.attentions_cheapest_first(shape)[drop:]
         return sum(kept) / len(kept)
 
     def mlp_channel(self, shape: ModelShape) -> int:
@@ -314,7 +315,7 @@ def attention_candidate(count: _Counter, target: float, attention_drops: int) ->
     does): counted as if the cheapest went, as a dropped layer is; the MLPs stay, so under a FLOPs budget
     only the attention's share of a layer goes (under a KV-cache budget, all of the layer's)."""
     shape, full = count.shape, (count.shape.num_heads, count.shape.num_kv_heads, count.shape.intermediate_size)
-    cheapest = sorted(count.measure.attention(shape, i) for i in range(shape.num_layers))
+    cheapest = count.measure.attentions_cheapest_first(shape)
     most = min(attention_drops, shape.num_layers // 2)  # as for layers: more lost wherever measured
     needed = next((d for d in range(1, most + 1) if count.whole - sum(cheapest[:d]) <= target), None)
     if needed is None:
