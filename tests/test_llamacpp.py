@@ -250,12 +250,23 @@ def test_bad_inputs_fail_before_conversion(tmp_path, gguf_tokenizer, capsys):
         GgufExportJob(str(model_dir), str(tmp_path / "x.gguf"), outtype="f16", imatrix="builtin")
     with pytest.raises(TransactError, match="does not exist"):
         GgufExportJob(str(model_dir), str(tmp_path / "x.gguf"), outtype="q4_k_m", imatrix=str(tmp_path / "none.txt"))
+    for plain in ("auto", "none"):  # the default and its off switch take any type
+        GgufExportJob(str(model_dir), str(tmp_path / "x.gguf"), outtype="f16", imatrix=plain)
     no_tokenizer = tmp_path / "bare"
     shutil.copytree(model_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     assert main(["export", str(no_tokenizer), "--gguf", str(tmp_path / "x.gguf")]) == 2
     assert "no tokenizer" in capsys.readouterr().err
     assert (tmp_path / "taken.gguf").read_text() == "keep me"
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_which_files_an_importance_matrix_guides():
+    """--imatrix auto (the default) guides only llama.cpp's quantizer types, by the built-in calibration text."""
+    asked = [("auto", "q4_0"), ("auto", "q4_k_m"), ("auto", "f16"), ("auto", "q8_0"), ("none", "q4_k_m"),
+             (None, "q4_0"), ("code.txt", "q6_k"), ("code.txt", "bf16")]
+    assert [quantize.imatrix_source(imatrix, outtype) for imatrix, outtype in asked] == [
+        "builtin", "builtin", None, None, None, None, "code.txt", None]
+    assert [quantize.names_imatrix_text(i) for i in ("auto", "none", None, "builtin")] == [False, False, False, True]
 
 
 def test_converter_download_is_checked(tmp_path, monkeypatch):
@@ -441,8 +452,16 @@ def test_quantized_export_is_checked_against_the_files_own_weights(tmp_path, qua
 
 def test_a_file_quantized_without_an_importance_matrix_says_so(tmp_path, quantizable):
     path, _ = quantizable
-    result = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "m.gguf"), "q4_0", new_tokens=4, progress=False))
+    result = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "m.gguf"), "q4_0", new_tokens=4, progress=False,
+                                           imatrix="none"))
     assert result["verification"]["ok"] and "note: quantized without an importance matrix" in result.summary()
+    assert "imatrix" not in result and "imatrix_chunks" not in result
+    # the default guides the quantizer by the built-in calibration text, and says so
+    guided = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "g.gguf"), "q4_0", new_tokens=4,
+                                           progress=False, imatrix_chunks=2))
+    assert guided["imatrix"] == "builtin" and guided["imatrix_chunks"] == 2 and guided["verification"]["ok"]
+    assert "(q4_0, importance matrix over builtin)" in guided.summary() and "note:" not in guided.summary()
+    assert (tmp_path / "g.gguf").read_bytes() != (tmp_path / "m.gguf").read_bytes()
     unquantized = run_gguf_export(GgufExportJob(str(path), str(tmp_path / "f.gguf"), "f16", new_tokens=4,
                                                 progress=False))
     assert "importance matrix" not in unquantized.summary()
@@ -451,6 +470,34 @@ def test_a_file_quantized_without_an_importance_matrix_says_so(tmp_path, quantiz
     per_layer_q8 = transact.jobs.export.ExportResult({"out": "m.gguf", "outtype": "q8_0", "quantized_from": "f32",
                                                       "summary": header})
     assert "importance matrix" not in per_layer_q8.summary()
+
+
+def test_compare_quantize_with_an_importance_matrix(tmp_path, quantizable, corpus):
+    """compare --quantize --imatrix: the quantizer's files are guided (another file than unguided), f16 is not,
+    the report says so, and a resumed compare does not reuse rows written with another importance matrix."""
+    from transact.jobs.compare import CompareJob
+    from transact.jobs.compare import run as run_compare
+    from transact.jobs.eval import EvalJob
+
+    path, _ = quantizable
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n\n".join(corpus))
+    job = CompareJob(models=(str(path), str(path)), out=str(tmp_path / "c"),
+                     eval=EvalJob(model="", texts=(str(text),), windows=(64,), tokens=256, progress=False),
+                     grid=BenchGrid(batches=(1,), contexts=(16,), gen=2, repeats=1, warmup=0),
+                     quantize=("f16", "q4_0"), imatrix="none")
+    run_compare(job)
+    unguided = (tmp_path / "c" / "gguf" / "model.q4_0.gguf").read_bytes()
+    guided_job = CompareJob(**{**job.__dict__, "resume": True, "imatrix": str(text)})
+    report = run_compare(guided_job).report.read_text()
+    rows = {(r["model"], r["type"]): r for r in json.loads((tmp_path / "c" / "quantized.json").read_text())["rows"]}
+    assert rows["model", "q4_0"]["imatrix"] == str(text) and rows["model", "f16"]["imatrix"] is None
+    assert (tmp_path / "c" / "gguf" / "model.q4_0.gguf").read_bytes() != unguided  # written again, guided
+    assert f"guided by an importance matrix over `{text}`" in report
+    with pytest.raises(TransactError, match="give --quantize one of its types"):
+        CompareJob(**{**job.__dict__, "quantize": ("f16", "q8_0"), "imatrix": "builtin"})
+    with pytest.raises(TransactError, match="--imatrix text"):
+        CompareJob(**{**job.__dict__, "imatrix": str(tmp_path / "absent.txt")})
 
 
 def test_a_corrupted_quantized_file_is_refused(tmp_path, quantizable, gguf_tokenizer):

@@ -50,6 +50,10 @@ def add(sub) -> None:
     p.add_argument("--quantize", metavar="TYPES", default="", help="also write every model as these llama.cpp "
                    "types (e.g. q8_0,q4_k_m,q4_0) and compare file size, perplexity of the file's weights and "
                    "llama.cpp decode speed: prune or quantize, in the report")
+    p.add_argument("--imatrix", metavar="TEXT", default=default(compare.CompareJob, "imatrix"),
+                   help="--quantize's quantizer types (q4_k_m, q4_0, ...): guide llama.cpp's quantizer by an "
+                   "importance matrix over this text, or 'none'; default auto, as export: the built-in calibration "
+                   "text")
     p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_runtime(p, *RUNTIME)
@@ -104,9 +108,10 @@ def _export_parser(sub) -> None:
                    help=f"tensor type of the weight matrices: {', '.join(OUTTYPES)} (default {outtype}); the types "
                    "after q8_0 are written by llama.cpp's own quantizer, built once into the cache")
     chunks = default(export.GgufExportJob, "imatrix_chunks")
-    p.add_argument("--imatrix", metavar="TEXT", default=None,
-                   help="quantized types: guide llama.cpp's quantizer by an importance matrix computed on this text "
-                   "(.txt/.jsonl file, directory, or 'builtin')")
+    p.add_argument("--imatrix", metavar="TEXT", default=default(export.GgufExportJob, "imatrix"),
+                   help="the quantizer's types: guide llama.cpp's quantizer by an importance matrix computed on this "
+                   "text (.txt/.jsonl file, directory, 'builtin'), or 'none'; default auto: the built-in "
+                   "calibration text for the quantizer's types")
     p.add_argument("--imatrix-chunks", type=int, default=chunks,
                    help=f"512-token chunks of --imatrix text to read (default {chunks})")
     tokens = default(export.GgufExportJob, "new_tokens")
@@ -177,4 +182,5 @@ def _compare(args) -> compare.CompareResult:
     return compare.run(compare.CompareJob(models=tuple(args.models), out=args.out,
                                           eval=_eval_job(args, args.models[0], None), grid=_grid(args),
                                           resume=args.resume, force=args.force,
-                                          quantize=tuple(t for t in args.quantize.split(",") if t)))
+                                          quantize=tuple(t for t in args.quantize.split(",") if t),
+                                          imatrix=args.imatrix))

@@ -69,6 +69,24 @@ def is_quantized_type(outtype: str) -> bool:
     return outtype in QUANT_TYPES
 
 
+IMATRIX_AUTO = "auto"  # --imatrix's default
+IMATRIX_NONE = "none"
+
+
+def imatrix_source(imatrix: str | None, outtype: str) -> str | None:
+    """The text a file of ``outtype`` gets its importance matrix from, given ``--imatrix``: only the quantizer's
+    types take one; ``auto`` is the built-in calibration text (it lowered perplexity in every file measured,
+    docs/results.md "Importance matrices on three models"), ``none`` (or None) is none."""
+    if not is_quantized_type(outtype) or imatrix in (None, IMATRIX_NONE):
+        return None
+    return "builtin" if imatrix == IMATRIX_AUTO else imatrix
+
+
+def names_imatrix_text(imatrix: str | None) -> bool:
+    """Whether ``--imatrix`` names a text (to check before any work), not ``auto`` or ``none``."""
+    return imatrix not in (None, IMATRIX_AUTO, IMATRIX_NONE)
+
+
 def block_of(outtype: str) -> int:
     """The input width every main matrix must be a multiple of for ``outtype`` to apply to it unchanged."""
     return QUANT_TYPES[outtype][1] if outtype in QUANT_TYPES else (32 if outtype == "q8_0" else 1)

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from transact.deploy.quantize import IMATRIX_AUTO
 from transact.errors import TransactError
 from transact.extras import require
 from transact.io.files import check_output_dir, write_json_atomic
@@ -31,6 +32,7 @@ class CompareJob:
     resume: bool = False
     force: bool = False
     quantize: tuple[str, ...] = ()  # llama.cpp types every model is also written and measured at (prune or quantize)
+    imatrix: str | None = IMATRIX_AUTO  # importance-matrix text of the quantizer's types, as export --imatrix
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:
@@ -43,6 +45,21 @@ class CompareJob:
             check_outtypes(self.quantize)
             if not self.eval.texts:
                 raise TransactError("--quantize compares perplexity at each type: it needs held-out --text")
+        from transact.deploy.quantize import names_imatrix_text
+
+        if names_imatrix_text(self.imatrix):
+            _check_imatrix(self.imatrix, self.quantize)
+
+
+def _check_imatrix(text: str, types: tuple[str, ...]) -> None:
+    """--imatrix guides llama.cpp's quantizer: at least one --quantize type must be its, and the text must exist."""
+    from transact.deploy.quantize import QUANT_TYPES, is_quantized_type
+    from transact.io.text import check_source
+
+    if not any(is_quantized_type(t) for t in types):
+        raise TransactError(f"--imatrix guides llama.cpp's quantizer; give --quantize one of its types "
+                            f"({', '.join(QUANT_TYPES)})")
+    check_source(text, builtin="calibration", what="--imatrix text")
 
 
 @dataclass(frozen=True)
@@ -103,14 +120,18 @@ def _quantized(job: CompareJob, out: Path, sources: dict[str, str], configs: dic
     """Every model at every ``job.quantize`` type (files in OUT/gguf/, rows in OUT/quantized.json, resumable):
     file bytes, perplexity of the file's weights on the first held-out text and window, the eval's tasks on
     them (if any), llama.cpp decode speed."""
+    from transact.deploy.quantize import imatrix_source
     from transact.io.text import read_texts
     from transact.measure import quantized
 
     path = out / "quantized.json"
     saved = json.loads(path.read_text()) if job.resume and path.exists() else {"rows": []}
-    if saved.get("speed_done"):
+    if saved.get("speed_done") and saved.get("imatrix") == job.imatrix and (
+            {r["type"] for r in saved["rows"]} == set(job.quantize)):  # finished as asked now
         return saved
-    done = {(r["model"], r["type"]): r for r in saved["rows"] if r["type"] in job.quantize}
+    # a row is reused only if its file was written as this compare writes it (with the same importance matrix)
+    done = {(r["model"], r["type"]): r for r in saved["rows"]
+            if r["type"] in job.quantize and r.get("imatrix") == imatrix_source(job.imatrix, r["type"])}
     text, window = job.eval.texts[0], job.eval.windows[0]
     heldout = job.eval.heldout(text, window)
     folder = out / "gguf"
@@ -130,10 +151,11 @@ def _quantized(job: CompareJob, out: Path, sources: dict[str, str], configs: dic
                                    batch_size=job.eval.batch_size, progress=job.eval.progress, data=job.eval.task_data)
 
     rows = quantized.file_rows(sources, job.quantize, folder, read_texts(text, builtin="heldout"), heldout,
-                               done=done, save=save, progress=job.eval.progress, score_tasks=score_tasks)
+                               done=done, save=save, progress=job.eval.progress, score_tasks=score_tasks,
+                               imatrix=job.imatrix)
     quantized.decode_speeds(rows, configs, folder, repeats=job.grid.repeats, progress=job.eval.progress)
     result = {"rows": rows, "text": text, "window": window, "tokens": job.eval.tokens, "speed_grid":
               quantized.SPEED_GRID | {"repeats": job.grid.repeats}, "reference": next(iter(sources)),
-              "speed_done": True}
+              "speed_done": True, "imatrix": job.imatrix}
     write_json_atomic(path, result)
     return result

@@ -25,9 +25,9 @@ from transact.io.per_layer import load_per_layer
 from transact.io.text import check_source, read_texts
 
 # measured in docs/results.md ("Why q4_0 broke the recovered Qwen2.5-Coder")
-UNGUIDED_NOTE = ("note: quantized without an importance matrix. --imatrix builtin (or your own text) weighs each "
-                 "weight's rounding by the activations it meets: a recovered Qwen2.5-Coder-0.5B went to 7.3x its "
-                 "perplexity at q4_0 without one, 1.2x with one")
+UNGUIDED_NOTE = ("note: quantized without an importance matrix (--imatrix none). One weighs each weight's rounding "
+                 "by the activations it meets: a recovered Qwen2.5-Coder-0.5B went to 7.3x its perplexity at q4_0 "
+                 "without one, 1.2x with one")
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,12 @@ class GgufExportJob:
     tolerance: float | None = None  # nats; None = TOLERANCE[outtype]
     threads: int | None = None
     progress: bool = True
-    imatrix: str | None = None  # text for llama.cpp's importance matrix (a file, a directory or 'builtin')
+    imatrix: str | None = quantize.IMATRIX_AUTO  # importance-matrix text: a file, a directory, builtin, none, auto
     imatrix_chunks: int = 32  # 512-token chunks of it that llama-imatrix reads
 
     def __post_init__(self) -> None:
         quantize.check_outtypes([self.outtype])
-        if self.imatrix is not None:
+        if quantize.names_imatrix_text(self.imatrix):
             if not quantize.is_quantized_type(self.outtype):
                 raise TransactError(f"--imatrix guides llama.cpp's quantizer; --outtype {self.outtype} is not "
                                     f"quantized by it (choose one of {', '.join(quantize.QUANT_TYPES)})")
@@ -69,7 +69,8 @@ class ExportResult(dict):
         lines = [f"wrote {self['out']}: llama.cpp architecture {s['architecture']}, {_per_layer(s['head_count'])} "
                  f"heads / {_per_layer(s['head_count_kv'])} KV heads x {s['key_length']}, "
                  f"{s['file_bytes'] / 2**20:,.1f} MiB "
-                 f"({self['outtype']})"]
+                 f"({self['outtype']}" + (f", importance matrix over {self['imatrix']}" if self.get("imatrix") else "")
+                 + ")"]
         if quantize.is_quantized_type(self["outtype"]) and not self.get("imatrix"):  # q8_0: no --imatrix
             lines.append(UNGUIDED_NOTE)
         if self.get("fallbacks"):
@@ -156,13 +157,13 @@ def run(job: GgufExportJob) -> ExportResult:
         if job.progress:
             how = " with llama.cpp's quantizer" if quantized else ""
             print(f"writing {job.model} as {job.outtype} GGUF{how} (llama.cpp architecture {arch}) ...")
-        imatrix_text = None
-        if job.imatrix is not None:
-            imatrix_text = "\n\n".join(read_texts(job.imatrix, builtin="calibration", what="--imatrix text"))
+        guide, imatrix_text = quantize.imatrix_source(job.imatrix, job.outtype), None
+        if guide is not None:
+            imatrix_text = "\n\n".join(read_texts(guide, builtin="calibration", what="--imatrix text"))
         done = quantize.write_gguf(Path(source.path), tmp, job.outtype, imatrix_text=imatrix_text,
                                    imatrix_chunks=job.imatrix_chunks, threads=job.threads, progress=job.progress)
         result = ExportResult({"model": job.model, "out": str(out), "outtype": job.outtype, "architecture": arch}
-                              | done | ({"imatrix": job.imatrix} if job.imatrix else {}))
+                              | done | ({"imatrix": guide} if guide else {}))
         result["convert_seconds"] = round(time.perf_counter() - t0, 2)
         if job.verify:
             if job.progress:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from transact.deploy.agreement import MAX_WEIGHT_ERROR, quantized_reference
 from transact.io.models import load_model, prepare_model
-from transact.io.text import token_stream
+from transact.io.text import read_texts, token_stream
 from transact.measure import bench
 from transact.measure.perplexity import heldout_perplexity
 
@@ -30,10 +30,12 @@ SPEED_GRID = {"batches": (1,), "contexts": (128,), "gen": 64}
 
 def file_rows(models: dict[str, str], types: tuple[str, ...], folder: Path, docs: list[str], heldout: HeldoutText,
               *, done: dict[tuple[str, str], dict], save: Callable[[dict], None], progress: bool,
-              score_tasks: Callable[[object, object], dict] | None = None) -> list[dict]:
+              score_tasks: Callable[[object, object], dict] | None = None,
+              imatrix: str | None = None) -> list[dict]:
     """One row per model and type (``done`` holds rows of an interrupted run, reused): the GGUF file in
     ``folder``, its bytes, the held-out perplexity of its weights and, given ``score_tasks(model, tokenizer)``,
-    its task scores. ``save(row)`` runs after each new row."""
+    its task scores. The quantizer's types are guided by an importance matrix over the text ``imatrix`` names
+    (``quantize.imatrix_source``), and their rows name it. ``save(row)`` runs after each new row."""
     from transact.deploy import llamacpp, quantize
 
     rows = []
@@ -49,19 +51,24 @@ def file_rows(models: dict[str, str], types: tuple[str, ...], folder: Path, docs
             path = folder / f"{label}.{outtype}.gguf"
             if progress:
                 print(f"writing {label} as {outtype} GGUF and measuring it ...", flush=True)
-            quantize.write_gguf(Path(prep.source.path), path, outtype, progress=False)
+            guide = quantize.imatrix_source(imatrix, outtype)
+            quantize.write_gguf(Path(prep.source.path), path, outtype, imatrix_text=_text(guide), progress=False)
             reference, weights = quantized_reference(path, model, outtype,
                                                      max_weight_error=MAX_WEIGHT_ERROR.get(outtype, _WRONG_FILE))
             ppl = heldout_perplexity(reference, ids, heldout, progress=False).perplexity
             summary = llamacpp.gguf_summary(path)
             row = {"model": label, "type": outtype, "file_bytes": summary["file_bytes"], "perplexity": ppl,
-                   "matrix_types": summary["matrix_types"], **weights}
+                   "matrix_types": summary["matrix_types"], "imatrix": guide, **weights}
             if score_tasks is not None:
                 row["tasks"] = {name: {"metric": r["metric"], "score": r["score"], "stderr": r["stderr"]}
                                 for name, r in score_tasks(reference, tokenizer).items()}
             rows.append(row)
             save(row)
     return rows
+
+
+def _text(source: str | None) -> str | None:
+    return None if source is None else "\n\n".join(read_texts(source, builtin="calibration", what="--imatrix text"))
 
 
 def decode_speeds(rows: list[dict], configs: dict[str, object], folder: Path, *, repeats: int,
@@ -105,10 +112,23 @@ def section(out: Path, q: dict) -> list[str]:
             f"Every model written as each GGUF type (llama.cpp's converter and quantizer; files in `gguf/`). "
             f"Perplexity: transformers running each file's own dequantized weights on `{q['text']}` "
             f"({q['tokens'] or 'all'} tokens, window {q['window']}). Decode: llama.cpp, batch 1, a "
-            f"{grid['contexts'][0]}-token prompt then {grid['gen']} tokens, median of {grid['repeats']}.", "",
+            f"{grid['contexts'][0]}-token prompt then {grid['gen']} tokens, median of {grid['repeats']}."
+            + _guidance_note(q["rows"]), "",
             table(q["rows"]), "", "![prune or quantize](quantized.png)", "",
             f"Against the files of `{q['reference']}` (a pruned file loses where one of them is no larger and no "
             "worse):", "", *verdicts(q["rows"], q["reference"]), ""]
+
+
+def _guidance_note(rows: list[dict]) -> str:
+    """How the quantizer's files were written: guided by an importance matrix over which text, or not."""
+    from transact.deploy.quantize import is_quantized_type
+
+    guides = {r.get("imatrix") for r in rows if is_quantized_type(r["type"])}
+    if not guides:
+        return ""
+    if guides == {None}:
+        return " The quantizer's types without an importance matrix (`--imatrix none`)."
+    return f" The quantizer's types guided by an importance matrix over `{', '.join(sorted(map(str, guides)))}`."
 
 
 def table(rows: list[dict]) -> str:
