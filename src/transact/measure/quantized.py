@@ -9,6 +9,7 @@ speed: llama.cpp, batch 1, a 128-token prompt then 64 new tokens, all files load
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +68,9 @@ def file_rows(models: dict[str, str], types: tuple[str, ...], folder: Path, docs
     return rows
 
 
+@functools.lru_cache(maxsize=2)
 def _text(source: str | None) -> str | None:
+    """The importance-matrix text ``source`` names, read once for every file it guides."""
     return None if source is None else "\n\n".join(read_texts(source, builtin="calibration", what="--imatrix text"))
 
 
